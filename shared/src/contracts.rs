@@ -1,0 +1,150 @@
+//! Messages that travel over the broker between our own processes:
+//! versioned, tagged serde enums (`"type": "usage_charge.v1"`). Money is a
+//! string in JSON (exact Decimal). Telegram updates are not here: the ingress
+//! forwards them verbatim.
+
+use crate::money::Usd;
+use crate::pricing::TokenCounts;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Namespace of our deterministic (v5) event ids.
+pub const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2b8a_41c3_4d0e_9a57_3c2f_8e61_b0d4);
+
+/// The event id of the usage charge of API call `seq` of `job_id`: the same
+/// whenever the work is redone, so the ledger applies it once (DESIGN P7).
+pub fn usage_event_id(job_id: Uuid, seq: i32) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("usage:{job_id}:{seq}").as_bytes())
+}
+
+/// The event id of the charge of tool call `tool_use_id` of `job_id`.
+pub fn tool_event_id(job_id: Uuid, tool_use_id: &str) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("tool:{job_id}:{tool_use_id}").as_bytes())
+}
+
+/// The event id of a grant made with an idempotency key.
+pub fn grant_event_id(idempotency_key: &str) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("grant:{idempotency_key}").as_bytes())
+}
+
+/// A billing event, published by the outbox relay, applied once by the
+/// billing-worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum BillingEvent {
+    /// Provider usage of one Messages API call, and what the user pays for it.
+    #[serde(rename = "usage_charge.v1")]
+    UsageCharge(UsageCharge),
+    /// A successful call of one of our own tools.
+    #[serde(rename = "tool_charge.v1")]
+    ToolCharge(ToolCharge),
+}
+
+impl BillingEvent {
+    /// The idempotency key.
+    pub fn event_id(&self) -> Uuid {
+        match self {
+            Self::UsageCharge(c) => c.event_id,
+            Self::ToolCharge(c) => c.event_id,
+        }
+    }
+
+    /// The user charged.
+    pub fn user_id(&self) -> i64 {
+        match self {
+            Self::UsageCharge(c) => c.user_id,
+            Self::ToolCharge(c) => c.user_id,
+        }
+    }
+}
+
+/// Usage of one Messages API call (tokens as reported, costs exact).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageCharge {
+    /// [`usage_event_id`] of (job, seq).
+    pub event_id: Uuid,
+    /// The job the call belongs to.
+    pub job_id: Uuid,
+    /// Telegram update that started the job.
+    pub update_id: i64,
+    /// Lease epoch under which the call ran.
+    pub lease_epoch: i64,
+    /// 1-based number of the call within the job.
+    pub api_call_seq: i32,
+    /// The user charged.
+    pub user_id: i64,
+    /// The chat.
+    pub chat_id: i64,
+    /// Anthropic's `request-id`.
+    pub request_id: Option<String>,
+    /// Model id as reported.
+    pub model: String,
+    /// Tokens by class.
+    pub tokens: TokenCounts,
+    /// What Anthropic bills, USD.
+    pub provider_cost: Usd,
+    /// What the user pays, USD.
+    pub user_charge: Usd,
+    /// `match` of the price row used.
+    pub price_model: String,
+    /// `effective_from` of the price row used.
+    pub price_effective_from: NaiveDate,
+    /// Output counted by us (call cut short), not reported by the API.
+    pub estimated: bool,
+    /// When the worker recorded it.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// A successful call of one of our own tools.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCharge {
+    /// [`tool_event_id`] of (job, tool_use_id).
+    pub event_id: Uuid,
+    /// The job.
+    pub job_id: Uuid,
+    /// The user charged.
+    pub user_id: i64,
+    /// The chat.
+    pub chat_id: i64,
+    /// Claude's `tool_use` id.
+    pub tool_use_id: String,
+    /// Tool name.
+    pub tool_name: String,
+    /// Price, USD (not marked up).
+    pub user_charge: Usd,
+    /// When the tool ran.
+    pub occurred_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_deterministic_and_distinct() {
+        let job = Uuid::now_v7();
+        assert_eq!(usage_event_id(job, 1), usage_event_id(job, 1));
+        assert_ne!(usage_event_id(job, 1), usage_event_id(job, 2));
+        assert_ne!(usage_event_id(job, 1), tool_event_id(job, "1"));
+    }
+
+    #[test]
+    fn events_are_tagged_and_money_is_a_string() {
+        let ev = BillingEvent::ToolCharge(ToolCharge {
+            event_id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            user_id: 1,
+            chat_id: 1,
+            tool_use_id: "t".into(),
+            tool_name: "calculator".into(),
+            user_charge: "0.0005".parse().unwrap(),
+            occurred_at: Utc::now(),
+        });
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "tool_charge.v1");
+        assert_eq!(json["user_charge"], "0.0005");
+        let back: BillingEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
+    }
+}

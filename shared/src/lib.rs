@@ -1,0 +1,27 @@
+//! Common library of the fleet: everything the ingress, the workers and the
+//! billing-workers must agree on.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings shared by every binary (clap + environment).
+//! - [`secret`]: a wrapper that keeps tokens and keys out of logs.
+//! - [`money`]: `Usd`, an exact Decimal amount of US dollars.
+//! - [`pricing`]: the price table (`prices.toml` format) and the cost of a call.
+//! - [`anthropic`]: Messages API streaming: SSE event types, the pure message
+//!   state machine, and the HTTP client.
+//! - [`telegram`]: update routing, the UTF-16 splitter, the Bot API client.
+//! - [`amqp`]: broker topology and the confirming publisher.
+//! - [`contracts`]: versioned messages that travel over the broker.
+//! - [`db`]: PostgreSQL pools and the two migration sets.
+//! - [`telemetry`]: tracing subscriber set-up.
+
+pub mod amqp;
+pub mod anthropic;
+pub mod config;
+pub mod contracts;
+pub mod db;
+pub mod money;
+pub mod pricing;
+pub mod secret;
+pub mod telegram;
+pub mod telemetry;

@@ -1,0 +1,257 @@
+//! The Bot API client: teloxide-core's `Bot` (URL building, the JSON
+//! envelope `{"ok":…}`, error classification) with payloads of our own for
+//! the methods we call, so that results we do not need are not parsed and
+//! methods newer than teloxide-core 0.13 (`sendMessageDraft`, Bot API 9.3)
+//! work the same way. Errors never contain the token (DESIGN P12).
+
+use crate::secret::{scrub, Secret};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::time::Duration;
+use teloxide_core::requests::{JsonRequest, Payload, Request};
+use teloxide_core::{ApiError, Bot, RequestError};
+
+/// How a Bot API call failed, classified for the caller's decision.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TelegramError {
+    /// 429: wait this long before calling for this chat again.
+    #[error("flood control: retry after {0:?}")]
+    RetryAfter(Duration),
+    /// 403: the user blocked the bot or the chat is gone; stop sending.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The edit would not change the message (treated as success by callers).
+    #[error("message is not modified")]
+    NotModified,
+    /// Entities were rejected: resend as plain text.
+    #[error("can't parse entities: {0}")]
+    BadEntities(String),
+    /// Any other error answer of the Bot API.
+    #[error("bot api error: {0}")]
+    Api(String),
+    /// Network or decoding failure (token scrubbed).
+    #[error("telegram transport error: {0}")]
+    Transport(String),
+}
+
+/// The Bot API client; cheap to clone.
+#[derive(Clone)]
+pub struct BotApi {
+    bot: Bot,
+    token: Secret,
+}
+
+impl std::fmt::Debug for BotApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BotApi { token: [redacted] }")
+    }
+}
+
+/// A message the bot sent (`Message`, the fields we keep).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SentMessage {
+    /// Id of the message in its chat.
+    pub message_id: i64,
+}
+
+/// `getMe` result (the fields we keep).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Me {
+    /// The bot's user id.
+    pub id: i64,
+    /// The bot's `@username`, without `@`.
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+macro_rules! payload {
+    ($ty:ident, $name:literal, $out:ty) => {
+        impl Payload for $ty {
+            type Output = $out;
+            const NAME: &'static str = $name;
+        }
+    };
+}
+
+/// `sendMessage` (Bot API, "sendMessage").
+#[derive(Debug, Clone, Serialize)]
+pub struct SendMessage {
+    /// Target chat.
+    pub chat_id: i64,
+    /// 1–4,096 UTF-16 code units.
+    pub text: String,
+    /// `MessageEntity` objects (offsets in UTF-16 code units); never `parse_mode`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<Value>>,
+    /// `ReplyParameters` (to answer a group message in its thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_parameters: Option<Value>,
+}
+payload!(SendMessage, "sendMessage", SentMessage);
+
+/// `editMessageText`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EditMessageText {
+    /// Chat of the message.
+    pub chat_id: i64,
+    /// The message to edit.
+    pub message_id: i64,
+    /// New text.
+    pub text: String,
+    /// New entities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<Value>>,
+}
+payload!(EditMessageText, "editMessageText", Value);
+
+/// `sendMessageDraft` (Bot API 9.3): streams a partial message to a private chat.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendMessageDraft {
+    /// Target private chat.
+    pub chat_id: i64,
+    /// Non-zero id, stable for the whole answer so updates animate in place.
+    pub draft_id: i64,
+    /// The text so far.
+    pub text: String,
+}
+payload!(SendMessageDraft, "sendMessageDraft", Value);
+
+/// `sendChatAction` (`typing`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SendChatAction {
+    /// Target chat.
+    pub chat_id: i64,
+    /// `typing`.
+    pub action: &'static str,
+}
+payload!(SendChatAction, "sendChatAction", Value);
+
+/// `getMe`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetMe {}
+payload!(GetMe, "getMe", Me);
+
+/// `getUpdates`, returning each update's raw JSON verbatim (the ingress
+/// forwards updates byte for byte).
+#[derive(Debug, Clone, Serialize)]
+pub struct GetUpdatesRaw {
+    /// First update to return; confirms all earlier ones.
+    pub offset: i64,
+    /// Long-poll timeout, seconds.
+    pub timeout: u32,
+    /// 1–100 updates.
+    pub limit: u8,
+}
+impl Payload for GetUpdatesRaw {
+    type Output = Vec<Box<RawValue>>;
+    const NAME: &'static str = "getUpdates";
+    fn timeout_hint(&self) -> Option<Duration> {
+        Some(Duration::from_secs(u64::from(self.timeout)))
+    }
+}
+
+impl BotApi {
+    /// A client for `api_url` (`https://api.telegram.org` or a fake).
+    ///
+    /// # Errors
+    /// [`TelegramError::Transport`] when the URL is not an http(s) URL or the
+    /// HTTP client cannot be built.
+    pub fn new(api_url: &str, token: Secret, request_timeout: Duration) -> Result<Self, TelegramError> {
+        let url = reqwest::Url::parse(api_url).map_err(|e| TelegramError::Transport(format!("invalid TELEGRAM_API_URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+            return Err(TelegramError::Transport("TELEGRAM_API_URL must be an http(s) URL".into()));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(request_timeout)
+            .build()
+            .map_err(|e| TelegramError::Transport(e.without_url().to_string()))?;
+        let bot = Bot::with_client(token.expose(), client).set_api_url(url);
+        Ok(Self { bot, token })
+    }
+
+    /// Sends any payload and classifies the error.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn call<P>(&self, payload: P) -> Result<P::Output, TelegramError>
+    where
+        P: Payload + Serialize + Send + 'static,
+        P::Output: serde::de::DeserializeOwned + Send,
+    {
+        JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, e: RequestError) -> TelegramError {
+        match e {
+            RequestError::RetryAfter(s) => TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds()))),
+            RequestError::Api(ApiError::MessageNotModified) => TelegramError::NotModified,
+            RequestError::Api(ApiError::CantParseEntities(d)) => TelegramError::BadEntities(scrub(&d, &self.token)),
+            RequestError::Api(
+                ApiError::BotBlocked | ApiError::UserDeactivated | ApiError::BotKicked | ApiError::BotKickedFromSupergroup | ApiError::CantInitiateConversation,
+            ) => TelegramError::Forbidden(e.to_string()),
+            RequestError::Api(api) => {
+                let text = scrub(&api.to_string(), &self.token);
+                if text.contains("Forbidden") {
+                    TelegramError::Forbidden(text)
+                } else if text.contains("can't parse entities") {
+                    TelegramError::BadEntities(text)
+                } else {
+                    TelegramError::Api(text)
+                }
+            }
+            RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
+            other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
+        }
+    }
+
+    /// `getMe`: the bot's own id and username.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn get_me(&self) -> Result<Me, TelegramError> {
+        self.call(GetMe {}).await
+    }
+
+    /// `sendMessage` with optional entities.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_message(&self, chat_id: i64, text: &str, entities: Option<Vec<Value>>) -> Result<SentMessage, TelegramError> {
+        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None }).await
+    }
+
+    /// `editMessageText`; "message is not modified" is reported as
+    /// [`TelegramError::NotModified`] for the caller to treat as success.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn edit_message_text(&self, chat_id: i64, message_id: i64, text: &str) -> Result<(), TelegramError> {
+        self.call(EditMessageText { chat_id, message_id, text: text.to_owned(), entities: None }).await.map(|_| ())
+    }
+
+    /// `sendMessageDraft` (Bot API 9.3).
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_message_draft(&self, chat_id: i64, draft_id: i64, text: &str) -> Result<(), TelegramError> {
+        self.call(SendMessageDraft { chat_id, draft_id, text: text.to_owned() }).await.map(|_| ())
+    }
+
+    /// `sendChatAction` with `typing`.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_typing(&self, chat_id: i64) -> Result<(), TelegramError> {
+        self.call(SendChatAction { chat_id, action: "typing" }).await.map(|_| ())
+    }
+
+    /// `getUpdates` with raw results, for long polling.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn get_updates_raw(&self, offset: i64, timeout: u32) -> Result<Vec<Box<RawValue>>, TelegramError> {
+        self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await
+    }
+}

@@ -1,0 +1,237 @@
+//! Reading Telegram `Update` objects (Bot API, "Getting updates" → `Update`).
+//!
+//! The ingress reads only [`RoutingInfo`]; the worker turns the raw bytes into
+//! [`Incoming`], the few kinds it acts on, and ignores the rest.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// Why a body is not an update.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UpdateError {
+    /// Not JSON, or not a JSON object.
+    #[error("body is not a JSON object: {0}")]
+    NotAnObject(String),
+    /// `update_id` is missing or not an integer.
+    #[error("update_id is missing or not an integer")]
+    NoUpdateId,
+}
+
+/// What the ingress needs to route an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingInfo {
+    /// Telegram's `update_id`.
+    pub update_id: i64,
+    /// The chat the update belongs to, when it has one.
+    pub chat_id: Option<i64>,
+    /// The update's kind: the name of its one optional field (`message`, …).
+    pub kind: String,
+}
+
+impl RoutingInfo {
+    /// Reads `update_id`, kind and chat id of a raw update.
+    ///
+    /// # Errors
+    /// [`UpdateError`] when the body is not an object with an integer `update_id`.
+    pub fn from_bytes(body: &[u8]) -> Result<Self, UpdateError> {
+        let map: Map<String, Value> =
+            serde_json::from_slice(body).map_err(|e| UpdateError::NotAnObject(e.to_string()))?;
+        let update_id = map.get("update_id").and_then(Value::as_i64).ok_or(UpdateError::NoUpdateId)?;
+        let (kind, payload) = map
+            .iter()
+            .find(|(k, _)| k.as_str() != "update_id")
+            .map(|(k, v)| (k.clone(), Some(v)))
+            .unwrap_or_else(|| ("empty".to_owned(), None));
+        let chat_id = payload.and_then(|p| {
+            p.pointer("/chat/id")
+                .or_else(|| p.pointer("/message/chat/id"))
+                .and_then(Value::as_i64)
+        });
+        Ok(Self { update_id, chat_id, kind })
+    }
+
+    /// The AMQP routing key: the chat id, or `none`.
+    pub fn routing_key(&self) -> String {
+        self.chat_id.map_or_else(|| "none".to_owned(), |c| c.to_string())
+    }
+}
+
+/// A Telegram `User` (the fields we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct User {
+    /// User id.
+    pub id: i64,
+    /// True for bots.
+    #[serde(default)]
+    pub is_bot: bool,
+    /// First name.
+    #[serde(default)]
+    pub first_name: String,
+    /// `@username` without the `@`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// IETF language tag.
+    #[serde(default)]
+    pub language_code: Option<String>,
+}
+
+/// A Telegram `Chat` (the fields we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Chat {
+    /// Chat id (negative for groups).
+    pub id: i64,
+    /// `private`, `group`, `supergroup` or `channel`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// A `MessageEntity` of an incoming message (offsets in UTF-16 code units).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Entity {
+    /// `bot_command`, `mention`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Start, UTF-16 code units.
+    pub offset: usize,
+    /// Length, UTF-16 code units.
+    pub length: usize,
+}
+
+/// A Telegram `Message` (the fields we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Message {
+    /// Id within the chat.
+    pub message_id: i64,
+    /// Sender; absent for channel posts.
+    #[serde(default)]
+    pub from: Option<User>,
+    /// The chat.
+    pub chat: Chat,
+    /// Text, for text messages.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Entities of the text.
+    #[serde(default)]
+    pub entities: Vec<Entity>,
+    /// The message this one replies to.
+    #[serde(default)]
+    pub reply_to_message: Option<Box<Message>>,
+}
+
+/// `my_chat_member`: the bot's own membership changed (blocked, unblocked).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatMemberUpdated {
+    /// The chat.
+    pub chat: Chat,
+    /// Who changed it.
+    pub from: User,
+    /// The bot's new membership.
+    pub new_chat_member: ChatMember,
+}
+
+/// A chat member (the status only).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatMember {
+    /// `member`, `kicked`, `left`, …
+    pub status: String,
+}
+
+/// The kinds of update the worker acts on; everything else is `Ignored`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A new message.
+    Message(Message),
+    /// The bot was blocked or unblocked by a user (`my_chat_member`).
+    MyChatMember(ChatMemberUpdated),
+    /// Any other kind (edits, reactions, kinds newer than this build).
+    Ignored {
+        /// The update's kind.
+        kind: String,
+    },
+}
+
+impl Incoming {
+    /// Reads the typed view of a raw update. A known kind whose body does not
+    /// have the expected shape is `Ignored` with a kind naming the problem,
+    /// never a panic.
+    ///
+    /// # Errors
+    /// [`UpdateError`] when the body is not an update at all.
+    pub fn parse(body: &[u8]) -> Result<(i64, Incoming), UpdateError> {
+        let info = RoutingInfo::from_bytes(body)?;
+        let map: Map<String, Value> =
+            serde_json::from_slice(body).map_err(|e| UpdateError::NotAnObject(e.to_string()))?;
+        let payload = map.get(&info.kind).cloned().unwrap_or(Value::Null);
+        let incoming = match info.kind.as_str() {
+            "message" => match serde_json::from_value(payload) {
+                Ok(m) => Incoming::Message(m),
+                Err(e) => Incoming::Ignored { kind: format!("message (malformed: {e})") },
+            },
+            "my_chat_member" => match serde_json::from_value(payload) {
+                Ok(m) => Incoming::MyChatMember(m),
+                Err(e) => Incoming::Ignored { kind: format!("my_chat_member (malformed: {e})") },
+            },
+            other => Incoming::Ignored { kind: other.to_owned() },
+        };
+        Ok((info.update_id, incoming))
+    }
+}
+
+impl Message {
+    /// The bot command this message starts with (`/start@bot args` → `start`),
+    /// from its `bot_command` entity at offset 0.
+    pub fn command(&self) -> Option<String> {
+        let text = self.text.as_deref()?;
+        let entity = self.entities.iter().find(|e| e.kind == "bot_command" && e.offset == 0)?;
+        let units: Vec<u16> = text.encode_utf16().take(entity.length).collect();
+        let cmd = String::from_utf16_lossy(&units);
+        let cmd = cmd.trim_start_matches('/');
+        Some(cmd.split('@').next().unwrap_or(cmd).to_lowercase())
+    }
+
+    /// True when the text mentions `@username` (case-insensitive).
+    pub fn mentions(&self, username: &str) -> bool {
+        let needle = format!("@{}", username.to_lowercase());
+        self.text.as_deref().is_some_and(|t| t.to_lowercase().contains(&needle))
+    }
+
+    /// True in private chats.
+    pub fn is_private(&self) -> bool {
+        self.chat.kind == "private"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_reads_the_chat_of_any_kind() {
+        let r = RoutingInfo::from_bytes(br#"{"update_id":5,"callback_query":{"id":"1","message":{"chat":{"id":-42}}}}"#).unwrap();
+        assert_eq!((r.update_id, r.chat_id, r.kind.as_str()), (5, Some(-42), "callback_query"));
+        let r = RoutingInfo::from_bytes(br#"{"update_id":6,"some_future_update":{"x":1}}"#).unwrap();
+        assert_eq!(r.routing_key(), "none");
+    }
+
+    #[test]
+    fn bodies_without_an_integer_update_id_are_rejected() {
+        assert_eq!(RoutingInfo::from_bytes(br#"{"update_id":"5"}"#), Err(UpdateError::NoUpdateId));
+        assert_eq!(RoutingInfo::from_bytes(br#"{"update_id":5.5}"#), Err(UpdateError::NoUpdateId));
+        assert!(matches!(RoutingInfo::from_bytes(b"[1]"), Err(UpdateError::NotAnObject(_))));
+        assert!(matches!(RoutingInfo::from_bytes(b"nope"), Err(UpdateError::NotAnObject(_))));
+    }
+
+    #[test]
+    fn commands_and_mentions_are_recognised() {
+        let (_, inc) = Incoming::parse(br#"{"update_id":1,"message":{"message_id":1,"chat":{"id":1,"type":"private"},"text":"/Start@fleet_bot hi","entities":[{"type":"bot_command","offset":0,"length":16}]}}"#).unwrap();
+        let Incoming::Message(m) = inc else { panic!("not a message") };
+        assert_eq!(m.command().as_deref(), Some("start"));
+        assert!(m.mentions("Fleet_Bot"));
+    }
+
+    #[test]
+    fn a_malformed_message_is_ignored_not_a_panic() {
+        let (_, inc) = Incoming::parse(br#"{"update_id":1,"message":{"chat":"x"}}"#).unwrap();
+        assert!(matches!(inc, Incoming::Ignored { .. }));
+    }
+}
