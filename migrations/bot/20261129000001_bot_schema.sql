@@ -35,6 +35,11 @@ CREATE TABLE jobs (
     chat_id           BIGINT NOT NULL REFERENCES chats(chat_id),
     user_id           BIGINT NOT NULL REFERENCES users(user_id),
     update_id         BIGINT NOT NULL UNIQUE,
+    -- 'chat' (a Claude answer) or 'command' (/start, /help, /new, /balance).
+    kind              TEXT NOT NULL CHECK (kind IN ('chat', 'command')),
+    -- The user's turn: Messages API content blocks, or the command name.
+    user_content      JSONB NOT NULL,
+    telegram_message_id BIGINT NOT NULL,
     status            TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
     attempts          INT NOT NULL DEFAULT 0,
     lease_owner       TEXT,

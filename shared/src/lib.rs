@@ -14,6 +14,7 @@
 //! - [`contracts`]: versioned messages that travel over the broker.
 //! - [`db`]: PostgreSQL pools and the two migration sets.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`shutdown`]: the per-process cancellation token from signals.
 
 pub mod amqp;
 pub mod anthropic;
@@ -23,5 +24,6 @@ pub mod db;
 pub mod money;
 pub mod pricing;
 pub mod secret;
+pub mod shutdown;
 pub mod telegram;
 pub mod telemetry;

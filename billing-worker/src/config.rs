@@ -1,0 +1,54 @@
+//! Billing-worker settings and subcommands.
+
+use shared::config::{BrokerArgs, LogArgs};
+
+/// Everything the billing-worker needs.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "billing-worker", about = "Applies billing events to the double-entry ledger exactly once.")]
+pub struct Settings {
+    /// What to do (default: consume billing events).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// PostgreSQL URL of the billing database.
+    #[arg(long, env = "BILLING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/fleet", hide_env_values = true)]
+    pub billing_database_url: String,
+    /// Largest number of pooled connections.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+    /// Unacknowledged deliveries (AMQP prefetch).
+    #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]
+    pub prefetch: u16,
+    /// Broker settings.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Consume billing events (the default).
+    Run,
+    /// Apply the billing migrations and exit.
+    Migrate,
+    /// Credit a user's account (payments → user), then print the balance.
+    Grant {
+        /// Telegram user id.
+        #[arg(long)]
+        user: i64,
+        /// Amount in USD, e.g. 5.00 (exact decimal).
+        #[arg(long)]
+        usd: String,
+        /// Makes the grant idempotent: the same key grants once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Print a user's balance in USD.
+    Balance {
+        /// Telegram user id.
+        #[arg(long)]
+        user: i64,
+    },
+}

@@ -1,0 +1,184 @@
+//! The `billing.events` consumer. Each delivery is applied in one
+//! transaction and acked after the commit. Failures are classified once, in
+//! [`decide`]: transient → the next `billing.retry.<n>` delay queue
+//! (exponential backoff); permanent, or transient after the last delay →
+//! `billing.dead` plus a `billing_failures` row. Never only a log line.
+
+use crate::ledger::{self, Applied, LedgerError};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use shared::amqp::{self, attempt_of, ConfirmPublisher, Outgoing, Topology};
+use shared::contracts::BillingEvent;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Everything the consumer needs.
+#[derive(Clone)]
+pub struct BillingContext {
+    /// Billing database.
+    pub db: PgPool,
+    /// Queue names and retry delays.
+    pub topology: Topology,
+    /// Publisher for delay and dead-letter queues.
+    pub publisher: Arc<ConfirmPublisher>,
+    /// AMQP URL.
+    pub amqp_url: String,
+    /// Prefetch.
+    pub prefetch: u16,
+}
+
+/// What happens to a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Applied or duplicate: ack.
+    Ack,
+    /// Transient failure: to delay queue `n`, then ack.
+    Retry(usize),
+    /// Permanent failure or out of attempts: to `billing.dead`, record, ack.
+    DeadLetter(String),
+}
+
+/// Maps a result to a decision; `attempt` counts earlier deliveries (0 first).
+pub fn decide(result: &Result<Applied, LedgerError>, attempt: i64, retry_queues: usize) -> Decision {
+    match result {
+        Ok(_) => Decision::Ack,
+        Err(e) if e.is_transient() => {
+            let n = usize::try_from(attempt).unwrap_or(usize::MAX);
+            if n < retry_queues {
+                Decision::Retry(n)
+            } else {
+                Decision::DeadLetter(format!("failed after {} attempts: {e}", n + 1))
+            }
+        }
+        Err(e) => Decision::DeadLetter(e.to_string()),
+    }
+}
+
+/// Consumes until `shutdown`, reconnecting with backoff.
+pub async fn run(ctx: BillingContext, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume(&ctx, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "billing consumer lost the broker; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
+    let conn = amqp::connect(&ctx.amqp_url, "billing-worker", Duration::from_secs(5)).await?;
+    let ch = amqp::consumer_channel(&conn, ctx.prefetch).await?;
+    ctx.topology.declare(&ch).await?;
+    let mut consumer = ch
+        .basic_consume(ctx.topology.billing_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    tracing::info!(queue = %ctx.topology.billing_queue(), "consuming billing events");
+    let mut tasks = JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        match delivery {
+            Some(Ok(d)) => {
+                let ctx = ctx.clone();
+                tasks.spawn(async move { handle(&ctx, d).await });
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(amqp::BrokerError::Nacked),
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+    Ok(())
+}
+
+/// Applies one delivery and settles it.
+pub async fn handle(ctx: &BillingContext, d: Delivery) {
+    let attempt = attempt_of(&d.properties);
+    let parsed: Result<BillingEvent, _> = serde_json::from_slice(&d.data);
+    let (event_id, result) = match &parsed {
+        Ok(event) => (Some(event.event_id()), ledger::apply_event(&ctx.db, event).await),
+        Err(e) => (None, Err(LedgerError::Invalid(format!("malformed billing event: {e}")))),
+    };
+    match &result {
+        Ok(Applied::Applied) => tracing::info!(event_id = ?event_id, "billing event applied"),
+        Ok(Applied::Duplicate) => tracing::info!(event_id = ?event_id, "duplicate billing event ignored"),
+        Err(e) => tracing::warn!(event_id = ?event_id, attempt, error.message = %e, "billing event failed"),
+    }
+    let decision = decide(&result, attempt, ctx.topology.billing_retry_delays_ms.len());
+    let settled = match decision {
+        Decision::Ack => Ok(()),
+        Decision::Retry(n) => republish(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1).await,
+        Decision::DeadLetter(reason) => dead_letter(ctx, &d, event_id, attempt + 1, &reason).await,
+    };
+    let acked = match settled {
+        Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            tracing::warn!(error.message = %e, "could not move the event; requeueing");
+            d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+        }
+    };
+    if let Err(e) = acked {
+        tracing::warn!(error.message = %e, "could not settle delivery; the broker will redeliver");
+    }
+}
+
+async fn republish(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64) -> Result<(), amqp::BrokerError> {
+    let id = d.properties.message_id().as_ref().map(|m| m.to_string());
+    ctx.publisher
+        .publish(Outgoing { exchange: "", routing_key: queue, body: &d.data, message_id: id.as_deref(), content_type: "application/json", attempt: Some(attempt) })
+        .await
+}
+
+async fn dead_letter(ctx: &BillingContext, d: &Delivery, event_id: Option<uuid::Uuid>, attempts: i64, reason: &str) -> Result<(), amqp::BrokerError> {
+    republish(ctx, d, &ctx.topology.billing_dead_queue(), attempts).await?;
+    let payload: Option<serde_json::Value> = serde_json::from_slice(&d.data).ok();
+    let key = event_id.unwrap_or_else(|| uuid::Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, &d.data));
+    let recorded = sqlx::query(
+        "INSERT INTO billing_failures (event_id, attempts, last_error, payload, dead_lettered_at)
+         VALUES ($1, $2, $3, $4, now())
+         ON CONFLICT (event_id) DO UPDATE SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error,
+             dead_lettered_at = now(), resolved_at = NULL, updated_at = now()",
+    )
+    .bind(key)
+    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+    .bind(reason)
+    .bind(payload)
+    .execute(&ctx.db)
+    .await;
+    if let Err(e) = recorded {
+        // The event is safe in billing.dead; the row is what finance reads.
+        tracing::error!(event_id = %key, error.message = %e, "dead-lettered event could not be recorded in billing_failures");
+    }
+    tracing::error!(event_id = %key, reason, "billing event dead-lettered");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_errors_walk_the_delay_queues_then_dead_letter() {
+        let transient: Result<Applied, LedgerError> = Err(LedgerError::Db(sqlx::Error::PoolTimedOut));
+        assert_eq!(decide(&transient, 0, 5), Decision::Retry(0));
+        assert_eq!(decide(&transient, 4, 5), Decision::Retry(4));
+        assert!(matches!(decide(&transient, 5, 5), Decision::DeadLetter(_)));
+        let permanent: Result<Applied, LedgerError> = Err(LedgerError::Invalid("bad".into()));
+        assert!(matches!(decide(&permanent, 0, 5), Decision::DeadLetter(_)));
+        assert_eq!(decide(&Ok(Applied::Duplicate), 0, 5), Decision::Ack);
+    }
+}

@@ -1,0 +1,216 @@
+//! The ledger: every event becomes postings (debit account, credit account,
+//! amount) applied in one transaction with the idempotency record, so an
+//! event id is applied once or not at all. Balances are credit-normal
+//! (credits − debits) and move in the same transaction; their sum stays zero.
+//!
+//! Accounts: `user:<id>` (prepaid credit), `system:revenue`,
+//! `system:provider_cost` (expense), `system:provider_payable` (owed to
+//! Anthropic), `system:payments` (source of grants).
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use shared::contracts::BillingEvent;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// Ledger failures, classified for retry.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Database failure: transient unless it is a constraint violation.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The event cannot be applied (negative amount, bad payload): permanent.
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+impl LedgerError {
+    /// True when retrying later may succeed (connection loss, serialization
+    /// failure, deadlock, timeout); false for bad data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Invalid(_) => false,
+            Self::Db(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("40001" | "40P01" | "55P03" | "57014" | "53300" | "08006" | "08003" | "57P01"))
+            }
+            Self::Db(_) => true,
+        }
+    }
+}
+
+/// Whether the event changed the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Postings written.
+    Applied,
+    /// Seen before: nothing changed.
+    Duplicate,
+}
+
+/// One movement of money.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Posting {
+    /// Account debited.
+    pub debit: String,
+    /// Account credited.
+    pub credit: String,
+    /// USD, ≥ 0.
+    pub amount: Decimal,
+    /// `usage_charge`, `provider_cost`, `tool_charge`, `grant`.
+    pub kind: &'static str,
+}
+
+/// Context stored on every entry of an event, for drill-down.
+#[derive(Debug, Clone, Default)]
+pub struct EntryMeta {
+    /// User concerned.
+    pub user_id: Option<i64>,
+    /// Job concerned.
+    pub job_id: Option<Uuid>,
+    /// Anthropic `request-id`.
+    pub provider_request_id: Option<String>,
+    /// Output counted by us, not reported.
+    pub estimated: bool,
+    /// Free text.
+    pub memo: Option<String>,
+}
+
+/// The account id of a user.
+pub fn user_account(user_id: i64) -> String {
+    format!("user:{user_id}")
+}
+
+/// The postings of a billing event.
+///
+/// # Errors
+/// `Invalid` for negative amounts.
+pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), LedgerError> {
+    let (postings, meta) = match event {
+        BillingEvent::UsageCharge(c) => (
+            vec![
+                Posting { debit: user_account(c.user_id), credit: "system:revenue".into(), amount: c.user_charge.0, kind: "usage_charge" },
+                Posting { debit: "system:provider_cost".into(), credit: "system:provider_payable".into(), amount: c.provider_cost.0, kind: "provider_cost" },
+            ],
+            EntryMeta {
+                user_id: Some(c.user_id),
+                job_id: Some(c.job_id),
+                provider_request_id: c.request_id.clone(),
+                estimated: c.estimated,
+                memo: Some(format!("{} call {}", c.model, c.api_call_seq)),
+            },
+        ),
+        BillingEvent::ToolCharge(c) => (
+            vec![Posting { debit: user_account(c.user_id), credit: "system:revenue".into(), amount: c.user_charge.0, kind: "tool_charge" }],
+            EntryMeta { user_id: Some(c.user_id), job_id: Some(c.job_id), memo: Some(format!("tool {}", c.tool_name)), ..Default::default() },
+        ),
+    };
+    if postings.iter().any(|p| p.amount.is_sign_negative()) {
+        return Err(LedgerError::Invalid(format!("negative amount in event {}", event.event_id())));
+    }
+    Ok((postings, meta))
+}
+
+/// Applies `postings` under `event_id` in `tx` (the caller commits).
+///
+/// # Errors
+/// Database errors.
+pub async fn apply_postings(
+    tx: &mut Transaction<'_, Postgres>,
+    event_id: Uuid,
+    kind: &str,
+    payload: &Value,
+    postings: &[Posting],
+    meta: &EntryMeta,
+) -> Result<Applied, LedgerError> {
+    let first = sqlx::query("INSERT INTO applied_events (event_id, kind, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
+        .bind(event_id)
+        .bind(kind)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    if first.rows_affected() == 0 {
+        return Ok(Applied::Duplicate);
+    }
+    if let Some(user) = meta.user_id {
+        sqlx::query("INSERT INTO accounts (account_id, kind, user_id) VALUES ($1, 'user', $2) ON CONFLICT (account_id) DO NOTHING")
+            .bind(user_account(user))
+            .bind(user)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (leg, p) in postings.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO ledger_entries (event_id, leg, debit_account, credit_account, amount, kind, user_id, job_id,
+                 provider_request_id, estimated, memo)
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+        )
+        .bind(event_id)
+        .bind(i16::try_from(leg).unwrap_or(i16::MAX))
+        .bind(&p.debit)
+        .bind(&p.credit)
+        .bind(p.amount)
+        .bind(p.kind)
+        .bind(meta.user_id)
+        .bind(meta.job_id)
+        .bind(&meta.provider_request_id)
+        .bind(meta.estimated)
+        .bind(&meta.memo)
+        .execute(&mut **tx)
+        .await?;
+        for (account, delta) in [(&p.debit, -p.amount), (&p.credit, p.amount)] {
+            let moved = sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE account_id = $1")
+                .bind(account)
+                .bind(delta)
+                .execute(&mut **tx)
+                .await?;
+            if moved.rows_affected() != 1 {
+                return Err(LedgerError::Invalid(format!("unknown account {account}")));
+            }
+        }
+    }
+    Ok(Applied::Applied)
+}
+
+/// Applies one billing event in its own transaction.
+///
+/// # Errors
+/// [`LedgerError`].
+pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, LedgerError> {
+    let (postings, meta) = postings(event)?;
+    let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+    let mut tx = db.begin().await?;
+    let applied = apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
+    if applied == Applied::Applied {
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// Credits `amount` USD to `user_id` from `system:payments`.
+///
+/// # Errors
+/// `Invalid` for a non-positive amount; database errors.
+pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -> Result<Applied, LedgerError> {
+    if amount <= Decimal::ZERO {
+        return Err(LedgerError::Invalid("a grant must be positive".into()));
+    }
+    let payload = serde_json::json!({ "type": "grant.v1", "user_id": user_id, "amount": amount.to_string() });
+    let postings = [Posting { debit: "system:payments".into(), credit: user_account(user_id), amount, kind: "grant" }];
+    let meta = EntryMeta { user_id: Some(user_id), memo: Some("grant".into()), ..Default::default() };
+    let mut tx = db.begin().await?;
+    let applied = apply_postings(&mut tx, event_id, "grant.v1", &payload, &postings, &meta).await?;
+    if applied == Applied::Applied {
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// A user's balance (zero without an account).
+///
+/// # Errors
+/// Database errors.
+pub async fn balance(db: &PgPool, user_id: i64) -> Result<Decimal, sqlx::Error> {
+    let b: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1").bind(user_id).fetch_optional(db).await?;
+    Ok(b.unwrap_or_default())
+}

@@ -1,0 +1,17 @@
+//! The billing-worker: applies billing events to a double-entry ledger
+//! exactly once (idempotent on the event id), retries transient failures
+//! through delay queues and dead-letters what keeps failing, recording it for
+//! finance (DESIGN §4, §7a, P7).
+//!
+//! # Layout
+//! - [`config`]: settings and subcommands (`--help`).
+//! - [`ledger`]: postings of each event kind, applied in one transaction.
+//! - [`consumer`]: the `billing.events` consumer and its retry policy.
+//! - [`startup`]: building and running the app, and the CLI commands.
+
+pub mod config;
+pub mod consumer;
+pub mod ledger;
+pub mod startup;
+
+pub use config::Settings;

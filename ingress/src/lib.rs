@@ -1,0 +1,17 @@
+//! The ingress: takes Telegram updates (webhook or long polling) and puts
+//! them on RabbitMQ, answering Telegram only once the broker confirmed.
+//! It touches no database (DESIGN §1).
+//!
+//! # Layout
+//! - [`config`]: settings (`--help`).
+//! - [`webhook`]: `POST /telegram/webhook`, `/healthz`, `/readyz`.
+//! - [`polling`]: the `getUpdates` loop.
+//! - [`startup`]: building and running the app.
+
+pub mod config;
+pub mod polling;
+pub mod startup;
+pub mod webhook;
+
+pub use config::Settings;
+pub use startup::App;

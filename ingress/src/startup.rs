@@ -1,0 +1,130 @@
+//! Building and running the ingress.
+//!
+//! Shutdown phases:
+//! 1. the token is cancelled (SIGTERM / ctrl-c in `main`);
+//! 2. the HTTP server stops accepting and finishes in-flight requests
+//!    (each waits for its confirm) — or the polling loop returns between batches;
+//! 3. `run_until_stopped` returns; the broker connection closes on drop.
+
+use crate::config::{Mode, Settings};
+use crate::webhook::{router, WebState};
+use anyhow::Context;
+use shared::amqp::{BrokerError, ConfirmPublisher, Outgoing, Topology};
+use shared::telegram::{BotApi, RoutingInfo};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Publishes raw updates to the `updates` exchange, declaring the topology
+/// on first use and after every reconnect.
+pub struct Forwarder {
+    publisher: ConfirmPublisher,
+    topology: Topology,
+    declared: tokio::sync::Mutex<bool>,
+}
+
+impl Forwarder {
+    /// A forwarder for `amqp_url` with `prefix`.
+    pub fn new(amqp_url: &str, prefix: &str, confirm_timeout: Duration) -> Self {
+        Self {
+            publisher: ConfirmPublisher::new(amqp_url, "ingress", confirm_timeout),
+            topology: Topology::new(prefix),
+            declared: tokio::sync::Mutex::new(false),
+        }
+    }
+
+    /// Connects and declares the topology if not done on this connection.
+    ///
+    /// # Errors
+    /// The broker error.
+    pub async fn ensure_ready(&self) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        let connected = self.publisher.is_connected().await;
+        let ch = self.publisher.ensure_connected().await?;
+        if !*declared || !connected {
+            self.topology.declare(&ch).await?;
+            *declared = true;
+        }
+        Ok(())
+    }
+
+    /// Publishes one update verbatim, routing key = chat id, and waits for the confirm.
+    ///
+    /// # Errors
+    /// Any failure to get an Ack without a return.
+    pub async fn forward(&self, info: &RoutingInfo, body: &[u8]) -> Result<(), BrokerError> {
+        if let Err(e) = self.ensure_ready().await {
+            *self.declared.lock().await = false;
+            return Err(e);
+        }
+        let message_id = info.update_id.to_string();
+        let key = info.routing_key();
+        self.publisher
+            .publish(Outgoing {
+                exchange: &self.topology.updates_exchange(),
+                routing_key: &key,
+                body,
+                message_id: Some(&message_id),
+                content_type: "application/json",
+                attempt: None,
+            })
+            .await
+    }
+}
+
+/// A built ingress, ready to run.
+pub struct App {
+    listener: TcpListener,
+    settings: Settings,
+    forwarder: Arc<Forwarder>,
+}
+
+impl App {
+    /// Binds the HTTP listener and prepares the broker connection (which may
+    /// be down: requests then answer 503 until it is back).
+    ///
+    /// # Errors
+    /// Invalid settings or a bind failure.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate().map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
+        let forwarder = Arc::new(Forwarder::new(
+            &settings.broker.amqp_url,
+            &settings.broker.amqp_prefix,
+            Duration::from_secs(settings.confirm_timeout_s),
+        ));
+        if let Err(e) = forwarder.ensure_ready().await {
+            tracing::warn!(error.message = %e, "broker not reachable at start; answering 503 until it is");
+        }
+        Ok(Self { listener, settings, forwarder })
+    }
+
+    /// The bound port (tests bind port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    ///
+    /// # Errors
+    /// A server or Bot API client error.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let state = WebState { forwarder: self.forwarder.clone(), secret: self.settings.webhook_secret.clone() };
+        let app = router(state, self.settings.max_body_bytes);
+        let server_stop = shutdown.clone();
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await });
+        tracing::info!(mode = ?self.settings.mode, "ingress running");
+        match self.settings.mode {
+            Mode::Webhook => server.await.context("http server")?,
+            Mode::Polling => {
+                let bot = BotApi::new(&self.settings.telegram_api_url, self.settings.bot_token.clone(), Duration::from_secs(u64::from(self.settings.poll_timeout_s) + 10))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let poll = crate::polling::run(bot, &self.forwarder, self.settings.poll_timeout_s, shutdown.clone());
+                let (served, ()) = tokio::join!(server, poll);
+                served.context("http server")?;
+            }
+        }
+        Ok(())
+    }
+}

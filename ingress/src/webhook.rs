@@ -1,0 +1,73 @@
+//! `POST /telegram/webhook` (Bot API "setWebhook": Telegram sends the
+//! `secret_token` back in `X-Telegram-Bot-Api-Secret-Token` and retries any
+//! non-2xx answer), plus `/healthz` and `/readyz`.
+
+use crate::startup::Forwarder;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use shared::secret::Secret;
+use shared::telegram::RoutingInfo;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Header Telegram puts the webhook secret in.
+pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct WebState {
+    /// Publishes updates with confirms.
+    pub forwarder: Arc<Forwarder>,
+    /// Expected secret header value.
+    pub secret: Secret,
+}
+
+/// The router: webhook, health and readiness.
+pub fn router(state: WebState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/telegram/webhook", post(webhook))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+fn secret_matches(headers: &HeaderMap, expected: &Secret) -> bool {
+    let Some(given) = headers.get(SECRET_HEADER) else {
+        return false;
+    };
+    // Constant time over the bytes (a length mismatch returns at once, which
+    // reveals only the length).
+    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
+}
+
+async fn webhook(State(state): State<WebState>, headers: HeaderMap, body: Bytes) -> (StatusCode, &'static str) {
+    if !secret_matches(&headers, &state.secret) {
+        tracing::warn!(reason = "bad_secret", "webhook rejected");
+        return (StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let info = match RoutingInfo::from_bytes(&body) {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(reason = "bad_body", error.message = %e, bytes = body.len(), "webhook rejected");
+            return (StatusCode::BAD_REQUEST, "not a Telegram update");
+        }
+    };
+    match state.forwarder.forward(&info, &body).await {
+        Ok(()) => (StatusCode::OK, "ok"),
+        Err(e) => {
+            tracing::error!(update_id = info.update_id, error.message = %e, "update not accepted by the broker");
+            (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+        }
+    }
+}
+
+async fn readyz(State(state): State<WebState>) -> (StatusCode, &'static str) {
+    match state.forwarder.ensure_ready().await {
+        Ok(()) => (StatusCode::OK, "ready"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable"),
+    }
+}

@@ -1,0 +1,9 @@
+//! Test support for the fleet: in-process fakes of the Telegram Bot API and
+//! the Anthropic Messages API, used by the integration tests and the demo.
+//!
+//! # Layout
+//! - [`fake_anthropic`]: `POST /v1/messages` replaying scripted SSE bodies.
+//! - [`fake_telegram`]: the Bot API methods the fleet calls, with faults.
+
+pub mod fake_anthropic;
+pub mod fake_telegram;

@@ -1,0 +1,56 @@
+//! Bot commands: `/start`, `/help`, `/new` (forget the conversation),
+//! `/balance`. Each runs as a job, so it is answered once and in order.
+
+use crate::context::WorkerContext;
+use crate::job::{JobError, JobRow};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+/// True for commands this bot answers.
+pub fn is_known(command: &str) -> bool {
+    matches!(command, "start" | "help" | "new" | "balance")
+}
+
+const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/balance — show your credit\n/help — this help";
+
+/// The user's balance in USD (credits − debits on their ledger account); zero
+/// when they have no account yet.
+///
+/// # Errors
+/// Database errors (billing database).
+pub async fn available_balance(ctx: &WorkerContext, user_id: i64) -> Result<Decimal, sqlx::Error> {
+    let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_optional(&ctx.billing_db)
+        .await?;
+    Ok(balance.unwrap_or_default())
+}
+
+/// Runs the command of `job` and returns the reply.
+///
+/// # Errors
+/// Database errors.
+pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> {
+    let command = job.user_content.get("command").and_then(Value::as_str).unwrap_or_default();
+    Ok(match command {
+        "start" => {
+            let name: Option<String> = sqlx::query_scalar("SELECT first_name FROM users WHERE user_id = $1")
+                .bind(job.user_id)
+                .fetch_optional(&ctx.db)
+                .await?;
+            format!("Hello, {}! Welcome — I'm a bot that lets you chat with Claude.\n\n{HELP}", name.unwrap_or_default())
+        }
+        "new" => {
+            sqlx::query("UPDATE chats SET conversation_epoch = conversation_epoch + 1 WHERE chat_id = $1")
+                .bind(job.chat_id)
+                .execute(&ctx.db)
+                .await?;
+            "Started a new conversation: earlier messages are forgotten.".to_owned()
+        }
+        "balance" => {
+            let balance = available_balance(ctx, job.user_id).await?;
+            format!("Your balance is ${:.4} (USD).", balance.round_dp(4))
+        }
+        _ => HELP.to_owned(),
+    })
+}

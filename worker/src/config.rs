@@ -1,0 +1,115 @@
+//! Worker settings: flags or environment variables (DESIGN §8).
+
+use shared::config::{BrokerArgs, DatabaseArgs, LogArgs};
+use shared::secret::Secret;
+use std::path::PathBuf;
+
+/// Everything the worker needs.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "worker", about = "Runs Claude jobs for Telegram updates under per-chat leases; relays the billing outbox.")]
+pub struct Settings {
+    /// `migrate` applies the bot and billing migrations and exits.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Bot token.
+    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
+    pub bot_token: Secret,
+    /// Bot API base URL.
+    #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
+    pub telegram_api_url: String,
+    /// The bot's @username (without @); read with getMe when empty.
+    #[arg(long, env = "TELEGRAM_BOT_USERNAME", default_value = "")]
+    pub bot_username: String,
+    /// Anthropic API key.
+    #[arg(long, env = "ANTHROPIC_API_KEY", default_value = "", hide_env_values = true)]
+    pub anthropic_api_key: Secret,
+    /// Messages API base URL.
+    #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
+    pub anthropic_base_url: String,
+    /// Model id sent to the Messages API.
+    #[arg(long, env = "ANTHROPIC_MODEL", default_value = "claude-sonnet-4-5")]
+    pub model: String,
+    /// `max_tokens` of each Messages API call.
+    #[arg(long, env = "ANTHROPIC_MAX_TOKENS", default_value_t = 1024)]
+    pub max_tokens: u32,
+    /// System prompt.
+    #[arg(long, env = "SYSTEM_PROMPT", default_value = "You are a helpful assistant chatting on Telegram. Answer concisely.")]
+    pub system_prompt: String,
+    /// Price table (the format of fixtures/prices.toml).
+    #[arg(long, env = "PRICES_FILE", default_value = "config/prices.toml")]
+    pub prices_file: PathBuf,
+    /// Lease length (visibility timeout) of a running job, seconds; heartbeats every third.
+    #[arg(long, env = "VISIBILITY_TIMEOUT_S", default_value_t = 60)]
+    pub visibility_timeout_s: u64,
+    /// Overall deadline of one stream, seconds.
+    #[arg(long, env = "STREAM_DEADLINE_S", default_value_t = 300)]
+    pub stream_deadline_s: u64,
+    /// Longest silence of a stream (no event at all, pings included), seconds.
+    #[arg(long, env = "IDLE_TIMEOUT_S", default_value_t = 60)]
+    pub idle_timeout_s: u64,
+    /// Continuations after `max_tokens`.
+    #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 3)]
+    pub max_continuations: u32,
+    /// Attempts of a job before it fails with a notice.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: i32,
+    /// Unacknowledged deliveries per worker (AMQP prefetch) and concurrent jobs.
+    #[arg(long, env = "PREFETCH", default_value_t = 16)]
+    pub prefetch: u16,
+    /// Smallest interval between two progress updates of one chat, milliseconds.
+    #[arg(long, env = "PROGRESS_INTERVAL_MS", default_value_t = 1000)]
+    pub progress_interval_ms: u64,
+    /// Smallest interval between two final messages to one chat, milliseconds.
+    #[arg(long, env = "CHAT_SEND_INTERVAL_MS", default_value_t = 1000)]
+    pub chat_send_interval_ms: u64,
+    /// Id of this worker in leases (default: host-pid).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Database settings.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Broker settings.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Apply the bot and billing migrations, then exit.
+    Migrate,
+}
+
+impl Settings {
+    /// Checks what clap cannot, naming the bad setting.
+    ///
+    /// # Errors
+    /// A message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bot_token.is_empty() {
+            return Err("TELEGRAM_BOT_TOKEN must be set".into());
+        }
+        if self.anthropic_api_key.is_empty() {
+            return Err("ANTHROPIC_API_KEY must be set".into());
+        }
+        if self.visibility_timeout_s < 3 {
+            return Err("VISIBILITY_TIMEOUT_S must be at least 3".into());
+        }
+        if self.idle_timeout_s == 0 || self.stream_deadline_s == 0 {
+            return Err("IDLE_TIMEOUT_S and STREAM_DEADLINE_S must be positive".into());
+        }
+        if self.max_tokens == 0 {
+            return Err("ANTHROPIC_MAX_TOKENS must be positive".into());
+        }
+        if self.max_attempts < 1 {
+            return Err("MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.prefetch == 0 {
+            return Err("PREFETCH must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,224 @@
+//! The `updates` consumer. Each delivery is taken in (`intake`), its job
+//! claimed (`lease::claim`), and the outcome mapped to exactly one broker
+//! action in [`settle`]: ack, delay (publish to a retry queue, then ack),
+//! or dead-letter. The delivery is acked as soon as the claim commits: from
+//! then on the job row holds the work (DESIGN §5.6).
+
+use crate::context::WorkerContext;
+use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
+use crate::job::{self, JobOutcome};
+use crate::lease::{self, Claim};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use shared::amqp::{self, attempt_of, Outgoing};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// What to do with a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with it.
+    Ack,
+    /// Try again later through a delay queue.
+    Delay,
+    /// Poison: to `updates.dead`.
+    DeadLetter,
+    /// Already acked (after the claim committed); nothing more to send.
+    Settled,
+}
+
+/// Consumes until `shutdown`, reconnecting with backoff when the broker goes away.
+///
+/// Shutdown phases:
+/// 1. stop taking deliveries (unacked ones return to the queue when the channel closes);
+/// 2. wait up to 30 s for running jobs to finish;
+/// 3. abort what is left (their leases expire and other workers take over).
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    let permits = Arc::new(Semaphore::new(usize::from(ctx.settings.prefetch)));
+    let mut delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume(&ctx, &shutdown, &permits, &mut tasks).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error.message = %e, wait_ms = delay.as_millis() as u64, "updates consumer lost the broker; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(30), async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+}
+
+async fn consume(
+    ctx: &WorkerContext,
+    shutdown: &CancellationToken,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), amqp::BrokerError> {
+    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker", Duration::from_secs(5)).await?;
+    let ch = amqp::consumer_channel(&conn, ctx.settings.prefetch).await?;
+    ctx.topology.declare(&ch).await?;
+    let mut consumer = ch
+        .basic_consume(ctx.topology.updates_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    tracing::info!(queue = %ctx.topology.updates_queue(), "consuming updates");
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
+        };
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            d = consumer.next() => d,
+        };
+        match delivery {
+            Some(Ok(d)) => {
+                let ctx = ctx.clone();
+                let job_shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    handle(&ctx, d, job_shutdown).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(amqp::BrokerError::Nacked),
+        }
+    }
+}
+
+/// Handles one delivery end to end.
+pub async fn handle(ctx: &WorkerContext, delivery: Delivery, shutdown: CancellationToken) {
+    let span = tracing::info_span!("update", update_id = tracing::field::Empty, chat_id = tracing::field::Empty,
+        user_id = tracing::field::Empty, job_id = tracing::field::Empty, lease_epoch = tracing::field::Empty,
+        anthropic_request_id = tracing::field::Empty);
+    async move {
+        let decision = decide(ctx, &delivery, &shutdown).await;
+        settle(ctx, &delivery, decision).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Settle {
+    let job = match intake(ctx, &delivery.data).await {
+        Ok(IntakeOutcome::Duplicate) => {
+            tracing::info!("duplicate update dropped");
+            return Settle::Ack;
+        }
+        Ok(IntakeOutcome::Ignored(why)) => {
+            tracing::info!(reason = %why, "update ignored");
+            return Settle::Ack;
+        }
+        Ok(IntakeOutcome::Job(job)) => job,
+        Err(IntakeError::Poison(e)) => {
+            tracing::error!(error.message = %e, "poison update");
+            return Settle::DeadLetter;
+        }
+        Err(e) => {
+            tracing::warn!(error.message = %e, "intake failed; retrying later");
+            return Settle::Delay;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("update_id", job.update_id);
+    span.record("chat_id", job.chat_id);
+    span.record("user_id", job.user_id);
+    span.record("job_id", tracing::field::display(job.job_id));
+    let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
+    match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
+        Ok(Claim::Claimed(l)) => {
+            span.record("lease_epoch", l.epoch);
+            // The job row holds the work from now on.
+            settle(ctx, delivery, Settle::Ack).await;
+            run_claimed(ctx, &job, l, shutdown).await;
+            Settle::Settled
+        }
+        Ok(Claim::ChatBusy) => Settle::Delay,
+        Ok(Claim::NotClaimable) => Settle::Ack,
+        Ok(Claim::AttemptsExhausted) => {
+            let _ = crate::delivery::send_text(ctx, job.chat_id, "Sorry, I could not answer this message after several attempts.", None).await;
+            Settle::Ack
+        }
+        Err(e) => {
+            tracing::warn!(error.message = %e, "claim failed; retrying later");
+            Settle::Delay
+        }
+    }
+}
+
+async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdown: &CancellationToken) {
+    let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
+    let cancel = CancellationToken::new();
+    let stop_heartbeat = CancellationToken::new();
+    let heartbeat = tokio::spawn(lease::keep_alive(ctx.db.clone(), l, visibility, stop_heartbeat.clone(), cancel.clone()));
+    let task_ctx = ctx.clone();
+    let task_cancel = cancel.clone();
+    let span = tracing::Span::current();
+    let outcome = tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span)).await;
+    stop_heartbeat.cancel();
+    let _ = heartbeat.await;
+    match outcome {
+        Ok(JobOutcome::Done(label)) => tracing::info!(outcome = label, "job done"),
+        Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
+        Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
+        Err(join) => {
+            // A panic inside the job: release the lease and tell the user (P3).
+            tracing::error!(error.message = %join, "job panicked");
+            let _ = lease::finish(&ctx.db, &l, "failed", "panic", Some("the job panicked")).await;
+            let _ = crate::delivery::send_text(ctx, job.chat_id, "Sorry, something went wrong while answering. Please try again.", None).await;
+        }
+    }
+}
+
+/// Applies the decision to the delivery. A delay publishes the same body to
+/// a retry queue (confirmed) before acking; if that fails the delivery is
+/// nacked back to the queue, so nothing is lost.
+pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) {
+    let result = match decision {
+        Settle::Settled => Ok(()),
+        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
+        Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()),
+        Settle::Delay => {
+            let attempt = attempt_of(&delivery.properties) + 1;
+            let delays = &ctx.topology.update_retry_delays_ms;
+            let idx = usize::try_from(attempt - 1).unwrap_or(0).min(delays.len().saturating_sub(1));
+            let queue = ctx.topology.updates_retry_queue(delays.get(idx).copied().unwrap_or(1_000));
+            let published = ctx
+                .publisher
+                .publish(Outgoing {
+                    exchange: "",
+                    routing_key: &queue,
+                    body: &delivery.data,
+                    message_id: None,
+                    content_type: "application/json",
+                    attempt: Some(attempt),
+                })
+                .await;
+            match published {
+                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "delay publish failed; requeueing");
+                    delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map(|_| ())
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone: the broker redelivers the message.
+        tracing::warn!(error.message = %e, "could not settle delivery");
+    }
+}

@@ -1,0 +1,87 @@
+//! [`WorkerContext`]: the shared handles every step uses, instead of long
+//! argument lists.
+
+use crate::config::Settings;
+use shared::amqp::{ConfirmPublisher, Topology};
+use shared::anthropic::AnthropicClient;
+use shared::pricing::PriceTable;
+use shared::telegram::BotApi;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tokio::sync::{Notify, OnceCell};
+
+/// Shared state of one worker process; cheap to clone.
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// Bot database: jobs, conversations, outbox.
+    pub db: PgPool,
+    /// Billing database: read for balances only (the ledger belongs to the billing-worker).
+    pub billing_db: PgPool,
+    /// Messages API client.
+    pub anthropic: AnthropicClient,
+    /// Bot API client.
+    pub telegram: BotApi,
+    /// Prices by model and tool.
+    pub prices: Arc<PriceTable>,
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Publisher for delay queues and the outbox relay.
+    pub publisher: Arc<ConfirmPublisher>,
+    /// Queue names.
+    pub topology: Topology,
+    /// This worker's lease owner id.
+    pub worker_id: Arc<str>,
+    /// Wakes the outbox relay after a commit that wrote events.
+    pub outbox_notify: Arc<Notify>,
+    /// The bot's @username, from settings or getMe (read when first needed).
+    bot_username: Arc<OnceCell<String>>,
+}
+
+impl WorkerContext {
+    /// Assembles a context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: PgPool,
+        billing_db: PgPool,
+        anthropic: AnthropicClient,
+        telegram: BotApi,
+        prices: PriceTable,
+        settings: Settings,
+        publisher: ConfirmPublisher,
+        worker_id: String,
+    ) -> Self {
+        let topology = Topology::new(settings.broker.amqp_prefix.clone());
+        let username = Arc::new(OnceCell::new());
+        if !settings.bot_username.is_empty() {
+            let _ = username.set(settings.bot_username.trim_start_matches('@').to_owned());
+        }
+        Self {
+            db,
+            billing_db,
+            anthropic,
+            telegram,
+            prices: Arc::new(prices),
+            settings: Arc::new(settings),
+            publisher: Arc::new(publisher),
+            topology,
+            worker_id: worker_id.into(),
+            outbox_notify: Arc::new(Notify::new()),
+            bot_username: username,
+        }
+    }
+
+    /// The bot's username, asking getMe once if it was not configured.
+    ///
+    /// # Errors
+    /// The Bot API error when getMe fails (the caller retries the update later).
+    pub async fn bot_username(&self) -> Result<&str, shared::telegram::TelegramError> {
+        let name = self
+            .bot_username
+            .get_or_try_init(|| async {
+                let me = self.telegram.get_me().await?;
+                Ok::<_, shared::telegram::TelegramError>(me.username.unwrap_or_default())
+            })
+            .await?;
+        Ok(name.as_str())
+    }
+}

@@ -1,0 +1,191 @@
+//! Intake: one transaction per delivered update. It records the `update_id`
+//! (a redelivery only bumps a counter), upserts the user and the chat, and
+//! creates the job, so that a crash anywhere leaves either nothing or a
+//! queued job that the redelivered message picks up again.
+
+use crate::context::WorkerContext;
+use serde_json::{json, Value};
+use shared::telegram::update::{ChatMemberUpdated, Message};
+use shared::telegram::{Incoming, TelegramError, UpdateError};
+use uuid::Uuid;
+
+/// Why an update could not be taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The body is not an update: dead-letter it, retrying cannot help.
+    #[error("poison update: {0}")]
+    Poison(#[from] UpdateError),
+    /// The database failed: retry later.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// getMe failed while deciding whether a group message is for us: retry later.
+    #[error("telegram: {0}")]
+    Telegram(#[from] TelegramError),
+}
+
+/// The job a delivery stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobRef {
+    /// Job id (uuid v7).
+    pub job_id: Uuid,
+    /// Chat of the job.
+    pub chat_id: i64,
+    /// User who asked.
+    pub user_id: i64,
+    /// Telegram update that created it.
+    pub update_id: i64,
+}
+
+/// What intake decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IntakeOutcome {
+    /// Seen before and its job (if any) is done or running elsewhere.
+    Duplicate,
+    /// Nothing to do for this kind of update; recorded.
+    Ignored(String),
+    /// A job to claim (new, or left queued by an earlier delivery).
+    Job(JobRef),
+}
+
+/// What an update asks of us, decided before the transaction.
+enum Plan {
+    Ignore(String),
+    Job { msg: Message, kind: &'static str, content: Value },
+    Membership(ChatMemberUpdated),
+}
+
+async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeError> {
+    let msg = match incoming {
+        Incoming::Ignored { kind } => return Ok(Plan::Ignore(kind)),
+        Incoming::MyChatMember(m) => return Ok(Plan::Membership(m)),
+        Incoming::Message(m) => m,
+    };
+    let Some(from) = msg.from.as_ref() else {
+        return Ok(Plan::Ignore("message without sender".into()));
+    };
+    if from.is_bot {
+        return Ok(Plan::Ignore("message from a bot".into()));
+    }
+    let Some(text) = msg.text.clone() else {
+        return Ok(Plan::Ignore("message without text".into()));
+    };
+    if !msg.is_private() {
+        let me = ctx.bot_username().await?;
+        let replied_to_me = msg
+            .reply_to_message
+            .as_ref()
+            .and_then(|r| r.from.as_ref())
+            .and_then(|u| u.username.as_deref())
+            .is_some_and(|u| u.eq_ignore_ascii_case(me));
+        if !(msg.mentions(me) || replied_to_me) {
+            return Ok(Plan::Ignore("group message not addressed to the bot".into()));
+        }
+    }
+    if let Some(command) = msg.command() {
+        if crate::commands::is_known(&command) {
+            return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
+        }
+    }
+    let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
+    Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
+}
+
+/// Takes one raw update in.
+///
+/// # Errors
+/// [`IntakeError`]: `Poison` for bodies that are not updates, the others
+/// are transient.
+pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, IntakeError> {
+    let (update_id, incoming) = Incoming::parse(body)?;
+    let info = shared::telegram::RoutingInfo::from_bytes(body)?;
+    let plan = plan(ctx, incoming).await?;
+    let outcome_label = match &plan {
+        Plan::Ignore(_) => "ignored",
+        Plan::Membership(_) => "membership",
+        Plan::Job { .. } => "job",
+    };
+    let mut tx = ctx.db.begin().await?;
+    let inserted: bool = sqlx::query_scalar(
+        "INSERT INTO processed_updates (update_id, kind, chat_id, outcome) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (update_id) DO UPDATE SET deliveries = processed_updates.deliveries + 1
+         RETURNING (xmax = 0)",
+    )
+    .bind(update_id)
+    .bind(&info.kind)
+    .bind(info.chat_id)
+    .bind(outcome_label)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !inserted {
+        // A redelivery: resume the job if nobody holds it, else drop.
+        let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
+            "SELECT job_id, chat_id, user_id FROM jobs WHERE update_id = $1
+               AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
+        )
+        .bind(update_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return Ok(match pending {
+            Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef { job_id, chat_id, user_id, update_id }),
+            None => IntakeOutcome::Duplicate,
+        });
+    }
+    let outcome = match plan {
+        Plan::Ignore(why) => IntakeOutcome::Ignored(why),
+        Plan::Membership(m) => {
+            let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
+            upsert_user(&mut tx, &m.from).await?;
+            sqlx::query("UPDATE users SET blocked_at = CASE WHEN $2 THEN now() ELSE NULL END, updated_at = now() WHERE user_id = $1")
+                .bind(m.from.id)
+                .bind(blocked)
+                .execute(&mut *tx)
+                .await?;
+            IntakeOutcome::Ignored(format!("membership changed to {}", m.new_chat_member.status))
+        }
+        Plan::Job { msg, kind, content } => {
+            let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
+            upsert_user(&mut tx, from).await?;
+            sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, $2) ON CONFLICT (chat_id) DO NOTHING")
+                .bind(msg.chat.id)
+                .bind(&msg.chat.kind)
+                .execute(&mut *tx)
+                .await?;
+            let job_id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
+            )
+            .bind(job_id)
+            .bind(msg.chat.id)
+            .bind(from.id)
+            .bind(update_id)
+            .bind(kind)
+            .bind(&content)
+            .bind(msg.message_id)
+            .execute(&mut *tx)
+            .await?;
+            IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id: from.id, update_id })
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn upsert_user(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    user: &shared::telegram::update::User,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO users (user_id, first_name, username, language_code) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id) DO UPDATE SET first_name = EXCLUDED.first_name, username = EXCLUDED.username,
+             language_code = COALESCE(EXCLUDED.language_code, users.language_code), updated_at = now()",
+    )
+    .bind(user.id)
+    .bind(&user.first_name)
+    .bind(&user.username)
+    .bind(&user.language_code)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `finalize`: one transaction that stores the user turn and the answer,
+//! one `api_calls` row per call, and the billing events in the outbox —
+//! fenced on the lease epoch, so a stale worker writes nothing (P3, P7).
+
+use super::{CallEnd, CallRecord, JobError, JobRow};
+use crate::context::WorkerContext;
+use crate::lease::Lease;
+use chrono::Utc;
+use serde_json::{json, Value};
+use shared::contracts::{usage_event_id, BillingEvent, UsageCharge};
+use shared::pricing::TokenCounts;
+
+/// What one call is billed at, or `None` when it is not billed (an HTTP
+/// error, or a stream that failed with an `error` event: fixtures README).
+async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<(TokenCounts, bool)> {
+    if !call.state.started {
+        return None;
+    }
+    match &call.end {
+        CallEnd::Complete => Some((call.state.usage.token_counts(), false)),
+        CallEnd::Failed(_) => None,
+        CallEnd::Cancelled | CallEnd::IdleTimeout | CallEnd::Deadline => {
+            // Cut short: input from message_start, output counted by the
+            // token-counting endpoint on the text received (DESIGN §6).
+            let mut tokens = call.state.usage.token_counts();
+            let text = call.state.text();
+            tokens.output = if text.is_empty() {
+                0
+            } else {
+                let body = json!({
+                    "model": call.request.get("model").cloned().unwrap_or(Value::Null),
+                    "messages": [{ "role": "user", "content": text }],
+                });
+                match ctx.anthropic.count_tokens(&body).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "count_tokens failed; billing the output reported so far");
+                        tokens.output
+                    }
+                }
+            };
+            Some((tokens, true))
+        }
+    }
+}
+
+/// Stores the exchange and its charges in one fenced transaction.
+///
+/// # Errors
+/// `LeaseLost` when the lease epoch no longer matches (nothing written),
+/// database or pricing errors.
+pub async fn finalize(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    lease: &Lease,
+    calls: &[CallRecord],
+    content: &[Value],
+    partial: bool,
+) -> Result<(), JobError> {
+    // Token counting is a network call: done before the transaction opens.
+    let mut priced = Vec::with_capacity(calls.len());
+    for call in calls {
+        let billing = billable_tokens(ctx, call).await;
+        let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+        let price = match &billing {
+            Some((tokens, _)) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), tokens)?),
+            None => None,
+        };
+        priced.push((call, model, billing, price));
+    }
+    let mut tx = ctx.db.begin().await?;
+    let fenced = sqlx::query(
+        "UPDATE jobs SET answer_stored_at = now() WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+    )
+    .bind(lease.job_id)
+    .bind(lease.epoch)
+    .execute(&mut *tx)
+    .await?;
+    if fenced.rows_affected() != 1 {
+        return Err(JobError::LeaseLost);
+    }
+    sqlx::query("INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)")
+        .bind(job.chat_id)
+        .bind(job.conversation_epoch)
+        .bind(job.job_id)
+        .bind(&job.user_content)
+        .execute(&mut *tx)
+        .await?;
+    if !content.is_empty() {
+        sqlx::query(
+            "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content, partial) VALUES ($1, $2, $3, 'assistant', $4, $5)",
+        )
+        .bind(job.chat_id)
+        .bind(job.conversation_epoch)
+        .bind(job.job_id)
+        .bind(Value::Array(content.to_vec()))
+        .bind(partial)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (call, model, billing, price) in priced {
+        let tokens = billing.map(|(t, _)| t).unwrap_or_default();
+        let estimated = billing.is_some_and(|(_, e)| e);
+        let (cost, charge) = price.as_ref().map_or((Default::default(), Default::default()), |p| (p.provider_cost, p.user_charge));
+        sqlx::query(
+            "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
+                 input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
+                 provider_cost, user_charge, estimated)
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)
+             ON CONFLICT (job_id, seq) DO NOTHING",
+        )
+        .bind(job.job_id)
+        .bind(call.seq)
+        .bind(lease.epoch)
+        .bind(&call.request_id)
+        .bind(&call.state.message_id)
+        .bind(&model)
+        .bind(call.state.stop_reason.as_ref().map(|s| s.as_str().to_owned()))
+        .bind(i64::try_from(tokens.input).unwrap_or(i64::MAX))
+        .bind(i64::try_from(tokens.output).unwrap_or(i64::MAX))
+        .bind(i64::try_from(tokens.cache_write_5m).unwrap_or(i64::MAX))
+        .bind(i64::try_from(tokens.cache_write_1h).unwrap_or(i64::MAX))
+        .bind(i64::try_from(tokens.cache_read).unwrap_or(i64::MAX))
+        .bind(i64::try_from(tokens.web_search_requests).unwrap_or(i64::MAX))
+        .bind(cost.0)
+        .bind(charge.0)
+        .bind(estimated)
+        .execute(&mut *tx)
+        .await?;
+        let Some(price) = price else { continue };
+        let event = BillingEvent::UsageCharge(UsageCharge {
+            event_id: usage_event_id(job.job_id, call.seq),
+            job_id: job.job_id,
+            update_id: job.update_id,
+            lease_epoch: lease.epoch,
+            api_call_seq: call.seq,
+            user_id: job.user_id,
+            chat_id: job.chat_id,
+            request_id: call.request_id.clone(),
+            model,
+            tokens,
+            provider_cost: price.provider_cost,
+            user_charge: price.user_charge,
+            price_model: price.price_model,
+            price_effective_from: price.price_effective_from,
+            estimated,
+            occurred_at: Utc::now(),
+        });
+        sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
+            .bind(event.event_id())
+            .bind(job.job_id)
+            .bind(serde_json::to_value(&event).map_err(|e| JobError::Invalid(e.to_string()))?)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    ctx.outbox_notify.notify_one();
+    Ok(())
+}

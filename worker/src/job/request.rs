@@ -1,0 +1,159 @@
+//! `load` and `build_request`: the job row, and the Messages API request
+//! built from the stored, validated conversation (P10).
+
+use super::JobError;
+use crate::context::WorkerContext;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A job with what the pipeline needs of its chat.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its chat.
+    pub chat_id: i64,
+    /// Who asked.
+    pub user_id: i64,
+    /// Source update.
+    pub update_id: i64,
+    /// `chat` or `command`.
+    pub kind: String,
+    /// The user's turn (content blocks) or `{"command": …}`.
+    pub user_content: Value,
+    /// `private`, `group`, `supergroup`.
+    pub chat_kind: String,
+    /// Current conversation of the chat.
+    pub conversation_epoch: i32,
+}
+
+impl JobRow {
+    /// True in private chats (drafts allowed).
+    pub fn is_private(&self) -> bool {
+        self.chat_kind == "private"
+    }
+
+    /// A non-zero draft id, stable for the job (Bot API 9.3 `sendMessageDraft`).
+    pub fn draft_id(&self) -> i64 {
+        let bits = (self.job_id.as_u128() & 0x7fff_ffff_ffff_ffff) as i64;
+        bits | 1
+    }
+}
+
+/// Loads the job.
+///
+/// # Errors
+/// Database errors (`RowNotFound` for an unknown id).
+pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError> {
+    Ok(sqlx::query_as(
+        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch
+           FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(&ctx.db)
+    .await?)
+}
+
+/// The answer text stored by an earlier attempt of this job, if any.
+///
+/// # Errors
+/// Database errors.
+pub async fn stored_answer(ctx: &WorkerContext, job: &JobRow) -> Result<Option<String>, JobError> {
+    let content: Option<Value> =
+        sqlx::query_scalar("SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' ORDER BY id DESC LIMIT 1")
+            .bind(job.job_id)
+            .fetch_optional(&ctx.db)
+            .await?;
+    Ok(content.map(|c| text_of(&c)))
+}
+
+/// The visible text of content blocks.
+pub fn text_of(content: &Value) -> String {
+    content
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect::<String>()
+        })
+        .unwrap_or_default()
+}
+
+/// Checks that stored content is a non-empty array of blocks that each have
+/// a string `type`.
+///
+/// # Errors
+/// A description of the first problem.
+pub fn validate_content(content: &Value) -> Result<(), String> {
+    let blocks = content.as_array().ok_or("content is not an array")?;
+    if blocks.is_empty() {
+        return Err("content is empty".into());
+    }
+    for (i, b) in blocks.iter().enumerate() {
+        if b.get("type").and_then(Value::as_str).is_none() {
+            return Err(format!("block {i} has no type"));
+        }
+        if b.get("type").and_then(Value::as_str) == Some("text") && b.get("text").and_then(Value::as_str).is_none() {
+            return Err(format!("text block {i} has no text"));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the streaming request: system prompt, the chat's current
+/// conversation (rows that fail validation are skipped and logged with
+/// their id), then this job's user turn.
+///
+/// # Errors
+/// Database errors, or `Invalid` when the job's own user turn is invalid.
+pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, JobError> {
+    let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+        "SELECT id, role, content FROM messages WHERE chat_id = $1 AND conversation_epoch = $2 ORDER BY id",
+    )
+    .bind(job.chat_id)
+    .bind(job.conversation_epoch)
+    .fetch_all(&ctx.db)
+    .await?;
+    let mut messages = Vec::with_capacity(rows.len() + 1);
+    for (id, role, content) in rows {
+        match validate_content(&content) {
+            Ok(()) => messages.push(json!({ "role": role, "content": content })),
+            Err(e) => tracing::error!(message_row_id = id, error.message = %e, "skipping invalid stored message"),
+        }
+    }
+    validate_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
+    messages.push(json!({ "role": "user", "content": job.user_content }));
+    Ok(json!({
+        "model": ctx.settings.model,
+        "max_tokens": ctx.settings.max_tokens,
+        "system": ctx.settings.system_prompt,
+        "messages": messages,
+        "stream": true,
+    }))
+}
+
+/// Appends the assistant's partial turn so the next call continues it.
+pub fn append_assistant(request: &mut Value, blocks: Vec<Value>) {
+    if blocks.is_empty() {
+        return;
+    }
+    if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
+        messages.push(json!({ "role": "assistant", "content": blocks }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_content_is_rejected_with_a_reason() {
+        assert!(validate_content(&json!("text")).is_err());
+        assert!(validate_content(&json!([])).is_err());
+        assert!(validate_content(&json!([{"text": "no type"}])).is_err());
+        assert!(validate_content(&json!([{"type": "text"}])).is_err());
+        assert!(validate_content(&json!([{"type": "text", "text": "ok"}])).is_ok());
+    }
+}

@@ -1,0 +1,143 @@
+//! `stream_reply`: one Messages API call, streamed, under the job's
+//! cancellation token, an overall deadline and an idle timeout (P5, P6).
+//! Cancellation is raced against every await, so `/stop` or a lost lease
+//! takes effect inside an event, not only between events.
+
+use crate::context::WorkerContext;
+use crate::progress::Progress;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use serde_json::Value;
+use shared::anthropic::state::Applied;
+use shared::anthropic::{ApiError, MessageState};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How one call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEnd {
+    /// `message_stop` arrived.
+    Complete,
+    /// The job was cancelled (`/stop`, lost lease, shutdown).
+    Cancelled,
+    /// No event at all for the idle timeout.
+    IdleTimeout,
+    /// The overall stream deadline passed.
+    Deadline,
+    /// An HTTP error (after retries), a transport error, or an `error` event.
+    Failed(String),
+}
+
+/// One Messages API call and its result.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    /// 1-based number of the call in the job.
+    pub seq: i32,
+    /// Everything the stream said.
+    pub state: MessageState,
+    /// Anthropic's `request-id`.
+    pub request_id: Option<String>,
+    /// How it ended.
+    pub end: CallEnd,
+    /// The request that was sent (for counting tokens of a cut-short answer).
+    pub request: Value,
+}
+
+const MAX_HTTP_ATTEMPTS: usize = 3;
+
+/// Streams one call. `shown_before` is the text of earlier calls of the job
+/// (continuations), so progress shows the whole answer.
+pub async fn stream_reply(
+    ctx: &WorkerContext,
+    request: &Value,
+    seq: i32,
+    cancel: &CancellationToken,
+    progress: &Progress,
+    shown_before: &str,
+) -> CallRecord {
+    let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
+    let idle = Duration::from_secs(ctx.settings.idle_timeout_s);
+    let mut record = CallRecord { seq, state: MessageState::default(), request_id: None, end: CallEnd::Complete, request: request.clone() };
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(20))
+        .with_jitter()
+        .with_max_times(MAX_HTTP_ATTEMPTS - 1)
+        .build();
+    let mut stream = loop {
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
+            _ = tokio::time::sleep_until(deadline) => { record.end = CallEnd::Deadline; return record; }
+            r = ctx.anthropic.stream(request) => r,
+        };
+        match opened {
+            Ok(s) => break s,
+            Err(e) if e.is_retryable() => {
+                let Some(mut wait) = backoff.next() else {
+                    record.end = CallEnd::Failed(e.to_string());
+                    return record;
+                };
+                if let ApiError::Http { retry_after_s: Some(s), .. } = &e {
+                    wait = wait.max(Duration::from_secs(*s));
+                }
+                tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API call failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => {
+                record.end = CallEnd::Failed(e.to_string());
+                return record;
+            }
+        }
+    };
+    record.request_id = stream.request_id.clone();
+    if let Some(id) = &stream.request_id {
+        tracing::Span::current().record("anthropic_request_id", id.as_str());
+    }
+    let mut warned_unknown = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; break; }
+            _ = tokio::time::sleep_until(deadline) => { record.end = CallEnd::Deadline; break; }
+            n = tokio::time::timeout(idle, stream.events.next()) => n,
+        };
+        match next {
+            Err(_) => {
+                record.end = CallEnd::IdleTimeout;
+                break;
+            }
+            Ok(None) => {
+                if !record.state.stopped {
+                    record.end = CallEnd::Failed("stream ended before message_stop".into());
+                }
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                record.end = CallEnd::Failed(e.to_string());
+                break;
+            }
+            Ok(Some(Ok(event))) => match record.state.apply(event) {
+                Applied::Text => progress.update(format!("{shown_before}{}", record.state.text())),
+                Applied::Quiet => {}
+                Applied::Unknown(what) => {
+                    if !warned_unknown {
+                        tracing::warn!(what, "unknown stream element tolerated");
+                        warned_unknown = true;
+                    }
+                }
+            },
+        }
+        if let Some(err) = &record.state.error {
+            record.end = CallEnd::Failed(format!("{}: {}", err.kind, err.message));
+            break;
+        }
+        if record.state.stopped {
+            break;
+        }
+    }
+    record
+}

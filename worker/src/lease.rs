@@ -1,0 +1,150 @@
+//! Leases on jobs (DESIGN §5): a claim sets the owner, an expiry (now +
+//! visibility timeout) and a new, larger `lease_epoch`; every later write of
+//! the job matches `(job_id, status 'running', lease_epoch)` — zero rows
+//! means a newer holder exists and this worker must stop (fencing).
+
+use crate::intake::JobRef;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A held lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The job.
+    pub job_id: Uuid,
+    /// Fencing token: larger than every earlier claim of the job.
+    pub epoch: i64,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+}
+
+/// Result of a claim.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The lease is ours.
+    Claimed(Lease),
+    /// Another job of the chat runs, or an older one waits: try later.
+    ChatBusy,
+    /// The job is finished or held by a live lease elsewhere: nothing to do.
+    NotClaimable,
+    /// The job used up its attempts and was marked failed now.
+    AttemptsExhausted,
+}
+
+/// Claims `job` for `owner` if it is queued (or its lease expired), no other
+/// job of the chat runs and no older job of the chat waits.
+///
+/// # Errors
+/// Database errors (a unique violation of the one-running-job index is `ChatBusy`).
+pub async fn claim(db: &PgPool, job: &JobRef, owner: &str, visibility: Duration, max_attempts: i32) -> Result<Claim, sqlx::Error> {
+    let exhausted = sqlx::query(
+        "UPDATE jobs SET status = 'failed', outcome = 'attempts_exhausted', lease_owner = NULL,
+                lease_expires_at = NULL, finished_at = now()
+          WHERE job_id = $1 AND attempts >= $2
+            AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
+    )
+    .bind(job.job_id)
+    .bind(max_attempts)
+    .execute(db)
+    .await?;
+    if exhausted.rows_affected() == 1 {
+        return Ok(Claim::AttemptsExhausted);
+    }
+    let claimed: Result<Option<(i64, i32)>, sqlx::Error> = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', lease_owner = $2, lease_epoch = lease_epoch + 1,
+                lease_expires_at = now() + make_interval(secs => $3), attempts = attempts + 1,
+                started_at = COALESCE(started_at, now())
+          WHERE job_id = $1
+            AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+            AND NOT EXISTS (
+                SELECT 1 FROM jobs o
+                 WHERE o.chat_id = jobs.chat_id AND o.job_id <> jobs.job_id
+                   AND ((o.status = 'running' AND o.lease_expires_at >= now())
+                        OR (o.status = 'queued' AND o.update_id < jobs.update_id)))
+          RETURNING lease_epoch, attempts",
+    )
+    .bind(job.job_id)
+    .bind(owner)
+    .bind(visibility.as_secs_f64())
+    .fetch_optional(db)
+    .await;
+    match claimed {
+        Ok(Some((epoch, attempts))) => Ok(Claim::Claimed(Lease { job_id: job.job_id, epoch, attempts })),
+        Ok(None) => {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT status = 'queued' OR (status = 'running' AND lease_expires_at < now()) FROM jobs WHERE job_id = $1",
+            )
+            .bind(job.job_id)
+            .fetch_optional(db)
+            .await?
+            .unwrap_or(false);
+            Ok(if waiting { Claim::ChatBusy } else { Claim::NotClaimable })
+        }
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Claim::ChatBusy),
+        Err(e) => Err(e),
+    }
+}
+
+/// Extends the lease. `Ok(false)`: the lease is lost (a newer epoch exists,
+/// or the job left `running`).
+///
+/// # Errors
+/// Database errors.
+pub async fn heartbeat(db: &PgPool, lease: &Lease, visibility: Duration) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+    )
+    .bind(lease.job_id)
+    .bind(lease.epoch)
+    .bind(visibility.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Heartbeats every third of `visibility` until `stop` is cancelled;
+/// cancels `lost` the moment the lease is found lost.
+pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: CancellationToken, lost: CancellationToken) {
+    let period = visibility / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match heartbeat(&db, &lease, visibility).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(job_id = %lease.job_id, epoch = lease.epoch, "lease lost; stopping the job");
+                lost.cancel();
+                return;
+            }
+            // The database is unreachable: keep trying until the lease would
+            // have expired anyway; the expiry is the backstop.
+            Err(e) => tracing::warn!(error.message = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Ends the job: terminal `status` and `outcome`, lease cleared. Fenced:
+/// `Ok(false)` means the lease was lost and nothing was written.
+///
+/// # Errors
+/// Database errors.
+pub async fn finish(db: &PgPool, lease: &Lease, status: &str, outcome: &str, error: Option<&str>) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET status = $3, outcome = $4, last_error = $5, lease_owner = NULL,
+                lease_expires_at = NULL, finished_at = now()
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+    )
+    .bind(lease.job_id)
+    .bind(lease.epoch)
+    .bind(status)
+    .bind(outcome)
+    .bind(error)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}

@@ -1,0 +1,33 @@
+//! The worker: turns Telegram updates into jobs, runs each job under a
+//! per-chat lease (stream Claude, show progress, deliver the answer, record
+//! usage and billing events in one transaction), and relays the billing
+//! outbox to the broker.
+//!
+//! # Layout
+//! - [`config`]: settings (`--help`).
+//! - [`context`]: [`WorkerContext`], everything a step needs.
+//! - [`consumer`]: the `updates` consumer; maps each outcome to ack / delay / dead-letter.
+//! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
+//! - [`lease`]: claim, heartbeat and fenced writes of a running job.
+//! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
+//! - [`commands`]: `/start`, `/help`, `/new`, `/balance`.
+//! - [`delivery`]: sending text to Telegram (split, 429s obeyed, 403 handled).
+//! - [`progress`]: drafts or an edited message while the answer streams.
+//! - [`outbox`]: the billing outbox relay.
+//! - [`startup`]: building and running the app.
+
+pub mod commands;
+pub mod config;
+pub mod consumer;
+pub mod context;
+pub mod delivery;
+pub mod intake;
+pub mod job;
+pub mod lease;
+pub mod outbox;
+pub mod progress;
+pub mod startup;
+
+pub use config::Settings;
+pub use context::WorkerContext;
+pub use startup::App;

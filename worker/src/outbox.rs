@@ -1,0 +1,86 @@
+//! The billing outbox relay: publishes events written by `finalize` to the
+//! `billing` exchange with confirms, then marks them published. Rows are
+//! taken with `FOR UPDATE SKIP LOCKED`, so every worker can run a relay;
+//! an event published but not yet marked (crash in between) is published
+//! again, which the ledger's unique event id makes harmless.
+
+use crate::context::WorkerContext;
+use serde_json::Value;
+use shared::amqp::{Outgoing, BILLING_ROUTING_KEY};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Events relayed per transaction.
+const BATCH: i64 = 100;
+
+/// Relays one batch; returns how many events were published.
+///
+/// # Errors
+/// Database errors; a publish failure ends the batch early (the rest stays
+/// unpublished and is retried).
+pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
+        "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
+          ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    let exchange = ctx.topology.billing_exchange();
+    let mut published = Vec::with_capacity(rows.len());
+    for (event_id, payload) in &rows {
+        let body = payload.to_string();
+        let id = event_id.to_string();
+        let sent = ctx
+            .publisher
+            .publish(Outgoing {
+                exchange: &exchange,
+                routing_key: BILLING_ROUTING_KEY,
+                body: body.as_bytes(),
+                message_id: Some(&id),
+                content_type: "application/json",
+                attempt: None,
+            })
+            .await;
+        match sent {
+            Ok(()) => published.push(*event_id),
+            Err(e) => {
+                tracing::warn!(event_id = %event_id, error.message = %e, "outbox publish failed; will retry");
+                break;
+            }
+        }
+    }
+    sqlx::query("UPDATE billing_outbox SET published_at = now() WHERE event_id = ANY($1)")
+        .bind(&published)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(published.len())
+}
+
+/// Runs the relay until `shutdown`: after every notify, and every second.
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
+    loop {
+        let more = match relay_batch(&ctx).await {
+            Ok(n) => n as i64 == BATCH,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "outbox relay failed");
+                false
+            }
+        };
+        if more {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                // Last pass so that finished jobs' events leave with us.
+                let _ = relay_batch(&ctx).await;
+                return;
+            }
+            _ = ctx.outbox_notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
