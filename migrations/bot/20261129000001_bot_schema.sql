@@ -46,6 +46,8 @@ CREATE TABLE jobs (
     lease_epoch       BIGINT NOT NULL DEFAULT 0,
     lease_expires_at  TIMESTAMPTZ,
     answer_stored_at  TIMESTAMPTZ,
+    -- Telegram message ids of the final answer (drill-down: update → job → messages).
+    reply_message_ids BIGINT[] NOT NULL DEFAULT '{}',
     outcome           TEXT,
     last_error        TEXT,
     created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),

@@ -4,6 +4,12 @@
 //! # Layout
 //! - [`fake_anthropic`]: `POST /v1/messages` replaying scripted SSE bodies.
 //! - [`fake_telegram`]: the Bot API methods the fleet calls, with faults.
+//! - [`scenario`]: the scenario file format.
+//! - [`fleet`]: starting the fleet as processes on fresh databases.
+//! - [`demo`]: playing scenarios and checking their expectations.
 
 pub mod fake_anthropic;
 pub mod fake_telegram;
+pub mod demo;
+pub mod fleet;
+pub mod scenario;

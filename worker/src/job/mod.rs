@@ -165,7 +165,14 @@ async fn ctx_lease_alive(ctx: &WorkerContext, lease: &Lease) -> bool {
 
 async fn deliver(ctx: &WorkerContext, job: &JobRow, text: &str, reuse: Option<i64>) -> Result<(), JobError> {
     match send_text(ctx, job.chat_id, text, reuse).await {
-        Ok(_) => Ok(()),
+        Ok(ids) => {
+            sqlx::query("UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1")
+                .bind(job.job_id)
+                .bind(&ids)
+                .execute(&ctx.db)
+                .await?;
+            Ok(())
+        }
         Err(DeliveryError::Blocked) => {
             sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1").bind(job.user_id).execute(&ctx.db).await?;
             Ok(())

@@ -1,0 +1,239 @@
+//! Starting the fleet as separate processes (ingress, worker, billing-worker)
+//! against a fresh pair of databases and a fresh broker prefix, for the demo
+//! and the chaos run. The fakes run in-process beside it.
+
+use anyhow::{bail, Context};
+use shared::amqp::Topology;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Where the services are.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// Admin URL of PostgreSQL (any database; used to create and drop ours).
+    pub postgres_url: String,
+    /// AMQP URL.
+    pub amqp_url: String,
+}
+
+/// Fresh databases for one run.
+pub struct Databases {
+    /// Bot database URL.
+    pub bot_url: String,
+    /// Billing database URL.
+    pub billing_url: String,
+    /// Pool on the bot database.
+    pub bot: PgPool,
+    /// Pool on the billing database.
+    pub billing: PgPool,
+    names: Vec<String>,
+    admin_url: String,
+}
+
+fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let mut parsed = reqwest::Url::parse(url).context("postgres URL")?;
+    parsed.set_path(&format!("/{db}"));
+    Ok(parsed.to_string())
+}
+
+impl Databases {
+    /// Creates `<stem>_bot` and `<stem>_billing` and migrates them.
+    ///
+    /// # Errors
+    /// Connection, creation or migration failures.
+    pub async fn create(services: &Services, stem: &str) -> anyhow::Result<Self> {
+        let mut admin = PgConnection::connect(&services.postgres_url).await.context("connecting to PostgreSQL")?;
+        let names = vec![format!("{stem}_bot"), format!("{stem}_billing")];
+        for n in &names {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut admin).await?;
+            sqlx::query(&format!("CREATE DATABASE \"{n}\"")).execute(&mut admin).await?;
+        }
+        let bot_url = with_database(&services.postgres_url, &names[0])?;
+        let billing_url = with_database(&services.postgres_url, &names[1])?;
+        let bot = shared::db::pool(&bot_url, 5, Duration::from_secs(5))?;
+        let billing = shared::db::pool(&billing_url, 5, Duration::from_secs(5))?;
+        shared::db::migrate_bot(&bot).await.context("migrating the bot database")?;
+        shared::db::migrate_billing(&billing).await.context("migrating the billing database")?;
+        Ok(Self { bot_url, billing_url, bot, billing, names, admin_url: services.postgres_url.clone() })
+    }
+
+    /// Closes the pools and drops the databases.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub async fn drop_all(self) -> anyhow::Result<()> {
+        self.bot.close().await;
+        self.billing.close().await;
+        let mut admin = PgConnection::connect(&self.admin_url).await?;
+        for n in &self.names {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut admin).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes every queue and exchange of `prefix`.
+///
+/// # Errors
+/// Broker failures.
+pub async fn delete_topology(amqp_url: &str, prefix: &str) -> anyhow::Result<()> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let topo = Topology::new(prefix);
+    let conn = shared::amqp::connect(amqp_url, "cleanup", Duration::from_secs(5)).await?;
+    let ch = conn.create_channel().await?;
+    for q in topo.all_queues() {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
+    }
+    for x in [topo.updates_exchange(), topo.billing_exchange(), topo.control_exchange()] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
+
+/// Everything the processes are configured with.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Folder of the `ingress`, `worker` and `billing-worker` binaries.
+    pub bin_dir: PathBuf,
+    /// Folder for process logs.
+    pub log_dir: PathBuf,
+    /// Services.
+    pub services: Services,
+    /// Broker prefix.
+    pub prefix: String,
+    /// Bot database URL.
+    pub bot_db_url: String,
+    /// Billing database URL.
+    pub billing_db_url: String,
+    /// Fake (or real) Bot API URL.
+    pub telegram_api_url: String,
+    /// Fake (or real) Messages API URL.
+    pub anthropic_base_url: String,
+    /// Price file.
+    pub prices_file: PathBuf,
+    /// Bot token.
+    pub bot_token: String,
+    /// Webhook secret.
+    pub webhook_secret: String,
+    /// Extra environment of the worker (scenario `[config]`).
+    pub worker_env: BTreeMap<String, String>,
+    /// Number of worker processes.
+    pub workers: usize,
+}
+
+/// A running fleet; processes are killed when it is dropped.
+pub struct Fleet {
+    /// Port of the ingress.
+    pub ingress_port: u16,
+    children: Vec<(String, Child)>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Fleet {
+    /// Starts ingress, workers and a billing-worker, and waits until the
+    /// ingress is ready (broker reachable, topology declared).
+    ///
+    /// # Errors
+    /// A process that does not start or an ingress that never gets ready.
+    pub async fn start(cfg: &FleetConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.log_dir)?;
+        let ingress_port = free_port()?;
+        let common = |c: &mut Command| {
+            c.env("AMQP_URL", &cfg.services.amqp_url)
+                .env("AMQP_PREFIX", &cfg.prefix)
+                .env("LOG_FORMAT", "json")
+                .env("RUST_LOG", "info,sqlx=warn,lapin=warn");
+        };
+        let mut children = Vec::new();
+        let mut ingress = Command::new(cfg.bin_dir.join("ingress"));
+        common(&mut ingress);
+        ingress
+            .env("INGRESS_BIND", format!("127.0.0.1:{ingress_port}"))
+            .env("TELEGRAM_WEBHOOK_SECRET", &cfg.webhook_secret);
+        children.push(("ingress".to_owned(), spawn(&mut ingress, &cfg.log_dir.join("ingress.log"))?));
+        for i in 0..cfg.workers {
+            let mut w = Command::new(cfg.bin_dir.join("worker"));
+            common(&mut w);
+            w.env("DATABASE_URL", &cfg.bot_db_url)
+                .env("BILLING_DATABASE_URL", &cfg.billing_db_url)
+                .env("TELEGRAM_BOT_TOKEN", &cfg.bot_token)
+                .env("TELEGRAM_API_URL", &cfg.telegram_api_url)
+                .env("ANTHROPIC_API_KEY", "demo-key")
+                .env("ANTHROPIC_BASE_URL", &cfg.anthropic_base_url)
+                .env("PRICES_FILE", &cfg.prices_file)
+                .env("WORKER_ID", format!("worker-{i}"));
+            for (k, v) in &cfg.worker_env {
+                w.env(k, v);
+            }
+            children.push((format!("worker-{i}"), spawn(&mut w, &cfg.log_dir.join(format!("worker-{i}.log")))?));
+        }
+        let mut b = Command::new(cfg.bin_dir.join("billing-worker"));
+        common(&mut b);
+        b.env("BILLING_DATABASE_URL", &cfg.billing_db_url);
+        children.push(("billing-worker".to_owned(), spawn(&mut b, &cfg.log_dir.join("billing-worker.log"))?));
+        let fleet = Self { ingress_port, children };
+        fleet.wait_ready().await?;
+        Ok(fleet)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{}/readyz", self.ingress_port);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("ingress not ready after 20 s (see its log)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The webhook URL.
+    pub fn webhook_url(&self) -> String {
+        format!("http://127.0.0.1:{}/telegram/webhook", self.ingress_port)
+    }
+
+    /// Sends SIGTERM to every process and waits up to 10 s each, then kills.
+    pub async fn stop(mut self) {
+        for (_, child) in &mut self.children {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            }
+        }
+        for (name, child) in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                tracing::warn!(process = %name, "did not stop in 10 s; killing");
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// Names of processes that exited already (crashed).
+    pub fn exited(&mut self) -> Vec<String> {
+        self.children
+            .iter_mut()
+            .filter_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
+            .collect()
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::File::create(log)?;
+    let err = file.try_clone()?;
+    cmd.stdin(Stdio::null()).stdout(file).stderr(err).kill_on_drop(true);
+    cmd.spawn().with_context(|| format!("starting {:?}", cmd.as_std().get_program()))
+}
