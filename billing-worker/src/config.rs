@@ -4,13 +4,21 @@ use shared::config::{BrokerArgs, LogArgs};
 
 /// Everything the billing-worker needs.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "billing-worker", about = "Applies billing events to the double-entry ledger exactly once.")]
+#[command(
+    name = "billing-worker",
+    about = "Applies billing events to the double-entry ledger exactly once."
+)]
 pub struct Settings {
     /// What to do (default: consume billing events).
     #[command(subcommand)]
     pub command: Option<Command>,
     /// PostgreSQL URL of the billing database.
-    #[arg(long, env = "BILLING_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/fleet", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BILLING_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/fleet",
+        hide_env_values = true
+    )]
     pub billing_database_url: String,
     /// Largest number of pooled connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]

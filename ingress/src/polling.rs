@@ -83,7 +83,9 @@ pub async fn forward_batch(
                 max_id = max_id.max(Some(info.update_id));
             }
             // Telegram never sends these; keep a trace rather than crash.
-            Err(e) => tracing::error!(error.message = %e, bytes = bytes.len(), "getUpdates returned a body without update_id"),
+            Err(e) => {
+                tracing::error!(error.message = %e, bytes = bytes.len(), "getUpdates returned a body without update_id")
+            }
         }
     }
     Ok(max_id.map(|m| m + 1))

@@ -46,6 +46,10 @@ CREATE TABLE jobs (
     lease_epoch       BIGINT NOT NULL DEFAULT 0,
     lease_expires_at  TIMESTAMPTZ,
     answer_stored_at  TIMESTAMPTZ,
+    -- /stop was requested for this job (the holder also checks at each heartbeat).
+    cancel_requested_at TIMESTAMPTZ,
+    -- Last time a reaper republished this job.
+    reaped_at         TIMESTAMPTZ,
     -- Telegram message ids of the final answer (drill-down: update → job → messages).
     reply_message_ids BIGINT[] NOT NULL DEFAULT '{}',
     outcome           TEXT,

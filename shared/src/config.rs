@@ -7,7 +7,12 @@ use crate::telemetry::LogFormat;
 #[derive(Clone, Debug, clap::Args)]
 pub struct BrokerArgs {
     /// AMQP URL of RabbitMQ (may contain a password; never logged).
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name (isolates tests and demo runs).
     #[arg(long, env = "AMQP_PREFIX", default_value = "")]
@@ -26,7 +31,12 @@ pub struct LogArgs {
 #[derive(Clone, Debug, clap::Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL of the bot database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/fleet", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/fleet",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// PostgreSQL URL of the billing database (defaults to DATABASE_URL).
     #[arg(long, env = "BILLING_DATABASE_URL", hide_env_values = true)]
@@ -39,6 +49,8 @@ pub struct DatabaseArgs {
 impl DatabaseArgs {
     /// The billing database URL, falling back to the bot database.
     pub fn billing_url(&self) -> &str {
-        self.billing_database_url.as_deref().unwrap_or(&self.database_url)
+        self.billing_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
     }
 }

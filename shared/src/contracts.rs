@@ -20,12 +20,18 @@ pub fn usage_event_id(job_id: Uuid, seq: i32) -> Uuid {
 
 /// The event id of the charge of tool call `tool_use_id` of `job_id`.
 pub fn tool_event_id(job_id: Uuid, tool_use_id: &str) -> Uuid {
-    Uuid::new_v5(&EVENT_NAMESPACE, format!("tool:{job_id}:{tool_use_id}").as_bytes())
+    Uuid::new_v5(
+        &EVENT_NAMESPACE,
+        format!("tool:{job_id}:{tool_use_id}").as_bytes(),
+    )
 }
 
 /// The event id of a grant made with an idempotency key.
 pub fn grant_event_id(idempotency_key: &str) -> Uuid {
-    Uuid::new_v5(&EVENT_NAMESPACE, format!("grant:{idempotency_key}").as_bytes())
+    Uuid::new_v5(
+        &EVENT_NAMESPACE,
+        format!("grant:{idempotency_key}").as_bytes(),
+    )
 }
 
 /// A billing event, published by the outbox relay, applied once by the
@@ -115,6 +121,20 @@ pub struct ToolCharge {
     pub user_charge: Usd,
     /// When the tool ran.
     pub occurred_at: DateTime<Utc>,
+}
+
+/// A cross-host signal on the `control` fanout exchange.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ControlMessage {
+    /// Cancel the generation running in this chat, wherever it runs.
+    #[serde(rename = "stop.v1")]
+    Stop {
+        /// The chat whose generation stops.
+        chat_id: i64,
+        /// The `/stop` update.
+        update_id: i64,
+    },
 }
 
 #[cfg(test)]

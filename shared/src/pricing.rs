@@ -142,13 +142,25 @@ impl PriceTable {
             return Err(PricingError::Invalid("markup is negative".into()));
         }
         for m in &table.models {
-            let rates = [m.input, m.output, m.cache_write_5m, m.cache_write_1h, m.cache_read, m.web_search_per_1k];
+            let rates = [
+                m.input,
+                m.output,
+                m.cache_write_5m,
+                m.cache_write_1h,
+                m.cache_read,
+                m.web_search_per_1k,
+            ];
             if rates.iter().any(|r| r.is_sign_negative()) {
-                return Err(PricingError::Invalid(format!("negative rate for {}", m.model_prefix)));
+                return Err(PricingError::Invalid(format!(
+                    "negative rate for {}",
+                    m.model_prefix
+                )));
             }
         }
         if let Some((name, _)) = table.tools.iter().find(|(_, p)| p.is_sign_negative()) {
-            return Err(PricingError::Invalid(format!("negative price for tool {name}")));
+            return Err(PricingError::Invalid(format!(
+                "negative price for tool {name}"
+            )));
         }
         Ok(table)
     }
@@ -167,11 +179,18 @@ impl PriceTable {
     ///
     /// # Errors
     /// [`PricingError::UnknownModel`] when no row matches.
-    pub fn price_call(&self, model: &str, on: NaiveDate, t: &TokenCounts) -> Result<Priced, PricingError> {
-        let row = self.row_for(model, on).ok_or_else(|| PricingError::UnknownModel {
-            model: model.to_owned(),
-            on,
-        })?;
+    pub fn price_call(
+        &self,
+        model: &str,
+        on: NaiveDate,
+        t: &TokenCounts,
+    ) -> Result<Priced, PricingError> {
+        let row = self
+            .row_for(model, on)
+            .ok_or_else(|| PricingError::UnknownModel {
+                model: model.to_owned(),
+                on,
+            })?;
         let tokens = Decimal::from(t.input) * row.input
             + Decimal::from(t.output) * row.output
             + Decimal::from(t.cache_write_5m) * row.cache_write_5m
@@ -198,7 +217,10 @@ mod tests {
     use super::*;
 
     fn fixture_table() -> PriceTable {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/prices.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures/prices.toml"
+        );
         PriceTable::load(Path::new(path)).unwrap()
     }
 
@@ -209,16 +231,28 @@ mod tests {
     #[test]
     fn one_hour_cache_write_is_priced_at_twice_input() {
         // cache_write_1h.sse: 35 input, 2100 1-hour writes, 80 output.
-        let t = TokenCounts { input: 35, cache_write_1h: 2100, output: 80, ..Default::default() };
-        let p = fixture_table().price_call("claude-sonnet-4-5-20250929", day(), &t).unwrap();
+        let t = TokenCounts {
+            input: 35,
+            cache_write_1h: 2100,
+            output: 80,
+            ..Default::default()
+        };
+        let p = fixture_table()
+            .price_call("claude-sonnet-4-5-20250929", day(), &t)
+            .unwrap();
         assert_eq!(p.provider_cost.to_string(), "0.013905");
         assert_eq!(p.user_charge.to_string(), "0.0208575");
     }
 
     #[test]
     fn web_searches_are_ten_dollars_per_thousand() {
-        let t = TokenCounts { web_search_requests: 1, ..Default::default() };
-        let p = fixture_table().price_call("claude-haiku-4-5", day(), &t).unwrap();
+        let t = TokenCounts {
+            web_search_requests: 1,
+            ..Default::default()
+        };
+        let p = fixture_table()
+            .price_call("claude-haiku-4-5", day(), &t)
+            .unwrap();
         assert_eq!(p.provider_cost.to_string(), "0.01");
     }
 
@@ -235,11 +269,18 @@ mod tests {
         newer.effective_from = NaiveDate::from_ymd_opt(2027, 1, 1).unwrap();
         newer.input = Decimal::from(100);
         t.models.push(newer);
-        let counts = TokenCounts { input: 1_000_000, ..Default::default() };
+        let counts = TokenCounts {
+            input: 1_000_000,
+            ..Default::default()
+        };
         let now = t.price_call("claude-sonnet-4-5", day(), &counts).unwrap();
         assert_eq!(now.provider_cost.to_string(), "3");
         let later = t
-            .price_call("claude-sonnet-4-5", NaiveDate::from_ymd_opt(2027, 2, 1).unwrap(), &counts)
+            .price_call(
+                "claude-sonnet-4-5",
+                NaiveDate::from_ymd_opt(2027, 2, 1).unwrap(),
+                &counts,
+            )
             .unwrap();
         assert_eq!(later.provider_cost.to_string(), "100");
     }
@@ -247,6 +288,9 @@ mod tests {
     #[test]
     fn a_negative_markup_is_rejected() {
         let text = "currency = \"USD\"\nmarkup = \"-1\"\nmodels = []\n";
-        assert!(matches!(PriceTable::parse(text), Err(PricingError::Invalid(_))));
+        assert!(matches!(
+            PriceTable::parse(text),
+            Err(PricingError::Invalid(_))
+        ));
     }
 }

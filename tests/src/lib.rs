@@ -8,8 +8,8 @@
 //! - [`fleet`]: starting the fleet as processes on fresh databases.
 //! - [`demo`]: playing scenarios and checking their expectations.
 
+pub mod demo;
 pub mod fake_anthropic;
 pub mod fake_telegram;
-pub mod demo;
 pub mod fleet;
 pub mod scenario;

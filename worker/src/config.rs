@@ -6,25 +6,46 @@ use std::path::PathBuf;
 
 /// Everything the worker needs.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "worker", about = "Runs Claude jobs for Telegram updates under per-chat leases; relays the billing outbox.")]
+#[command(
+    name = "worker",
+    about = "Runs Claude jobs for Telegram updates under per-chat leases; relays the billing outbox."
+)]
 pub struct Settings {
     /// `migrate` applies the bot and billing migrations and exits.
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Bot token.
-    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TELEGRAM_BOT_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub bot_token: Secret,
     /// Bot API base URL.
-    #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
+    #[arg(
+        long,
+        env = "TELEGRAM_API_URL",
+        default_value = "https://api.telegram.org"
+    )]
     pub telegram_api_url: String,
     /// The bot's @username (without @); read with getMe when empty.
     #[arg(long, env = "TELEGRAM_BOT_USERNAME", default_value = "")]
     pub bot_username: String,
     /// Anthropic API key.
-    #[arg(long, env = "ANTHROPIC_API_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ANTHROPIC_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub anthropic_api_key: Secret,
     /// Messages API base URL.
-    #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
     pub anthropic_base_url: String,
     /// Model id sent to the Messages API.
     #[arg(long, env = "ANTHROPIC_MODEL", default_value = "claude-sonnet-4-5")]
@@ -33,7 +54,11 @@ pub struct Settings {
     #[arg(long, env = "ANTHROPIC_MAX_TOKENS", default_value_t = 1024)]
     pub max_tokens: u32,
     /// System prompt.
-    #[arg(long, env = "SYSTEM_PROMPT", default_value = "You are a helpful assistant chatting on Telegram. Answer concisely.")]
+    #[arg(
+        long,
+        env = "SYSTEM_PROMPT",
+        default_value = "You are a helpful assistant chatting on Telegram. Answer concisely."
+    )]
     pub system_prompt: String,
     /// Price table (the format of fixtures/prices.toml).
     #[arg(long, env = "PRICES_FILE", default_value = "config/prices.toml")]
@@ -48,7 +73,7 @@ pub struct Settings {
     #[arg(long, env = "IDLE_TIMEOUT_S", default_value_t = 60)]
     pub idle_timeout_s: u64,
     /// Continuations after `max_tokens`.
-    #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 3)]
+    #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 2)]
     pub max_continuations: u32,
     /// Attempts of a job before it fails with a notice.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]

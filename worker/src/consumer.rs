@@ -5,6 +5,7 @@
 //! then on the job row holds the work (DESIGN §5.6).
 
 use crate::context::WorkerContext;
+use crate::control::{CancelReason, JobCancel};
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use crate::job::{self, JobOutcome};
 use crate::lease::{self, Claim};
@@ -33,12 +34,37 @@ pub enum Settle {
     Settled,
 }
 
+/// Publishes a minimal update (`{"update_id": N}`) for a job to `updates`:
+/// intake sees a known update_id and resumes its job (used at hand-back and
+/// by the reaper).
+///
+/// # Errors
+/// Broker errors.
+pub async fn republish_job(ctx: &WorkerContext, update_id: i64) -> Result<(), amqp::BrokerError> {
+    let body = serde_json::json!({ "update_id": update_id }).to_string();
+    let queue = ctx.topology.updates_queue();
+    ctx.publisher
+        .publish(Outgoing {
+            exchange: "",
+            routing_key: &queue,
+            body: body.as_bytes(),
+            message_id: None,
+            content_type: "application/json",
+            attempt: None,
+        })
+        .await
+}
+
+/// Grace period for running jobs at shutdown before they are handed back.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Consumes until `shutdown`, reconnecting with backoff when the broker goes away.
 ///
 /// Shutdown phases:
 /// 1. stop taking deliveries (unacked ones return to the queue when the channel closes);
-/// 2. wait up to 30 s for running jobs to finish;
-/// 3. abort what is left (their leases expire and other workers take over).
+/// 2. wait up to [`SHUTDOWN_GRACE`] for running jobs to finish;
+/// 3. cancel the rest with `Shutdown`: each hands its lease back and republishes its job;
+/// 4. wait for those hand-backs (10 s), then abort what is left (leases expire).
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     let permits = Arc::new(Semaphore::new(usize::from(ctx.settings.prefetch)));
@@ -56,9 +82,19 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
             }
         }
     }
-    let drained = tokio::time::timeout(Duration::from_secs(30), async { while tasks.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        tasks.abort_all();
+        ctx.running.cancel_all(CancelReason::Shutdown);
+        let handed = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if handed.is_err() {
+            tasks.abort_all();
+        }
     }
 }
 
@@ -68,11 +104,21 @@ async fn consume(
     permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker", Duration::from_secs(5)).await?;
+    let conn = amqp::connect(
+        &ctx.settings.broker.amqp_url,
+        "worker",
+        Duration::from_secs(5),
+    )
+    .await?;
     let ch = amqp::consumer_channel(&conn, ctx.settings.prefetch).await?;
     ctx.topology.declare(&ch).await?;
     let mut consumer = ch
-        .basic_consume(ctx.topology.updates_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            ctx.topology.updates_queue().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tracing::info!(queue = %ctx.topology.updates_queue(), "consuming updates");
     loop {
@@ -102,9 +148,15 @@ async fn consume(
 
 /// Handles one delivery end to end.
 pub async fn handle(ctx: &WorkerContext, delivery: Delivery, shutdown: CancellationToken) {
-    let span = tracing::info_span!("update", update_id = tracing::field::Empty, chat_id = tracing::field::Empty,
-        user_id = tracing::field::Empty, job_id = tracing::field::Empty, lease_epoch = tracing::field::Empty,
-        anthropic_request_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "update",
+        update_id = tracing::field::Empty,
+        chat_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+        job_id = tracing::field::Empty,
+        lease_epoch = tracing::field::Empty,
+        anthropic_request_id = tracing::field::Empty
+    );
     async move {
         let decision = decide(ctx, &delivery, &shutdown).await;
         settle(ctx, &delivery, decision).await;
@@ -124,6 +176,29 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
             return Settle::Ack;
         }
         Ok(IntakeOutcome::Job(job)) => job,
+        Ok(IntakeOutcome::Stop {
+            chat_id,
+            update_id,
+            running,
+        }) => {
+            tracing::Span::current().record("chat_id", chat_id);
+            // Never waits behind the lease: the holder is told over `control`.
+            let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
+            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id).await {
+                tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
+                return Settle::Delay;
+            }
+            if !running && !here {
+                let _ = crate::delivery::send_text(
+                    ctx,
+                    chat_id,
+                    "Nothing is being generated right now.",
+                    None,
+                )
+                .await;
+            }
+            return Settle::Ack;
+        }
         Err(IntakeError::Poison(e)) => {
             tracing::error!(error.message = %e, "poison update");
             return Settle::DeadLetter;
@@ -139,7 +214,15 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     span.record("user_id", job.user_id);
     span.record("job_id", tracing::field::display(job.job_id));
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
-    match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
+    match lease::claim(
+        &ctx.db,
+        &job,
+        &ctx.worker_id,
+        visibility,
+        ctx.settings.max_attempts,
+    )
+    .await
+    {
         Ok(Claim::Claimed(l)) => {
             span.record("lease_epoch", l.epoch);
             // The job row holds the work from now on.
@@ -150,7 +233,13 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
         Ok(Claim::ChatBusy) => Settle::Delay,
         Ok(Claim::NotClaimable) => Settle::Ack,
         Ok(Claim::AttemptsExhausted) => {
-            let _ = crate::delivery::send_text(ctx, job.chat_id, "Sorry, I could not answer this message after several attempts.", None).await;
+            let _ = crate::delivery::send_text(
+                ctx,
+                job.chat_id,
+                "Sorry, I could not answer this message after several attempts.",
+                None,
+            )
+            .await;
             Settle::Ack
         }
         Err(e) => {
@@ -160,26 +249,55 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     }
 }
 
-async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdown: &CancellationToken) {
+async fn run_claimed(
+    ctx: &WorkerContext,
+    job: &JobRef,
+    l: lease::Lease,
+    _shutdown: &CancellationToken,
+) {
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
-    let cancel = CancellationToken::new();
+    let cancel = JobCancel::default();
+    let _registration = ctx
+        .running
+        .register(job.chat_id, job.job_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
-    let heartbeat = tokio::spawn(lease::keep_alive(ctx.db.clone(), l, visibility, stop_heartbeat.clone(), cancel.clone()));
+    let heartbeat = tokio::spawn(lease::keep_alive(
+        ctx.db.clone(),
+        l,
+        visibility,
+        stop_heartbeat.clone(),
+        cancel.clone(),
+    ));
     let task_ctx = ctx.clone();
     let task_cancel = cancel.clone();
     let span = tracing::Span::current();
-    let outcome = tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span)).await;
+    let outcome =
+        tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span))
+            .await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     match outcome {
         Ok(JobOutcome::Done(label)) => tracing::info!(outcome = label, "job done"),
         Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
         Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
+        Ok(JobOutcome::HandedBack) => {
+            // Make it visible again at once for another worker.
+            if let Err(e) = republish_job(ctx, job.update_id).await {
+                tracing::warn!(error.message = %e, "hand-back republish failed; the reaper will find the job");
+            }
+            tracing::info!("job handed back at shutdown");
+        }
         Err(join) => {
             // A panic inside the job: release the lease and tell the user (P3).
             tracing::error!(error.message = %join, "job panicked");
             let _ = lease::finish(&ctx.db, &l, "failed", "panic", Some("the job panicked")).await;
-            let _ = crate::delivery::send_text(ctx, job.chat_id, "Sorry, something went wrong while answering. Please try again.", None).await;
+            let _ = crate::delivery::send_text(
+                ctx,
+                job.chat_id,
+                "Sorry, something went wrong while answering. Please try again.",
+                None,
+            )
+            .await;
         }
     }
 }
@@ -190,13 +308,25 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
 pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) {
     let result = match decision {
         Settle::Settled => Ok(()),
-        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
-        Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()),
+        Settle::Ack => delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ()),
+        Settle::DeadLetter => delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ()),
         Settle::Delay => {
             let attempt = attempt_of(&delivery.properties) + 1;
             let delays = &ctx.topology.update_retry_delays_ms;
-            let idx = usize::try_from(attempt - 1).unwrap_or(0).min(delays.len().saturating_sub(1));
-            let queue = ctx.topology.updates_retry_queue(delays.get(idx).copied().unwrap_or(1_000));
+            let idx = usize::try_from(attempt - 1)
+                .unwrap_or(0)
+                .min(delays.len().saturating_sub(1));
+            let queue = ctx
+                .topology
+                .updates_retry_queue(delays.get(idx).copied().unwrap_or(1_000));
             let published = ctx
                 .publisher
                 .publish(Outgoing {
@@ -209,10 +339,21 @@ pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) 
                 })
                 .await;
             match published {
-                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
+                Ok(()) => delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| ()),
                 Err(e) => {
                     tracing::warn!(error.message = %e, "delay publish failed; requeueing");
-                    delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map(|_| ())
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
                 }
             }
         }

@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub worker_id: Arc<str>,
     /// Wakes the outbox relay after a commit that wrote events.
     pub outbox_notify: Arc<Notify>,
+    /// Jobs running in this process, by chat (for `/stop`).
+    pub running: crate::control::RunningJobs,
     /// The bot's @username, from settings or getMe (read when first needed).
     bot_username: Arc<OnceCell<String>>,
 }
@@ -66,6 +68,7 @@ impl WorkerContext {
             topology,
             worker_id: worker_id.into(),
             outbox_notify: Arc::new(Notify::new()),
+            running: crate::control::RunningJobs::default(),
             bot_username: username,
         }
     }

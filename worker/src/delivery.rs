@@ -26,18 +26,40 @@ const MAX_TRIES: usize = 6;
 ///
 /// # Errors
 /// [`DeliveryError`].
-pub async fn send_text(ctx: &WorkerContext, chat_id: i64, text: &str, reuse: Option<i64>) -> Result<Vec<i64>, DeliveryError> {
+pub async fn send_text(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    text: &str,
+    reuse: Option<i64>,
+) -> Result<Vec<i64>, DeliveryError> {
     let interval = Duration::from_millis(ctx.settings.chat_send_interval_ms);
     let mut ids = Vec::new();
-    for (i, part) in split_message(text, MAX_MESSAGE_UTF16).into_iter().enumerate() {
+    for (i, part) in split_message(text, MAX_MESSAGE_UTF16)
+        .into_iter()
+        .enumerate()
+    {
         if i > 0 {
             tokio::time::sleep(interval).await;
         }
         let id = match (i, reuse) {
             (0, Some(message_id)) => {
-                with_retries(|| async { ctx.telegram.edit_message_text(chat_id, message_id, &part).await.map(|()| message_id) }).await?
+                with_retries(|| async {
+                    ctx.telegram
+                        .edit_message_text(chat_id, message_id, &part)
+                        .await
+                        .map(|()| message_id)
+                })
+                .await?
             }
-            _ => with_retries(|| async { ctx.telegram.send_message(chat_id, &part, None).await.map(|m| m.message_id) }).await?,
+            _ => {
+                with_retries(|| async {
+                    ctx.telegram
+                        .send_message(chat_id, &part, None)
+                        .await
+                        .map(|m| m.message_id)
+                })
+                .await?
+            }
         };
         ids.push(id);
     }
@@ -69,7 +91,11 @@ where
             Err(TelegramError::Forbidden(_)) => return Err(DeliveryError::Blocked),
             Err(TelegramError::RetryAfter(d)) => {
                 waited += d;
-                tracing::warn!(retry_after_s = d.as_secs(), waited_s = waited.as_secs(), "telegram flood control; waiting");
+                tracing::warn!(
+                    retry_after_s = d.as_secs(),
+                    waited_s = waited.as_secs(),
+                    "telegram flood control; waiting"
+                );
                 tokio::time::sleep(d).await;
             }
             Err(TelegramError::Transport(e)) => {

@@ -45,12 +45,26 @@ pub enum IntakeOutcome {
     Ignored(String),
     /// A job to claim (new, or left queued by an earlier delivery).
     Job(JobRef),
+    /// `/stop`: cancel the chat's generation wherever it runs.
+    Stop {
+        /// The chat.
+        chat_id: i64,
+        /// The `/stop` update.
+        update_id: i64,
+        /// A job of the chat was running when it arrived.
+        running: bool,
+    },
 }
 
 /// What an update asks of us, decided before the transaction.
 enum Plan {
     Ignore(String),
-    Job { msg: Message, kind: &'static str, content: Value },
+    Stop(i64),
+    Job {
+        msg: Message,
+        kind: &'static str,
+        content: Value,
+    },
     Membership(ChatMemberUpdated),
 }
 
@@ -78,16 +92,33 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             .and_then(|u| u.username.as_deref())
             .is_some_and(|u| u.eq_ignore_ascii_case(me));
         if !(msg.mentions(me) || replied_to_me) {
-            return Ok(Plan::Ignore("group message not addressed to the bot".into()));
+            return Ok(Plan::Ignore(
+                "group message not addressed to the bot".into(),
+            ));
         }
     }
     if let Some(command) = msg.command() {
+        if command == "stop" {
+            return Ok(Plan::Stop(msg.chat.id));
+        }
         if crate::commands::is_known(&command) {
-            return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
+            return Ok(Plan::Job {
+                msg,
+                kind: "command",
+                content: json!({ "command": command }),
+            });
         }
     }
-    let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
-    Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
+    let text = if msg.is_private() {
+        text
+    } else {
+        format!("{}: {text}", from.first_name)
+    };
+    Ok(Plan::Job {
+        msg,
+        kind: "chat",
+        content: json!([{ "type": "text", "text": text }]),
+    })
 }
 
 /// Takes one raw update in.
@@ -101,6 +132,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     let plan = plan(ctx, incoming).await?;
     let outcome_label = match &plan {
         Plan::Ignore(_) => "ignored",
+        Plan::Stop(_) => "stop",
         Plan::Membership(_) => "membership",
         Plan::Job { .. } => "job",
     };
@@ -117,6 +149,15 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     .fetch_one(&mut *tx)
     .await?;
     if !inserted {
+        if let Plan::Stop(chat_id) = plan {
+            // Stopping again is harmless; the first attempt may not have been broadcast.
+            tx.commit().await?;
+            return Ok(IntakeOutcome::Stop {
+                chat_id,
+                update_id,
+                running: true,
+            });
+        }
         // A redelivery: resume the job if nobody holds it, else drop.
         let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
             "SELECT job_id, chat_id, user_id FROM jobs WHERE update_id = $1
@@ -127,12 +168,28 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         .await?;
         tx.commit().await?;
         return Ok(match pending {
-            Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef { job_id, chat_id, user_id, update_id }),
+            Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef {
+                job_id,
+                chat_id,
+                user_id,
+                update_id,
+            }),
             None => IntakeOutcome::Duplicate,
         });
     }
     let outcome = match plan {
         Plan::Ignore(why) => IntakeOutcome::Ignored(why),
+        Plan::Stop(chat_id) => {
+            let marked = sqlx::query("UPDATE jobs SET cancel_requested_at = now() WHERE chat_id = $1 AND status = 'running'")
+                .bind(chat_id)
+                .execute(&mut *tx)
+                .await?;
+            IntakeOutcome::Stop {
+                chat_id,
+                update_id,
+                running: marked.rows_affected() > 0,
+            }
+        }
         Plan::Membership(m) => {
             let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
             upsert_user(&mut tx, &m.from).await?;
@@ -141,7 +198,10 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
                 .bind(blocked)
                 .execute(&mut *tx)
                 .await?;
-            IntakeOutcome::Ignored(format!("membership changed to {}", m.new_chat_member.status))
+            IntakeOutcome::Ignored(format!(
+                "membership changed to {}",
+                m.new_chat_member.status
+            ))
         }
         Plan::Job { msg, kind, content } => {
             let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
@@ -165,7 +225,12 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             .bind(msg.message_id)
             .execute(&mut *tx)
             .await?;
-            IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id: from.id, update_id })
+            IntakeOutcome::Job(JobRef {
+                job_id,
+                chat_id: msg.chat.id,
+                user_id: from.id,
+                update_id,
+            })
         }
     };
     tx.commit().await?;

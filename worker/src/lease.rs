@@ -3,6 +3,7 @@
 //! the job matches `(job_id, status 'running', lease_epoch)` — zero rows
 //! means a newer holder exists and this worker must stop (fencing).
 
+use crate::control::{CancelReason, JobCancel};
 use crate::intake::JobRef;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -38,7 +39,13 @@ pub enum Claim {
 ///
 /// # Errors
 /// Database errors (a unique violation of the one-running-job index is `ChatBusy`).
-pub async fn claim(db: &PgPool, job: &JobRef, owner: &str, visibility: Duration, max_attempts: i32) -> Result<Claim, sqlx::Error> {
+pub async fn claim(
+    db: &PgPool,
+    job: &JobRef,
+    owner: &str,
+    visibility: Duration,
+    max_attempts: i32,
+) -> Result<Claim, sqlx::Error> {
     let exhausted = sqlx::query(
         "UPDATE jobs SET status = 'failed', outcome = 'attempts_exhausted', lease_owner = NULL,
                 lease_expires_at = NULL, finished_at = now()
@@ -71,7 +78,11 @@ pub async fn claim(db: &PgPool, job: &JobRef, owner: &str, visibility: Duration,
     .fetch_optional(db)
     .await;
     match claimed {
-        Ok(Some((epoch, attempts))) => Ok(Claim::Claimed(Lease { job_id: job.job_id, epoch, attempts })),
+        Ok(Some((epoch, attempts))) => Ok(Claim::Claimed(Lease {
+            job_id: job.job_id,
+            epoch,
+            attempts,
+        })),
         Ok(None) => {
             let waiting: bool = sqlx::query_scalar(
                 "SELECT status = 'queued' OR (status = 'running' AND lease_expires_at < now()) FROM jobs WHERE job_id = $1",
@@ -80,45 +91,79 @@ pub async fn claim(db: &PgPool, job: &JobRef, owner: &str, visibility: Duration,
             .fetch_optional(db)
             .await?
             .unwrap_or(false);
-            Ok(if waiting { Claim::ChatBusy } else { Claim::NotClaimable })
+            Ok(if waiting {
+                Claim::ChatBusy
+            } else {
+                Claim::NotClaimable
+            })
         }
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Claim::ChatBusy),
         Err(e) => Err(e),
     }
 }
 
-/// Extends the lease. `Ok(false)`: the lease is lost (a newer epoch exists,
-/// or the job left `running`).
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Extended.
+    Held,
+    /// Extended, and `/stop` was requested for the job.
+    StopRequested,
+    /// Lost: a newer epoch exists, or the job left `running`.
+    Lost,
+}
+
+/// Extends the lease.
 ///
 /// # Errors
 /// Database errors.
-pub async fn heartbeat(db: &PgPool, lease: &Lease, visibility: Duration) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
+pub async fn heartbeat(
+    db: &PgPool,
+    lease: &Lease,
+    visibility: Duration,
+) -> Result<Beat, sqlx::Error> {
+    let r: Option<bool> = sqlx::query_scalar(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
-          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2
+          RETURNING cancel_requested_at IS NOT NULL",
     )
     .bind(lease.job_id)
     .bind(lease.epoch)
     .bind(visibility.as_secs_f64())
-    .execute(db)
+    .fetch_optional(db)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(match r {
+        None => Beat::Lost,
+        Some(true) => Beat::StopRequested,
+        Some(false) => Beat::Held,
+    })
 }
 
 /// Heartbeats every third of `visibility` until `stop` is cancelled;
-/// cancels `lost` the moment the lease is found lost.
-pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: CancellationToken, lost: CancellationToken) {
+/// cancels the job the moment the lease is found lost or a stop requested.
+pub async fn keep_alive(
+    db: PgPool,
+    lease: Lease,
+    visibility: Duration,
+    stop: CancellationToken,
+    job: JobCancel,
+) {
     let period = visibility / 3;
+    let mut first = true;
     loop {
+        // The first beat is immediate: a /stop that raced the claim is seen at once.
+        let wait = if first { Duration::ZERO } else { period };
+        first = false;
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         match heartbeat(&db, &lease, visibility).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Beat::Held) => {}
+            Ok(Beat::StopRequested) => job.cancel(CancelReason::Stop),
+            Ok(Beat::Lost) => {
                 tracing::warn!(job_id = %lease.job_id, epoch = lease.epoch, "lease lost; stopping the job");
-                lost.cancel();
+                job.cancel(CancelReason::LeaseLost);
                 return;
             }
             // The database is unreachable: keep trying until the lease would
@@ -133,7 +178,13 @@ pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: Ca
 ///
 /// # Errors
 /// Database errors.
-pub async fn finish(db: &PgPool, lease: &Lease, status: &str, outcome: &str, error: Option<&str>) -> Result<bool, sqlx::Error> {
+pub async fn finish(
+    db: &PgPool,
+    lease: &Lease,
+    status: &str,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE jobs SET status = $3, outcome = $4, last_error = $5, lease_owner = NULL,
                 lease_expires_at = NULL, finished_at = now()
@@ -144,6 +195,23 @@ pub async fn finish(db: &PgPool, lease: &Lease, status: &str, outcome: &str, err
     .bind(status)
     .bind(outcome)
     .bind(error)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Hands the job back: `queued` again with no owner, so the next worker
+/// that sees it claims it at once (graceful shutdown). Fenced.
+///
+/// # Errors
+/// Database errors.
+pub async fn hand_back(db: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+    )
+    .bind(lease.job_id)
+    .bind(lease.epoch)
     .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)

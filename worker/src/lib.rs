@@ -7,6 +7,7 @@
 //! - [`config`]: settings (`--help`).
 //! - [`context`]: [`WorkerContext`], everything a step needs.
 //! - [`consumer`]: the `updates` consumer; maps each outcome to ack / delay / dead-letter.
+//! - [`control`]: `/stop` across hosts (control fanout) and the registry of running jobs.
 //! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
 //! - [`lease`]: claim, heartbeat and fenced writes of a running job.
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
@@ -14,18 +15,21 @@
 //! - [`delivery`]: sending text to Telegram (split, 429s obeyed, 403 handled).
 //! - [`progress`]: drafts or an edited message while the answer streams.
 //! - [`outbox`]: the billing outbox relay.
+//! - [`reaper`]: republishes jobs whose lease expired.
 //! - [`startup`]: building and running the app.
 
 pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod context;
+pub mod control;
 pub mod delivery;
 pub mod intake;
 pub mod job;
 pub mod lease;
 pub mod outbox;
 pub mod progress;
+pub mod reaper;
 pub mod startup;
 
 pub use config::Settings;

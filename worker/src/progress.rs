@@ -22,8 +22,19 @@ impl Progress {
     pub fn start(ctx: &WorkerContext, chat_id: i64, private: bool, draft_id: i64) -> Self {
         let (tx, rx) = watch::channel(String::new());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(show(ctx.clone(), chat_id, private, draft_id, rx, stop.clone()));
-        Self { text: tx, stop, task }
+        let task = tokio::spawn(show(
+            ctx.clone(),
+            chat_id,
+            private,
+            draft_id,
+            rx,
+            stop.clone(),
+        ));
+        Self {
+            text: tx,
+            stop,
+            task,
+        }
     }
 
     /// The whole answer so far (only the newest value is ever sent).
@@ -56,9 +67,13 @@ async fn show(
         }
         let full = rx.borrow_and_update().clone();
         // Show the part being written now.
-        let Some(text) = split_message(&full, MAX_MESSAGE_UTF16).pop() else { continue };
+        let Some(text) = split_message(&full, MAX_MESSAGE_UTF16).pop() else {
+            continue;
+        };
         let sent = if private {
-            ctx.telegram.send_message_draft(chat_id, draft_id, &text).await
+            ctx.telegram
+                .send_message_draft(chat_id, draft_id, &text)
+                .await
         } else if let Some(id) = message_id {
             ctx.telegram.edit_message_text(chat_id, id, &text).await
         } else {

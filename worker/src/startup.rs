@@ -3,7 +3,7 @@
 //! Shutdown phases:
 //! 1. the token is cancelled (SIGTERM / ctrl-c in `main`);
 //! 2. the consumer stops taking deliveries and drains running jobs (30 s);
-//! 3. the outbox relay makes a last pass and stops;
+//! 3. the outbox relay makes a last pass; the reaper and the control listener stop;
 //! 4. `run_until_stopped` returns.
 
 use crate::config::{Command, Settings};
@@ -31,15 +31,39 @@ impl App {
         settings.validate().map_err(anyhow::Error::msg)?;
         let prices = PriceTable::load(&settings.prices_file).with_context(|| "PRICES_FILE")?;
         let acquire = Duration::from_secs(5);
-        let db = shared::db::pool(&settings.db.database_url, settings.db.database_max_connections, acquire).context("DATABASE_URL")?;
-        let billing_db = shared::db::pool(settings.db.billing_url(), settings.db.database_max_connections, acquire).context("BILLING_DATABASE_URL")?;
-        let anthropic = AnthropicClient::new(&settings.anthropic_base_url, settings.anthropic_api_key.clone(), Duration::from_secs(10))
-            .map_err(|e| anyhow::anyhow!("ANTHROPIC_BASE_URL: {e}"))?;
-        let telegram = BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
-        let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "worker-publisher", Duration::from_secs(5));
+        let db = shared::db::pool(
+            &settings.db.database_url,
+            settings.db.database_max_connections,
+            acquire,
+        )
+        .context("DATABASE_URL")?;
+        let billing_db = shared::db::pool(
+            settings.db.billing_url(),
+            settings.db.database_max_connections,
+            acquire,
+        )
+        .context("BILLING_DATABASE_URL")?;
+        let anthropic = AnthropicClient::new(
+            &settings.anthropic_base_url,
+            settings.anthropic_api_key.clone(),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| anyhow::anyhow!("ANTHROPIC_BASE_URL: {e}"))?;
+        let telegram = BotApi::new(
+            &settings.telegram_api_url,
+            settings.bot_token.clone(),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
+        let publisher = ConfirmPublisher::new(
+            &settings.broker.amqp_url,
+            "worker-publisher",
+            Duration::from_secs(5),
+        );
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
-        let ctx = WorkerContext::new(db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id);
+        let ctx = WorkerContext::new(
+            db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id,
+        );
         Ok(Self { ctx })
     }
 
@@ -57,6 +81,12 @@ impl App {
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::consumer::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::outbox::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::reaper::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::control::run(
+            self.ctx.clone(),
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+            shutdown.clone(),
+        ));
         while tasks.join_next().await.is_some() {}
         Ok(())
     }
@@ -64,7 +94,11 @@ impl App {
 
 fn default_worker_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
-    format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::now_v7().simple().to_string()[24..])
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::now_v7().simple().to_string()[24..]
+    )
 }
 
 /// Runs the process: `migrate` or the worker.
@@ -75,11 +109,19 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
     if let Some(Command::Migrate) = settings.command {
         let acquire = Duration::from_secs(10);
         let db = shared::db::pool(&settings.db.database_url, 2, acquire).context("DATABASE_URL")?;
-        shared::db::migrate_bot(&db).await.context("migrating the bot database")?;
-        let billing = shared::db::pool(settings.db.billing_url(), 2, acquire).context("BILLING_DATABASE_URL")?;
-        shared::db::migrate_billing(&billing).await.context("migrating the billing database")?;
+        shared::db::migrate_bot(&db)
+            .await
+            .context("migrating the bot database")?;
+        let billing = shared::db::pool(settings.db.billing_url(), 2, acquire)
+            .context("BILLING_DATABASE_URL")?;
+        shared::db::migrate_billing(&billing)
+            .await
+            .context("migrating the billing database")?;
         tracing::info!("migrations applied");
         return Ok(());
     }
-    App::build(settings).await?.run_until_stopped(shutdown).await
+    App::build(settings)
+        .await?
+        .run_until_stopped(shutdown)
+        .await
 }

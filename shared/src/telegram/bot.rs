@@ -157,10 +157,17 @@ impl BotApi {
     /// # Errors
     /// [`TelegramError::Transport`] when the URL is not an http(s) URL or the
     /// HTTP client cannot be built.
-    pub fn new(api_url: &str, token: Secret, request_timeout: Duration) -> Result<Self, TelegramError> {
-        let url = reqwest::Url::parse(api_url).map_err(|e| TelegramError::Transport(format!("invalid TELEGRAM_API_URL: {e}")))?;
+    pub fn new(
+        api_url: &str,
+        token: Secret,
+        request_timeout: Duration,
+    ) -> Result<Self, TelegramError> {
+        let url = reqwest::Url::parse(api_url)
+            .map_err(|e| TelegramError::Transport(format!("invalid TELEGRAM_API_URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-            return Err(TelegramError::Transport("TELEGRAM_API_URL must be an http(s) URL".into()));
+            return Err(TelegramError::Transport(
+                "TELEGRAM_API_URL must be an http(s) URL".into(),
+            ));
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -180,16 +187,27 @@ impl BotApi {
         P: Payload + Serialize + Send + 'static,
         P::Output: serde::de::DeserializeOwned + Send,
     {
-        JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e))
+        JsonRequest::new(self.bot.clone(), payload)
+            .send()
+            .await
+            .map_err(|e| self.classify(e))
     }
 
     fn classify(&self, e: RequestError) -> TelegramError {
         match e {
-            RequestError::RetryAfter(s) => TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds()))),
+            RequestError::RetryAfter(s) => {
+                TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds())))
+            }
             RequestError::Api(ApiError::MessageNotModified) => TelegramError::NotModified,
-            RequestError::Api(ApiError::CantParseEntities(d)) => TelegramError::BadEntities(scrub(&d, &self.token)),
+            RequestError::Api(ApiError::CantParseEntities(d)) => {
+                TelegramError::BadEntities(scrub(&d, &self.token))
+            }
             RequestError::Api(
-                ApiError::BotBlocked | ApiError::UserDeactivated | ApiError::BotKicked | ApiError::BotKickedFromSupergroup | ApiError::CantInitiateConversation,
+                ApiError::BotBlocked
+                | ApiError::UserDeactivated
+                | ApiError::BotKicked
+                | ApiError::BotKickedFromSupergroup
+                | ApiError::CantInitiateConversation,
             ) => TelegramError::Forbidden(e.to_string()),
             RequestError::Api(api) => {
                 let text = scrub(&api.to_string(), &self.token);
@@ -201,7 +219,9 @@ impl BotApi {
                     TelegramError::Api(text)
                 }
             }
-            RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
+            RequestError::Network(err) => {
+                TelegramError::Transport(scrub(&err.to_string(), &self.token))
+            }
             other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
         }
     }
@@ -218,8 +238,19 @@ impl BotApi {
     ///
     /// # Errors
     /// A classified [`TelegramError`].
-    pub async fn send_message(&self, chat_id: i64, text: &str, entities: Option<Vec<Value>>) -> Result<SentMessage, TelegramError> {
-        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None }).await
+    pub async fn send_message(
+        &self,
+        chat_id: i64,
+        text: &str,
+        entities: Option<Vec<Value>>,
+    ) -> Result<SentMessage, TelegramError> {
+        self.call(SendMessage {
+            chat_id,
+            text: text.to_owned(),
+            entities,
+            reply_parameters: None,
+        })
+        .await
     }
 
     /// `editMessageText`; "message is not modified" is reported as
@@ -227,16 +258,39 @@ impl BotApi {
     ///
     /// # Errors
     /// A classified [`TelegramError`].
-    pub async fn edit_message_text(&self, chat_id: i64, message_id: i64, text: &str) -> Result<(), TelegramError> {
-        self.call(EditMessageText { chat_id, message_id, text: text.to_owned(), entities: None }).await.map(|_| ())
+    pub async fn edit_message_text(
+        &self,
+        chat_id: i64,
+        message_id: i64,
+        text: &str,
+    ) -> Result<(), TelegramError> {
+        self.call(EditMessageText {
+            chat_id,
+            message_id,
+            text: text.to_owned(),
+            entities: None,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// `sendMessageDraft` (Bot API 9.3).
     ///
     /// # Errors
     /// A classified [`TelegramError`].
-    pub async fn send_message_draft(&self, chat_id: i64, draft_id: i64, text: &str) -> Result<(), TelegramError> {
-        self.call(SendMessageDraft { chat_id, draft_id, text: text.to_owned() }).await.map(|_| ())
+    pub async fn send_message_draft(
+        &self,
+        chat_id: i64,
+        draft_id: i64,
+        text: &str,
+    ) -> Result<(), TelegramError> {
+        self.call(SendMessageDraft {
+            chat_id,
+            draft_id,
+            text: text.to_owned(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// `sendChatAction` with `typing`.
@@ -244,14 +298,28 @@ impl BotApi {
     /// # Errors
     /// A classified [`TelegramError`].
     pub async fn send_typing(&self, chat_id: i64) -> Result<(), TelegramError> {
-        self.call(SendChatAction { chat_id, action: "typing" }).await.map(|_| ())
+        self.call(SendChatAction {
+            chat_id,
+            action: "typing",
+        })
+        .await
+        .map(|_| ())
     }
 
     /// `getUpdates` with raw results, for long polling.
     ///
     /// # Errors
     /// A classified [`TelegramError`].
-    pub async fn get_updates_raw(&self, offset: i64, timeout: u32) -> Result<Vec<Box<RawValue>>, TelegramError> {
-        self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await
+    pub async fn get_updates_raw(
+        &self,
+        offset: i64,
+        timeout: u32,
+    ) -> Result<Vec<Box<RawValue>>, TelegramError> {
+        self.call(GetUpdatesRaw {
+            offset,
+            timeout,
+            limit: 100,
+        })
+        .await
     }
 }

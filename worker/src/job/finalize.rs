@@ -61,9 +61,17 @@ pub async fn finalize(
     let mut priced = Vec::with_capacity(calls.len());
     for call in calls {
         let billing = billable_tokens(ctx, call).await;
-        let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+        let model = call
+            .state
+            .model
+            .clone()
+            .unwrap_or_else(|| ctx.settings.model.clone());
         let price = match &billing {
-            Some((tokens, _)) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), tokens)?),
+            Some((tokens, _)) => Some(ctx.prices.price_call(
+                &model,
+                Utc::now().date_naive(),
+                tokens,
+            )?),
             None => None,
         };
         priced.push((call, model, billing, price));
@@ -101,7 +109,11 @@ pub async fn finalize(
     for (call, model, billing, price) in priced {
         let tokens = billing.map(|(t, _)| t).unwrap_or_default();
         let estimated = billing.is_some_and(|(_, e)| e);
-        let (cost, charge) = price.as_ref().map_or((Default::default(), Default::default()), |p| (p.provider_cost, p.user_charge));
+        let (cost, charge) = price
+            .as_ref()
+            .map_or((Default::default(), Default::default()), |p| {
+                (p.provider_cost, p.user_charge)
+            });
         sqlx::query(
             "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
                  input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,

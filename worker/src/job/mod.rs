@@ -2,24 +2,26 @@
 //! `load` → (`commands::run` | `check_balance` → `build_request` →
 //! `stream_reply` (× continuations) → `finalize`) → `deliver` → `finish`.
 //!
-//! Every exit goes through [`run`]'s single `finish` call, so the lease is
-//! released on every path; a panic is caught at the task boundary by the
-//! consumer, and the lease expiry is the backstop for a crash.
+//! Every exit goes through [`run`]'s single `finish` (or `hand_back`) call,
+//! so the lease is released on every path; a panic is caught at the task
+//! boundary by the consumer, and the lease expiry is the backstop for a crash.
 
 mod finalize;
+mod repair;
 mod request;
 mod stream;
 
 pub use finalize::finalize;
-pub use request::{build_request, load, JobRow};
+pub use repair::repair_history;
+pub use request::{build_request, load, validate_content, JobRow};
 pub use stream::{stream_reply, CallEnd, CallRecord};
 
 use crate::context::WorkerContext;
+use crate::control::{CancelReason, JobCancel};
 use crate::delivery::{send_text, DeliveryError};
 use crate::lease::{self, Lease};
 use crate::progress::Progress;
 use shared::anthropic::StopReason;
-use tokio_util::sync::CancellationToken;
 
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub enum JobOutcome {
     Failed(String),
     /// The lease was lost: another worker owns the job now; nothing more was written.
     LeaseLost,
+    /// Shutdown: the job was handed back (queued again) for another worker.
+    HandedBack,
 }
 
 /// Errors inside a job step.
@@ -41,6 +45,9 @@ pub enum JobError {
     /// The lease was lost (fenced write matched no row).
     #[error("lease lost")]
     LeaseLost,
+    /// The process is shutting down before the answer was stored.
+    #[error("shutting down")]
+    Shutdown,
     /// Stored state that does not validate (P10): the row id is in the text.
     #[error("invalid stored state: {0}")]
     Invalid(String),
@@ -51,19 +58,42 @@ pub enum JobError {
 
 /// Notice for a user whose balance cannot pay for an answer.
 pub const TOP_UP_NOTICE: &str = "Your balance is empty, so I can't ask Claude right now. Please top up your credit to continue.";
+/// Notice appended to an answer stopped by `/stop`.
+pub const STOPPED_NOTICE: &str = "(Stopped.)";
+/// Notice appended when the continuation limit is hit (P11).
+pub const LIMIT_NOTICE: &str = "(The answer reached its length limit and was cut off here.)";
+/// Notice appended when a stream timed out (P5).
+pub const TIMEOUT_NOTICE: &str = "(The answer took too long and was cut short: timed out.)";
+/// Notice when the Messages API failed after every retry.
+pub const UNAVAILABLE_NOTICE: &str =
+    "(Claude is unavailable right now; please try again in a moment.)";
 
-/// Runs a claimed job to its end and releases the lease.
-pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: CancellationToken) -> JobOutcome {
+/// Runs a claimed job to its end and releases (or hands back) the lease.
+pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
     let (status, outcome, error) = match &result {
         Ok(label) => ("done", *label, None),
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
+        Err(JobError::Shutdown) => {
+            return match lease::hand_back(&ctx.db, &lease).await {
+                Ok(true) => JobOutcome::HandedBack,
+                Ok(false) => JobOutcome::LeaseLost,
+                Err(e) => {
+                    JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}"))
+                }
+            };
+        }
         Err(e) => ("failed", "error", Some(e.to_string())),
     };
     if let Some(err) = &error {
         tracing::error!(error.message = %err, "job failed");
         if let Ok(job) = load(ctx, lease.job_id).await {
-            let _ = send_text(ctx, job.chat_id, "Sorry, something went wrong while answering. Please try again.", None).await;
+            let text = if matches!(result, Err(JobError::Invalid(_))) {
+                "Sorry, this conversation's stored state is damaged. Send /new to start a new conversation."
+            } else {
+                "Sorry, something went wrong while answering. Please try again."
+            };
+            let _ = send_text(ctx, job.chat_id, text, None).await;
         }
     }
     match lease::finish(&ctx.db, &lease, status, outcome, error.as_deref()).await {
@@ -80,7 +110,11 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: CancellationToken) -
     }
 }
 
-async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &CancellationToken) -> Result<&'static str, JobError> {
+async fn run_steps(
+    ctx: &WorkerContext,
+    lease: &Lease,
+    cancel: &JobCancel,
+) -> Result<&'static str, JobError> {
     let job = load(ctx, lease.job_id).await?;
     if job.kind == "command" {
         let reply = crate::commands::run(ctx, &job).await?;
@@ -98,83 +132,158 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &CancellationToke
     }
     let mut request = build_request(ctx, &job).await?;
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id());
-    let mut calls: Vec<CallRecord> = Vec::new();
-    let mut content: Vec<serde_json::Value> = Vec::new();
-    let mut text = String::new();
-    let mut notices: Vec<&'static str> = Vec::new();
-    loop {
-        let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
-        let call = stream_reply(ctx, &request, seq, cancel, &progress, &text).await;
-        text.push_str(&call.state.text());
-        let blocks = call.state.content_blocks();
-        let end = call.end.clone();
-        let stop = call.state.stop_reason.clone();
-        content.extend(blocks.iter().cloned());
-        calls.push(call);
-        match end {
-            CallEnd::Complete if stop == Some(StopReason::MaxTokens) => {
-                if calls.len() > ctx.settings.max_continuations as usize {
-                    notices.push("(The answer reached its length limit and was cut here.)");
-                    break;
-                }
-                request::append_assistant(&mut request, blocks);
-            }
-            CallEnd::Complete => break,
-            CallEnd::Cancelled => {
-                notices.push("(Stopped.)");
-                break;
-            }
-            CallEnd::IdleTimeout | CallEnd::Deadline => {
-                notices.push("(The answer took too long and was cut short.)");
-                break;
-            }
-            CallEnd::Failed(_) => {
-                notices.push("(Claude is unavailable right now; please try again in a moment.)");
-                break;
-            }
-        }
-    }
+    let answer = generate(ctx, &mut request, cancel, &progress).await;
     let progress_message = progress.finish().await;
-    if cancel.is_cancelled() && !ctx_lease_alive(ctx, lease).await {
-        return Err(JobError::LeaseLost);
+    match cancel.reason() {
+        Some(CancelReason::LeaseLost) => return Err(JobError::LeaseLost),
+        Some(CancelReason::Shutdown) => return Err(JobError::Shutdown),
+        Some(CancelReason::Stop) | None => {}
     }
-    let partial = !notices.is_empty();
-    finalize(ctx, &job, lease, &calls, &content, partial).await?;
-    let mut reply = text.trim().to_owned();
-    for n in &notices {
-        if !reply.is_empty() {
-            reply.push_str("\n\n");
-        }
-        reply.push_str(n);
-    }
-    if reply.is_empty() {
-        reply = if calls.iter().any(|c| c.state.stop_reason == Some(StopReason::Refusal)) {
-            "Claude declined to answer this request.".to_owned()
-        } else {
-            "(Claude returned an empty answer.)".to_owned()
-        };
-    }
-    deliver(ctx, &job, &reply, progress_message).await?;
+    finalize(
+        ctx,
+        &job,
+        lease,
+        &answer.calls,
+        &answer.content,
+        !answer.notices.is_empty(),
+    )
+    .await?;
+    deliver(ctx, &job, &answer.reply(), progress_message).await?;
     Ok("answered")
 }
 
-async fn ctx_lease_alive(ctx: &WorkerContext, lease: &Lease) -> bool {
-    let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
-    lease::heartbeat(&ctx.db, lease, visibility).await.unwrap_or(false)
+/// The result of the generation step.
+struct Answer {
+    calls: Vec<CallRecord>,
+    content: Vec<serde_json::Value>,
+    text: String,
+    notices: Vec<&'static str>,
 }
 
-async fn deliver(ctx: &WorkerContext, job: &JobRow, text: &str, reuse: Option<i64>) -> Result<(), JobError> {
+impl Answer {
+    fn reply(&self) -> String {
+        let mut reply = self.text.trim().to_owned();
+        for n in &self.notices {
+            if !reply.is_empty() {
+                reply.push_str("\n\n");
+            }
+            reply.push_str(n);
+        }
+        if reply.is_empty() {
+            reply = if self
+                .calls
+                .iter()
+                .any(|c| c.state.stop_reason == Some(StopReason::Refusal))
+            {
+                "Claude declined to answer this request.".to_owned()
+            } else {
+                "(Claude returned an empty answer.)".to_owned()
+            };
+        }
+        reply
+    }
+}
+
+/// Streams calls until the turn ends: continues after `max_tokens` (with a
+/// user turn asking to continue, so models without prefill work) and after
+/// `pause_turn`, up to the limits.
+async fn generate(
+    ctx: &WorkerContext,
+    request: &mut serde_json::Value,
+    cancel: &JobCancel,
+    progress: &Progress,
+) -> Answer {
+    let mut answer = Answer {
+        calls: Vec::new(),
+        content: Vec::new(),
+        text: String::new(),
+        notices: Vec::new(),
+    };
+    let mut continuations = 0;
+    loop {
+        let call = stream_reply(
+            ctx,
+            request,
+            &mut answer.calls,
+            cancel.token(),
+            progress,
+            &answer.text,
+        )
+        .await;
+        answer.text.push_str(&call.state.text());
+        let blocks = call.state.content_blocks();
+        answer.content.extend(blocks.iter().cloned());
+        match (&call.end, call.state.stop_reason.clone()) {
+            (CallEnd::Complete, Some(StopReason::MaxTokens)) => {
+                if continuations >= ctx.settings.max_continuations {
+                    answer.notices.push(LIMIT_NOTICE);
+                    return answer;
+                }
+                continuations += 1;
+                request::append_turns(
+                    request,
+                    blocks,
+                    Some("Continue exactly where you stopped, without repeating anything."),
+                );
+            }
+            (CallEnd::Complete, Some(StopReason::PauseTurn))
+                if continuations < ctx.settings.max_continuations =>
+            {
+                continuations += 1;
+                request::append_turns(request, blocks, None);
+            }
+            (CallEnd::Complete, Some(StopReason::Other(reason)))
+                if reason == "model_context_window_exceeded" =>
+            {
+                answer.notices.push(
+                    "(This conversation is too long for the model. Send /new to start a new one.)",
+                );
+                return answer;
+            }
+            (CallEnd::Complete, other) => {
+                if let Some(StopReason::Other(reason)) = other {
+                    tracing::warn!(stop_reason = %reason, "unknown stop_reason treated as end of turn");
+                }
+                return answer;
+            }
+            (CallEnd::Cancelled, _) => {
+                answer.notices.push(STOPPED_NOTICE);
+                return answer;
+            }
+            (CallEnd::IdleTimeout | CallEnd::Deadline, _) => {
+                answer.notices.push(TIMEOUT_NOTICE);
+                return answer;
+            }
+            (CallEnd::Failed(_), _) => {
+                answer.notices.push(UNAVAILABLE_NOTICE);
+                return answer;
+            }
+        }
+    }
+}
+
+async fn deliver(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    text: &str,
+    reuse: Option<i64>,
+) -> Result<(), JobError> {
     match send_text(ctx, job.chat_id, text, reuse).await {
         Ok(ids) => {
-            sqlx::query("UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1")
-                .bind(job.job_id)
-                .bind(&ids)
-                .execute(&ctx.db)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1",
+            )
+            .bind(job.job_id)
+            .bind(&ids)
+            .execute(&ctx.db)
+            .await?;
             Ok(())
         }
         Err(DeliveryError::Blocked) => {
-            sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1").bind(job.user_id).execute(&ctx.db).await?;
+            sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1")
+                .bind(job.user_id)
+                .execute(&ctx.db)
+                .await?;
             Ok(())
         }
         // The answer is stored and billed; a delivery failure after retries

@@ -95,7 +95,9 @@ pub fn validate_content(content: &Value) -> Result<(), String> {
         if b.get("type").and_then(Value::as_str).is_none() {
             return Err(format!("block {i} has no type"));
         }
-        if b.get("type").and_then(Value::as_str) == Some("text") && b.get("text").and_then(Value::as_str).is_none() {
+        if b.get("type").and_then(Value::as_str) == Some("text")
+            && b.get("text").and_then(Value::as_str).is_none()
+        {
             return Err(format!("text block {i} has no text"));
         }
     }
@@ -116,15 +118,11 @@ pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, J
     .bind(job.conversation_epoch)
     .fetch_all(&ctx.db)
     .await?;
-    let mut messages = Vec::with_capacity(rows.len() + 1);
-    for (id, role, content) in rows {
-        match validate_content(&content) {
-            Ok(()) => messages.push(json!({ "role": role, "content": content })),
-            Err(e) => tracing::error!(message_row_id = id, error.message = %e, "skipping invalid stored message"),
-        }
-    }
-    validate_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
-    messages.push(json!({ "role": "user", "content": job.user_content }));
+    validate_content(&job.user_content)
+        .map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
+    let mut history: Vec<(i64, String, Value)> = rows;
+    history.push((0, "user".to_owned(), job.user_content.clone()));
+    let messages = super::repair_history(history);
     Ok(json!({
         "model": ctx.settings.model,
         "max_tokens": ctx.settings.max_tokens,
@@ -134,13 +132,16 @@ pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, J
     }))
 }
 
-/// Appends the assistant's partial turn so the next call continues it.
-pub fn append_assistant(request: &mut Value, blocks: Vec<Value>) {
-    if blocks.is_empty() {
-        return;
-    }
+/// Appends the assistant's turn and, if given, a user turn, so that the
+/// next call continues the answer.
+pub fn append_turns(request: &mut Value, blocks: Vec<Value>, user_text: Option<&str>) {
     if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
-        messages.push(json!({ "role": "assistant", "content": blocks }));
+        if !blocks.is_empty() {
+            messages.push(json!({ "role": "assistant", "content": blocks }));
+        }
+        if let Some(text) = user_text {
+            messages.push(json!({ "role": "user", "content": [{ "type": "text", "text": text }] }));
+        }
     }
 }
 

@@ -45,10 +45,58 @@ pub struct CallRecord {
 }
 
 const MAX_HTTP_ATTEMPTS: usize = 3;
+/// Calls restarted after an `error` event mid-stream.
+const MAX_STREAM_RESTARTS: usize = 2;
 
-/// Streams one call. `shown_before` is the text of earlier calls of the job
-/// (continuations), so progress shows the whole answer.
+/// Error types of an `error` event worth retrying the call for (API docs, "Errors").
+fn restartable(kind: &str) -> bool {
+    matches!(kind, "overloaded_error" | "api_error" | "rate_limit_error")
+}
+
+/// Streams one logical call: an `error` event mid-stream (e.g.
+/// `overloaded_error`) discards the partial text and restarts the call with
+/// backoff. Every attempt is appended to `calls` (failed ones are recorded,
+/// not charged); the last one is returned. `shown_before` is the text of
+/// earlier calls of the job (continuations), so progress shows the whole answer.
 pub async fn stream_reply(
+    ctx: &WorkerContext,
+    request: &Value,
+    calls: &mut Vec<CallRecord>,
+    cancel: &CancellationToken,
+    progress: &Progress,
+    shown_before: &str,
+) -> CallRecord {
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(300))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .with_max_times(MAX_STREAM_RESTARTS)
+        .build();
+    loop {
+        let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
+        let record = stream_once(ctx, request, seq, cancel, progress, shown_before).await;
+        calls.push(record.clone());
+        let retry = record
+            .state
+            .error
+            .as_ref()
+            .is_some_and(|e| restartable(&e.kind));
+        if !retry {
+            return record;
+        }
+        let Some(wait) = backoff.next() else {
+            return record;
+        };
+        tracing::warn!(error.kind = ?record.state.error.as_ref().map(|e| e.kind.clone()), wait_ms = wait.as_millis() as u64, "error event mid-stream; restarting the call");
+        progress.update(shown_before.to_owned());
+        tokio::select! {
+            _ = cancel.cancelled() => return record,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn stream_once(
     ctx: &WorkerContext,
     request: &Value,
     seq: i32,
@@ -58,7 +106,13 @@ pub async fn stream_reply(
 ) -> CallRecord {
     let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     let idle = Duration::from_secs(ctx.settings.idle_timeout_s);
-    let mut record = CallRecord { seq, state: MessageState::default(), request_id: None, end: CallEnd::Complete, request: request.clone() };
+    let mut record = CallRecord {
+        seq,
+        state: MessageState::default(),
+        request_id: None,
+        end: CallEnd::Complete,
+        request: request.clone(),
+    };
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(20))
@@ -78,7 +132,11 @@ pub async fn stream_reply(
                     record.end = CallEnd::Failed(e.to_string());
                     return record;
                 };
-                if let ApiError::Http { retry_after_s: Some(s), .. } = &e {
+                if let ApiError::Http {
+                    retry_after_s: Some(s),
+                    ..
+                } = &e
+                {
                     wait = wait.max(Duration::from_secs(*s));
                 }
                 tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API call failed; retrying");

@@ -1,0 +1,66 @@
+//! The reaper (every worker runs one): finds jobs whose lease expired (a
+//! crashed or hung holder) or that sat queued with no message in flight,
+//! and republishes them so the next worker claims them with a new epoch.
+//! `FOR UPDATE SKIP LOCKED` and `reaped_at` keep reapers from colliding and
+//! from republishing one job again and again.
+
+use crate::consumer::republish_job;
+use crate::context::WorkerContext;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Republishes the jobs due now; returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
+    let visibility = ctx.settings.visibility_timeout_s as f64;
+    let mut tx = ctx.db.begin().await?;
+    let due: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT job_id, update_id FROM jobs
+          WHERE ((status = 'running' AND lease_expires_at < now())
+                 OR (status = 'queued' AND created_at < now() - make_interval(secs => $1 * 2)))
+            AND (reaped_at IS NULL OR reaped_at < now() - make_interval(secs => $1))
+          ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(visibility)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut done = Vec::new();
+    for (job_id, update_id) in &due {
+        match republish_job(ctx, *update_id).await {
+            Ok(()) => done.push(*job_id),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "reaper could not republish; will retry");
+                break;
+            }
+        }
+    }
+    sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)")
+        .bind(&done)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if !done.is_empty() {
+        tracing::info!(
+            jobs = done.len(),
+            "reaper republished jobs with expired leases"
+        );
+    }
+    Ok(done.len())
+}
+
+/// Runs the reaper every half visibility timeout until `shutdown`.
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
+    let period = Duration::from_secs(ctx.settings.visibility_timeout_s.max(2) / 2);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        if let Err(e) = reap_once(&ctx).await {
+            tracing::warn!(error.message = %e, "reaper pass failed");
+        }
+    }
+}
