@@ -75,6 +75,26 @@ pub struct Settings {
     /// Continuations after `max_tokens`.
     #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 2)]
     pub max_continuations: u32,
+    /// Built-in tools offered to Claude (comma-separated; empty for none).
+    #[arg(
+        long,
+        env = "TOOLS",
+        value_delimiter = ',',
+        default_value = "calculator,current_time,remember,recall"
+    )]
+    pub tools: Vec<String>,
+    /// Tool rounds (tool_use → tool_result) per answer before it is cut off.
+    #[arg(long, env = "MAX_TOOL_ROUNDS", default_value_t = 5)]
+    pub max_tool_rounds: u32,
+    /// Longest run of one tool call, seconds.
+    #[arg(long, env = "TOOL_TIMEOUT_S", default_value_t = 15)]
+    pub tool_timeout_s: u64,
+    /// Offer Anthropic's server-side web search tool.
+    #[arg(long, env = "WEB_SEARCH", default_value_t = false)]
+    pub web_search: bool,
+    /// Extended thinking budget in tokens (0 = off; must be below max_tokens).
+    #[arg(long, env = "THINKING_BUDGET_TOKENS", default_value_t = 0)]
+    pub thinking_budget_tokens: u32,
     /// Attempts of a job before it fails with a notice.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: i32,
@@ -131,6 +151,18 @@ impl Settings {
         }
         if self.max_attempts < 1 {
             return Err("MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.thinking_budget_tokens > 0
+            && (self.thinking_budget_tokens < 1024
+                || self.thinking_budget_tokens >= self.max_tokens)
+        {
+            return Err(
+                "THINKING_BUDGET_TOKENS must be at least 1024 and below ANTHROPIC_MAX_TOKENS"
+                    .into(),
+            );
+        }
+        if self.tool_timeout_s == 0 {
+            return Err("TOOL_TIMEOUT_S must be positive".into());
         }
         if self.prefetch == 0 {
             return Err("PREFETCH must be positive".into());

@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub worker_id: Arc<str>,
     /// Wakes the outbox relay after a commit that wrote events.
     pub outbox_notify: Arc<Notify>,
+    /// Tools offered to Claude.
+    pub tools: Arc<crate::tools::Registry>,
     /// Jobs running in this process, by chat (for `/stop`).
     pub running: crate::control::RunningJobs,
     /// The bot's @username, from settings or getMe (read when first needed).
@@ -51,6 +53,7 @@ impl WorkerContext {
         settings: Settings,
         publisher: ConfirmPublisher,
         worker_id: String,
+        tools: crate::tools::Registry,
     ) -> Self {
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let username = Arc::new(OnceCell::new());
@@ -69,6 +72,7 @@ impl WorkerContext {
             worker_id: worker_id.into(),
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
+            tools: Arc::new(tools),
             bot_username: username,
         }
     }

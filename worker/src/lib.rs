@@ -16,6 +16,7 @@
 //! - [`progress`]: drafts or an edited message while the answer streams.
 //! - [`outbox`]: the billing outbox relay.
 //! - [`reaper`]: republishes jobs whose lease expired.
+//! - [`tools`]: the tool registry and parallel execution, a transaction per tool.
 //! - [`startup`]: building and running the app.
 
 pub mod commands;
@@ -31,6 +32,7 @@ pub mod outbox;
 pub mod progress;
 pub mod reaper;
 pub mod startup;
+pub mod tools;
 
 pub use config::Settings;
 pub use context::WorkerContext;

@@ -61,8 +61,10 @@ impl App {
             Duration::from_secs(5),
         );
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
+        let tools = crate::tools::Registry::new(&settings.tools)
+            .map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;
         let ctx = WorkerContext::new(
-            db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id,
+            db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools,
         );
         Ok(Self { ctx })
     }

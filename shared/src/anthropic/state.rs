@@ -190,14 +190,31 @@ impl MessageState {
         }
     }
 
-    /// All visible text so far: the `text` blocks joined, in order.
+    /// All visible text so far: the `text` blocks in order, adjacent blocks
+    /// joined directly (citations split one sentence into blocks), blocks
+    /// separated by a tool call joined by a blank line.
     pub fn text(&self) -> String {
-        self.blocks
-            .iter()
-            .filter(|b| b.value.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|b| b.value.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("")
+        let mut out = String::new();
+        let mut gap = false;
+        for b in &self.blocks {
+            match b.value.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    let t = b
+                        .value
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if gap && !out.is_empty() && !t.is_empty() {
+                        out.push_str("\n\n");
+                    }
+                    out.push_str(t);
+                    gap = false;
+                }
+                Some("thinking" | "redacted_thinking") | None => {}
+                Some(_) => gap = true,
+            }
+        }
+        out
     }
 
     /// The content blocks to store and send back as the assistant turn:
@@ -343,6 +360,7 @@ mod tests {
         assert_eq!(blocks[3]["citations"].as_array().unwrap().len(), 1);
         let t = s.usage.token_counts();
         assert_eq!((t.input, t.output, t.web_search_requests), (5400, 210, 1));
+        assert_eq!(s.text(), "Let me look that up.\n\nThe latest release stabilised several APIs and improved compile times.");
     }
 
     #[test]

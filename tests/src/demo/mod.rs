@@ -250,9 +250,7 @@ impl Run<'_> {
         while i < scenario.steps.len() {
             // A step and the steps that overlap it form one group.
             let mut group = vec![i];
-            while group
-                .last()
-                .is_some_and(|&j| j + 1 < scenario.steps.len())
+            while group.last().is_some_and(|&j| j + 1 < scenario.steps.len())
                 && scenario.steps[group[group.len() - 1] + 1].when.as_deref()
                     == Some("during_previous_stream")
             {

@@ -54,7 +54,7 @@ pub async fn finalize(
     job: &JobRow,
     lease: &Lease,
     calls: &[CallRecord],
-    content: &[Value],
+    turns: &[(&'static str, Vec<Value>)],
     partial: bool,
 ) -> Result<(), JobError> {
     // Token counting is a network call: done before the transaction opens.
@@ -94,15 +94,19 @@ pub async fn finalize(
         .bind(&job.user_content)
         .execute(&mut *tx)
         .await?;
-    if !content.is_empty() {
+    for (i, (role, blocks)) in turns.iter().enumerate() {
+        if blocks.is_empty() {
+            continue;
+        }
         sqlx::query(
-            "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content, partial) VALUES ($1, $2, $3, 'assistant', $4, $5)",
+            "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content, partial) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(job.chat_id)
         .bind(job.conversation_epoch)
         .bind(job.job_id)
-        .bind(Value::Array(content.to_vec()))
-        .bind(partial)
+        .bind(role)
+        .bind(Value::Array(blocks.clone()))
+        .bind(partial && i + 1 == turns.len())
         .execute(&mut *tx)
         .await?;
     }

@@ -132,8 +132,9 @@ async fn run_steps(
     }
     let mut request = build_request(ctx, &job).await?;
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id());
-    let answer = generate(ctx, &mut request, cancel, &progress).await;
+    let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
     let progress_message = progress.finish().await;
+    let answer = generated?;
     match cancel.reason() {
         Some(CancelReason::LeaseLost) => return Err(JobError::LeaseLost),
         Some(CancelReason::Shutdown) => return Err(JobError::Shutdown),
@@ -144,7 +145,7 @@ async fn run_steps(
         &job,
         lease,
         &answer.calls,
-        &answer.content,
+        &answer.turns(),
         !answer.notices.is_empty(),
     )
     .await?;
@@ -154,20 +155,41 @@ async fn run_steps(
 
 /// The result of the generation step.
 struct Answer {
+    /// Every Messages API call (failed attempts included).
     calls: Vec<CallRecord>,
+    /// Closed turns after the user's: assistant (with tool_use), user (tool_result), …
+    closed: Vec<(&'static str, Vec<serde_json::Value>)>,
+    /// Blocks of the assistant turn being written.
     content: Vec<serde_json::Value>,
+    /// Visible text, all calls.
     text: String,
-    notices: Vec<&'static str>,
+    /// Notices appended to the reply (cut short, stopped, limits).
+    notices: Vec<String>,
+    /// Tools that cost something: (name, USD).
+    tool_charges: Vec<(String, rust_decimal::Decimal)>,
 }
 
 impl Answer {
+    fn turns(&self) -> Vec<(&'static str, Vec<serde_json::Value>)> {
+        let mut turns = self.closed.clone();
+        if !self.content.is_empty() {
+            turns.push(("assistant", self.content.clone()));
+        }
+        turns
+    }
+
     fn reply(&self) -> String {
         let mut reply = self.text.trim().to_owned();
+        if !self.tool_charges.is_empty() {
+            let list: Vec<String> = self
+                .tool_charges
+                .iter()
+                .map(|(n, p)| format!("{n} ${}", p.normalize()))
+                .collect();
+            self.notices_push(&mut reply, &format!("(Tools used: {}.)", list.join(", ")));
+        }
         for n in &self.notices {
-            if !reply.is_empty() {
-                reply.push_str("\n\n");
-            }
-            reply.push_str(n);
+            self.notices_push(&mut reply, n);
         }
         if reply.is_empty() {
             reply = if self
@@ -182,24 +204,37 @@ impl Answer {
         }
         reply
     }
+
+    fn notices_push(&self, reply: &mut String, notice: &str) {
+        if !reply.is_empty() {
+            reply.push_str("\n\n");
+        }
+        reply.push_str(notice);
+    }
 }
 
-/// Streams calls until the turn ends: continues after `max_tokens` (with a
-/// user turn asking to continue, so models without prefill work) and after
-/// `pause_turn`, up to the limits.
+/// Streams calls until the turn ends: runs tools and sends their results
+/// back (up to `MAX_TOOL_ROUNDS`), continues after `max_tokens` (with a user
+/// turn asking to continue, so models without prefill work) and after
+/// `pause_turn`, up to `MAX_CONTINUATIONS`.
 async fn generate(
     ctx: &WorkerContext,
+    job: &JobRow,
+    lease: &Lease,
     request: &mut serde_json::Value,
     cancel: &JobCancel,
     progress: &Progress,
-) -> Answer {
+) -> Result<Answer, JobError> {
     let mut answer = Answer {
         calls: Vec::new(),
+        closed: Vec::new(),
         content: Vec::new(),
         text: String::new(),
         notices: Vec::new(),
+        tool_charges: Vec::new(),
     };
     let mut continuations = 0;
+    let mut tool_rounds = 0;
     loop {
         let call = stream_reply(
             ctx,
@@ -214,10 +249,46 @@ async fn generate(
         let blocks = call.state.content_blocks();
         answer.content.extend(blocks.iter().cloned());
         match (&call.end, call.state.stop_reason.clone()) {
+            (CallEnd::Complete, Some(StopReason::ToolUse)) => {
+                let uses = call.state.tool_uses();
+                if uses.is_empty() {
+                    return Ok(answer);
+                }
+                if tool_rounds >= ctx.settings.max_tool_rounds {
+                    answer.notices.push(format!("(Stopped after {tool_rounds} rounds of tool use: the limit for one answer.)"));
+                    return Ok(answer);
+                }
+                tool_rounds += 1;
+                let outcomes =
+                    crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
+                if cancel.token().is_cancelled() {
+                    answer.notices.push(STOPPED_NOTICE.to_owned());
+                    return Ok(answer);
+                }
+                answer.tool_charges.extend(
+                    outcomes
+                        .iter()
+                        .filter(|o| !o.charged.is_zero())
+                        .map(|o| (o.name.clone(), o.charged)),
+                );
+                let results: Vec<serde_json::Value> = outcomes
+                    .iter()
+                    .map(crate::tools::ToolOutcome::block)
+                    .collect();
+                answer
+                    .closed
+                    .push(("assistant", std::mem::take(&mut answer.content)));
+                answer.closed.push(("user", results.clone()));
+                request::append_turns(request, blocks, None);
+                request::append_blocks(request, "user", results);
+                if !answer.text.is_empty() && !answer.text.ends_with('\n') {
+                    answer.text.push_str("\n\n");
+                }
+            }
             (CallEnd::Complete, Some(StopReason::MaxTokens)) => {
                 if continuations >= ctx.settings.max_continuations {
-                    answer.notices.push(LIMIT_NOTICE);
-                    return answer;
+                    answer.notices.push(LIMIT_NOTICE.to_owned());
+                    return Ok(answer);
                 }
                 continuations += 1;
                 request::append_turns(
@@ -236,27 +307,28 @@ async fn generate(
                 if reason == "model_context_window_exceeded" =>
             {
                 answer.notices.push(
-                    "(This conversation is too long for the model. Send /new to start a new one.)",
+                    "(This conversation is too long for the model. Send /new to start a new one.)"
+                        .to_owned(),
                 );
-                return answer;
+                return Ok(answer);
             }
             (CallEnd::Complete, other) => {
                 if let Some(StopReason::Other(reason)) = other {
                     tracing::warn!(stop_reason = %reason, "unknown stop_reason treated as end of turn");
                 }
-                return answer;
+                return Ok(answer);
             }
             (CallEnd::Cancelled, _) => {
-                answer.notices.push(STOPPED_NOTICE);
-                return answer;
+                answer.notices.push(STOPPED_NOTICE.to_owned());
+                return Ok(answer);
             }
             (CallEnd::IdleTimeout | CallEnd::Deadline, _) => {
-                answer.notices.push(TIMEOUT_NOTICE);
-                return answer;
+                answer.notices.push(TIMEOUT_NOTICE.to_owned());
+                return Ok(answer);
             }
             (CallEnd::Failed(_), _) => {
-                answer.notices.push(UNAVAILABLE_NOTICE);
-                return answer;
+                answer.notices.push(UNAVAILABLE_NOTICE.to_owned());
+                return Ok(answer);
             }
         }
     }

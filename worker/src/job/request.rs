@@ -123,13 +123,33 @@ pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, J
     let mut history: Vec<(i64, String, Value)> = rows;
     history.push((0, "user".to_owned(), job.user_content.clone()));
     let messages = super::repair_history(history);
-    Ok(json!({
+    let mut request = json!({
         "model": ctx.settings.model,
         "max_tokens": ctx.settings.max_tokens,
         "system": ctx.settings.system_prompt,
         "messages": messages,
         "stream": true,
-    }))
+    });
+    let mut tools = ctx.tools.request_tools();
+    if ctx.settings.web_search {
+        // Server tool (Messages API "Web search tool"); results pass through unchanged.
+        tools.push(json!({ "type": "web_search_20250305", "name": "web_search", "max_uses": 5 }));
+    }
+    if !tools.is_empty() {
+        request["tools"] = Value::Array(tools);
+    }
+    if ctx.settings.thinking_budget_tokens > 0 {
+        request["thinking"] =
+            json!({ "type": "enabled", "budget_tokens": ctx.settings.thinking_budget_tokens });
+    }
+    Ok(request)
+}
+
+/// Appends a turn of `role` with `blocks`.
+pub fn append_blocks(request: &mut Value, role: &str, blocks: Vec<Value>) {
+    if let Some(messages) = request.get_mut("messages").and_then(Value::as_array_mut) {
+        messages.push(json!({ "role": role, "content": blocks }));
+    }
 }
 
 /// Appends the assistant's turn and, if given, a user turn, so that the
