@@ -4,10 +4,7 @@ use shared::config::{BrokerArgs, LogArgs};
 
 /// Everything the billing-worker needs.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(
-    name = "billing-worker",
-    about = "Applies billing events to the double-entry ledger exactly once."
-)]
+#[command(name = "billing-worker", about = "Applies billing events to the double-entry ledger exactly once.")]
 pub struct Settings {
     /// What to do (default: consume billing events).
     #[command(subcommand)]

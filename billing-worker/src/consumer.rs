@@ -44,11 +44,7 @@ pub enum Decision {
 }
 
 /// Maps a result to a decision; `attempt` counts earlier deliveries (0 first).
-pub fn decide(
-    result: &Result<Applied, LedgerError>,
-    attempt: i64,
-    retry_queues: usize,
-) -> Decision {
+pub fn decide(result: &Result<Applied, LedgerError>, attempt: i64, retry_queues: usize) -> Decision {
     match result {
         Ok(_) => Decision::Ack,
         Err(e) if e.is_transient() => {
@@ -81,10 +77,7 @@ pub async fn run(ctx: BillingContext, shutdown: CancellationToken) {
     }
 }
 
-async fn consume(
-    ctx: &BillingContext,
-    shutdown: &CancellationToken,
-) -> Result<(), amqp::BrokerError> {
+async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
     let conn = amqp::connect(&ctx.amqp_url, "billing-worker", Duration::from_secs(5)).await?;
     let ch = amqp::consumer_channel(&conn, ctx.prefetch).await?;
     ctx.topology.declare(&ch).await?;
@@ -113,10 +106,7 @@ async fn consume(
             None => return Err(amqp::BrokerError::Nacked),
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
     Ok(())
 }
 
@@ -125,16 +115,8 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
     let attempt = attempt_of(&d.properties);
     let parsed: Result<BillingEvent, _> = serde_json::from_slice(&d.data);
     let (event_id, result) = match &parsed {
-        Ok(event) => (
-            Some(event.event_id()),
-            ledger::apply_event(&ctx.db, event).await,
-        ),
-        Err(e) => (
-            None,
-            Err(LedgerError::Invalid(format!(
-                "malformed billing event: {e}"
-            ))),
-        ),
+        Ok(event) => (Some(event.event_id()), ledger::apply_event(&ctx.db, event).await),
+        Err(e) => (None, Err(LedgerError::Invalid(format!("malformed billing event: {e}")))),
     };
     match &result {
         Ok(Applied::Applied) => tracing::info!(event_id = ?event_id, "billing event applied"),
@@ -148,21 +130,14 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
     let decision = decide(&result, attempt, ctx.topology.billing_retry_delays_ms.len());
     let settled = match decision {
         Decision::Ack => Ok(()),
-        Decision::Retry(n) => {
-            republish(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1).await
-        }
+        Decision::Retry(n) => republish(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1).await,
         Decision::DeadLetter(reason) => dead_letter(ctx, &d, event_id, attempt + 1, &reason).await,
     };
     let acked = match settled {
         Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
         Err(e) => {
             tracing::warn!(error.message = %e, "could not move the event; requeueing");
-            d.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
+            d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
         }
     };
     if let Err(e) = acked {
@@ -170,12 +145,7 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
     }
 }
 
-async fn republish(
-    ctx: &BillingContext,
-    d: &Delivery,
-    queue: &str,
-    attempt: i64,
-) -> Result<(), amqp::BrokerError> {
+async fn republish(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64) -> Result<(), amqp::BrokerError> {
     let id = d.properties.message_id().as_ref().map(|m| m.to_string());
     ctx.publisher
         .publish(Outgoing {
@@ -198,8 +168,7 @@ async fn dead_letter(
 ) -> Result<(), amqp::BrokerError> {
     republish(ctx, d, &ctx.topology.billing_dead_queue(), attempts).await?;
     let payload: Option<serde_json::Value> = serde_json::from_slice(&d.data).ok();
-    let key = event_id
-        .unwrap_or_else(|| uuid::Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, &d.data));
+    let key = event_id.unwrap_or_else(|| uuid::Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, &d.data));
     let recorded = sqlx::query(
         "INSERT INTO billing_failures (event_id, attempts, last_error, payload, dead_lettered_at)
          VALUES ($1, $2, $3, $4, now())
@@ -226,8 +195,7 @@ mod tests {
 
     #[test]
     fn transient_errors_walk_the_delay_queues_then_dead_letter() {
-        let transient: Result<Applied, LedgerError> =
-            Err(LedgerError::Db(sqlx::Error::PoolTimedOut));
+        let transient: Result<Applied, LedgerError> = Err(LedgerError::Db(sqlx::Error::PoolTimedOut));
         assert_eq!(decide(&transient, 0, 5), Decision::Retry(0));
         assert_eq!(decide(&transient, 4, 5), Decision::Retry(4));
         assert!(matches!(decide(&transient, 5, 5), Decision::DeadLetter(_)));

@@ -33,16 +33,7 @@ impl LedgerError {
             Self::Db(sqlx::Error::Database(e)) => {
                 matches!(
                     e.code().as_deref(),
-                    Some(
-                        "40001"
-                            | "40P01"
-                            | "55P03"
-                            | "57014"
-                            | "53300"
-                            | "08006"
-                            | "08003"
-                            | "57P01"
-                    )
+                    Some("40001" | "40P01" | "55P03" | "57014" | "53300" | "08006" | "08003" | "57P01")
                 )
             }
             Self::Db(_) => true,
@@ -137,10 +128,7 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
         ),
     };
     if postings.iter().any(|p| p.amount.is_sign_negative()) {
-        return Err(LedgerError::Invalid(format!(
-            "negative amount in event {}",
-            event.event_id()
-        )));
+        return Err(LedgerError::Invalid(format!("negative amount in event {}", event.event_id())));
     }
     Ok((postings, meta))
 }
@@ -157,12 +145,14 @@ pub async fn apply_postings(
     postings: &[Posting],
     meta: &EntryMeta,
 ) -> Result<Applied, LedgerError> {
-    let first = sqlx::query("INSERT INTO applied_events (event_id, kind, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
-        .bind(event_id)
-        .bind(kind)
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
+    let first = sqlx::query(
+        "INSERT INTO applied_events (event_id, kind, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(kind)
+    .bind(payload)
+    .execute(&mut **tx)
+    .await?;
     if first.rows_affected() == 0 {
         return Ok(Applied::Duplicate);
     }
@@ -193,12 +183,11 @@ pub async fn apply_postings(
         .execute(&mut **tx)
         .await?;
         for (account, delta) in [(&p.debit, -p.amount), (&p.credit, p.amount)] {
-            let moved =
-                sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE account_id = $1")
-                    .bind(account)
-                    .bind(delta)
-                    .execute(&mut **tx)
-                    .await?;
+            let moved = sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE account_id = $1")
+                .bind(account)
+                .bind(delta)
+                .execute(&mut **tx)
+                .await?;
             if moved.rows_affected() != 1 {
                 return Err(LedgerError::Invalid(format!("unknown account {account}")));
             }
@@ -214,14 +203,9 @@ pub async fn apply_postings(
 pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, LedgerError> {
     let (postings, meta) = postings(event)?;
     let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-    let kind = payload
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_owned();
+    let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned();
     let mut tx = db.begin().await?;
-    let applied =
-        apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
+    let applied = apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         tx.commit().await?;
     }
@@ -232,28 +216,13 @@ pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, L
 ///
 /// # Errors
 /// `Invalid` for a non-positive amount; database errors.
-pub async fn grant(
-    db: &PgPool,
-    user_id: i64,
-    amount: Decimal,
-    event_id: Uuid,
-) -> Result<Applied, LedgerError> {
+pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -> Result<Applied, LedgerError> {
     if amount <= Decimal::ZERO {
         return Err(LedgerError::Invalid("a grant must be positive".into()));
     }
-    let payload =
-        serde_json::json!({ "type": "grant.v1", "user_id": user_id, "amount": amount.to_string() });
-    let postings = [Posting {
-        debit: "system:payments".into(),
-        credit: user_account(user_id),
-        amount,
-        kind: "grant",
-    }];
-    let meta = EntryMeta {
-        user_id: Some(user_id),
-        memo: Some("grant".into()),
-        ..Default::default()
-    };
+    let payload = serde_json::json!({ "type": "grant.v1", "user_id": user_id, "amount": amount.to_string() });
+    let postings = [Posting { debit: "system:payments".into(), credit: user_account(user_id), amount, kind: "grant" }];
+    let meta = EntryMeta { user_id: Some(user_id), memo: Some("grant".into()), ..Default::default() };
     let mut tx = db.begin().await?;
     let applied = apply_postings(&mut tx, event_id, "grant.v1", &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
@@ -267,9 +236,7 @@ pub async fn grant(
 /// # Errors
 /// Database errors.
 pub async fn balance(db: &PgPool, user_id: i64) -> Result<Decimal, sqlx::Error> {
-    let b: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1")
-        .bind(user_id)
-        .fetch_optional(db)
-        .await?;
+    let b: Option<Decimal> =
+        sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1").bind(user_id).fetch_optional(db).await?;
     Ok(b.unwrap_or_default())
 }

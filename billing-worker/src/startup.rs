@@ -21,39 +21,24 @@ use tokio_util::sync::CancellationToken;
 /// # Errors
 /// Start-up failures and CLI errors, with context.
 pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = shared::db::pool(
-        &settings.billing_database_url,
-        settings.database_max_connections,
-        Duration::from_secs(5),
-    )
-    .context("BILLING_DATABASE_URL")?;
+    let db =
+        shared::db::pool(&settings.billing_database_url, settings.database_max_connections, Duration::from_secs(5))
+            .context("BILLING_DATABASE_URL")?;
     match settings.command.clone().unwrap_or(Command::Run) {
         Command::Migrate => {
-            shared::db::migrate_billing(&db)
-                .await
-                .context("migrating the billing database")?;
+            shared::db::migrate_billing(&db).await.context("migrating the billing database")?;
             tracing::info!("billing migrations applied");
         }
-        Command::Grant {
-            user,
-            usd,
-            idempotency_key,
-        } => {
-            let amount: Decimal = usd
-                .trim()
-                .parse()
-                .with_context(|| format!("--usd {usd:?} is not a decimal amount"))?;
+        Command::Grant { user, usd, idempotency_key } => {
+            let amount: Decimal =
+                usd.trim().parse().with_context(|| format!("--usd {usd:?} is not a decimal amount"))?;
             let event_id = match &idempotency_key {
                 Some(k) => shared::contracts::grant_event_id(k),
                 None => uuid::Uuid::now_v7(),
             };
             let applied = ledger::grant(&db, user, amount, event_id).await?;
             let balance = ledger::balance(&db, user).await?;
-            let what = if applied == Applied::Applied {
-                "granted"
-            } else {
-                "already granted (same idempotency key)"
-            };
+            let what = if applied == Applied::Applied { "granted" } else { "already granted (same idempotency key)" };
             report(&format!("{what}: user {user} balance {balance} USD"));
         }
         Command::Balance { user } => {

@@ -15,10 +15,7 @@ pub enum Mode {
 
 /// Everything the ingress needs.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(
-    name = "ingress",
-    about = "Telegram updates in, RabbitMQ messages out (publisher confirms)."
-)]
+#[command(name = "ingress", about = "Telegram updates in, RabbitMQ messages out (publisher confirms).")]
 pub struct Settings {
     /// webhook or polling.
     #[arg(long, env = "INGRESS_MODE", value_enum, default_value = "webhook")]
@@ -27,27 +24,13 @@ pub struct Settings {
     #[arg(long, env = "INGRESS_BIND", default_value = "0.0.0.0:8080")]
     pub bind: SocketAddr,
     /// Value Telegram sends in X-Telegram-Bot-Api-Secret-Token (setWebhook secret_token).
-    #[arg(
-        long,
-        env = "TELEGRAM_WEBHOOK_SECRET",
-        default_value = "",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "TELEGRAM_WEBHOOK_SECRET", default_value = "", hide_env_values = true)]
     pub webhook_secret: Secret,
     /// Bot token (polling mode).
-    #[arg(
-        long,
-        env = "TELEGRAM_BOT_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
     pub bot_token: Secret,
     /// Bot API base URL.
-    #[arg(
-        long,
-        env = "TELEGRAM_API_URL",
-        default_value = "https://api.telegram.org"
-    )]
+    #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
     pub telegram_api_url: String,
     /// Largest accepted webhook body, bytes (larger → 413).
     #[arg(long, env = "INGRESS_MAX_BODY_BYTES", default_value_t = 1_048_576)]
@@ -73,13 +56,10 @@ impl Settings {
     /// A message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         match self.mode {
-            Mode::Webhook if self.webhook_secret.expose().len() < 8 => Err(
-                "TELEGRAM_WEBHOOK_SECRET must be set (at least 8 characters) in webhook mode"
-                    .into(),
-            ),
-            Mode::Polling if self.bot_token.is_empty() => {
-                Err("TELEGRAM_BOT_TOKEN must be set in polling mode".into())
+            Mode::Webhook if self.webhook_secret.expose().len() < 8 => {
+                Err("TELEGRAM_WEBHOOK_SECRET must be set (at least 8 characters) in webhook mode".into())
             }
+            Mode::Polling if self.bot_token.is_empty() => Err("TELEGRAM_BOT_TOKEN must be set in polling mode".into()),
             _ if self.max_body_bytes == 0 => Err("INGRESS_MAX_BODY_BYTES must be positive".into()),
             _ => Ok(()),
         }

@@ -10,8 +10,5 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(settings.log.log_format);
     let shutdown = CancellationToken::new();
     shared::shutdown::on_signal(shutdown.clone());
-    App::build(settings)
-        .await?
-        .run_until_stopped(shutdown)
-        .await
+    App::build(settings).await?.run_until_stopped(shutdown).await
 }

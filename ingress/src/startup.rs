@@ -88,9 +88,7 @@ impl App {
     /// Invalid settings or a bind failure.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(settings.bind)
-            .await
-            .with_context(|| format!("binding {}", settings.bind))?;
+        let listener = TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
         let forwarder = Arc::new(Forwarder::new(
             &settings.broker.amqp_url,
             &settings.broker.amqp_prefix,
@@ -99,11 +97,7 @@ impl App {
         if let Err(e) = forwarder.ensure_ready().await {
             tracing::warn!(error.message = %e, "broker not reachable at start; answering 503 until it is");
         }
-        Ok(Self {
-            listener,
-            settings,
-            forwarder,
-        })
+        Ok(Self { listener, settings, forwarder })
     }
 
     /// The bound port (tests bind port 0).
@@ -116,14 +110,11 @@ impl App {
     /// # Errors
     /// A server or Bot API client error.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let state = WebState {
-            forwarder: self.forwarder.clone(),
-            secret: self.settings.webhook_secret.clone(),
-        };
+        let state = WebState { forwarder: self.forwarder.clone(), secret: self.settings.webhook_secret.clone() };
         let app = router(state, self.settings.max_body_bytes);
         let server_stop = shutdown.clone();
-        let server = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await });
+        let server =
+            axum::serve(self.listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await });
         tracing::info!(mode = ?self.settings.mode, "ingress running");
         match self.settings.mode {
             Mode::Webhook => server.await.context("http server")?,
@@ -134,12 +125,7 @@ impl App {
                     Duration::from_secs(u64::from(self.settings.poll_timeout_s) + 10),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let poll = crate::polling::run(
-                    bot,
-                    &self.forwarder,
-                    self.settings.poll_timeout_s,
-                    shutdown.clone(),
-                );
+                let poll = crate::polling::run(bot, &self.forwarder, self.settings.poll_timeout_s, shutdown.clone());
                 let (served, ()) = tokio::join!(server, poll);
                 served.context("http server")?;
             }

@@ -44,11 +44,7 @@ fn secret_matches(headers: &HeaderMap, expected: &Secret) -> bool {
     !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes()))
 }
 
-async fn webhook(
-    State(state): State<WebState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, &'static str) {
+async fn webhook(State(state): State<WebState>, headers: HeaderMap, body: Bytes) -> (StatusCode, &'static str) {
     if !secret_matches(&headers, &state.secret) {
         tracing::warn!(reason = "bad_secret", "webhook rejected");
         return (StatusCode::UNAUTHORIZED, "unauthorized");

@@ -5,13 +5,11 @@
 //! runs can share one broker without seeing each other's messages.
 
 use lapin::options::{
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -96,17 +94,9 @@ impl Topology {
     }
     /// Every queue name, for tests and the demo to purge or delete.
     pub fn all_queues(&self) -> Vec<String> {
-        let mut q = vec![
-            self.updates_queue(),
-            self.updates_dead_queue(),
-            self.billing_queue(),
-            self.billing_dead_queue(),
-        ];
-        q.extend(
-            self.update_retry_delays_ms
-                .iter()
-                .map(|&ms| self.updates_retry_queue(ms)),
-        );
+        let mut q =
+            vec![self.updates_queue(), self.updates_dead_queue(), self.billing_queue(), self.billing_dead_queue()];
+        q.extend(self.update_retry_delays_ms.iter().map(|&ms| self.updates_retry_queue(ms)));
         q.extend((0..self.billing_retry_delays_ms.len()).map(|n| self.billing_retry_queue(n)));
         q
     }
@@ -116,72 +106,26 @@ impl Topology {
     /// # Errors
     /// [`BrokerError::Amqp`], e.g. when a queue exists with other arguments.
     pub async fn declare(&self, ch: &Channel) -> Result<(), BrokerError> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.exchange_declare(
-            self.updates_exchange().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            self.control_exchange().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        ch.exchange_declare(
-            self.billing_exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.updates_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.control_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await?;
+        ch.exchange_declare(self.billing_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default())
+            .await?;
 
         declare_classic(ch, &self.updates_dead_queue(), FieldTable::default()).await?;
-        declare_quorum(
-            ch,
-            &self.updates_queue(),
-            self.delivery_limit,
-            &self.updates_dead_queue(),
-        )
-        .await?;
+        declare_quorum(ch, &self.updates_queue(), self.delivery_limit, &self.updates_dead_queue()).await?;
         bind(ch, &self.updates_queue(), &self.updates_exchange(), "#").await?;
         for &ms in &self.update_retry_delays_ms {
-            declare_classic(
-                ch,
-                &self.updates_retry_queue(ms),
-                delay_args(ms, &self.updates_queue()),
-            )
-            .await?;
+            declare_classic(ch, &self.updates_retry_queue(ms), delay_args(ms, &self.updates_queue())).await?;
         }
 
         declare_classic(ch, &self.billing_dead_queue(), FieldTable::default()).await?;
-        declare_quorum(
-            ch,
-            &self.billing_queue(),
-            self.delivery_limit,
-            &self.billing_dead_queue(),
-        )
-        .await?;
-        bind(
-            ch,
-            &self.billing_queue(),
-            &self.billing_exchange(),
-            BILLING_ROUTING_KEY,
-        )
-        .await?;
+        declare_quorum(ch, &self.billing_queue(), self.delivery_limit, &self.billing_dead_queue()).await?;
+        bind(ch, &self.billing_queue(), &self.billing_exchange(), BILLING_ROUTING_KEY).await?;
         for (n, &ms) in self.billing_retry_delays_ms.iter().enumerate() {
-            declare_classic(
-                ch,
-                &self.billing_retry_queue(n),
-                delay_args(ms, &self.billing_queue()),
-            )
-            .await?;
+            declare_classic(ch, &self.billing_retry_queue(n), delay_args(ms, &self.billing_queue())).await?;
         }
         Ok(())
     }
@@ -198,57 +142,34 @@ fn str_value(s: &str) -> AMQPValue {
 /// through the default exchange, to `target`.
 fn delay_args(ms: u64, target: &str) -> FieldTable {
     let mut t = FieldTable::default();
-    t.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
-    );
+    t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)));
     t.insert("x-dead-letter-exchange".into(), str_value(""));
     t.insert("x-dead-letter-routing-key".into(), str_value(target));
     t
 }
 
 async fn declare_classic(ch: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(name.into(), opts, args).await?;
     Ok(())
 }
 
 /// A durable quorum queue with an explicit delivery limit (RabbitMQ 3.10 has
 /// no default; 4.x defaults to 20) dead-lettering to `dead`.
-async fn declare_quorum(
-    ch: &Channel,
-    name: &str,
-    delivery_limit: i64,
-    dead: &str,
-) -> Result<(), BrokerError> {
+async fn declare_quorum(ch: &Channel, name: &str, delivery_limit: i64, dead: &str) -> Result<(), BrokerError> {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), str_value("quorum"));
-    args.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(delivery_limit),
-    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(delivery_limit));
     args.insert("x-dead-letter-exchange".into(), str_value(""));
     args.insert("x-dead-letter-routing-key".into(), str_value(dead));
-    let opts = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(name.into(), opts, args).await?;
     Ok(())
 }
 
 async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
-    ch.queue_bind(
-        queue.into(),
-        exchange.into(),
-        key.into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+        .await?;
     Ok(())
 }
 
@@ -307,12 +228,7 @@ pub struct ConfirmPublisher {
 impl ConfirmPublisher {
     /// A publisher that connects lazily to `url`.
     pub fn new(url: &str, name: &str, confirm_timeout: Duration) -> Self {
-        Self {
-            url: url.to_owned(),
-            name: name.to_owned(),
-            confirm_timeout,
-            state: Mutex::new(None),
-        }
+        Self { url: url.to_owned(), name: name.to_owned(), confirm_timeout, state: Mutex::new(None) }
     }
 
     async fn channel(&self) -> Result<Channel, BrokerError> {
@@ -333,9 +249,7 @@ impl ConfirmPublisher {
     /// True when the last publish left a live connection (for readiness).
     pub async fn is_connected(&self) -> bool {
         let guard = self.state.lock().await;
-        guard
-            .as_ref()
-            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
+        guard.as_ref().is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
     }
 
     /// Ensures a connection exists now (used at start-up and by readiness).
@@ -362,9 +276,7 @@ impl ConfirmPublisher {
 
     async fn publish_once(&self, msg: &Outgoing<'_>) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
-        let mut props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(msg.content_type.into());
+        let mut props = BasicProperties::default().with_delivery_mode(2).with_content_type(msg.content_type.into());
         if let Some(id) = msg.message_id {
             props = props.with_message_id(id.into());
         }
@@ -373,21 +285,14 @@ impl ConfirmPublisher {
             h.insert("x-attempt".into(), AMQPValue::LongLongInt(attempt));
             props = props.with_headers(h);
         }
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
+        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let exchange: ShortString = msg.exchange.into();
-        let confirm = ch
-            .basic_publish(exchange, msg.routing_key.into(), opts, msg.body, props)
-            .await?;
+        let confirm = ch.basic_publish(exchange, msg.routing_key.into(), opts, msg.body, props).await?;
         match tokio::time::timeout(self.confirm_timeout, confirm).await {
             Err(_) => Err(BrokerError::ConfirmTimeout(self.confirm_timeout)),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(ret)))) => {
-                Err(BrokerError::Returned(ret.reply_text.to_string()))
-            }
+            Ok(Ok(Confirmation::Ack(Some(ret)))) => Err(BrokerError::Returned(ret.reply_text.to_string())),
             Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nacked),
             Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Nacked),
         }

@@ -7,12 +7,7 @@ use crate::telemetry::LogFormat;
 #[derive(Clone, Debug, clap::Args)]
 pub struct BrokerArgs {
     /// AMQP URL of RabbitMQ (may contain a password; never logged).
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name (isolates tests and demo runs).
     #[arg(long, env = "AMQP_PREFIX", default_value = "")]
@@ -49,8 +44,6 @@ pub struct DatabaseArgs {
 impl DatabaseArgs {
     /// The billing database URL, falling back to the bot database.
     pub fn billing_url(&self) -> &str {
-        self.billing_database_url
-            .as_deref()
-            .unwrap_or(&self.database_url)
+        self.billing_database_url.as_deref().unwrap_or(&self.database_url)
     }
 }

@@ -20,18 +20,12 @@ pub fn usage_event_id(job_id: Uuid, seq: i32) -> Uuid {
 
 /// The event id of the charge of tool call `tool_use_id` of `job_id`.
 pub fn tool_event_id(job_id: Uuid, tool_use_id: &str) -> Uuid {
-    Uuid::new_v5(
-        &EVENT_NAMESPACE,
-        format!("tool:{job_id}:{tool_use_id}").as_bytes(),
-    )
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("tool:{job_id}:{tool_use_id}").as_bytes())
 }
 
 /// The event id of a grant made with an idempotency key.
 pub fn grant_event_id(idempotency_key: &str) -> Uuid {
-    Uuid::new_v5(
-        &EVENT_NAMESPACE,
-        format!("grant:{idempotency_key}").as_bytes(),
-    )
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("grant:{idempotency_key}").as_bytes())
 }
 
 /// A billing event, published by the outbox relay, applied once by the

@@ -15,10 +15,7 @@ use std::time::Duration;
 /// `sqlx::Error::Configuration` when the URL does not parse.
 pub fn pool(url: &str, max: u32, acquire_timeout: Duration) -> Result<PgPool, sqlx::Error> {
     let opts = PgConnectOptions::from_str(url)?.application_name("claude-fleet");
-    Ok(PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(acquire_timeout)
-        .connect_lazy_with(opts))
+    Ok(PgPoolOptions::new().max_connections(max).acquire_timeout(acquire_timeout).connect_lazy_with(opts))
 }
 
 fn bot_migrator() -> Migrator {

@@ -7,9 +7,7 @@ use std::fmt;
 
 /// An amount of US dollars, exact to 28 significant digits. Not rounded:
 /// rounding happens only for display ([`Usd::display_cents`]).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Usd(#[serde(with = "rust_decimal::serde::str")] pub Decimal);
 

@@ -119,10 +119,8 @@ impl PriceTable {
     /// # Errors
     /// [`PricingError::Read`], [`PricingError::Parse`] or [`PricingError::Invalid`].
     pub fn load(path: &Path) -> Result<Self, PricingError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PricingError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PricingError::Read { path: path.display().to_string(), source })?;
         Self::parse(&text)
     }
 
@@ -133,34 +131,19 @@ impl PriceTable {
     pub fn parse(text: &str) -> Result<Self, PricingError> {
         let table: PriceTable = toml::from_str(text)?;
         if table.currency != "USD" {
-            return Err(PricingError::Invalid(format!(
-                "currency must be USD, not {}",
-                table.currency
-            )));
+            return Err(PricingError::Invalid(format!("currency must be USD, not {}", table.currency)));
         }
         if table.markup.is_sign_negative() {
             return Err(PricingError::Invalid("markup is negative".into()));
         }
         for m in &table.models {
-            let rates = [
-                m.input,
-                m.output,
-                m.cache_write_5m,
-                m.cache_write_1h,
-                m.cache_read,
-                m.web_search_per_1k,
-            ];
+            let rates = [m.input, m.output, m.cache_write_5m, m.cache_write_1h, m.cache_read, m.web_search_per_1k];
             if rates.iter().any(|r| r.is_sign_negative()) {
-                return Err(PricingError::Invalid(format!(
-                    "negative rate for {}",
-                    m.model_prefix
-                )));
+                return Err(PricingError::Invalid(format!("negative rate for {}", m.model_prefix)));
             }
         }
         if let Some((name, _)) = table.tools.iter().find(|(_, p)| p.is_sign_negative()) {
-            return Err(PricingError::Invalid(format!(
-                "negative price for tool {name}"
-            )));
+            return Err(PricingError::Invalid(format!("negative price for tool {name}")));
         }
         Ok(table)
     }
@@ -179,25 +162,14 @@ impl PriceTable {
     ///
     /// # Errors
     /// [`PricingError::UnknownModel`] when no row matches.
-    pub fn price_call(
-        &self,
-        model: &str,
-        on: NaiveDate,
-        t: &TokenCounts,
-    ) -> Result<Priced, PricingError> {
-        let row = self
-            .row_for(model, on)
-            .ok_or_else(|| PricingError::UnknownModel {
-                model: model.to_owned(),
-                on,
-            })?;
+    pub fn price_call(&self, model: &str, on: NaiveDate, t: &TokenCounts) -> Result<Priced, PricingError> {
+        let row = self.row_for(model, on).ok_or_else(|| PricingError::UnknownModel { model: model.to_owned(), on })?;
         let tokens = Decimal::from(t.input) * row.input
             + Decimal::from(t.output) * row.output
             + Decimal::from(t.cache_write_5m) * row.cache_write_5m
             + Decimal::from(t.cache_write_1h) * row.cache_write_1h
             + Decimal::from(t.cache_read) * row.cache_read;
-        let cost = tokens / PER_MILLION
-            + Decimal::from(t.web_search_requests) * row.web_search_per_1k / PER_THOUSAND;
+        let cost = tokens / PER_MILLION + Decimal::from(t.web_search_requests) * row.web_search_per_1k / PER_THOUSAND;
         Ok(Priced {
             provider_cost: Usd(cost.normalize()),
             user_charge: Usd((cost * self.markup).normalize()),
@@ -217,10 +189,7 @@ mod tests {
     use super::*;
 
     fn fixture_table() -> PriceTable {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/prices.toml"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/prices.toml");
         PriceTable::load(Path::new(path)).unwrap()
     }
 
@@ -231,28 +200,16 @@ mod tests {
     #[test]
     fn one_hour_cache_write_is_priced_at_twice_input() {
         // cache_write_1h.sse: 35 input, 2100 1-hour writes, 80 output.
-        let t = TokenCounts {
-            input: 35,
-            cache_write_1h: 2100,
-            output: 80,
-            ..Default::default()
-        };
-        let p = fixture_table()
-            .price_call("claude-sonnet-4-5-20250929", day(), &t)
-            .unwrap();
+        let t = TokenCounts { input: 35, cache_write_1h: 2100, output: 80, ..Default::default() };
+        let p = fixture_table().price_call("claude-sonnet-4-5-20250929", day(), &t).unwrap();
         assert_eq!(p.provider_cost.to_string(), "0.013905");
         assert_eq!(p.user_charge.to_string(), "0.0208575");
     }
 
     #[test]
     fn web_searches_are_ten_dollars_per_thousand() {
-        let t = TokenCounts {
-            web_search_requests: 1,
-            ..Default::default()
-        };
-        let p = fixture_table()
-            .price_call("claude-haiku-4-5", day(), &t)
-            .unwrap();
+        let t = TokenCounts { web_search_requests: 1, ..Default::default() };
+        let p = fixture_table().price_call("claude-haiku-4-5", day(), &t).unwrap();
         assert_eq!(p.provider_cost.to_string(), "0.01");
     }
 
@@ -269,28 +226,16 @@ mod tests {
         newer.effective_from = NaiveDate::from_ymd_opt(2027, 1, 1).unwrap();
         newer.input = Decimal::from(100);
         t.models.push(newer);
-        let counts = TokenCounts {
-            input: 1_000_000,
-            ..Default::default()
-        };
+        let counts = TokenCounts { input: 1_000_000, ..Default::default() };
         let now = t.price_call("claude-sonnet-4-5", day(), &counts).unwrap();
         assert_eq!(now.provider_cost.to_string(), "3");
-        let later = t
-            .price_call(
-                "claude-sonnet-4-5",
-                NaiveDate::from_ymd_opt(2027, 2, 1).unwrap(),
-                &counts,
-            )
-            .unwrap();
+        let later = t.price_call("claude-sonnet-4-5", NaiveDate::from_ymd_opt(2027, 2, 1).unwrap(), &counts).unwrap();
         assert_eq!(later.provider_cost.to_string(), "100");
     }
 
     #[test]
     fn a_negative_markup_is_rejected() {
         let text = "currency = \"USD\"\nmarkup = \"-1\"\nmodels = []\n";
-        assert!(matches!(
-            PriceTable::parse(text),
-            Err(PricingError::Invalid(_))
-        ));
+        assert!(matches!(PriceTable::parse(text), Err(PricingError::Invalid(_))));
     }
 }

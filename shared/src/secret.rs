@@ -72,10 +72,7 @@ mod tests {
     fn scrub_removes_the_secret_from_urls() {
         let s = Secret::new("123:tok");
         assert_eq!(
-            scrub(
-                "error sending request for url (http://x/bot123:tok/sendMessage)",
-                &s
-            ),
+            scrub("error sending request for url (http://x/bot123:tok/sendMessage)", &s),
             "error sending request for url (http://x/bot[redacted]/sendMessage)"
         );
     }

@@ -67,20 +67,13 @@ impl ScriptedResponse {
 
     /// A response replaying `sse` (raw SSE body bytes), with no delay or stall.
     pub fn from_sse(sse: impl Into<Bytes>) -> Self {
-        Self {
-            sse: Some(sse.into()),
-            ..Self::default()
-        }
+        Self { sse: Some(sse.into()), ..Self::default() }
     }
 
     /// A response that is an HTTP error with Anthropic's error body, and a
     /// `retry-after` header when `retry_after_s` is given.
     pub fn http_error(status: u16, retry_after_s: Option<u64>) -> Self {
-        Self {
-            http_status: Some(status),
-            retry_after_s,
-            ..Self::default()
-        }
+        Self { http_status: Some(status), retry_after_s, ..Self::default() }
     }
 }
 
@@ -166,8 +159,7 @@ impl Shared {
     }
 
     fn notify(&self) {
-        self.changed
-            .send_modify(|version| *version = version.wrapping_add(1));
+        self.changed.send_modify(|version| *version = version.wrapping_add(1));
     }
 }
 
@@ -192,19 +184,13 @@ impl FakeAnthropic {
             .with_state(Arc::clone(&shared));
         let stop = shared.shutdown.clone();
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
             if let Err(error) = served {
                 tracing::error!(error.message = %error, "fake Anthropic server failed");
             }
         });
         tracing::debug!(%local_addr, "fake Anthropic listening");
-        Ok(Self {
-            shared,
-            local_addr,
-            server: Some(server),
-        })
+        Ok(Self { shared, local_addr, server: Some(server) })
     }
 
     /// The address the server listens on.
@@ -256,11 +242,7 @@ impl FakeAnthropic {
 
     /// Waits until `pred` holds over the calls so far (re-checked after every
     /// change: a new call, an event sent, a stream ended); `false` on timeout.
-    pub async fn wait_until(
-        &self,
-        pred: impl Fn(&[RecordedCall]) -> bool,
-        timeout: Duration,
-    ) -> bool {
+    pub async fn wait_until(&self, pred: impl Fn(&[RecordedCall]) -> bool, timeout: Duration) -> bool {
         // Subscribing before the first check means no change is missed.
         let mut changes = self.shared.changed.subscribe();
         let wait = async {

@@ -114,45 +114,26 @@ pub struct Fault {
 impl Default for Fault {
     /// A single `429` on the first call of any method.
     fn default() -> Self {
-        Self {
-            methods: vec!["*".to_owned()],
-            nth: 1,
-            status: 429,
-            retry_after: None,
-            description: None,
-            times: 1,
-        }
+        Self { methods: vec!["*".to_owned()], nth: 1, status: 429, retry_after: None, description: None, times: 1 }
     }
 }
 
 impl Fault {
     fn matches(&self, method: &str) -> bool {
-        self.methods
-            .iter()
-            .any(|m| m == "*" || m.eq_ignore_ascii_case(method))
+        self.methods.iter().any(|m| m == "*" || m.eq_ignore_ascii_case(method))
     }
 
     fn to_error(&self) -> ApiError {
-        let description = self
-            .description
-            .clone()
-            .unwrap_or_else(|| match self.status {
-                429 => format!(
-                    "Too Many Requests: retry after {}",
-                    self.retry_after.unwrap_or(1)
-                ),
-                403 => "Forbidden: bot was blocked by the user".to_owned(),
-                400 => "Bad Request".to_owned(),
-                401 => "Unauthorized".to_owned(),
-                409 => "Conflict".to_owned(),
-                502 => "Bad Gateway".to_owned(),
-                _ => "Internal Server Error".to_owned(),
-            });
-        ApiError {
-            status: self.status,
-            description,
-            retry_after: self.retry_after,
-        }
+        let description = self.description.clone().unwrap_or_else(|| match self.status {
+            429 => format!("Too Many Requests: retry after {}", self.retry_after.unwrap_or(1)),
+            403 => "Forbidden: bot was blocked by the user".to_owned(),
+            400 => "Bad Request".to_owned(),
+            401 => "Unauthorized".to_owned(),
+            409 => "Conflict".to_owned(),
+            502 => "Bad Gateway".to_owned(),
+            _ => "Internal Server Error".to_owned(),
+        });
+        ApiError { status: self.status, description, retry_after: self.retry_after }
     }
 }
 
@@ -190,8 +171,7 @@ impl Shared {
     }
 
     fn notify(&self) {
-        self.changed
-            .send_modify(|version| *version = version.wrapping_add(1));
+        self.changed.send_modify(|version| *version = version.wrapping_add(1));
     }
 }
 
@@ -215,19 +195,13 @@ impl FakeTelegram {
             .with_state(Arc::clone(&shared));
         let stop = shared.shutdown.clone();
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
             if let Err(error) = served {
                 tracing::error!(error.message = %error, "fake Telegram server failed");
             }
         });
         tracing::debug!(%local_addr, "fake Telegram listening");
-        Ok(Self {
-            shared,
-            local_addr,
-            server: Some(server),
-        })
+        Ok(Self { shared, local_addr, server: Some(server) })
     }
 
     /// The address the server listens on.

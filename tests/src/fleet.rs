@@ -46,36 +46,19 @@ impl Databases {
     /// # Errors
     /// Connection, creation or migration failures.
     pub async fn create(services: &Services, stem: &str) -> anyhow::Result<Self> {
-        let mut admin = PgConnection::connect(&services.postgres_url)
-            .await
-            .context("connecting to PostgreSQL")?;
+        let mut admin = PgConnection::connect(&services.postgres_url).await.context("connecting to PostgreSQL")?;
         let names = vec![format!("{stem}_bot"), format!("{stem}_billing")];
         for n in &names {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
-                .execute(&mut admin)
-                .await?;
-            sqlx::query(&format!("CREATE DATABASE \"{n}\""))
-                .execute(&mut admin)
-                .await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut admin).await?;
+            sqlx::query(&format!("CREATE DATABASE \"{n}\"")).execute(&mut admin).await?;
         }
         let bot_url = with_database(&services.postgres_url, &names[0])?;
         let billing_url = with_database(&services.postgres_url, &names[1])?;
         let bot = shared::db::pool(&bot_url, 5, Duration::from_secs(5))?;
         let billing = shared::db::pool(&billing_url, 5, Duration::from_secs(5))?;
-        shared::db::migrate_bot(&bot)
-            .await
-            .context("migrating the bot database")?;
-        shared::db::migrate_billing(&billing)
-            .await
-            .context("migrating the billing database")?;
-        Ok(Self {
-            bot_url,
-            billing_url,
-            bot,
-            billing,
-            names,
-            admin_url: services.postgres_url.clone(),
-        })
+        shared::db::migrate_bot(&bot).await.context("migrating the bot database")?;
+        shared::db::migrate_billing(&billing).await.context("migrating the billing database")?;
+        Ok(Self { bot_url, billing_url, bot, billing, names, admin_url: services.postgres_url.clone() })
     }
 
     /// Closes the pools and drops the databases.
@@ -87,9 +70,7 @@ impl Databases {
         self.billing.close().await;
         let mut admin = PgConnection::connect(&self.admin_url).await?;
         for n in &self.names {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
-                .execute(&mut admin)
-                .await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut admin).await?;
         }
         Ok(())
     }
@@ -105,16 +86,10 @@ pub async fn delete_topology(amqp_url: &str, prefix: &str) -> anyhow::Result<()>
     let conn = shared::amqp::connect(amqp_url, "cleanup", Duration::from_secs(5)).await?;
     let ch = conn.create_channel().await?;
     for q in topo.all_queues() {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await?;
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
     }
-    for x in [
-        topo.updates_exchange(),
-        topo.billing_exchange(),
-        topo.control_exchange(),
-    ] {
-        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
+    for x in [topo.updates_exchange(), topo.billing_exchange(), topo.control_exchange()] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
     }
     let _ = conn.close(200, "bye".into()).await;
     Ok(())
@@ -184,10 +159,7 @@ impl Fleet {
         ingress
             .env("INGRESS_BIND", format!("127.0.0.1:{ingress_port}"))
             .env("TELEGRAM_WEBHOOK_SECRET", &cfg.webhook_secret);
-        children.push((
-            "ingress".to_owned(),
-            spawn(&mut ingress, &cfg.log_dir.join("ingress.log"))?,
-        ));
+        children.push(("ingress".to_owned(), spawn(&mut ingress, &cfg.log_dir.join("ingress.log"))?));
         for i in 0..cfg.workers {
             let mut w = Command::new(cfg.bin_dir.join("worker"));
             common(&mut w);
@@ -202,22 +174,13 @@ impl Fleet {
             for (k, v) in &cfg.worker_env {
                 w.env(k, v);
             }
-            children.push((
-                format!("worker-{i}"),
-                spawn(&mut w, &cfg.log_dir.join(format!("worker-{i}.log")))?,
-            ));
+            children.push((format!("worker-{i}"), spawn(&mut w, &cfg.log_dir.join(format!("worker-{i}.log")))?));
         }
         let mut b = Command::new(cfg.bin_dir.join("billing-worker"));
         common(&mut b);
         b.env("BILLING_DATABASE_URL", &cfg.billing_db_url);
-        children.push((
-            "billing-worker".to_owned(),
-            spawn(&mut b, &cfg.log_dir.join("billing-worker.log"))?,
-        ));
-        let fleet = Self {
-            ingress_port,
-            children,
-        };
+        children.push(("billing-worker".to_owned(), spawn(&mut b, &cfg.log_dir.join("billing-worker.log"))?));
+        let fleet = Self { ingress_port, children };
         fleet.wait_ready().await?;
         Ok(fleet)
     }
@@ -248,18 +211,11 @@ impl Fleet {
     pub async fn stop(mut self) {
         for (_, child) in &mut self.children {
             if let Some(pid) = child.id() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
+                let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
             }
         }
         for (name, child) in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
                 tracing::warn!(process = %name, "did not stop in 10 s; killing");
                 let _ = child.kill().await;
             }
@@ -268,20 +224,13 @@ impl Fleet {
 
     /// Names of processes that exited already (crashed).
     pub fn exited(&mut self) -> Vec<String> {
-        self.children
-            .iter_mut()
-            .filter_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone()))
-            .collect()
+        self.children.iter_mut().filter_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone())).collect()
     }
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log)?;
     let err = file.try_clone()?;
-    cmd.stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .kill_on_drop(true);
-    cmd.spawn()
-        .with_context(|| format!("starting {:?}", cmd.as_std().get_program()))
+    cmd.stdin(Stdio::null()).stdout(file).stderr(err).kill_on_drop(true);
+    cmd.spawn().with_context(|| format!("starting {:?}", cmd.as_std().get_program()))
 }

@@ -19,11 +19,10 @@ const HELP: &str = "Send me any message and Claude will answer.\n\n/new — star
 /// # Errors
 /// Database errors (billing database).
 pub async fn available_balance(ctx: &WorkerContext, user_id: i64) -> Result<Decimal, sqlx::Error> {
-    let balance: Option<Decimal> =
-        sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(&ctx.billing_db)
-            .await?;
+    let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_optional(&ctx.billing_db)
+        .await?;
     Ok(balance.unwrap_or_default())
 }
 
@@ -32,30 +31,23 @@ pub async fn available_balance(ctx: &WorkerContext, user_id: i64) -> Result<Deci
 /// # Errors
 /// Database errors.
 pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> {
-    let command = job
-        .user_content
-        .get("command")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let command = job.user_content.get("command").and_then(Value::as_str).unwrap_or_default();
     Ok(match command {
         "start" => {
-            let name: Option<String> =
-                sqlx::query_scalar("SELECT first_name FROM users WHERE user_id = $1")
-                    .bind(job.user_id)
-                    .fetch_optional(&ctx.db)
-                    .await?;
+            let name: Option<String> = sqlx::query_scalar("SELECT first_name FROM users WHERE user_id = $1")
+                .bind(job.user_id)
+                .fetch_optional(&ctx.db)
+                .await?;
             format!(
                 "Hello, {}! Welcome — I'm a bot that lets you chat with Claude.\n\n{HELP}",
                 name.unwrap_or_default()
             )
         }
         "new" => {
-            sqlx::query(
-                "UPDATE chats SET conversation_epoch = conversation_epoch + 1 WHERE chat_id = $1",
-            )
-            .bind(job.chat_id)
-            .execute(&ctx.db)
-            .await?;
+            sqlx::query("UPDATE chats SET conversation_epoch = conversation_epoch + 1 WHERE chat_id = $1")
+                .bind(job.chat_id)
+                .execute(&ctx.db)
+                .await?;
             "Started a new conversation: earlier messages are forgotten.".to_owned()
         }
         "balance" => {

@@ -15,37 +15,19 @@ pub struct Settings {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Bot token.
-    #[arg(
-        long,
-        env = "TELEGRAM_BOT_TOKEN",
-        default_value = "",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
     pub bot_token: Secret,
     /// Bot API base URL.
-    #[arg(
-        long,
-        env = "TELEGRAM_API_URL",
-        default_value = "https://api.telegram.org"
-    )]
+    #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
     pub telegram_api_url: String,
     /// The bot's @username (without @); read with getMe when empty.
     #[arg(long, env = "TELEGRAM_BOT_USERNAME", default_value = "")]
     pub bot_username: String,
     /// Anthropic API key.
-    #[arg(
-        long,
-        env = "ANTHROPIC_API_KEY",
-        default_value = "",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "ANTHROPIC_API_KEY", default_value = "", hide_env_values = true)]
     pub anthropic_api_key: Secret,
     /// Messages API base URL.
-    #[arg(
-        long,
-        env = "ANTHROPIC_BASE_URL",
-        default_value = "https://api.anthropic.com"
-    )]
+    #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
     pub anthropic_base_url: String,
     /// Model id sent to the Messages API.
     #[arg(long, env = "ANTHROPIC_MODEL", default_value = "claude-sonnet-4-5")]
@@ -76,12 +58,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 2)]
     pub max_continuations: u32,
     /// Built-in tools offered to Claude (comma-separated; empty for none).
-    #[arg(
-        long,
-        env = "TOOLS",
-        value_delimiter = ',',
-        default_value = "calculator,current_time,remember,recall"
-    )]
+    #[arg(long, env = "TOOLS", value_delimiter = ',', default_value = "calculator,current_time,remember,recall")]
     pub tools: Vec<String>,
     /// Tool rounds (tool_use → tool_result) per answer before it is cut off.
     #[arg(long, env = "MAX_TOOL_ROUNDS", default_value_t = 5)]
@@ -101,12 +78,15 @@ pub struct Settings {
     /// Unacknowledged deliveries per worker (AMQP prefetch) and concurrent jobs.
     #[arg(long, env = "PREFETCH", default_value_t = 16)]
     pub prefetch: u16,
-    /// Smallest interval between two progress updates of one chat, milliseconds.
-    #[arg(long, env = "PROGRESS_INTERVAL_MS", default_value_t = 1000)]
-    pub progress_interval_ms: u64,
-    /// Smallest interval between two final messages to one chat, milliseconds.
-    #[arg(long, env = "CHAT_SEND_INTERVAL_MS", default_value_t = 1000)]
-    pub chat_send_interval_ms: u64,
+    /// Interval between two Bot API calls to one private chat, ms (fleet-wide).
+    #[arg(long, env = "PACE_PRIVATE_MS", default_value_t = 1000)]
+    pub pace_private_ms: u64,
+    /// Interval between two Bot API calls to one group, ms (fleet-wide; 20/min).
+    #[arg(long, env = "PACE_GROUP_MS", default_value_t = 3000)]
+    pub pace_group_ms: u64,
+    /// Interval between any two Bot API calls of the bot, ms (fleet-wide; about 30/s).
+    #[arg(long, env = "PACE_BOT_MS", default_value_t = 34)]
+    pub pace_bot_ms: u64,
     /// Id of this worker in leases (default: host-pid).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
@@ -153,13 +133,9 @@ impl Settings {
             return Err("MAX_ATTEMPTS must be at least 1".into());
         }
         if self.thinking_budget_tokens > 0
-            && (self.thinking_budget_tokens < 1024
-                || self.thinking_budget_tokens >= self.max_tokens)
+            && (self.thinking_budget_tokens < 1024 || self.thinking_budget_tokens >= self.max_tokens)
         {
-            return Err(
-                "THINKING_BUDGET_TOKENS must be at least 1024 and below ANTHROPIC_MAX_TOKENS"
-                    .into(),
-            );
+            return Err("THINKING_BUDGET_TOKENS must be at least 1024 and below ANTHROPIC_MAX_TOKENS".into());
         }
         if self.tool_timeout_s == 0 {
             return Err("TOOL_TIMEOUT_S must be positive".into());

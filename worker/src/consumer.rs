@@ -82,16 +82,11 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
             }
         }
     }
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         ctx.running.cancel_all(CancelReason::Shutdown);
-        let handed = tokio::time::timeout(Duration::from_secs(10), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let handed =
+            tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
         if handed.is_err() {
             tasks.abort_all();
         }
@@ -104,12 +99,7 @@ async fn consume(
     permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(
-        &ctx.settings.broker.amqp_url,
-        "worker",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker", Duration::from_secs(5)).await?;
     let ch = amqp::consumer_channel(&conn, ctx.settings.prefetch).await?;
     ctx.topology.declare(&ch).await?;
     let mut consumer = ch
@@ -176,11 +166,7 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
             return Settle::Ack;
         }
         Ok(IntakeOutcome::Job(job)) => job,
-        Ok(IntakeOutcome::Stop {
-            chat_id,
-            update_id,
-            running,
-        }) => {
+        Ok(IntakeOutcome::Stop { chat_id, update_id, running }) => {
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.
             let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
@@ -189,13 +175,7 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
                 return Settle::Delay;
             }
             if !running && !here {
-                let _ = crate::delivery::send_text(
-                    ctx,
-                    chat_id,
-                    "Nothing is being generated right now.",
-                    None,
-                )
-                .await;
+                let _ = crate::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[]).await;
             }
             return Settle::Ack;
         }
@@ -214,15 +194,7 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     span.record("user_id", job.user_id);
     span.record("job_id", tracing::field::display(job.job_id));
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
-    match lease::claim(
-        &ctx.db,
-        &job,
-        &ctx.worker_id,
-        visibility,
-        ctx.settings.max_attempts,
-    )
-    .await
-    {
+    match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
         Ok(Claim::Claimed(l)) => {
             span.record("lease_epoch", l.epoch);
             // The job row holds the work from now on.
@@ -237,7 +209,7 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
                 ctx,
                 job.chat_id,
                 "Sorry, I could not answer this message after several attempts.",
-                None,
+                &[],
             )
             .await;
             Settle::Ack
@@ -249,31 +221,17 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     }
 }
 
-async fn run_claimed(
-    ctx: &WorkerContext,
-    job: &JobRef,
-    l: lease::Lease,
-    _shutdown: &CancellationToken,
-) {
+async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdown: &CancellationToken) {
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
     let cancel = JobCancel::default();
-    let _registration = ctx
-        .running
-        .register(job.chat_id, job.job_id, cancel.clone());
+    let _registration = ctx.running.register(job.chat_id, job.job_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
-    let heartbeat = tokio::spawn(lease::keep_alive(
-        ctx.db.clone(),
-        l,
-        visibility,
-        stop_heartbeat.clone(),
-        cancel.clone(),
-    ));
+    let heartbeat =
+        tokio::spawn(lease::keep_alive(ctx.db.clone(), l, visibility, stop_heartbeat.clone(), cancel.clone()));
     let task_ctx = ctx.clone();
     let task_cancel = cancel.clone();
     let span = tracing::Span::current();
-    let outcome =
-        tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span))
-            .await;
+    let outcome = tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span)).await;
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     match outcome {
@@ -295,7 +253,7 @@ async fn run_claimed(
                 ctx,
                 job.chat_id,
                 "Sorry, something went wrong while answering. Please try again.",
-                None,
+                &[],
             )
             .await;
         }
@@ -308,25 +266,13 @@ async fn run_claimed(
 pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) {
     let result = match decision {
         Settle::Settled => Ok(()),
-        Settle::Ack => delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ()),
-        Settle::DeadLetter => delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await
-            .map(|_| ()),
+        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
+        Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()),
         Settle::Delay => {
             let attempt = attempt_of(&delivery.properties) + 1;
             let delays = &ctx.topology.update_retry_delays_ms;
-            let idx = usize::try_from(attempt - 1)
-                .unwrap_or(0)
-                .min(delays.len().saturating_sub(1));
-            let queue = ctx
-                .topology
-                .updates_retry_queue(delays.get(idx).copied().unwrap_or(1_000));
+            let idx = usize::try_from(attempt - 1).unwrap_or(0).min(delays.len().saturating_sub(1));
+            let queue = ctx.topology.updates_retry_queue(delays.get(idx).copied().unwrap_or(1_000));
             let published = ctx
                 .publisher
                 .publish(Outgoing {
@@ -339,21 +285,10 @@ pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) 
                 })
                 .await;
             match published {
-                Ok(()) => delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map(|_| ()),
+                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
                 Err(e) => {
                     tracing::warn!(error.message = %e, "delay publish failed; requeueing");
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ())
+                    delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map(|_| ())
                 }
             }
         }

@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub worker_id: Arc<str>,
     /// Wakes the outbox relay after a commit that wrote events.
     pub outbox_notify: Arc<Notify>,
+    /// The fleet-wide pacer of Bot API calls.
+    pub pacer: crate::pacer::Pacer,
     /// Tools offered to Claude.
     pub tools: Arc<crate::tools::Registry>,
     /// Jobs running in this process, by chat (for `/stop`).
@@ -60,6 +62,12 @@ impl WorkerContext {
         if !settings.bot_username.is_empty() {
             let _ = username.set(settings.bot_username.trim_start_matches('@').to_owned());
         }
+        let pacer = crate::pacer::Pacer::new(
+            db.clone(),
+            std::time::Duration::from_millis(settings.pace_private_ms),
+            std::time::Duration::from_millis(settings.pace_group_ms),
+            std::time::Duration::from_millis(settings.pace_bot_ms),
+        );
         Self {
             db,
             billing_db,
@@ -72,6 +80,7 @@ impl WorkerContext {
             worker_id: worker_id.into(),
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
+            pacer,
             tools: Arc::new(tools),
             bot_username: username,
         }

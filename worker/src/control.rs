@@ -26,6 +26,8 @@ pub enum CancelReason {
     LeaseLost,
     /// The process is shutting down: hand the job back.
     Shutdown,
+    /// Telegram answered 403: the user blocked the bot; stop at once.
+    Blocked,
 }
 
 /// A job's cancellation: a token raced inside every await, and the first reason given.
@@ -67,10 +69,7 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut map) = self.jobs.inner.lock() {
-            if map
-                .get(&self.chat_id)
-                .is_some_and(|(j, _)| *j == self.job_id)
-            {
+            if map.get(&self.chat_id).is_some_and(|(j, _)| *j == self.job_id) {
                 map.remove(&self.chat_id);
             }
         }
@@ -83,20 +82,12 @@ impl RunningJobs {
         if let Ok(mut map) = self.inner.lock() {
             map.insert(chat_id, (job_id, cancel));
         }
-        Registration {
-            jobs: self.clone(),
-            chat_id,
-            job_id,
-        }
+        Registration { jobs: self.clone(), chat_id, job_id }
     }
 
     /// Cancels the chat's job if it runs here; true when one did.
     pub fn cancel_chat(&self, chat_id: i64, reason: CancelReason) -> bool {
-        let found = self
-            .inner
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&chat_id).map(|(_, c)| c.clone()));
+        let found = self.inner.lock().ok().and_then(|m| m.get(&chat_id).map(|(_, c)| c.clone()));
         match found {
             Some(c) => {
                 c.cancel(reason);
@@ -108,11 +99,8 @@ impl RunningJobs {
 
     /// Cancels every job here (shutdown).
     pub fn cancel_all(&self, reason: CancelReason) {
-        let all: Vec<JobCancel> = self
-            .inner
-            .lock()
-            .map(|m| m.values().map(|(_, c)| c.clone()).collect())
-            .unwrap_or_default();
+        let all: Vec<JobCancel> =
+            self.inner.lock().map(|m| m.values().map(|(_, c)| c.clone()).collect()).unwrap_or_default();
         for c in all {
             c.cancel(reason);
         }
@@ -133,11 +121,7 @@ impl RunningJobs {
 ///
 /// # Errors
 /// Broker errors: the caller retries the `/stop` update.
-pub async fn publish_stop(
-    ctx: &WorkerContext,
-    chat_id: i64,
-    update_id: i64,
-) -> Result<(), amqp::BrokerError> {
+pub async fn publish_stop(ctx: &WorkerContext, chat_id: i64, update_id: i64) -> Result<(), amqp::BrokerError> {
     let body = serde_json::to_vec(&ControlMessage::Stop { chat_id, update_id }).unwrap_or_default();
     let exchange = ctx.topology.control_exchange();
     // A fanout with no bound queue would return the message; a worker is
@@ -174,22 +158,11 @@ async fn listen(
     ready: &tokio::sync::Notify,
     shutdown: &CancellationToken,
 ) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(
-        &ctx.settings.broker.amqp_url,
-        "worker-control",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker-control", Duration::from_secs(5)).await?;
     let ch = amqp::consumer_channel(&conn, 64).await?;
     ctx.topology.declare(&ch).await?;
-    let opts = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = ch
-        .queue_declare("".into(), opts, FieldTable::default())
-        .await?;
+    let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let queue = ch.queue_declare("".into(), opts, FieldTable::default()).await?;
     ch.queue_bind(
         queue.name().clone(),
         ctx.topology.control_exchange().into(),
@@ -199,12 +172,7 @@ async fn listen(
     )
     .await?;
     let mut consumer = ch
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+        .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
     ready.notify_waiters();
     loop {

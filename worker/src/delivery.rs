@@ -1,11 +1,12 @@
-//! Sending text to a chat: split at 4,096 UTF-16 code units, paced per
-//! chat, `retry_after` obeyed (waits accumulate across retries), 403 stops
-//! the output, "message is not modified" is success (DESIGN §7).
+//! Sending an answer or a notice to a chat (DESIGN §7): Markdown rendered to
+//! entities (never `parse_mode`), split at 4,096 UTF-16 code units, every
+//! call through the fleet-wide [`Pacer`](crate::pacer::Pacer). Error
+//! classes: "message is not modified" is success; entities rejected → the
+//! part is sent again once as plain text; "message to edit not found" /
+//! "can't be edited" → sent as a new message; 403 → [`DeliveryError::Blocked`].
 
 use crate::context::WorkerContext;
-use backon::{BackoffBuilder, ExponentialBuilder};
-use shared::telegram::{split_message, TelegramError, MAX_MESSAGE_UTF16};
-use std::time::Duration;
+use shared::telegram::{split_formatted, to_entities, Formatted, TelegramError, MAX_MESSAGE_UTF16};
 
 /// Why text could not be delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,98 +14,96 @@ pub enum DeliveryError {
     /// The user blocked the bot (403): stop sending to this chat.
     #[error("the user blocked the bot")]
     Blocked,
-    /// Every retry failed.
+    /// Every retry failed, or Telegram refused the message.
     #[error("delivery failed: {0}")]
     Failed(String),
 }
 
-const MAX_TRIES: usize = 6;
+impl From<TelegramError> for DeliveryError {
+    fn from(e: TelegramError) -> Self {
+        match e {
+            TelegramError::Forbidden(_) => Self::Blocked,
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
 
-/// Sends `text` in as many parts as needed. With `reuse`, the first part
-/// replaces the text of that message (the edited-in-place progress message)
-/// instead of sending a new one. Returns the message ids.
+/// The parts of `markdown` as Telegram messages.
+pub fn render(markdown: &str) -> Vec<Formatted> {
+    split_formatted(&to_entities(markdown), MAX_MESSAGE_UTF16)
+}
+
+/// Sends `markdown` in as many messages as needed. Parts go into the
+/// messages of `reuse` first (the progress messages of a group, edited in
+/// place), then into new messages; extra progress messages are deleted.
+/// Returns the message ids, in order.
 ///
 /// # Errors
 /// [`DeliveryError`].
 pub async fn send_text(
     ctx: &WorkerContext,
     chat_id: i64,
-    text: &str,
-    reuse: Option<i64>,
+    markdown: &str,
+    reuse: &[i64],
 ) -> Result<Vec<i64>, DeliveryError> {
-    let interval = Duration::from_millis(ctx.settings.chat_send_interval_ms);
     let mut ids = Vec::new();
-    for (i, part) in split_message(text, MAX_MESSAGE_UTF16)
-        .into_iter()
-        .enumerate()
-    {
-        if i > 0 {
-            tokio::time::sleep(interval).await;
-        }
-        let id = match (i, reuse) {
-            (0, Some(message_id)) => {
-                with_retries(|| async {
-                    ctx.telegram
-                        .edit_message_text(chat_id, message_id, &part)
-                        .await
-                        .map(|()| message_id)
-                })
-                .await?
-            }
-            _ => {
-                with_retries(|| async {
-                    ctx.telegram
-                        .send_message(chat_id, &part, None)
-                        .await
-                        .map(|m| m.message_id)
-                })
-                .await?
-            }
+    let parts = render(markdown);
+    for (i, part) in parts.iter().enumerate() {
+        let id = match reuse.get(i) {
+            Some(&message_id) => match edit(ctx, chat_id, message_id, part).await {
+                Ok(()) => message_id,
+                Err(TelegramError::Api(d))
+                    if d.contains("message to edit not found") || d.contains("can't be edited") =>
+                {
+                    send(ctx, chat_id, part).await?
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => send(ctx, chat_id, part).await?,
         };
         ids.push(id);
+    }
+    for &extra in reuse.iter().skip(parts.len()) {
+        let _ = ctx.pacer.call(chat_id, || ctx.telegram.delete_message(chat_id, extra)).await;
     }
     Ok(ids)
 }
 
-/// Runs one Bot API call with the retry policy: 429 waits `retry_after`,
-/// transport errors back off with jitter, 403 and other API errors stop.
+/// Sends one part; entities rejected → once more as plain text.
+async fn send(ctx: &WorkerContext, chat_id: i64, part: &Formatted) -> Result<i64, DeliveryError> {
+    let formatted =
+        ctx.pacer.call(chat_id, || ctx.telegram.send_message(chat_id, &part.text, part.entities_json())).await;
+    match formatted {
+        Ok(m) => Ok(m.message_id),
+        Err(TelegramError::BadEntities(e)) => {
+            tracing::warn!(error.message = %e, "entities rejected; sending as plain text");
+            Ok(ctx.pacer.call(chat_id, || ctx.telegram.send_message(chat_id, &part.text, None)).await?.message_id)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Edits one message to `part`; entities rejected → once more as plain text.
 ///
 /// # Errors
-/// [`DeliveryError`].
-pub async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, DeliveryError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, TelegramError>>,
-    T: Default,
-{
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(300))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .with_max_times(MAX_TRIES)
-        .build();
-    let mut waited = Duration::ZERO;
-    for _ in 0..MAX_TRIES {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(TelegramError::NotModified) => return Ok(T::default()),
-            Err(TelegramError::Forbidden(_)) => return Err(DeliveryError::Blocked),
-            Err(TelegramError::RetryAfter(d)) => {
-                waited += d;
-                tracing::warn!(
-                    retry_after_s = d.as_secs(),
-                    waited_s = waited.as_secs(),
-                    "telegram flood control; waiting"
-                );
-                tokio::time::sleep(d).await;
+/// The classified error ("not modified" is success).
+pub async fn edit(ctx: &WorkerContext, chat_id: i64, message_id: i64, part: &Formatted) -> Result<(), TelegramError> {
+    let r = ctx
+        .pacer
+        .call(chat_id, || ctx.telegram.edit_message_text(chat_id, message_id, &part.text, part.entities_json()))
+        .await;
+    match r {
+        Ok(()) | Err(TelegramError::NotModified) => Ok(()),
+        Err(TelegramError::BadEntities(_)) => {
+            match ctx
+                .pacer
+                .call(chat_id, || ctx.telegram.edit_message_text(chat_id, message_id, &part.text, None))
+                .await
+            {
+                Ok(()) | Err(TelegramError::NotModified) => Ok(()),
+                Err(e) => Err(e),
             }
-            Err(TelegramError::Transport(e)) => {
-                let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error.message = %e, "telegram transport error; retrying");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(DeliveryError::Failed(e.to_string())),
         }
+        Err(e) => Err(e),
     }
-    Err(DeliveryError::Failed("retries exhausted".into()))
 }

@@ -60,11 +60,7 @@ pub enum IntakeOutcome {
 enum Plan {
     Ignore(String),
     Stop(i64),
-    Job {
-        msg: Message,
-        kind: &'static str,
-        content: Value,
-    },
+    Job { msg: Message, kind: &'static str, content: Value },
     Membership(ChatMemberUpdated),
 }
 
@@ -92,9 +88,7 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             .and_then(|u| u.username.as_deref())
             .is_some_and(|u| u.eq_ignore_ascii_case(me));
         if !(msg.mentions(me) || replied_to_me) {
-            return Ok(Plan::Ignore(
-                "group message not addressed to the bot".into(),
-            ));
+            return Ok(Plan::Ignore("group message not addressed to the bot".into()));
         }
     }
     if let Some(command) = msg.command() {
@@ -102,23 +96,11 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             return Ok(Plan::Stop(msg.chat.id));
         }
         if crate::commands::is_known(&command) {
-            return Ok(Plan::Job {
-                msg,
-                kind: "command",
-                content: json!({ "command": command }),
-            });
+            return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
         }
     }
-    let text = if msg.is_private() {
-        text
-    } else {
-        format!("{}: {text}", from.first_name)
-    };
-    Ok(Plan::Job {
-        msg,
-        kind: "chat",
-        content: json!([{ "type": "text", "text": text }]),
-    })
+    let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
+    Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
 }
 
 /// Takes one raw update in.
@@ -152,11 +134,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         if let Plan::Stop(chat_id) = plan {
             // Stopping again is harmless; the first attempt may not have been broadcast.
             tx.commit().await?;
-            return Ok(IntakeOutcome::Stop {
-                chat_id,
-                update_id,
-                running: true,
-            });
+            return Ok(IntakeOutcome::Stop { chat_id, update_id, running: true });
         }
         // A redelivery: resume the job if nobody holds it, else drop.
         let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
@@ -168,27 +146,19 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         .await?;
         tx.commit().await?;
         return Ok(match pending {
-            Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef {
-                job_id,
-                chat_id,
-                user_id,
-                update_id,
-            }),
+            Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef { job_id, chat_id, user_id, update_id }),
             None => IntakeOutcome::Duplicate,
         });
     }
     let outcome = match plan {
         Plan::Ignore(why) => IntakeOutcome::Ignored(why),
         Plan::Stop(chat_id) => {
-            let marked = sqlx::query("UPDATE jobs SET cancel_requested_at = now() WHERE chat_id = $1 AND status = 'running'")
-                .bind(chat_id)
-                .execute(&mut *tx)
-                .await?;
-            IntakeOutcome::Stop {
-                chat_id,
-                update_id,
-                running: marked.rows_affected() > 0,
-            }
+            let marked =
+                sqlx::query("UPDATE jobs SET cancel_requested_at = now() WHERE chat_id = $1 AND status = 'running'")
+                    .bind(chat_id)
+                    .execute(&mut *tx)
+                    .await?;
+            IntakeOutcome::Stop { chat_id, update_id, running: marked.rows_affected() > 0 }
         }
         Plan::Membership(m) => {
             let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
@@ -198,10 +168,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
                 .bind(blocked)
                 .execute(&mut *tx)
                 .await?;
-            IntakeOutcome::Ignored(format!(
-                "membership changed to {}",
-                m.new_chat_member.status
-            ))
+            IntakeOutcome::Ignored(format!("membership changed to {}", m.new_chat_member.status))
         }
         Plan::Job { msg, kind, content } => {
             let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
@@ -225,12 +192,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             .bind(msg.message_id)
             .execute(&mut *tx)
             .await?;
-            IntakeOutcome::Job(JobRef {
-                job_id,
-                chat_id: msg.chat.id,
-                user_id: from.id,
-                update_id,
-            })
+            IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id: from.id, update_id })
         }
     };
     tx.commit().await?;
@@ -244,7 +206,7 @@ async fn upsert_user(
     sqlx::query(
         "INSERT INTO users (user_id, first_name, username, language_code) VALUES ($1, $2, $3, $4)
          ON CONFLICT (user_id) DO UPDATE SET first_name = EXCLUDED.first_name, username = EXCLUDED.username,
-             language_code = COALESCE(EXCLUDED.language_code, users.language_code), updated_at = now()",
+             language_code = COALESCE(EXCLUDED.language_code, users.language_code), blocked_at = NULL, updated_at = now()",
     )
     .bind(user.id)
     .bind(&user.first_name)

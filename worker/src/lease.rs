@@ -78,11 +78,7 @@ pub async fn claim(
     .fetch_optional(db)
     .await;
     match claimed {
-        Ok(Some((epoch, attempts))) => Ok(Claim::Claimed(Lease {
-            job_id: job.job_id,
-            epoch,
-            attempts,
-        })),
+        Ok(Some((epoch, attempts))) => Ok(Claim::Claimed(Lease { job_id: job.job_id, epoch, attempts })),
         Ok(None) => {
             let waiting: bool = sqlx::query_scalar(
                 "SELECT status = 'queued' OR (status = 'running' AND lease_expires_at < now()) FROM jobs WHERE job_id = $1",
@@ -91,11 +87,7 @@ pub async fn claim(
             .fetch_optional(db)
             .await?
             .unwrap_or(false);
-            Ok(if waiting {
-                Claim::ChatBusy
-            } else {
-                Claim::NotClaimable
-            })
+            Ok(if waiting { Claim::ChatBusy } else { Claim::NotClaimable })
         }
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Claim::ChatBusy),
         Err(e) => Err(e),
@@ -117,11 +109,7 @@ pub enum Beat {
 ///
 /// # Errors
 /// Database errors.
-pub async fn heartbeat(
-    db: &PgPool,
-    lease: &Lease,
-    visibility: Duration,
-) -> Result<Beat, sqlx::Error> {
+pub async fn heartbeat(db: &PgPool, lease: &Lease, visibility: Duration) -> Result<Beat, sqlx::Error> {
     let r: Option<bool> = sqlx::query_scalar(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
           WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2
@@ -141,13 +129,7 @@ pub async fn heartbeat(
 
 /// Heartbeats every third of `visibility` until `stop` is cancelled;
 /// cancels the job the moment the lease is found lost or a stop requested.
-pub async fn keep_alive(
-    db: PgPool,
-    lease: Lease,
-    visibility: Duration,
-    stop: CancellationToken,
-    job: JobCancel,
-) {
+pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: CancellationToken, job: JobCancel) {
     let period = visibility / 3;
     let mut first = true;
     loop {

@@ -12,7 +12,8 @@
 //! - [`lease`]: claim, heartbeat and fenced writes of a running job.
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
 //! - [`commands`]: `/start`, `/help`, `/new`, `/balance`.
-//! - [`delivery`]: sending text to Telegram (split, 429s obeyed, 403 handled).
+//! - [`delivery`]: sending text to Telegram (entities, split, paced, 403 handled).
+//! - [`pacer`]: the fleet-wide pacer of Bot API calls (PostgreSQL).
 //! - [`progress`]: drafts or an edited message while the answer streams.
 //! - [`outbox`]: the billing outbox relay.
 //! - [`reaper`]: republishes jobs whose lease expired.
@@ -29,6 +30,7 @@ pub mod intake;
 pub mod job;
 pub mod lease;
 pub mod outbox;
+pub mod pacer;
 pub mod progress;
 pub mod reaper;
 pub mod startup;

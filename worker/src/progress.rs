@@ -1,11 +1,14 @@
-//! Progress while an answer streams: a native draft (`sendMessageDraft`,
-//! Bot API 9.3, private chats) or, in groups, one message edited in place.
-//! Only the newest text is sent, at most once per `PROGRESS_INTERVAL_MS`;
-//! a 429 pauses progress for `retry_after`.
+//! Progress while an answer streams (DESIGN §7): `typing` first, then a
+//! native draft (`sendMessageDraft`, Bot API 9.3, private chats) or, in
+//! groups, one message edited in place and rolled over to a new message
+//! before 4,096 UTF-16 units. Every call goes through the pacer; only the
+//! newest text is sent when a slot comes (coalescing), identical text is
+//! never sent twice, and a 403 cancels the job at once.
 
 use crate::context::WorkerContext;
-use shared::telegram::{split_message, TelegramError, MAX_MESSAGE_UTF16};
-use std::time::Duration;
+use crate::control::{CancelReason, JobCancel};
+use crate::delivery::render;
+use shared::telegram::TelegramError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,38 +17,27 @@ use tokio_util::sync::CancellationToken;
 pub struct Progress {
     text: watch::Sender<String>,
     stop: CancellationToken,
-    task: JoinHandle<Option<i64>>,
+    task: JoinHandle<Vec<i64>>,
 }
 
 impl Progress {
-    /// Starts showing progress in `chat_id` (typing first).
-    pub fn start(ctx: &WorkerContext, chat_id: i64, private: bool, draft_id: i64) -> Self {
+    /// Starts showing progress in `chat_id`.
+    pub fn start(ctx: &WorkerContext, chat_id: i64, private: bool, draft_id: i64, job: JobCancel) -> Self {
         let (tx, rx) = watch::channel(String::new());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(show(
-            ctx.clone(),
-            chat_id,
-            private,
-            draft_id,
-            rx,
-            stop.clone(),
-        ));
-        Self {
-            text: tx,
-            stop,
-            task,
-        }
+        let task = tokio::spawn(show(ctx.clone(), chat_id, private, draft_id, rx, stop.clone(), job));
+        Self { text: tx, stop, task }
     }
 
-    /// The whole answer so far (only the newest value is ever sent).
+    /// The whole answer so far, Markdown (only the newest value is ever sent).
     pub fn update(&self, text: String) {
         self.text.send_replace(text);
     }
 
-    /// Stops and returns the id of the group progress message, if one was sent.
-    pub async fn finish(self) -> Option<i64> {
+    /// Stops and returns the ids of the group progress messages, in order.
+    pub async fn finish(self) -> Vec<i64> {
         self.stop.cancel();
-        self.task.await.ok().flatten()
+        self.task.await.unwrap_or_default()
     }
 }
 
@@ -56,46 +48,78 @@ async fn show(
     draft_id: i64,
     mut rx: watch::Receiver<String>,
     stop: CancellationToken,
-) -> Option<i64> {
-    let interval = Duration::from_millis(ctx.settings.progress_interval_ms);
-    let mut message_id: Option<i64> = None;
-    let _ = ctx.telegram.send_typing(chat_id).await;
+    job: JobCancel,
+) -> Vec<i64> {
+    let mut messages: Vec<i64> = Vec::new();
+    let mut last_sent = String::new();
+    let typing = tokio::select! {
+        _ = stop.cancelled() => return messages,
+        r = ctx.pacer.call_action(chat_id, || ctx.telegram.send_typing(chat_id)) => r,
+    };
+    if let Err(TelegramError::Forbidden(_)) = typing {
+        job.cancel(CancelReason::Blocked);
+        return messages;
+    }
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return message_id,
-            changed = rx.changed() => if changed.is_err() { return message_id; },
+            _ = stop.cancelled() => return messages,
+            changed = rx.changed() => if changed.is_err() { return messages; },
+        }
+        // Wait for the slot first, then send the newest text (coalescing).
+        tokio::select! {
+            _ = stop.cancelled() => return messages,
+            () = ctx.pacer.wait_turn(chat_id) => {}
         }
         let full = rx.borrow_and_update().clone();
-        // Show the part being written now.
-        let Some(text) = split_message(&full, MAX_MESSAGE_UTF16).pop() else {
+        let parts = render(&full);
+        let Some(current) = parts.last() else { continue };
+        if current.text == last_sent {
             continue;
-        };
-        let sent = if private {
-            ctx.telegram
-                .send_message_draft(chat_id, draft_id, &text)
-                .await
-        } else if let Some(id) = message_id {
-            ctx.telegram.edit_message_text(chat_id, id, &text).await
-        } else {
-            match ctx.telegram.send_message(chat_id, &text, None).await {
-                Ok(m) => {
-                    message_id = Some(m.message_id);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let pause = match sent {
-            Ok(()) | Err(TelegramError::NotModified) => interval,
-            Err(TelegramError::RetryAfter(d)) => d.max(interval),
-            Err(e) => {
-                tracing::debug!(error.message = %e, "progress update failed");
-                interval
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return message_id,
-            _ = tokio::time::sleep(pause) => {}
         }
+        let sent = if private {
+            ctx.telegram.send_message_draft(chat_id, draft_id, &current.text, current.entities_json()).await
+        } else {
+            update_group(&ctx, chat_id, &mut messages, &parts).await
+        };
+        match sent {
+            Ok(()) | Err(TelegramError::NotModified) => last_sent = current.text.clone(),
+            Err(TelegramError::RetryAfter(d)) => ctx.pacer.pause(chat_id, d).await,
+            Err(TelegramError::Forbidden(e)) => {
+                tracing::warn!(error.message = %e, "user blocked the bot; stopping the answer");
+                job.cancel(CancelReason::Blocked);
+                return messages;
+            }
+            Err(e) => tracing::debug!(error.message = %e, "progress update failed"),
+        }
+    }
+}
+
+/// Group progress: the last message shows the last part; when a new part
+/// starts, the previous message gets its final part text and a new message
+/// is sent for the new part.
+async fn update_group(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    messages: &mut Vec<i64>,
+    parts: &[shared::telegram::Formatted],
+) -> Result<(), TelegramError> {
+    while messages.len() < parts.len() {
+        let index = messages.len();
+        if let Some(&prev) = messages.last() {
+            if let Some(p) = parts.get(index - 1) {
+                let _ = ctx.telegram.edit_message_text(chat_id, prev, &p.text, p.entities_json()).await;
+            }
+        }
+        let part = &parts[index];
+        let m = ctx.telegram.send_message(chat_id, &part.text, part.entities_json()).await?;
+        messages.push(m.message_id);
+        if index + 1 < parts.len() {
+            continue;
+        }
+        return Ok(());
+    }
+    match (messages.last(), parts.last()) {
+        (Some(&id), Some(p)) => ctx.telegram.edit_message_text(chat_id, id, &p.text, p.entities_json()).await,
+        _ => Ok(()),
     }
 }

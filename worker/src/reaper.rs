@@ -37,16 +37,10 @@ pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
             }
         }
     }
-    sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)")
-        .bind(&done)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)").bind(&done).execute(&mut *tx).await?;
     tx.commit().await?;
     if !done.is_empty() {
-        tracing::info!(
-            jobs = done.len(),
-            "reaper republished jobs with expired leases"
-        );
+        tracing::info!(jobs = done.len(), "reaper republished jobs with expired leases");
     }
     Ok(done.len())
 }

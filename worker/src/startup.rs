@@ -31,41 +31,23 @@ impl App {
         settings.validate().map_err(anyhow::Error::msg)?;
         let prices = PriceTable::load(&settings.prices_file).with_context(|| "PRICES_FILE")?;
         let acquire = Duration::from_secs(5);
-        let db = shared::db::pool(
-            &settings.db.database_url,
-            settings.db.database_max_connections,
-            acquire,
-        )
-        .context("DATABASE_URL")?;
-        let billing_db = shared::db::pool(
-            settings.db.billing_url(),
-            settings.db.database_max_connections,
-            acquire,
-        )
-        .context("BILLING_DATABASE_URL")?;
+        let db = shared::db::pool(&settings.db.database_url, settings.db.database_max_connections, acquire)
+            .context("DATABASE_URL")?;
+        let billing_db = shared::db::pool(settings.db.billing_url(), settings.db.database_max_connections, acquire)
+            .context("BILLING_DATABASE_URL")?;
         let anthropic = AnthropicClient::new(
             &settings.anthropic_base_url,
             settings.anthropic_api_key.clone(),
             Duration::from_secs(10),
         )
         .map_err(|e| anyhow::anyhow!("ANTHROPIC_BASE_URL: {e}"))?;
-        let telegram = BotApi::new(
-            &settings.telegram_api_url,
-            settings.bot_token.clone(),
-            Duration::from_secs(30),
-        )
-        .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
-        let publisher = ConfirmPublisher::new(
-            &settings.broker.amqp_url,
-            "worker-publisher",
-            Duration::from_secs(5),
-        );
+        let telegram = BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
+        let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "worker-publisher", Duration::from_secs(5));
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
-        let tools = crate::tools::Registry::new(&settings.tools)
-            .map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;
-        let ctx = WorkerContext::new(
-            db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools,
-        );
+        let tools = crate::tools::Registry::new(&settings.tools).map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;
+        let ctx =
+            WorkerContext::new(db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools);
         Ok(Self { ctx })
     }
 
@@ -96,11 +78,7 @@ impl App {
 
 fn default_worker_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
-    format!(
-        "{host}-{}-{}",
-        std::process::id(),
-        &uuid::Uuid::now_v7().simple().to_string()[24..]
-    )
+    format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::now_v7().simple().to_string()[24..])
 }
 
 /// Runs the process: `migrate` or the worker.
@@ -111,19 +89,11 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
     if let Some(Command::Migrate) = settings.command {
         let acquire = Duration::from_secs(10);
         let db = shared::db::pool(&settings.db.database_url, 2, acquire).context("DATABASE_URL")?;
-        shared::db::migrate_bot(&db)
-            .await
-            .context("migrating the bot database")?;
-        let billing = shared::db::pool(settings.db.billing_url(), 2, acquire)
-            .context("BILLING_DATABASE_URL")?;
-        shared::db::migrate_billing(&billing)
-            .await
-            .context("migrating the billing database")?;
+        shared::db::migrate_bot(&db).await.context("migrating the bot database")?;
+        let billing = shared::db::pool(settings.db.billing_url(), 2, acquire).context("BILLING_DATABASE_URL")?;
+        shared::db::migrate_billing(&billing).await.context("migrating the billing database")?;
         tracing::info!("migrations applied");
         return Ok(());
     }
-    App::build(settings)
-        .await?
-        .run_until_stopped(shutdown)
-        .await
+    App::build(settings).await?.run_until_stopped(shutdown).await
 }

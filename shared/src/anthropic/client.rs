@@ -69,20 +69,12 @@ impl AnthropicClient {
     ///
     /// # Errors
     /// The transport error when the HTTP client cannot be built (TLS set-up).
-    pub fn new(
-        base_url: &str,
-        api_key: Secret,
-        connect_timeout: Duration,
-    ) -> Result<Self, ApiError> {
+    pub fn new(base_url: &str, api_key: Secret, connect_timeout: Duration) -> Result<Self, ApiError> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .build()
             .map_err(|e| ApiError::Transport(scrub(&e.to_string(), &api_key)))?;
-        Ok(Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-        })
+        Ok(Self { http, base_url: base_url.trim_end_matches('/').to_owned(), api_key })
     }
 
     fn transport(&self, e: reqwest::Error) -> ApiError {
@@ -101,24 +93,14 @@ impl AnthropicClient {
             .map_err(|e| self.transport(e))?;
         let status = response.status().as_u16();
         if status >= 400 {
-            let retry_after_s = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok());
+            let retry_after_s =
+                response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
             let text = response.text().await.unwrap_or_default();
             let body = serde_json::from_str::<Value>(&text)
                 .ok()
                 .and_then(|v| serde_json::from_value::<ErrorBody>(v.get("error")?.clone()).ok())
-                .unwrap_or(ErrorBody {
-                    kind: "http_error".into(),
-                    message: truncate(&text, 200),
-                });
-            return Err(ApiError::Http {
-                status,
-                body,
-                retry_after_s,
-            });
+                .unwrap_or(ErrorBody { kind: "http_error".into(), message: truncate(&text, 200) });
+            return Err(ApiError::Http { status, body, retry_after_s });
         }
         Ok(response)
     }
@@ -131,29 +113,19 @@ impl AnthropicClient {
     /// the connection fails. Errors inside the stream come as items.
     pub async fn stream(&self, body: &Value) -> Result<MessageStream, ApiError> {
         let response = self.post("/v1/messages", body).await?;
-        let request_id = response
-            .headers()
-            .get("request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let request_id = response.headers().get("request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let key = self.api_key.clone();
-        let events = response
-            .bytes_stream()
-            .eventsource()
-            .filter_map(move |item| {
-                let out = match item {
-                    Ok(ev) if ev.data.trim().is_empty() => None,
-                    Ok(ev) => Some(parse_event(&ev.data).map_err(|e| {
-                        ApiError::Decode(format!("{e} in {}", truncate(&ev.data, 120)))
-                    })),
-                    Err(e) => Some(Err(ApiError::Transport(scrub(&e.to_string(), &key)))),
-                };
-                std::future::ready(out)
-            });
-        Ok(MessageStream {
-            request_id,
-            events: Box::pin(events),
-        })
+        let events = response.bytes_stream().eventsource().filter_map(move |item| {
+            let out = match item {
+                Ok(ev) if ev.data.trim().is_empty() => None,
+                Ok(ev) => Some(
+                    parse_event(&ev.data).map_err(|e| ApiError::Decode(format!("{e} in {}", truncate(&ev.data, 120)))),
+                ),
+                Err(e) => Some(Err(ApiError::Transport(scrub(&e.to_string(), &key)))),
+            };
+            std::future::ready(out)
+        });
+        Ok(MessageStream { request_id, events: Box::pin(events) })
     }
 
     /// Counts the input tokens of `body` (`POST /v1/messages/count_tokens`;

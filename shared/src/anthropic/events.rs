@@ -180,14 +180,8 @@ impl UsageReport {
         }
         take(&mut self.input_tokens, later.input_tokens);
         take(&mut self.output_tokens, later.output_tokens);
-        take(
-            &mut self.cache_creation_input_tokens,
-            later.cache_creation_input_tokens,
-        );
-        take(
-            &mut self.cache_read_input_tokens,
-            later.cache_read_input_tokens,
-        );
+        take(&mut self.cache_creation_input_tokens, later.cache_creation_input_tokens);
+        take(&mut self.cache_read_input_tokens, later.cache_read_input_tokens);
         take(&mut self.cache_creation, later.cache_creation);
         take(&mut self.server_tool_use, later.server_tool_use);
     }
@@ -226,21 +220,10 @@ mod tests {
 
     #[test]
     fn unknown_event_and_delta_types_are_tolerated() {
-        assert_eq!(
-            parse_event(r#"{"type":"brand_new","x":1}"#).unwrap(),
-            StreamEvent::Unknown
-        );
-        let e = parse_event(
-            r#"{"type":"content_block_delta","index":0,"delta":{"type":"hologram_delta","h":1}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            e,
-            StreamEvent::ContentBlockDelta {
-                index: 0,
-                delta: Delta::Unknown
-            }
-        );
+        assert_eq!(parse_event(r#"{"type":"brand_new","x":1}"#).unwrap(), StreamEvent::Unknown);
+        let e =
+            parse_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"hologram_delta","h":1}}"#).unwrap();
+        assert_eq!(e, StreamEvent::ContentBlockDelta { index: 0, delta: Delta::Unknown });
     }
 
     #[test]
@@ -250,35 +233,17 @@ mod tests {
             cache_creation_input_tokens: Some(140),
             cache_read_input_tokens: Some(2100),
             output_tokens: Some(1),
-            cache_creation: Some(CacheCreation {
-                ephemeral_5m_input_tokens: 140,
-                ephemeral_1h_input_tokens: 0,
-            }),
+            cache_creation: Some(CacheCreation { ephemeral_5m_input_tokens: 140, ephemeral_1h_input_tokens: 0 }),
             server_tool_use: None,
         };
-        start.merge(&UsageReport {
-            output_tokens: Some(64),
-            ..Default::default()
-        });
+        start.merge(&UsageReport { output_tokens: Some(64), ..Default::default() });
         let t = start.token_counts();
-        assert_eq!(
-            (
-                t.input,
-                t.output,
-                t.cache_write_5m,
-                t.cache_write_1h,
-                t.cache_read
-            ),
-            (22, 64, 140, 0, 2100)
-        );
+        assert_eq!((t.input, t.output, t.cache_write_5m, t.cache_write_1h, t.cache_read), (22, 64, 140, 0, 2100));
     }
 
     #[test]
     fn cache_writes_without_a_split_are_five_minute_writes() {
-        let u = UsageReport {
-            cache_creation_input_tokens: Some(50),
-            ..Default::default()
-        };
+        let u = UsageReport { cache_creation_input_tokens: Some(50), ..Default::default() };
         assert_eq!(u.token_counts().cache_write_5m, 50);
         assert_eq!(u.token_counts().cache_write_1h, 0);
     }

@@ -109,17 +109,11 @@ impl MessageState {
                 self.usage = message.usage;
                 Applied::Quiet
             }
-            StreamEvent::ContentBlockStart {
-                index,
-                content_block,
-            } => {
+            StreamEvent::ContentBlockStart { index, content_block } => {
                 if self.blocks.len() <= index {
                     self.blocks.resize_with(index + 1, Block::default);
                 }
-                self.blocks[index] = Block {
-                    value: content_block,
-                    ..Block::default()
-                };
+                self.blocks[index] = Block { value: content_block, ..Block::default() };
                 Applied::Quiet
             }
             StreamEvent::ContentBlockDelta { index, delta } => self.apply_delta(index, delta),
@@ -174,9 +168,7 @@ impl MessageState {
                 Applied::Quiet
             }
             Delta::CitationsDelta { citation } => {
-                let entry = obj
-                    .entry("citations")
-                    .or_insert_with(|| Value::Array(Vec::new()));
+                let entry = obj.entry("citations").or_insert_with(|| Value::Array(Vec::new()));
                 if let Value::Array(list) = entry {
                     list.push(citation);
                 }
@@ -199,11 +191,7 @@ impl MessageState {
         for b in &self.blocks {
             match b.value.get("type").and_then(Value::as_str) {
                 Some("text") => {
-                    let t = b
-                        .value
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
+                    let t = b.value.get("text").and_then(Value::as_str).unwrap_or_default();
                     if gap && !out.is_empty() && !t.is_empty() {
                         out.push_str("\n\n");
                     }
@@ -227,11 +215,7 @@ impl MessageState {
             .filter(|b| {
                 let kind = b.value.get("type").and_then(Value::as_str);
                 match kind {
-                    Some("text") => b
-                        .value
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .is_some_and(|t| !t.is_empty()),
+                    Some("text") => b.value.get("text").and_then(Value::as_str).is_some_and(|t| !t.is_empty()),
                     Some(_) => b.complete,
                     None => false,
                 }
@@ -245,29 +229,13 @@ impl MessageState {
     pub fn tool_uses(&self) -> Vec<(String, String, Result<Value, String>)> {
         self.blocks
             .iter()
-            .filter(|b| {
-                b.complete && b.value.get("type").and_then(Value::as_str) == Some("tool_use")
-            })
+            .filter(|b| b.complete && b.value.get("type").and_then(Value::as_str) == Some("tool_use"))
             .map(|b| {
-                let id = b
-                    .value
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                let name = b
-                    .value
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
+                let id = b.value.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+                let name = b.value.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
                 let input = match &b.input_error {
                     Some(e) => Err(e.clone()),
-                    None => Ok(b
-                        .value
-                        .get("input")
-                        .cloned()
-                        .unwrap_or_else(|| Value::Object(Map::new()))),
+                    None => Ok(b.value.get("input").cloned().unwrap_or_else(|| Value::Object(Map::new()))),
                 };
                 (id, name, input)
             })
@@ -293,11 +261,7 @@ fn finish_tool_input(block: &mut Block) {
     }
     let raw = block.partial_json.trim();
     let parsed = if raw.is_empty() {
-        Ok(block
-            .value
-            .get("input")
-            .cloned()
-            .unwrap_or_else(|| Value::Object(Map::new())))
+        Ok(block.value.get("input").cloned().unwrap_or_else(|| Value::Object(Map::new())))
     } else {
         serde_json::from_str::<Value>(raw).map_err(|e| format!("tool input is not valid JSON: {e}"))
     };
@@ -318,10 +282,7 @@ mod tests {
     use crate::anthropic::events::parse_event;
 
     fn replay(name: &str) -> MessageState {
-        let path = format!(
-            "{}/../../shared/fixtures/anthropic/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../../shared/fixtures/anthropic/{name}", env!("CARGO_MANIFEST_DIR"));
         let body = std::fs::read_to_string(path).unwrap();
         let mut state = MessageState::default();
         for chunk in body.split("\n\n") {
@@ -349,18 +310,15 @@ mod tests {
     fn web_search_blocks_pass_through_and_the_last_usage_wins() {
         let s = replay("web_search_two_deltas.sse");
         let blocks = s.content_blocks();
-        let kinds: Vec<_> = blocks
-            .iter()
-            .map(|b| b["type"].as_str().unwrap().to_owned())
-            .collect();
-        assert_eq!(
-            kinds,
-            ["text", "server_tool_use", "web_search_tool_result", "text"]
-        );
+        let kinds: Vec<_> = blocks.iter().map(|b| b["type"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(kinds, ["text", "server_tool_use", "web_search_tool_result", "text"]);
         assert_eq!(blocks[3]["citations"].as_array().unwrap().len(), 1);
         let t = s.usage.token_counts();
         assert_eq!((t.input, t.output, t.web_search_requests), (5400, 210, 1));
-        assert_eq!(s.text(), "Let me look that up.\n\nThe latest release stabilised several APIs and improved compile times.");
+        assert_eq!(
+            s.text(),
+            "Let me look that up.\n\nThe latest release stabilised several APIs and improved compile times."
+        );
     }
 
     #[test]

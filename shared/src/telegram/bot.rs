@@ -114,6 +114,9 @@ pub struct SendMessageDraft {
     pub draft_id: i64,
     /// The text so far.
     pub text: String,
+    /// Entities of the text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<Value>>,
 }
 payload!(SendMessageDraft, "sendMessageDraft", Value);
 
@@ -126,6 +129,16 @@ pub struct SendChatAction {
     pub action: &'static str,
 }
 payload!(SendChatAction, "sendChatAction", Value);
+
+/// `deleteMessage`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeleteMessage {
+    /// Chat of the message.
+    pub chat_id: i64,
+    /// The message.
+    pub message_id: i64,
+}
+payload!(DeleteMessage, "deleteMessage", Value);
 
 /// `getMe`.
 #[derive(Debug, Clone, Serialize)]
@@ -157,17 +170,11 @@ impl BotApi {
     /// # Errors
     /// [`TelegramError::Transport`] when the URL is not an http(s) URL or the
     /// HTTP client cannot be built.
-    pub fn new(
-        api_url: &str,
-        token: Secret,
-        request_timeout: Duration,
-    ) -> Result<Self, TelegramError> {
+    pub fn new(api_url: &str, token: Secret, request_timeout: Duration) -> Result<Self, TelegramError> {
         let url = reqwest::Url::parse(api_url)
             .map_err(|e| TelegramError::Transport(format!("invalid TELEGRAM_API_URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-            return Err(TelegramError::Transport(
-                "TELEGRAM_API_URL must be an http(s) URL".into(),
-            ));
+            return Err(TelegramError::Transport("TELEGRAM_API_URL must be an http(s) URL".into()));
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -187,21 +194,14 @@ impl BotApi {
         P: Payload + Serialize + Send + 'static,
         P::Output: serde::de::DeserializeOwned + Send,
     {
-        JsonRequest::new(self.bot.clone(), payload)
-            .send()
-            .await
-            .map_err(|e| self.classify(e))
+        JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e))
     }
 
     fn classify(&self, e: RequestError) -> TelegramError {
         match e {
-            RequestError::RetryAfter(s) => {
-                TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds())))
-            }
+            RequestError::RetryAfter(s) => TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds()))),
             RequestError::Api(ApiError::MessageNotModified) => TelegramError::NotModified,
-            RequestError::Api(ApiError::CantParseEntities(d)) => {
-                TelegramError::BadEntities(scrub(&d, &self.token))
-            }
+            RequestError::Api(ApiError::CantParseEntities(d)) => TelegramError::BadEntities(scrub(&d, &self.token)),
             RequestError::Api(
                 ApiError::BotBlocked
                 | ApiError::UserDeactivated
@@ -219,9 +219,7 @@ impl BotApi {
                     TelegramError::Api(text)
                 }
             }
-            RequestError::Network(err) => {
-                TelegramError::Transport(scrub(&err.to_string(), &self.token))
-            }
+            RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
             other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
         }
     }
@@ -244,13 +242,7 @@ impl BotApi {
         text: &str,
         entities: Option<Vec<Value>>,
     ) -> Result<SentMessage, TelegramError> {
-        self.call(SendMessage {
-            chat_id,
-            text: text.to_owned(),
-            entities,
-            reply_parameters: None,
-        })
-        .await
+        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None }).await
     }
 
     /// `editMessageText`; "message is not modified" is reported as
@@ -263,15 +255,9 @@ impl BotApi {
         chat_id: i64,
         message_id: i64,
         text: &str,
+        entities: Option<Vec<Value>>,
     ) -> Result<(), TelegramError> {
-        self.call(EditMessageText {
-            chat_id,
-            message_id,
-            text: text.to_owned(),
-            entities: None,
-        })
-        .await
-        .map(|_| ())
+        self.call(EditMessageText { chat_id, message_id, text: text.to_owned(), entities }).await.map(|_| ())
     }
 
     /// `sendMessageDraft` (Bot API 9.3).
@@ -283,14 +269,17 @@ impl BotApi {
         chat_id: i64,
         draft_id: i64,
         text: &str,
+        entities: Option<Vec<Value>>,
     ) -> Result<(), TelegramError> {
-        self.call(SendMessageDraft {
-            chat_id,
-            draft_id,
-            text: text.to_owned(),
-        })
-        .await
-        .map(|_| ())
+        self.call(SendMessageDraft { chat_id, draft_id, text: text.to_owned(), entities }).await.map(|_| ())
+    }
+
+    /// `deleteMessage`.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn delete_message(&self, chat_id: i64, message_id: i64) -> Result<(), TelegramError> {
+        self.call(DeleteMessage { chat_id, message_id }).await.map(|_| ())
     }
 
     /// `sendChatAction` with `typing`.
@@ -298,28 +287,14 @@ impl BotApi {
     /// # Errors
     /// A classified [`TelegramError`].
     pub async fn send_typing(&self, chat_id: i64) -> Result<(), TelegramError> {
-        self.call(SendChatAction {
-            chat_id,
-            action: "typing",
-        })
-        .await
-        .map(|_| ())
+        self.call(SendChatAction { chat_id, action: "typing" }).await.map(|_| ())
     }
 
     /// `getUpdates` with raw results, for long polling.
     ///
     /// # Errors
     /// A classified [`TelegramError`].
-    pub async fn get_updates_raw(
-        &self,
-        offset: i64,
-        timeout: u32,
-    ) -> Result<Vec<Box<RawValue>>, TelegramError> {
-        self.call(GetUpdatesRaw {
-            offset,
-            timeout,
-            limit: 100,
-        })
-        .await
+    pub async fn get_updates_raw(&self, offset: i64, timeout: u32) -> Result<Vec<Box<RawValue>>, TelegramError> {
+        self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await
     }
 }

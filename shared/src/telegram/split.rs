@@ -162,9 +162,6 @@ mod tests {
     fn text_without_any_break_is_cut_hard() {
         let text = "x".repeat(5000);
         let parts = split_message(&text, MAX_MESSAGE_UTF16);
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [4096, 904]
-        );
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [4096, 904]);
     }
 }

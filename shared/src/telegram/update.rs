@@ -36,31 +36,20 @@ impl RoutingInfo {
     pub fn from_bytes(body: &[u8]) -> Result<Self, UpdateError> {
         let map: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| UpdateError::NotAnObject(e.to_string()))?;
-        let update_id = map
-            .get("update_id")
-            .and_then(Value::as_i64)
-            .ok_or(UpdateError::NoUpdateId)?;
+        let update_id = map.get("update_id").and_then(Value::as_i64).ok_or(UpdateError::NoUpdateId)?;
         let (kind, payload) = map
             .iter()
             .find(|(k, _)| k.as_str() != "update_id")
             .map(|(k, v)| (k.clone(), Some(v)))
             .unwrap_or_else(|| ("empty".to_owned(), None));
-        let chat_id = payload.and_then(|p| {
-            p.pointer("/chat/id")
-                .or_else(|| p.pointer("/message/chat/id"))
-                .and_then(Value::as_i64)
-        });
-        Ok(Self {
-            update_id,
-            chat_id,
-            kind,
-        })
+        let chat_id = payload
+            .and_then(|p| p.pointer("/chat/id").or_else(|| p.pointer("/message/chat/id")).and_then(Value::as_i64));
+        Ok(Self { update_id, chat_id, kind })
     }
 
     /// The AMQP routing key: the chat id, or `none`.
     pub fn routing_key(&self) -> String {
-        self.chat_id
-            .map_or_else(|| "none".to_owned(), |c| c.to_string())
+        self.chat_id.map_or_else(|| "none".to_owned(), |c| c.to_string())
     }
 }
 
@@ -173,19 +162,13 @@ impl Incoming {
         let incoming = match info.kind.as_str() {
             "message" => match serde_json::from_value(payload) {
                 Ok(m) => Incoming::Message(m),
-                Err(e) => Incoming::Ignored {
-                    kind: format!("message (malformed: {e})"),
-                },
+                Err(e) => Incoming::Ignored { kind: format!("message (malformed: {e})") },
             },
             "my_chat_member" => match serde_json::from_value(payload) {
                 Ok(m) => Incoming::MyChatMember(m),
-                Err(e) => Incoming::Ignored {
-                    kind: format!("my_chat_member (malformed: {e})"),
-                },
+                Err(e) => Incoming::Ignored { kind: format!("my_chat_member (malformed: {e})") },
             },
-            other => Incoming::Ignored {
-                kind: other.to_owned(),
-            },
+            other => Incoming::Ignored { kind: other.to_owned() },
         };
         Ok((info.update_id, incoming))
     }
@@ -196,10 +179,7 @@ impl Message {
     /// from its `bot_command` entity at offset 0.
     pub fn command(&self) -> Option<String> {
         let text = self.text.as_deref()?;
-        let entity = self
-            .entities
-            .iter()
-            .find(|e| e.kind == "bot_command" && e.offset == 0)?;
+        let entity = self.entities.iter().find(|e| e.kind == "bot_command" && e.offset == 0)?;
         let units: Vec<u16> = text.encode_utf16().take(entity.length).collect();
         let cmd = String::from_utf16_lossy(&units);
         let cmd = cmd.trim_start_matches('/');
@@ -209,9 +189,7 @@ impl Message {
     /// True when the text mentions `@username` (case-insensitive).
     pub fn mentions(&self, username: &str) -> bool {
         let needle = format!("@{}", username.to_lowercase());
-        self.text
-            .as_deref()
-            .is_some_and(|t| t.to_lowercase().contains(&needle))
+        self.text.as_deref().is_some_and(|t| t.to_lowercase().contains(&needle))
     }
 
     /// True in private chats.
@@ -226,45 +204,26 @@ mod tests {
 
     #[test]
     fn routing_reads_the_chat_of_any_kind() {
-        let r = RoutingInfo::from_bytes(
-            br#"{"update_id":5,"callback_query":{"id":"1","message":{"chat":{"id":-42}}}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.update_id, r.chat_id, r.kind.as_str()),
-            (5, Some(-42), "callback_query")
-        );
         let r =
-            RoutingInfo::from_bytes(br#"{"update_id":6,"some_future_update":{"x":1}}"#).unwrap();
+            RoutingInfo::from_bytes(br#"{"update_id":5,"callback_query":{"id":"1","message":{"chat":{"id":-42}}}}"#)
+                .unwrap();
+        assert_eq!((r.update_id, r.chat_id, r.kind.as_str()), (5, Some(-42), "callback_query"));
+        let r = RoutingInfo::from_bytes(br#"{"update_id":6,"some_future_update":{"x":1}}"#).unwrap();
         assert_eq!(r.routing_key(), "none");
     }
 
     #[test]
     fn bodies_without_an_integer_update_id_are_rejected() {
-        assert_eq!(
-            RoutingInfo::from_bytes(br#"{"update_id":"5"}"#),
-            Err(UpdateError::NoUpdateId)
-        );
-        assert_eq!(
-            RoutingInfo::from_bytes(br#"{"update_id":5.5}"#),
-            Err(UpdateError::NoUpdateId)
-        );
-        assert!(matches!(
-            RoutingInfo::from_bytes(b"[1]"),
-            Err(UpdateError::NotAnObject(_))
-        ));
-        assert!(matches!(
-            RoutingInfo::from_bytes(b"nope"),
-            Err(UpdateError::NotAnObject(_))
-        ));
+        assert_eq!(RoutingInfo::from_bytes(br#"{"update_id":"5"}"#), Err(UpdateError::NoUpdateId));
+        assert_eq!(RoutingInfo::from_bytes(br#"{"update_id":5.5}"#), Err(UpdateError::NoUpdateId));
+        assert!(matches!(RoutingInfo::from_bytes(b"[1]"), Err(UpdateError::NotAnObject(_))));
+        assert!(matches!(RoutingInfo::from_bytes(b"nope"), Err(UpdateError::NotAnObject(_))));
     }
 
     #[test]
     fn commands_and_mentions_are_recognised() {
         let (_, inc) = Incoming::parse(br#"{"update_id":1,"message":{"message_id":1,"chat":{"id":1,"type":"private"},"text":"/Start@fleet_bot hi","entities":[{"type":"bot_command","offset":0,"length":16}]}}"#).unwrap();
-        let Incoming::Message(m) = inc else {
-            panic!("not a message")
-        };
+        let Incoming::Message(m) = inc else { panic!("not a message") };
         assert_eq!(m.command().as_deref(), Some("start"));
         assert!(m.mentions("Fleet_Bot"));
     }

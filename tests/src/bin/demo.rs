@@ -10,10 +10,7 @@ use fleet_tests::scenario::load_all;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "demo",
-    about = "Plays the fixture scenarios through the real fleet and checks them."
-)]
+#[command(name = "demo", about = "Plays the fixture scenarios through the real fleet and checks them.")]
 struct Args {
     /// Fixtures folder (with scenarios/, telegram/, anthropic/, prices.toml).
     #[arg(long, env = "DEMO_FIXTURES", default_value = "../shared/fixtures")]
@@ -28,18 +25,10 @@ struct Args {
     #[arg(long)]
     report: Option<PathBuf>,
     /// PostgreSQL admin URL (databases are created per scenario and dropped).
-    #[arg(
-        long,
-        env = "DEMO_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
+    #[arg(long, env = "DEMO_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres_url: String,
     /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// Worker processes per scenario.
     #[arg(long, default_value_t = 2)]
@@ -52,10 +41,7 @@ struct Args {
     log_dir: PathBuf,
 }
 
-#[expect(
-    clippy::print_stdout,
-    reason = "the demo's output is its transcript and verdicts"
-)]
+#[expect(clippy::print_stdout, reason = "the demo's output is its transcript and verdicts")]
 fn print_report(r: &ScenarioReport) {
     println!("\n━━ {} ({}) ━━", r.name, r.area);
     for line in &r.transcript {
@@ -65,19 +51,12 @@ fn print_report(r: &ScenarioReport) {
         println!("  ledger:");
         for l in &r.ledger {
             let est = if l.estimated { " (estimated)" } else { "" };
-            println!(
-                "    {:<13} {:>12} USD  {} → {}{est}",
-                l.kind, l.amount, l.debit, l.credit
-            );
+            println!("    {:<13} {:>12} USD  {} → {}{est}", l.kind, l.amount, l.debit, l.credit);
         }
     }
     for c in &r.checks {
         let verdict = if c.passed { "PASS" } else { "FAIL" };
-        let step = if c.step == 0 {
-            "scenario".to_owned()
-        } else {
-            format!("step {}", c.step)
-        };
+        let step = if c.step == 0 { "scenario".to_owned() } else { format!("step {}", c.step) };
         println!("  {verdict} {step} {}: {}", c.check, c.detail);
     }
     println!("  => {}", if r.passed { "PASS" } else { "FAIL" });
@@ -96,19 +75,13 @@ async fn main() -> anyhow::Result<()> {
     }
     let bin_dir = match args.bin_dir.clone() {
         Some(d) => d,
-        None => std::env::current_exe()?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default(),
+        None => std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default(),
     };
     let cfg = DemoConfig {
         fixtures: args.fixtures.clone(),
         bin_dir,
         log_dir: args.log_dir.clone(),
-        services: Services {
-            postgres_url: args.postgres_url.clone(),
-            amqp_url: args.amqp_url.clone(),
-        },
+        services: Services { postgres_url: args.postgres_url.clone(), amqp_url: args.amqp_url.clone() },
         workers: args.workers.max(1),
     };
     let mut reports = Vec::new();
@@ -116,21 +89,12 @@ async fn main() -> anyhow::Result<()> {
         let scenario = match loaded.scenario {
             Ok(s) => s,
             Err(e) => {
-                let name = loaded
-                    .path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = loaded.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let r = ScenarioReport {
                     name,
                     area: String::new(),
                     passed: false,
-                    checks: vec![fleet_tests::demo::Check {
-                        step: 0,
-                        check: "parse".into(),
-                        passed: false,
-                        detail: e,
-                    }],
+                    checks: vec![fleet_tests::demo::Check { step: 0, check: "parse".into(), passed: false, detail: e }],
                     transcript: Vec::new(),
                     ledger: Vec::new(),
                 };
@@ -152,26 +116,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let passed = reports.iter().filter(|r| r.passed).count();
     let checks: usize = reports.iter().map(|r| r.checks.len()).sum();
-    let failed: usize = reports
-        .iter()
-        .map(|r| r.checks.iter().filter(|c| !c.passed).count())
-        .sum();
+    let failed: usize = reports.iter().map(|r| r.checks.iter().filter(|c| !c.passed).count()).sum();
     print_summary(&format!(
         "demo: {passed}/{} scenarios passed; {} checks, {} failed — {}",
         reports.len(),
         checks,
         failed,
-        if passed == reports.len() && !reports.is_empty() {
-            "PASS"
-        } else {
-            "FAIL"
-        }
+        if passed == reports.len() && !reports.is_empty() { "PASS" } else { "FAIL" }
     ));
     if let Some(path) = &args.report {
-        std::fs::write(
-            path,
-            serde_json::to_vec_pretty(&serde_json::json!({ "scenarios": reports }))?,
-        )?;
+        std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({ "scenarios": reports }))?)?;
     }
     if passed != reports.len() || reports.is_empty() {
         std::process::exit(1);

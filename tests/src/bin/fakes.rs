@@ -31,20 +31,14 @@ struct Args {
     #[arg(long, env = "FAKE_FIXTURES", default_value = "../shared/fixtures")]
     fixtures: PathBuf,
     /// SSE file (relative to the fixtures folder) answered to every call.
-    #[arg(
-        long,
-        env = "FAKE_DEFAULT_SSE",
-        default_value = "anthropic/text_capital.sse"
-    )]
+    #[arg(long, env = "FAKE_DEFAULT_SSE", default_value = "anthropic/text_capital.sse")]
     default_sse: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -76,10 +70,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[expect(
-    clippy::print_stdout,
-    reason = "scripts read the fakes' URLs from stdout"
-)]
+#[expect(clippy::print_stdout, reason = "scripts read the fakes' URLs from stdout")]
 fn announce(telegram: &FakeTelegram, anthropic: &FakeAnthropic) {
     println!("TELEGRAM_API_URL={}", telegram.api_url());
     println!("ANTHROPIC_BASE_URL={}", anthropic.base_url());
@@ -97,8 +88,6 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for ctrl-c")?;
+    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
     Ok(())
 }

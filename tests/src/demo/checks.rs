@@ -12,22 +12,11 @@ use sqlx::PgPool;
 use std::time::Duration;
 
 fn push(out: &mut Vec<Check>, step: usize, check: &str, passed: bool, detail: impl Into<String>) {
-    out.push(Check {
-        step,
-        check: check.to_owned(),
-        passed,
-        detail: detail.into(),
-    });
+    out.push(Check { step, check: check.to_owned(), passed, detail: detail.into() });
 }
 
 fn strings(v: &toml::Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
 
 fn decimal(v: &toml::Value) -> Option<Decimal> {
@@ -39,19 +28,13 @@ fn decimal(v: &toml::Value) -> Option<Decimal> {
 }
 
 fn sum(rec: &StepRecord, kinds: &[&str]) -> Decimal {
-    rec.entries
-        .iter()
-        .filter(|(k, _)| kinds.contains(&k.as_str()))
-        .map(|(_, a)| *a)
-        .sum()
+    rec.entries.iter().filter(|(k, _)| kinds.contains(&k.as_str())).map(|(_, a)| *a).sum()
 }
 
 /// UTF-16 slice of `text`.
 fn utf16_slice(text: &str, offset: usize, length: usize) -> Option<String> {
     let units: Vec<u16> = text.encode_utf16().collect();
-    units
-        .get(offset..offset + length)
-        .map(String::from_utf16_lossy)
+    units.get(offset..offset + length).map(String::from_utf16_lossy)
 }
 
 /// True when the parts, joined, equal `answer` with any whitespace allowed
@@ -79,13 +62,7 @@ pub fn step_checks(
     let n = rec.number;
     for (i, s) in rec.post_statuses.iter().enumerate() {
         if *s != 200 {
-            push(
-                out,
-                n,
-                "webhook",
-                false,
-                format!("post {} answered {s}", i + 1),
-            );
+            push(out, n, "webhook", false, format!("post {} answered {s}", i + 1));
         }
     }
     let replies: Vec<String> = rec.replies.iter().map(|m| m.text.clone()).collect();
@@ -121,46 +98,37 @@ pub fn step_checks(
                         .count()
                 });
                 let none = replies.is_empty() && sent == 0;
-                push(
-                    out,
-                    n,
-                    k,
-                    none == want,
-                    format!("{} replies, {sent} sendMessage calls", replies.len()),
-                );
+                push(out, n, k, none == want, format!("{} replies, {sent} sendMessage calls", replies.len()));
             }
             "reply_parts" => {
                 let want = value.as_integer().unwrap_or(-1);
-                push(
-                    out,
-                    n,
-                    k,
-                    replies.len() as i64 == want,
-                    format!("{} parts", replies.len()),
-                );
+                push(out, n, k, replies.len() as i64 == want, format!("{} parts", replies.len()));
             }
             "reply_parts_min" => {
                 let want = value.as_integer().unwrap_or(i64::MAX);
-                push(
-                    out,
-                    n,
-                    k,
-                    replies.len() as i64 >= want,
-                    format!("{} parts", replies.len()),
-                );
+                push(out, n, k, replies.len() as i64 >= want, format!("{} parts", replies.len()));
             }
             "reply_concat_equals_answer" => {
-                let ok = concat_equals(&replies, &rec.streamed_answer);
+                // The product sends Claude's Markdown as text + entities, so
+                // the user sees the answer rendered: the parts are compared
+                // with the streamed text as is, and with it rendered by the
+                // Markdown → entities converter (shared::telegram::markdown).
+                let raw = concat_equals(&replies, &rec.streamed_answer);
+                let rendered =
+                    raw || concat_equals(&replies, &shared::telegram::to_entities(&rec.streamed_answer).text);
+                let how = if raw {
+                    "as streamed"
+                } else if rendered {
+                    "as rendered from Markdown"
+                } else {
+                    "no match"
+                };
                 push(
                     out,
                     n,
                     k,
-                    ok == value.as_bool().unwrap_or(true),
-                    format!(
-                        "{} parts vs {} chars streamed",
-                        replies.len(),
-                        rec.streamed_answer.chars().count()
-                    ),
+                    rendered == value.as_bool().unwrap_or(true),
+                    format!("{} parts vs {} chars streamed: {how}", replies.len(), rec.streamed_answer.chars().count()),
                 );
             }
             "balanced_code_fences" => {
@@ -175,18 +143,12 @@ pub fn step_checks(
                     n,
                     k,
                     bad.is_empty() == value.as_bool().unwrap_or(true),
-                    if bad.is_empty() {
-                        "all parts balanced".to_owned()
-                    } else {
-                        format!("unbalanced parts {bad:?}")
-                    },
+                    if bad.is_empty() { "all parts balanced".to_owned() } else { format!("unbalanced parts {bad:?}") },
                 );
             }
             "no_parse_mode" => {
-                let used = my_telegram
-                    .iter()
-                    .filter(|c| c.params.get("parse_mode").is_some_and(|p| !p.is_null()))
-                    .count();
+                let used =
+                    my_telegram.iter().filter(|c| c.params.get("parse_mode").is_some_and(|p| !p.is_null())).count();
                 push(
                     out,
                     n,
@@ -199,6 +161,9 @@ pub fn step_checks(
                 for e in value.as_array().into_iter().flatten() {
                     let kind = e.get("type").and_then(|v| v.as_str()).unwrap_or_default();
                     let text = e.get("text").and_then(|v| v.as_str()).unwrap_or_default();
+                    // Other fields (`language`, `url`, …) must match the entity's.
+                    let extra: Vec<(&String, &toml::Value)> =
+                        e.as_table().into_iter().flatten().filter(|(k, _)| *k != "type" && *k != "text").collect();
                     let found = rec.replies.iter().any(|m| {
                         m.entities.as_array().into_iter().flatten().any(|ent| {
                             ent.get("type").and_then(Value::as_str) == Some(kind)
@@ -209,31 +174,22 @@ pub fn step_checks(
                                 )
                                 .as_deref()
                                     == Some(text)
+                                && extra.iter().all(|(k, v)| ent.get(k.as_str()).and_then(Value::as_str) == v.as_str())
                         })
                     });
-                    push(out, n, k, found, format!("{kind} over {text:?}"));
+                    let extras: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    push(out, n, k, found, format!("{kind} over {text:?} {}", extras.join(" ")));
                 }
             }
             "api_calls" => {
                 let want = value.as_integer().unwrap_or(-1);
-                push(
-                    out,
-                    n,
-                    k,
-                    my_anthropic.len() as i64 == want,
-                    format!("{} calls", my_anthropic.len()),
-                );
+                push(out, n, k, my_anthropic.len() as i64 == want, format!("{} calls", my_anthropic.len()));
             }
             "request_contains" | "request_not_contains" => {
                 for item in value.as_array().into_iter().flatten() {
-                    let call = item
-                        .get("call")
-                        .and_then(toml::Value::as_integer)
-                        .unwrap_or(1);
-                    let body = usize::try_from(call - 1)
-                        .ok()
-                        .and_then(|i| my_anthropic.get(i))
-                        .map(|c| c.body.to_string());
+                    let call = item.get("call").and_then(toml::Value::as_integer).unwrap_or(1);
+                    let body =
+                        usize::try_from(call - 1).ok().and_then(|i| my_anthropic.get(i)).map(|c| c.body.to_string());
                     for s in item.get("contains").map(strings).unwrap_or_default() {
                         let ok = match &body {
                             None => false,
@@ -244,14 +200,7 @@ pub fn step_checks(
                             n,
                             k,
                             ok,
-                            format!(
-                                "call {call}: {s:?}{}",
-                                if body.is_none() {
-                                    " (no such call)"
-                                } else {
-                                    ""
-                                }
-                            ),
+                            format!("call {call}: {s:?}{}", if body.is_none() { " (no such call)" } else { "" }),
                         );
                     }
                 }
@@ -259,39 +208,20 @@ pub fn step_checks(
             "provider_cost_usd" => {
                 let got = sum(rec, &["provider_cost"]);
                 let want = decimal(value);
-                push(
-                    out,
-                    n,
-                    k,
-                    want == Some(got),
-                    format!("expected {} got {}", value, got.normalize()),
-                );
+                push(out, n, k, want == Some(got), format!("expected {} got {}", value, got.normalize()));
             }
             "user_charge_usd" => {
                 let got = sum(rec, &["usage_charge", "tool_charge"]);
                 let want = decimal(value);
-                push(
-                    out,
-                    n,
-                    k,
-                    want == Some(got),
-                    format!("expected {} got {}", value, got.normalize()),
-                );
+                push(out, n, k, want == Some(got), format!("expected {} got {}", value, got.normalize()));
             }
             "quiet_after_429_s" => {
-                let secs = value
-                    .as_integer()
-                    .or_else(|| value.as_float().map(|f| f as i64))
-                    .unwrap_or(0);
+                let secs = value.as_integer().or_else(|| value.as_float().map(|f| f as i64)).unwrap_or(0);
                 let quiet = Duration::from_secs(u64::try_from(secs).unwrap_or(0));
                 let chat = rec.chat_id.unwrap_or_default();
                 let to_chat: Vec<&TgCall> = calls_to_chat(my_telegram, chat).collect();
-                let limited: Vec<usize> = to_chat
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.status == 429)
-                    .map(|(i, _)| i)
-                    .collect();
+                let limited: Vec<usize> =
+                    to_chat.iter().enumerate().filter(|(_, c)| c.status == 429).map(|(i, _)| i).collect();
                 if limited.is_empty() {
                     push(out, n, k, false, "no 429 was answered in this step");
                 }
@@ -304,18 +234,13 @@ pub fn step_checks(
                         n,
                         k,
                         ok,
-                        format!(
-                            "next call after the 429: {:?}",
-                            next.map(|d| format!("{:.2} s", d.as_secs_f64()))
-                        ),
+                        format!("next call after the 429: {:?}", next.map(|d| format!("{:.2} s", d.as_secs_f64()))),
                     );
                 }
             }
             "telegram_calls_max" => {
                 let want = value.as_integer().unwrap_or(0);
-                let count = rec
-                    .chat_id
-                    .map_or(0, |c| calls_to_chat(my_telegram, c).count());
+                let count = rec.chat_id.map_or(0, |c| calls_to_chat(my_telegram, c).count());
                 push(out, n, k, count as i64 <= want, format!("{count} calls"));
             }
             "previous_stream_ended_within_ms" => {
@@ -323,9 +248,7 @@ pub fn step_checks(
                 let prev = all.iter().find(|r| r.number + 1 == n);
                 let ended = prev
                     .and_then(|p| {
-                        anthropic
-                            .get(p.anthropic_calls.clone().min_max(anthropic.len()))
-                            .and_then(|c| c.last())
+                        anthropic.get(p.anthropic_calls.clone().min_max(anthropic.len())).and_then(|c| c.last())
                     })
                     .and_then(|c| c.ended_at);
                 match ended {
@@ -363,15 +286,13 @@ pub async fn final_checks(expect: &toml::Table, billing: &PgPool, out: &mut Vec<
             "balances_usd" => {
                 for (user, want) in value.as_table().into_iter().flatten() {
                     let got = match user.parse::<i64>() {
-                        Ok(uid) => sqlx::query_scalar::<_, Decimal>(
-                            "SELECT balance FROM accounts WHERE user_id = $1",
-                        )
-                        .bind(uid)
-                        .fetch_optional(billing)
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default(),
+                        Ok(uid) => sqlx::query_scalar::<_, Decimal>("SELECT balance FROM accounts WHERE user_id = $1")
+                            .bind(uid)
+                            .fetch_optional(billing)
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default(),
                         Err(_) => Decimal::MIN,
                     };
                     push(

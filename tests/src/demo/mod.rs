@@ -154,22 +154,13 @@ pub async fn run_scenario(cfg: &DemoConfig, scenario: &Scenario) -> ScenarioRepo
     };
     match play(cfg, scenario, &mut report).await {
         Ok(()) => {}
-        Err(e) => report.checks.push(Check {
-            step: 0,
-            check: "run".into(),
-            passed: false,
-            detail: format!("{e:#}"),
-        }),
+        Err(e) => report.checks.push(Check { step: 0, check: "run".into(), passed: false, detail: format!("{e:#}") }),
     }
     report.passed = !report.checks.is_empty() && report.checks.iter().all(|c| c.passed);
     report
 }
 
-async fn play(
-    cfg: &DemoConfig,
-    scenario: &Scenario,
-    report: &mut ScenarioReport,
-) -> anyhow::Result<()> {
+async fn play(cfg: &DemoConfig, scenario: &Scenario, report: &mut ScenarioReport) -> anyhow::Result<()> {
     for key in scenario.unknown.keys().chain(scenario.setup.unknown.keys()) {
         report.checks.push(Check {
             step: 0,
@@ -179,7 +170,6 @@ async fn play(
         });
     }
     let mut worker_env = BTreeMap::new();
-    worker_env.insert("CHAT_SEND_INTERVAL_MS".to_owned(), "1000".to_owned());
     for (k, v) in &scenario.config {
         match config_env(k) {
             Some(env) => {
@@ -218,14 +208,7 @@ async fn play(
         workers: cfg.workers,
     };
     let fleet = Fleet::start(&fleet_cfg).await?;
-    let mut run = Run {
-        cfg,
-        anthropic,
-        telegram,
-        dbs,
-        fleet: Some(fleet),
-        http: reqwest::Client::new(),
-    };
+    let mut run = Run { cfg, anthropic, telegram, dbs, fleet: Some(fleet), http: reqwest::Client::new() };
     let result = run.steps(scenario, report).await;
     if let Some(fleet) = run.fleet.take() {
         fleet.stop().await;
@@ -237,11 +220,7 @@ async fn play(
 }
 
 impl Run<'_> {
-    async fn steps(
-        &mut self,
-        scenario: &Scenario,
-        report: &mut ScenarioReport,
-    ) -> anyhow::Result<()> {
+    async fn steps(&mut self, scenario: &Scenario, report: &mut ScenarioReport) -> anyhow::Result<()> {
         for (user, usd) in &scenario.setup.grants_usd {
             self.grant(user, usd).await?;
         }
@@ -251,8 +230,7 @@ impl Run<'_> {
             // A step and the steps that overlap it form one group.
             let mut group = vec![i];
             while group.last().is_some_and(|&j| j + 1 < scenario.steps.len())
-                && scenario.steps[group[group.len() - 1] + 1].when.as_deref()
-                    == Some("during_previous_stream")
+                && scenario.steps[group[group.len() - 1] + 1].when.as_deref() == Some("during_previous_stream")
             {
                 group.push(group[group.len() - 1] + 1);
             }
@@ -267,11 +245,7 @@ impl Run<'_> {
                         detail: "unknown step field".into(),
                     });
                 }
-                if let Some(w) = step
-                    .when
-                    .as_deref()
-                    .filter(|w| *w != "during_previous_stream")
-                {
+                if let Some(w) = step.when.as_deref().filter(|w| *w != "during_previous_stream") {
                     report.checks.push(Check {
                         step: idx + 1,
                         check: "when".into(),
@@ -312,13 +286,7 @@ impl Run<'_> {
         }
         for rec in &records {
             report.transcript.extend(transcript_lines(rec));
-            checks::step_checks(
-                rec,
-                &records,
-                &self.anthropic.calls(),
-                &self.telegram.calls(),
-                &mut report.checks,
-            );
+            checks::step_checks(rec, &records, &self.anthropic.calls(), &self.telegram.calls(), &mut report.checks);
         }
         checks::final_checks(&scenario.expect, &self.dbs.billing, &mut report.checks).await;
         Ok(())
@@ -328,15 +296,7 @@ impl Run<'_> {
         let out = tokio::process::Command::new(self.cfg.bin_dir.join("billing-worker"))
             .env("BILLING_DATABASE_URL", &self.dbs.billing_url)
             .env("LOG_FORMAT", "json")
-            .args([
-                "grant",
-                "--user",
-                user,
-                "--usd",
-                usd,
-                "--idempotency-key",
-                &format!("setup-{user}"),
-            ])
+            .args(["grant", "--user", user, "--usd", usd, "--idempotency-key", &format!("setup-{user}")])
             .output()
             .await
             .context("running billing-worker grant")?;
@@ -349,17 +309,14 @@ impl Run<'_> {
     async fn post_step(&self, number: usize, step: &Step) -> anyhow::Result<StepRecord> {
         let path = self.cfg.fixtures.join(&step.update);
         let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let update: Value =
-            serde_json::from_slice(&body).with_context(|| format!("parsing {}", path.display()))?;
-        let info = RoutingInfo::from_bytes(&body)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let update: Value = serde_json::from_slice(&body).with_context(|| format!("parsing {}", path.display()))?;
+        let info = RoutingInfo::from_bytes(&body).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let mut streamed_answer = String::new();
         let mut scripted = Vec::new();
         for entry in &step.anthropic {
             let mut r = ScriptedResponse::default();
             if let Some(sse) = &entry.sse {
-                let bytes = std::fs::read(self.cfg.fixtures.join(sse))
-                    .with_context(|| format!("reading {sse}"))?;
+                let bytes = std::fs::read(self.cfg.fixtures.join(sse)).with_context(|| format!("reading {sse}"))?;
                 streamed_answer.push_str(&sse_text(&bytes));
                 r.sse = Some(bytes.into());
             }
@@ -384,12 +341,7 @@ impl Run<'_> {
         for _ in 0..step.repeat.unwrap_or(1).max(1) {
             let status = self
                 .http
-                .post(
-                    self.fleet
-                        .as_ref()
-                        .map(Fleet::webhook_url)
-                        .unwrap_or_default(),
-                )
+                .post(self.fleet.as_ref().map(Fleet::webhook_url).unwrap_or_default())
                 .header("x-telegram-bot-api-secret-token", SECRET)
                 .header("content-type", "application/json")
                 .body(body.clone())
@@ -446,27 +398,26 @@ impl Run<'_> {
             if accepted > 0 && deliveries.unwrap_or(0) < accepted {
                 return Ok(false);
             }
-            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE update_id = $1 AND status IN ('queued', 'running')")
-                .bind(rec.update_id)
-                .fetch_one(&self.dbs.bot)
-                .await?;
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE update_id = $1 AND status IN ('queued', 'running')",
+            )
+            .bind(rec.update_id)
+            .fetch_one(&self.dbs.bot)
+            .await?;
             if open > 0 {
                 return Ok(false);
             }
         }
         let events: Vec<(Uuid, Option<chrono::DateTime<chrono::Utc>>)> =
-            sqlx::query_as("SELECT event_id, published_at FROM billing_outbox")
-                .fetch_all(&self.dbs.bot)
-                .await?;
+            sqlx::query_as("SELECT event_id, published_at FROM billing_outbox").fetch_all(&self.dbs.bot).await?;
         if events.iter().any(|(_, p)| p.is_none()) {
             return Ok(false);
         }
         let ids: Vec<Uuid> = events.into_iter().map(|(id, _)| id).collect();
-        let applied: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM applied_events WHERE event_id = ANY($1)")
-                .bind(&ids)
-                .fetch_one(&self.dbs.billing)
-                .await?;
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM applied_events WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&self.dbs.billing)
+            .await?;
         Ok(applied == ids.len() as i64)
     }
 
@@ -476,16 +427,8 @@ impl Run<'_> {
         let messages = self.telegram.messages();
         let n = group.len();
         for k in 0..n {
-            let a_next = if k + 1 < n {
-                group[k + 1].anthropic_calls.start
-            } else {
-                a_end
-            };
-            let t_next = if k + 1 < n {
-                group[k + 1].telegram_calls.start
-            } else {
-                t_end
-            };
+            let a_next = if k + 1 < n { group[k + 1].anthropic_calls.start } else { a_end };
+            let t_next = if k + 1 < n { group[k + 1].telegram_calls.start } else { t_end };
             group[k].anthropic_calls.end = a_next;
             group[k].telegram_calls.end = t_next;
         }
@@ -496,12 +439,11 @@ impl Run<'_> {
                     .fetch_optional(&self.dbs.bot)
                     .await?;
             if let Some((job_id, _)) = &job {
-                rec.entries = sqlx::query_as(
-                    "SELECT kind, amount FROM ledger_entries WHERE job_id = $1 ORDER BY entry_id",
-                )
-                .bind(job_id)
-                .fetch_all(&self.dbs.billing)
-                .await?;
+                rec.entries =
+                    sqlx::query_as("SELECT kind, amount FROM ledger_entries WHERE job_id = $1 ORDER BY entry_id")
+                        .bind(job_id)
+                        .fetch_all(&self.dbs.billing)
+                        .await?;
             }
             rec.job = job;
         }
@@ -509,33 +451,20 @@ impl Run<'_> {
         // message sent to the chat in its window counts too (a duplicate
         // answer must show up); in a larger group, messages without a job go
         // to the last step.
-        let claimed: Vec<i64> = group
-            .iter()
-            .flat_map(|r| r.job.iter().flat_map(|(_, ids)| ids.clone()))
-            .collect();
+        let claimed: Vec<i64> = group.iter().flat_map(|r| r.job.iter().flat_map(|(_, ids)| ids.clone())).collect();
         let last = n - 1;
         let group_start = group[0].telegram_calls.start;
         for (k, rec) in group.iter_mut().enumerate() {
             let Some(chat) = rec.chat_id else { continue };
-            let own: Vec<i64> = rec
-                .job
-                .as_ref()
-                .map(|(_, ids)| ids.clone())
-                .unwrap_or_default();
-            let (lo, hi) = if n == 1 {
-                (rec.telegram_calls.start, rec.telegram_calls.end)
-            } else {
-                (group_start, t_end)
-            };
+            let own: Vec<i64> = rec.job.as_ref().map(|(_, ids)| ids.clone()).unwrap_or_default();
+            let (lo, hi) =
+                if n == 1 { (rec.telegram_calls.start, rec.telegram_calls.end) } else { (group_start, t_end) };
             rec.replies = messages
                 .iter()
                 .filter(|m| m.chat_id == chat && !m.deleted)
                 .filter(|m| {
                     own.contains(&m.message_id)
-                        || (k == last
-                            && !claimed.contains(&m.message_id)
-                            && m.sent_call >= lo
-                            && m.sent_call < hi)
+                        || (k == last && !claimed.contains(&m.message_id) && m.sent_call >= lo && m.sent_call < hi)
                 })
                 .cloned()
                 .collect();
@@ -552,11 +481,7 @@ pub fn sse_text(body: &[u8]) -> String {
         if let Some(data) = line.strip_prefix("data: ") {
             if let Ok(v) = serde_json::from_str::<Value>(data) {
                 if v.pointer("/delta/type").and_then(Value::as_str) == Some("text_delta") {
-                    out.push_str(
-                        v.pointer("/delta/text")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default(),
-                    );
+                    out.push_str(v.pointer("/delta/text").and_then(Value::as_str).unwrap_or_default());
                 }
             }
         }
@@ -569,11 +494,7 @@ fn clip(s: &str, max: usize) -> String {
     if flat.chars().count() <= max {
         flat
     } else {
-        format!(
-            "{}… ({} chars)",
-            flat.chars().take(max).collect::<String>(),
-            s.chars().count()
-        )
+        format!("{}… ({} chars)", flat.chars().take(max).collect::<String>(), s.chars().count())
     }
 }
 
@@ -585,24 +506,12 @@ fn transcript_lines(rec: &StepRecord) -> Vec<String> {
         .and_then(Value::as_str)
         .map(|t| format!("“{}”", clip(t, 100)))
         .unwrap_or_else(|| {
-            let kind = rec
-                .update
-                .as_object()
-                .and_then(|o| o.keys().find(|k| *k != "update_id").cloned())
-                .unwrap_or_default();
+            let kind =
+                rec.update.as_object().and_then(|o| o.keys().find(|k| *k != "update_id").cloned()).unwrap_or_default();
             format!("({kind})")
         });
-    let times = rec
-        .step
-        .repeat
-        .filter(|r| *r > 1)
-        .map(|r| format!(" ×{r}"))
-        .unwrap_or_default();
-    let mut lines = vec![format!(
-        "  [{}] user {}{times} ▶ {user}",
-        rec.number,
-        rec.chat_id.unwrap_or_default()
-    )];
+    let times = rec.step.repeat.filter(|r| *r > 1).map(|r| format!(" ×{r}")).unwrap_or_default();
+    let mut lines = vec![format!("  [{}] user {}{times} ▶ {user}", rec.number, rec.chat_id.unwrap_or_default())];
     if rec.replies.is_empty() {
         lines.push("      bot ◀ (no reply)".to_owned());
     }
@@ -613,10 +522,11 @@ fn transcript_lines(rec: &StepRecord) -> Vec<String> {
 }
 
 async fn ledger_lines(dbs: &Databases) -> anyhow::Result<Vec<LedgerLine>> {
-    let rows: Vec<(String, String, String, Decimal, bool)> =
-        sqlx::query_as("SELECT kind, debit_account, credit_account, amount, estimated FROM ledger_entries ORDER BY entry_id")
-            .fetch_all(&dbs.billing)
-            .await?;
+    let rows: Vec<(String, String, String, Decimal, bool)> = sqlx::query_as(
+        "SELECT kind, debit_account, credit_account, amount, estimated FROM ledger_entries ORDER BY entry_id",
+    )
+    .fetch_all(&dbs.billing)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|(kind, debit, credit, amount, estimated)| LedgerLine {
@@ -633,9 +543,7 @@ async fn ledger_lines(dbs: &Databases) -> anyhow::Result<Vec<LedgerLine>> {
 pub fn calls_to_chat(calls: &[TgCall], chat: i64) -> impl Iterator<Item = &TgCall> {
     calls.iter().filter(move |c| {
         let id = c.params.get("chat_id");
-        id.and_then(Value::as_i64)
-            .or_else(|| id.and_then(Value::as_str).and_then(|s| s.parse().ok()))
-            == Some(chat)
+        id.and_then(Value::as_i64).or_else(|| id.and_then(Value::as_str).and_then(|s| s.parse().ok())) == Some(chat)
     })
 }
 

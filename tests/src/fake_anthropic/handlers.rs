@@ -28,11 +28,7 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: u16, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            retry_after_s: None,
-        }
+        Self { status, message: message.into(), retry_after_s: None }
     }
 
     fn into_response(self, request_id: String) -> Response {
@@ -43,9 +39,7 @@ impl ApiError {
         });
         let mut response = (status, [("request-id", request_id)], Json(body)).into_response();
         if let Some(seconds) = self.retry_after_s {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -86,24 +80,14 @@ struct Request {
 impl Request {
     fn read(headers: &HeaderMap, body: &[u8]) -> Self {
         let received_at = Instant::now();
-        let api_key_present = headers
-            .get("x-api-key")
-            .is_some_and(|key| !key.as_bytes().is_empty());
-        let anthropic_version = headers
-            .get("anthropic-version")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let api_key_present = headers.get("x-api-key").is_some_and(|key| !key.as_bytes().is_empty());
+        let anthropic_version = headers.get("anthropic-version").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = match serde_json::from_slice::<Value>(body) {
             Ok(value) if value.is_object() => Ok(value),
             Ok(_) => Err("request body must be a JSON object".to_owned()),
             Err(error) => Err(format!("request body is not valid JSON: {error}")),
         };
-        Self {
-            received_at,
-            api_key_present,
-            anthropic_version,
-            body,
-        }
+        Self { received_at, api_key_present, anthropic_version, body }
     }
 
     /// The error every endpoint answers before looking at the script, if any.
@@ -111,10 +95,7 @@ impl Request {
         if !self.api_key_present {
             return Some(ApiError::new(401, "x-api-key header is required"));
         }
-        self.body
-            .as_ref()
-            .err()
-            .map(|e| ApiError::new(400, e.clone()))
+        self.body.as_ref().err().map(|e| ApiError::new(400, e.clone()))
     }
 }
 
@@ -123,21 +104,16 @@ fn request_id() -> String {
 }
 
 /// `POST /v1/messages`: pops a scripted response, records the call, answers.
-pub(super) async fn messages(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let request = Request::read(&headers, &body);
     let request_id = request_id();
     let (index, answer) = {
         let mut script = shared.lock();
         let answer = match request.rejection() {
             Some(error) => Answer::Error(error),
-            None if !is_streaming(request.body.as_ref().ok()) => Answer::Error(ApiError::new(
-                400,
-                "this fake serves only streaming requests: set \"stream\": true",
-            )),
+            None if !is_streaming(request.body.as_ref().ok()) => {
+                Answer::Error(ApiError::new(400, "this fake serves only streaming requests: set \"stream\": true"))
+            }
             None => match script.queue.pop_front().or_else(|| script.default.clone()) {
                 None => Answer::Error(ApiError::new(500, "no scripted response")),
                 Some(scripted) => match scripted.http_status {
@@ -171,20 +147,13 @@ pub(super) async fn messages(
     shared.notify();
     match answer {
         Answer::Error(error) => {
-            tracing::debug!(
-                index,
-                status = error.status,
-                "fake Anthropic answered an error"
-            );
+            tracing::debug!(index, status = error.status, "fake Anthropic answered an error");
             error.into_response(request_id)
         }
         Answer::Stream(scripted) => {
             let stream = replay::Replay::new(&scripted, Arc::clone(&shared), index).into_stream();
             let headers = [
-                (
-                    header::CONTENT_TYPE.as_str(),
-                    "text/event-stream".to_owned(),
-                ),
+                (header::CONTENT_TYPE.as_str(), "text/event-stream".to_owned()),
                 (header::CACHE_CONTROL.as_str(), "no-cache".to_owned()),
                 ("request-id", request_id),
             ];
@@ -198,11 +167,7 @@ fn is_streaming(body: Option<&Value>) -> bool {
 }
 
 /// `POST /v1/messages/count_tokens`: records the body, answers the set count.
-pub(super) async fn count_tokens(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn count_tokens(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let request = Request::read(&headers, &body);
     let request_id = request_id();
     if let Some(error) = request.rejection() {
@@ -210,17 +175,11 @@ pub(super) async fn count_tokens(
     }
     let input_tokens = {
         let mut script = shared.lock();
-        script
-            .count_tokens_calls
-            .push(request.body.unwrap_or(Value::Null));
+        script.count_tokens_calls.push(request.body.unwrap_or(Value::Null));
         script.count_tokens
     };
     shared.notify();
-    (
-        [("request-id", request_id)],
-        Json(json!({ "input_tokens": input_tokens })),
-    )
-        .into_response()
+    ([("request-id", request_id)], Json(json!({ "input_tokens": input_tokens }))).into_response()
 }
 
 pub(super) async fn not_found() -> Response {

@@ -59,9 +59,7 @@ pub(super) struct Replay {
 impl Replay {
     pub(super) fn new(scripted: &ScriptedResponse, shared: Arc<Shared>, index: usize) -> Self {
         let events = scripted.sse.as_ref().map(split_events).unwrap_or_default();
-        let limit = scripted
-            .stall_after_events
-            .map_or(events.len(), |n| n.min(events.len()));
+        let limit = scripted.stall_after_events.map_or(events.len(), |n| n.min(events.len()));
         if events.is_empty() {
             shared.update_call(index, |call| call.completed = true);
         }
@@ -120,8 +118,7 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         let ended_at = Instant::now();
-        self.shared
-            .update_call(self.index, |call| call.ended_at = Some(ended_at));
+        self.shared.update_call(self.index, |call| call.ended_at = Some(ended_at));
     }
 }
 

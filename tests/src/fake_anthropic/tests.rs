@@ -12,9 +12,7 @@ use super::*;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures").join(name)
 }
 
 async fn start() -> FakeAnthropic {
@@ -49,18 +47,12 @@ async fn replays_a_fixture_byte_for_byte_and_records_the_call() {
     let response = post(&fake, &request_body()).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let request_id = response.headers()["request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = response.headers()["request-id"].to_str().unwrap().to_owned();
     assert!(request_id.starts_with("req_"), "{request_id}");
     let body = response.bytes().await.unwrap();
     assert_eq!(body.as_ref(), std::fs::read(&path).unwrap().as_slice());
 
-    assert!(
-        fake.wait_until(|calls| calls.iter().any(|c| c.ended_at.is_some()), WAIT)
-            .await
-    );
+    assert!(fake.wait_until(|calls| calls.iter().any(|c| c.ended_at.is_some()), WAIT).await);
     let calls = fake.calls();
     assert_eq!(calls.len(), 1);
     let call = &calls[0];
@@ -92,18 +84,10 @@ async fn http_529_comes_with_retry_after_and_an_overloaded_error() {
 async fn a_stalled_stream_sends_its_events_then_nothing_until_the_client_leaves() {
     let fake = start().await;
     let path = fixture("anthropic/tides_stalls.sse");
-    fake.push([ScriptedResponse {
-        stall_after_events: Some(5),
-        ..ScriptedResponse::from_file(&path).unwrap()
-    }]);
-    let expected: Vec<u8> =
-        replay::split_events(&std::fs::read(&path).unwrap().into())[..5].concat();
+    fake.push([ScriptedResponse { stall_after_events: Some(5), ..ScriptedResponse::from_file(&path).unwrap() }]);
+    let expected: Vec<u8> = replay::split_events(&std::fs::read(&path).unwrap().into())[..5].concat();
 
-    let response = post(&fake, &request_body())
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
+    let response = post(&fake, &request_body()).timeout(Duration::from_secs(30)).send().await.unwrap();
     let mut stream = response.bytes_stream();
     let mut received = Vec::new();
     while received.len() < expected.len() {
@@ -114,15 +98,11 @@ async fn a_stalled_stream_sends_its_events_then_nothing_until_the_client_leaves(
     let next = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     assert!(next.is_err(), "the stalled stream sent more: {next:?}");
     let call = fake.calls().remove(0);
-    assert_eq!(
-        (call.events_sent, call.completed, call.ended_at),
-        (5, false, None)
-    );
+    assert_eq!((call.events_sent, call.completed, call.ended_at), (5, false, None));
 
     drop(stream);
     assert!(
-        fake.wait_until(|calls| calls[0].ended_at.is_some(), WAIT)
-            .await,
+        fake.wait_until(|calls| calls[0].ended_at.is_some(), WAIT).await,
         "the fake did not notice the client leaving"
     );
 }
@@ -135,13 +115,7 @@ async fn events_are_paced_by_the_delay() {
         ..ScriptedResponse::from_file(fixture("anthropic/text_capital.sse")).unwrap()
     }]);
     let started = std::time::Instant::now();
-    let body = post(&fake, &request_body())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = post(&fake, &request_body()).send().await.unwrap().bytes().await.unwrap();
     assert!(!body.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(8 * 30));
 }
@@ -155,17 +129,9 @@ async fn an_empty_queue_falls_back_to_the_default_or_answers_500() {
     assert_eq!(body["error"]["type"], "api_error");
     assert_eq!(body["error"]["message"], "no scripted response");
 
-    fake.set_default(Some(ScriptedResponse::from_sse(
-        "event: ping\ndata: {}\n\n",
-    )));
+    fake.set_default(Some(ScriptedResponse::from_sse("event: ping\ndata: {}\n\n")));
     for _ in 0..2 {
-        let body = post(&fake, &request_body())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = post(&fake, &request_body()).send().await.unwrap().text().await.unwrap();
         assert_eq!(body, "event: ping\ndata: {}\n\n");
     }
     assert!(fake.wait_for_calls(3, WAIT).await);
@@ -179,25 +145,12 @@ async fn requests_without_a_key_or_with_a_bad_body_are_rejected_without_using_th
     let url = format!("{}/v1/messages", fake.base_url());
     let client = reqwest::Client::new();
 
-    let no_key = client
-        .post(&url)
-        .json(&request_body())
-        .timeout(WAIT)
-        .send()
-        .await
-        .unwrap();
+    let no_key = client.post(&url).json(&request_body()).timeout(WAIT).send().await.unwrap();
     assert_eq!(no_key.status(), 401);
     let body: Value = no_key.json().await.unwrap();
     assert_eq!(body["error"]["type"], "authentication_error");
 
-    let not_json = client
-        .post(&url)
-        .header("x-api-key", "k")
-        .body("{not json")
-        .timeout(WAIT)
-        .send()
-        .await
-        .unwrap();
+    let not_json = client.post(&url).header("x-api-key", "k").body("{not json").timeout(WAIT).send().await.unwrap();
     assert_eq!(not_json.status(), 400);
     let body: Value = not_json.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
@@ -222,10 +175,7 @@ async fn count_tokens_answers_the_set_count_and_is_recorded_apart() {
         .unwrap();
     let body: Value = response.json().await.unwrap();
     assert_eq!(body, json!({ "input_tokens": 37 }));
-    assert_eq!(
-        fake.count_tokens_calls(),
-        [json!({ "model": "m", "messages": [] })]
-    );
+    assert_eq!(fake.count_tokens_calls(), [json!({ "model": "m", "messages": [] })]);
     assert_eq!(fake.call_count(), 0);
 }
 

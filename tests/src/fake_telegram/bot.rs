@@ -56,10 +56,7 @@ pub(super) struct Success {
 
 impl From<Value> for Success {
     fn from(result: Value) -> Self {
-        Self {
-            result,
-            description: None,
-        }
+        Self { result, description: None }
     }
 }
 
@@ -171,8 +168,7 @@ impl BotState {
                 self.updates.pop_front();
             }
         } else {
-            self.updates
-                .retain(|u| u.get("update_id").and_then(Value::as_i64).unwrap_or(0) >= offset);
+            self.updates.retain(|u| u.get("update_id").and_then(Value::as_i64).unwrap_or(0) >= offset);
         }
     }
 
@@ -192,9 +188,7 @@ impl BotState {
     pub(super) fn pending_updates(&self, offset: i64, limit: usize) -> Vec<Value> {
         self.updates
             .iter()
-            .filter(|u| {
-                offset <= 0 || u.get("update_id").and_then(Value::as_i64).unwrap_or(0) >= offset
-            })
+            .filter(|u| offset <= 0 || u.get("update_id").and_then(Value::as_i64).unwrap_or(0) >= offset)
             .take(limit)
             .cloned()
             .collect()
@@ -202,12 +196,7 @@ impl BotState {
 
     /// Runs one method other than `getUpdates`. `call_index` is the index the
     /// call will have in the log.
-    pub(super) fn handle(
-        &mut self,
-        method: &str,
-        params: &Params,
-        call_index: usize,
-    ) -> Result<Success, ApiError> {
+    pub(super) fn handle(&mut self, method: &str, params: &Params, call_index: usize) -> Result<Success, ApiError> {
         match method {
             "getMe" => Ok(self.get_me().into()),
             "sendMessage" => self.send_message(params, call_index).map(Success::from),
@@ -247,8 +236,7 @@ impl BotState {
         let last_id = self.last_message_id.entry(chat_id).or_insert(0);
         *last_id += 1;
         let message_id = *last_id;
-        self.by_id
-            .insert((chat_id, message_id), self.messages.len());
+        self.by_id.insert((chat_id, message_id), self.messages.len());
         self.messages.push(StoredMessage {
             public: TgMessage {
                 chat_id,
@@ -269,12 +257,9 @@ impl BotState {
     /// The live (not deleted) message `(chat_id, message_id)` of the params.
     fn target(&self, params: &Params, not_found: &str) -> Result<(i64, i64, usize), ApiError> {
         let chat_id = params.chat_id()?;
-        let message_id =
-            params.required_int("message_id", "message identifier is not specified")?;
+        let message_id = params.required_int("message_id", "message identifier is not specified")?;
         match self.by_id.get(&(chat_id, message_id)) {
-            Some(&i) if self.messages.get(i).is_some_and(|m| !m.public.deleted) => {
-                Ok((chat_id, message_id, i))
-            }
+            Some(&i) if self.messages.get(i).is_some_and(|m| !m.public.deleted) => Ok((chat_id, message_id, i)),
             _ => Err(ApiError::bad_request(not_found)),
         }
     }
@@ -287,10 +272,7 @@ impl BotState {
         let (chat_id, message_id, i) = self.target(params, "message to edit not found")?;
         let formatted = FormattedText::from_params(params, false)?;
         let reply_markup = params.json("reply_markup")?.unwrap_or(Value::Null);
-        let stored = self
-            .messages
-            .get_mut(i)
-            .ok_or_else(|| ApiError::bad_request("message to edit not found"))?;
+        let stored = self.messages.get_mut(i).ok_or_else(|| ApiError::bad_request("message to edit not found"))?;
         let current = &stored.public;
         if current.text == formatted.text
             && same_entities(&current.entities, &formatted.entities)
@@ -310,10 +292,7 @@ impl BotState {
     fn edit_reply_markup(&mut self, params: &Params) -> Result<Value, ApiError> {
         let (chat_id, message_id, i) = self.target(params, "message to edit not found")?;
         let reply_markup = params.json("reply_markup")?.unwrap_or(Value::Null);
-        let stored = self
-            .messages
-            .get_mut(i)
-            .ok_or_else(|| ApiError::bad_request("message to edit not found"))?;
+        let stored = self.messages.get_mut(i).ok_or_else(|| ApiError::bad_request("message to edit not found"))?;
         if stored.reply_markup == reply_markup {
             return Err(not_modified());
         }
@@ -332,16 +311,9 @@ impl BotState {
 
     fn set_webhook(&mut self, params: &Params) -> Success {
         let url = params.string("url").filter(|u| !u.is_empty());
-        let description = if url.is_some() {
-            "Webhook was set"
-        } else {
-            "Webhook was deleted"
-        };
+        let description = if url.is_some() { "Webhook was set" } else { "Webhook was deleted" };
         self.webhook_url = url;
-        Success {
-            result: json!(true),
-            description: Some(description),
-        }
+        Success { result: json!(true), description: Some(description) }
     }
 
     fn delete_webhook(&mut self, params: &Params) -> Success {
@@ -352,10 +324,7 @@ impl BotState {
         if params.flag("drop_pending_updates") {
             self.updates.clear();
         }
-        Success {
-            result: json!(true),
-            description: Some(description),
-        }
+        Success { result: json!(true), description: Some(description) }
     }
 
     fn webhook_info(&self) -> Value {
@@ -382,11 +351,7 @@ impl BotState {
 
     /// The Bot API `Message` object of a stored message.
     fn message_json(&self, chat_id: i64, message_id: i64, edit_date: Option<i64>) -> Value {
-        let Some(stored) = self
-            .by_id
-            .get(&(chat_id, message_id))
-            .and_then(|&i| self.messages.get(i))
-        else {
+        let Some(stored) = self.by_id.get(&(chat_id, message_id)).and_then(|&i| self.messages.get(i)) else {
             return Value::Null;
         };
         let chat = if chat_id > 0 {
@@ -454,8 +419,6 @@ fn send_chat_action(params: &Params) -> Result<Value, ApiError> {
 fn answer_callback_query(params: &Params) -> Result<Value, ApiError> {
     match params.string("callback_query_id") {
         Some(id) if !id.is_empty() => Ok(json!(true)),
-        _ => Err(ApiError::bad_request(
-            "query is too old and response timeout expired or query ID is invalid",
-        )),
+        _ => Err(ApiError::bad_request("query is too old and response timeout expired or query ID is invalid")),
     }
 }

@@ -18,20 +18,12 @@ pub(super) struct ApiError {
 impl ApiError {
     /// A `400 Bad Request: {detail}` answer.
     pub(super) fn bad_request(detail: impl std::fmt::Display) -> Self {
-        Self {
-            status: 400,
-            description: format!("Bad Request: {detail}"),
-            retry_after: None,
-        }
+        Self { status: 400, description: format!("Bad Request: {detail}"), retry_after: None }
     }
 
     /// An answer with this status and description.
     pub(super) fn new(status: u16, description: impl Into<String>) -> Self {
-        Self {
-            status,
-            description: description.into(),
-            retry_after: None,
-        }
+        Self { status, description: description.into(), retry_after: None }
     }
 
     /// The JSON body of the answer.
@@ -57,27 +49,19 @@ pub(super) struct Params(Map<String, Value>);
 impl Params {
     /// Parses the query string and the body, as told by `content_type`
     /// (JSON, url-encoded form, or guessed when absent).
-    pub(super) fn parse(
-        query: Option<&str>,
-        content_type: Option<&str>,
-        body: &[u8],
-    ) -> Result<Self, ApiError> {
+    pub(super) fn parse(query: Option<&str>, content_type: Option<&str>, body: &[u8]) -> Result<Self, ApiError> {
         let mut params = Map::new();
         if let Some(query) = query {
             extend_form(&mut params, query.as_bytes());
         }
-        let media_type = content_type
-            .and_then(|ct| ct.split(';').next())
-            .map(|ct| ct.trim().to_ascii_lowercase());
+        let media_type = content_type.and_then(|ct| ct.split(';').next()).map(|ct| ct.trim().to_ascii_lowercase());
         let is_blank = body.iter().all(u8::is_ascii_whitespace);
         match media_type.as_deref() {
             _ if is_blank => {}
             Some("application/json") => params.extend(json_object(body)?),
             Some("application/x-www-form-urlencoded") => extend_form(&mut params, body),
             Some("multipart/form-data") => {
-                return Err(ApiError::bad_request(
-                    "multipart/form-data is not supported by the fake Bot API",
-                ))
+                return Err(ApiError::bad_request("multipart/form-data is not supported by the fake Bot API"))
             }
             _ => match json_object(body) {
                 Ok(fields) => params.extend(fields),
@@ -105,9 +89,7 @@ impl Params {
             Some(Value::String(s)) => s.trim().parse().ok(),
             Some(_) => None,
         };
-        parsed
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request(format!("wrong parameter {name} in request")))
+        parsed.map(Some).ok_or_else(|| ApiError::bad_request(format!("wrong parameter {name} in request")))
     }
 
     /// The required `chat_id`; only numeric ids are known to the fake.
@@ -121,8 +103,7 @@ impl Params {
 
     /// A required integer, with `missing` as the error when absent.
     pub(super) fn required_int(&self, name: &str, missing: &str) -> Result<i64, ApiError> {
-        self.int(name)?
-            .ok_or_else(|| ApiError::bad_request(missing))
+        self.int(name)?.ok_or_else(|| ApiError::bad_request(missing))
     }
 
     /// A string parameter; numbers and booleans are given as their text.
@@ -205,9 +186,6 @@ mod tests {
     #[test]
     fn username_chat_ids_are_unknown_chats() {
         let params = Params::parse(Some("chat_id=%40somechannel"), None, b"").unwrap();
-        assert_eq!(
-            params.chat_id().unwrap_err().description,
-            "Bad Request: chat not found"
-        );
+        assert_eq!(params.chat_id().unwrap_err().description, "Bad Request: chat not found");
     }
 }

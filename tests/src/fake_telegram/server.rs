@@ -32,18 +32,13 @@ fn valid_token(token: &str) -> bool {
         !id.is_empty()
             && id.bytes().all(|b| b.is_ascii_digit())
             && !secret.is_empty()
-            && secret
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     })
 }
 
 /// The documented spelling of a method name (methods are case-insensitive).
 fn canonical(method: &str) -> String {
-    METHODS
-        .iter()
-        .find(|m| m.eq_ignore_ascii_case(method))
-        .map_or_else(|| method.to_owned(), |m| (*m).to_owned())
+    METHODS.iter().find(|m| m.eq_ignore_ascii_case(method)).map_or_else(|| method.to_owned(), |m| (*m).to_owned())
 }
 
 /// One request, as parsed before it is answered.
@@ -55,19 +50,12 @@ struct Request {
 }
 
 /// Answers every request: faults first, then the method.
-pub(super) async fn handle(
-    State(shared): State<Arc<Shared>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let at = Instant::now();
     let Some((token, method)) = split_path(uri.path()) else {
         return respond(404, ApiError::new(404, "Not Found").to_json());
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let request = Request {
         at,
         token: token.to_owned(),
@@ -133,8 +121,7 @@ async fn get_updates(shared: &Shared, request: Request) -> Response {
         let answered = {
             let mut bot = shared.lock();
             let updates = bot.pending_updates(offset, limit);
-            (expired || !updates.is_empty())
-                .then(|| record(&mut bot, &request, Ok(Value::Array(updates).into())))
+            (expired || !updates.is_empty()).then(|| record(&mut bot, &request, Ok(Value::Array(updates).into())))
         };
         if let Some((status, response)) = answered {
             shared.notify();
@@ -153,11 +140,7 @@ async fn get_updates(shared: &Shared, request: Request) -> Response {
 }
 
 /// Logs the call and gives the HTTP status and JSON body to answer.
-fn record(
-    bot: &mut BotState,
-    request: &Request,
-    outcome: Result<Success, ApiError>,
-) -> (u16, Value) {
+fn record(bot: &mut BotState, request: &Request, outcome: Result<Success, ApiError>) -> (u16, Value) {
     let (status, response) = match outcome {
         Ok(success) => {
             let mut body = json!({ "ok": true, "result": success.result });
@@ -175,10 +158,7 @@ fn record(
         at: request.at,
         token: request.token.clone(),
         method: request.method.clone(),
-        params: request
-            .params
-            .as_ref()
-            .map_or(Value::Null, Params::to_value),
+        params: request.params.as_ref().map_or(Value::Null, Params::to_value),
         status,
         response: response.clone(),
     });

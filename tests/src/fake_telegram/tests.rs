@@ -12,9 +12,7 @@ const TOKEN: &str = "123456:TEST-token_1";
 
 async fn start() -> FakeTelegram {
     let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    FakeTelegram::start(any_port, "fleet_test_bot")
-        .await
-        .unwrap()
+    FakeTelegram::start(any_port, "fleet_test_bot").await.unwrap()
 }
 
 /// Calls `method` with a JSON body; gives the HTTP status and the JSON answer.
@@ -40,10 +38,7 @@ async fn get_me_describes_the_bot() {
     assert_eq!(body["result"]["is_bot"], true);
     assert_eq!(body["result"]["username"], "fleet_test_bot");
     let calls = fake.calls();
-    assert_eq!(
-        (calls[0].method.as_str(), calls[0].token.as_str()),
-        ("getMe", TOKEN)
-    );
+    assert_eq!((calls[0].method.as_str(), calls[0].token.as_str()), ("getMe", TOKEN));
 }
 
 #[tokio::test]
@@ -88,12 +83,8 @@ async fn a_429_fault_fails_only_the_second_send_message_and_changes_nothing() {
 async fn editing_to_the_same_content_is_not_modified() {
     let fake = start().await;
     let entities = json!([{ "type": "bold", "offset": 0, "length": 5 }]);
-    let (_, sent) = call(
-        &fake,
-        "sendMessage",
-        json!({ "chat_id": -100_123, "text": "Hello world", "entities": entities }),
-    )
-    .await;
+    let (_, sent) =
+        call(&fake, "sendMessage", json!({ "chat_id": -100_123, "text": "Hello world", "entities": entities })).await;
     assert_eq!(sent["result"]["chat"]["type"], "supergroup");
     let id = sent["result"]["message_id"].clone();
 
@@ -114,48 +105,29 @@ async fn editing_to_the_same_content_is_not_modified() {
 
     let unknown = json!({ "chat_id": -100_123, "message_id": 99, "text": "x" });
     let (status, body) = call(&fake, "editMessageText", unknown).await;
-    assert_eq!(
-        (status, body["description"].as_str()),
-        (400, Some("Bad Request: message to edit not found"))
-    );
+    assert_eq!((status, body["description"].as_str()), (400, Some("Bad Request: message to edit not found")));
 
     let message = &fake.messages()[0];
-    assert_eq!(
-        (message.text.as_str(), message.edits, &message.entities),
-        ("Hello there", 1, &Value::Null)
-    );
+    assert_eq!((message.text.as_str(), message.edits, &message.entities), ("Hello there", 1, &Value::Null));
 }
 
 #[tokio::test]
 async fn send_message_checks_text_and_entities() {
     let fake = start().await;
     let (status, body) = call(&fake, "sendMessage", json!({ "chat_id": 1, "text": "  " })).await;
-    assert_eq!(
-        (status, body["description"].as_str()),
-        (400, Some("Bad Request: message text is empty"))
-    );
+    assert_eq!((status, body["description"].as_str()), (400, Some("Bad Request: message text is empty")));
 
     // 2049 emoji are 4098 UTF-16 code units, over the limit of 4096.
     let long = "😀".repeat(2049);
     let (status, body) = call(&fake, "sendMessage", json!({ "chat_id": 1, "text": long })).await;
-    assert_eq!(
-        (status, body["description"].as_str()),
-        (400, Some("Bad Request: message is too long"))
-    );
+    assert_eq!((status, body["description"].as_str()), (400, Some("Bad Request: message is too long")));
 
     let past_end = json!([{ "type": "italic", "offset": 2, "length": 9 }]);
-    let (status, body) = call(
-        &fake,
-        "sendMessage",
-        json!({ "chat_id": 1, "text": "short", "entities": past_end }),
-    )
-    .await;
+    let (status, body) =
+        call(&fake, "sendMessage", json!({ "chat_id": 1, "text": "short", "entities": past_end })).await;
     assert_eq!(status, 400);
     let description = body["description"].as_str().unwrap();
-    assert!(
-        description.starts_with("Bad Request: can't parse entities: "),
-        "{description}"
-    );
+    assert!(description.starts_with("Bad Request: can't parse entities: "), "{description}");
 
     let (status, _) = call(&fake, "sendMessage", json!({ "text": "hi" })).await;
     assert_eq!(status, 400);
@@ -167,10 +139,7 @@ async fn form_bodies_and_query_strings_are_accepted() {
     let fake = start().await;
     let entities = r#"[{"type":"code","offset":0,"length":2}]"#;
     let response = reqwest::Client::new()
-        .post(format!(
-            "{}/bot{TOKEN}/sendmessage?chat_id=77",
-            fake.api_url()
-        ))
+        .post(format!("{}/bot{TOKEN}/sendmessage?chat_id=77", fake.api_url()))
         .form(&[("text", "ok then"), ("entities", entities)])
         .timeout(WAIT)
         .send()
@@ -190,12 +159,7 @@ async fn get_updates_honours_offset_and_limit() {
         fake.push_update(json!({ "update_id": id, "message": { "text": format!("m{id}") } }));
     }
     let ids = |body: &Value| -> Vec<i64> {
-        body["result"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["update_id"].as_i64().unwrap())
-            .collect()
+        body["result"].as_array().unwrap().iter().map(|u| u["update_id"].as_i64().unwrap()).collect()
     };
     let (_, body) = call(&fake, "getUpdates", json!({})).await;
     assert_eq!(ids(&body), [10, 11, 12]);
@@ -242,24 +206,12 @@ async fn wait_for_call_wakes_on_a_matching_call() {
         let fake = std::sync::Arc::clone(&fake);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            call(
-                &fake,
-                "sendChatAction",
-                json!({ "chat_id": 1, "action": "typing" }),
-            )
-            .await
+            call(&fake, "sendChatAction", json!({ "chat_id": 1, "action": "typing" })).await
         })
     };
-    assert!(
-        fake.wait_for_call(|c| c.method == "sendChatAction", WAIT)
-            .await
-    );
+    assert!(fake.wait_for_call(|c| c.method == "sendChatAction", WAIT).await);
     assert_eq!(sender.await.unwrap().0, 200);
-    assert!(
-        !fake
-            .wait_for_call(|c| c.method == "deleteMessage", Duration::from_millis(50))
-            .await
-    );
+    assert!(!fake.wait_for_call(|c| c.method == "deleteMessage", Duration::from_millis(50)).await);
 }
 
 #[tokio::test]
@@ -268,10 +220,7 @@ async fn other_methods_answer_like_the_bot_api() {
     let (_, sent) = call(&fake, "sendMessage", json!({ "chat_id": 3, "text": "bye" })).await;
     let id = sent["result"]["message_id"].clone();
     let draft = json!({ "chat_id": 3, "draft_id": 7, "text": "Thinking" });
-    assert_eq!(
-        call(&fake, "sendMessageDraft", draft).await.1["result"],
-        true
-    );
+    assert_eq!(call(&fake, "sendMessageDraft", draft).await.1["result"], true);
     let zero_draft = json!({ "chat_id": 3, "draft_id": 0, "text": "x" });
     assert_eq!(call(&fake, "sendMessageDraft", zero_draft).await.0, 400);
     let delete = json!({ "chat_id": 3, "message_id": id });
@@ -280,49 +229,25 @@ async fn other_methods_answer_like_the_bot_api() {
     assert!(fake.messages()[0].deleted);
     let (_, file) = call(&fake, "getFile", json!({ "file_id": "BQACAgI" })).await;
     assert_eq!(file["result"]["file_path"], "documents/file_1");
-    assert_eq!(
-        call(
-            &fake,
-            "answerCallbackQuery",
-            json!({ "callback_query_id": "9" })
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        call(&fake, "setWebhook", json!({ "url": "https://x.test/hook" }))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(call(&fake, "answerCallbackQuery", json!({ "callback_query_id": "9" })).await.0, 200);
+    assert_eq!(call(&fake, "setWebhook", json!({ "url": "https://x.test/hook" })).await.0, 200);
     assert_eq!(call(&fake, "getUpdates", json!({})).await.0, 409);
     assert_eq!(call(&fake, "deleteWebhook", json!({})).await.0, 200);
 
     let (status, body) = call(&fake, "sendRocket", json!({})).await;
     assert_eq!(
         (status, body),
-        (
-            404,
-            json!({ "ok": false, "error_code": 404, "description": "Not Found: method not found" })
-        )
+        (404, json!({ "ok": false, "error_code": 404, "description": "Not Found: method not found" }))
     );
 }
 
 #[tokio::test]
 async fn a_403_fault_on_any_method_repeats_for_its_times() {
     let fake = start().await;
-    fake.add_fault(Fault {
-        status: 403,
-        times: 2,
-        ..Fault::default()
-    });
+    fake.add_fault(Fault { status: 403, times: 2, ..Fault::default() });
     let send = json!({ "chat_id": 8, "text": "hi" });
     let (status, body) = call(&fake, "sendMessage", send.clone()).await;
-    assert_eq!(
-        (status, body["description"].as_str()),
-        (403, Some("Forbidden: bot was blocked by the user"))
-    );
+    assert_eq!((status, body["description"].as_str()), (403, Some("Forbidden: bot was blocked by the user")));
     assert_eq!(call(&fake, "getMe", json!({})).await.0, 403);
     assert_eq!(call(&fake, "sendMessage", send).await.0, 200);
     fake.add_fault(Fault::default());
@@ -332,10 +257,9 @@ async fn a_403_fault_on_any_method_repeats_for_its_times() {
 
 #[test]
 fn faults_deserialize_from_a_scenario_table() {
-    let fault: Fault = toml::from_str(
-        "methods = [\"editMessageText\", \"sendMessageDraft\"]\nnth = 2\nstatus = 429\nretry_after = 2",
-    )
-    .unwrap();
+    let fault: Fault =
+        toml::from_str("methods = [\"editMessageText\", \"sendMessageDraft\"]\nnth = 2\nstatus = 429\nretry_after = 2")
+            .unwrap();
     assert_eq!(fault.times, 1);
     assert!(fault.matches("editmessagetext"));
     assert!(!fault.matches("sendMessage"));

@@ -59,19 +59,12 @@ impl FormattedText {
         let parse_mode = params.string("parse_mode").filter(|m| !m.is_empty());
         if let Some(mode) = &parse_mode {
             if !["html", "markdown", "markdownv2"].contains(&mode.to_ascii_lowercase().as_str()) {
-                return Err(ApiError::bad_request(format!(
-                    "unsupported parse_mode \"{mode}\""
-                )));
+                return Err(ApiError::bad_request(format!("unsupported parse_mode \"{mode}\"")));
             }
         }
         let entities = params.json("entities")?.unwrap_or(Value::Null);
-        check_entities(&entities, length)
-            .map_err(|e| ApiError::bad_request(format!("can't parse entities: {e}")))?;
-        Ok(Self {
-            text,
-            entities,
-            parse_mode,
-        })
+        check_entities(&entities, length).map_err(|e| ApiError::bad_request(format!("can't parse entities: {e}")))?;
+        Ok(Self { text, entities, parse_mode })
     }
 }
 
@@ -91,10 +84,7 @@ pub(super) fn check_entities(entities: &Value, text_len: usize) -> Result<(), St
         _ => return Err("entities must be an array of MessageEntity".to_owned()),
     };
     for (i, entity) in list.iter().enumerate() {
-        let kind = entity
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("entity {i} has no type"))?;
+        let kind = entity.get("type").and_then(Value::as_str).ok_or_else(|| format!("entity {i} has no type"))?;
         if !ENTITY_TYPES.contains(&kind) {
             return Err(format!("entity {i} has unsupported type \"{kind}\""));
         }
@@ -135,10 +125,7 @@ mod tests {
     fn entities_are_measured_in_utf16_code_units() {
         // "😀 bold": the emoji is 2 UTF-16 code units, so the text has 7.
         let ok = json!([{ "type": "bold", "offset": 3, "length": 4 }]);
-        assert_eq!(
-            check_entities(&ok, "😀 bold".encode_utf16().count()),
-            Ok(())
-        );
+        assert_eq!(check_entities(&ok, "😀 bold".encode_utf16().count()), Ok(()));
         let past_end = json!([{ "type": "bold", "offset": 3, "length": 5 }]);
         assert!(check_entities(&past_end, 7).is_err());
     }
@@ -146,26 +133,15 @@ mod tests {
     #[test]
     fn entities_need_a_known_type_and_their_own_fields() {
         assert!(check_entities(&json!([{ "offset": 0, "length": 1 }]), 5).is_err());
-        assert!(
-            check_entities(&json!([{ "type": "blink", "offset": 0, "length": 1 }]), 5).is_err()
-        );
-        assert!(check_entities(
-            &json!([{ "type": "text_link", "offset": 0, "length": 1 }]),
-            5
-        )
-        .is_err());
-        assert!(
-            check_entities(&json!([{ "type": "bold", "offset": -1, "length": 1 }]), 5).is_err()
-        );
+        assert!(check_entities(&json!([{ "type": "blink", "offset": 0, "length": 1 }]), 5).is_err());
+        assert!(check_entities(&json!([{ "type": "text_link", "offset": 0, "length": 1 }]), 5).is_err());
+        assert!(check_entities(&json!([{ "type": "bold", "offset": -1, "length": 1 }]), 5).is_err());
         assert!(check_entities(&json!({ "type": "bold" }), 5).is_err());
     }
 
     #[test]
     fn null_and_empty_entities_are_the_same_formatting() {
         assert!(same_entities(&Value::Null, &json!([])));
-        assert!(!same_entities(
-            &Value::Null,
-            &json!([{ "type": "bold", "offset": 0, "length": 1 }])
-        ));
+        assert!(!same_entities(&Value::Null, &json!([{ "type": "bold", "offset": 0, "length": 1 }])));
     }
 }

@@ -61,17 +61,9 @@ pub async fn finalize(
     let mut priced = Vec::with_capacity(calls.len());
     for call in calls {
         let billing = billable_tokens(ctx, call).await;
-        let model = call
-            .state
-            .model
-            .clone()
-            .unwrap_or_else(|| ctx.settings.model.clone());
+        let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
         let price = match &billing {
-            Some((tokens, _)) => Some(ctx.prices.price_call(
-                &model,
-                Utc::now().date_naive(),
-                tokens,
-            )?),
+            Some((tokens, _)) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), tokens)?),
             None => None,
         };
         priced.push((call, model, billing, price));
@@ -87,13 +79,15 @@ pub async fn finalize(
     if fenced.rows_affected() != 1 {
         return Err(JobError::LeaseLost);
     }
-    sqlx::query("INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)")
-        .bind(job.chat_id)
-        .bind(job.conversation_epoch)
-        .bind(job.job_id)
-        .bind(&job.user_content)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)",
+    )
+    .bind(job.chat_id)
+    .bind(job.conversation_epoch)
+    .bind(job.job_id)
+    .bind(&job.user_content)
+    .execute(&mut *tx)
+    .await?;
     for (i, (role, blocks)) in turns.iter().enumerate() {
         if blocks.is_empty() {
             continue;
@@ -113,11 +107,8 @@ pub async fn finalize(
     for (call, model, billing, price) in priced {
         let tokens = billing.map(|(t, _)| t).unwrap_or_default();
         let estimated = billing.is_some_and(|(_, e)| e);
-        let (cost, charge) = price
-            .as_ref()
-            .map_or((Default::default(), Default::default()), |p| {
-                (p.provider_cost, p.user_charge)
-            });
+        let (cost, charge) =
+            price.as_ref().map_or((Default::default(), Default::default()), |p| (p.provider_cost, p.user_charge));
         sqlx::query(
             "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
                  input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,

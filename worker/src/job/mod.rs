@@ -57,7 +57,8 @@ pub enum JobError {
 }
 
 /// Notice for a user whose balance cannot pay for an answer.
-pub const TOP_UP_NOTICE: &str = "Your balance is empty, so I can't ask Claude right now. Please top up your credit to continue.";
+pub const TOP_UP_NOTICE: &str =
+    "Your balance is empty, so I can't ask Claude right now. Please top up your credit to continue.";
 /// Notice appended to an answer stopped by `/stop`.
 pub const STOPPED_NOTICE: &str = "(Stopped.)";
 /// Notice appended when the continuation limit is hit (P11).
@@ -65,8 +66,7 @@ pub const LIMIT_NOTICE: &str = "(The answer reached its length limit and was cut
 /// Notice appended when a stream timed out (P5).
 pub const TIMEOUT_NOTICE: &str = "(The answer took too long and was cut short: timed out.)";
 /// Notice when the Messages API failed after every retry.
-pub const UNAVAILABLE_NOTICE: &str =
-    "(Claude is unavailable right now; please try again in a moment.)";
+pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please try again in a moment.)";
 
 /// Runs a claimed job to its end and releases (or hands back) the lease.
 pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
@@ -78,9 +78,7 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             return match lease::hand_back(&ctx.db, &lease).await {
                 Ok(true) => JobOutcome::HandedBack,
                 Ok(false) => JobOutcome::LeaseLost,
-                Err(e) => {
-                    JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}"))
-                }
+                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
             };
         }
         Err(e) => ("failed", "error", Some(e.to_string())),
@@ -93,7 +91,7 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             } else {
                 "Sorry, something went wrong while answering. Please try again."
             };
-            let _ = send_text(ctx, job.chat_id, text, None).await;
+            let _ = send_text(ctx, job.chat_id, text, &[]).await;
         }
     }
     match lease::finish(&ctx.db, &lease, status, outcome, error.as_deref()).await {
@@ -110,46 +108,39 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     }
 }
 
-async fn run_steps(
-    ctx: &WorkerContext,
-    lease: &Lease,
-    cancel: &JobCancel,
-) -> Result<&'static str, JobError> {
+async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Result<&'static str, JobError> {
     let job = load(ctx, lease.job_id).await?;
     if job.kind == "command" {
         let reply = crate::commands::run(ctx, &job).await?;
-        deliver(ctx, &job, &reply, None).await?;
+        deliver(ctx, &job, &reply, &[]).await?;
         return Ok("command");
     }
     if let Some(text) = request::stored_answer(ctx, &job).await? {
         // An earlier attempt stored the answer and died while delivering it.
-        deliver(ctx, &job, &text, None).await?;
+        deliver(ctx, &job, &text, &[]).await?;
         return Ok("answered");
     }
     if crate::commands::available_balance(ctx, job.user_id).await? <= rust_decimal::Decimal::ZERO {
-        deliver(ctx, &job, TOP_UP_NOTICE, None).await?;
+        deliver(ctx, &job, TOP_UP_NOTICE, &[]).await?;
         return Ok("no_balance");
     }
     let mut request = build_request(ctx, &job).await?;
-    let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id());
+    let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id(), cancel.clone());
     let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
     let progress_message = progress.finish().await;
     let answer = generated?;
     match cancel.reason() {
         Some(CancelReason::LeaseLost) => return Err(JobError::LeaseLost),
         Some(CancelReason::Shutdown) => return Err(JobError::Shutdown),
-        Some(CancelReason::Stop) | None => {}
+        Some(CancelReason::Stop | CancelReason::Blocked) | None => {}
     }
-    finalize(
-        ctx,
-        &job,
-        lease,
-        &answer.calls,
-        &answer.turns(),
-        !answer.notices.is_empty(),
-    )
-    .await?;
-    deliver(ctx, &job, &answer.reply(), progress_message).await?;
+    finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty()).await?;
+    if cancel.reason() == Some(CancelReason::Blocked) {
+        // 403: nothing more is sent; usage incurred so far is billed above.
+        mark_blocked(ctx, job.user_id).await?;
+        return Ok("user_blocked");
+    }
+    deliver(ctx, &job, &answer.reply(), &progress_message).await?;
     Ok("answered")
 }
 
@@ -181,22 +172,14 @@ impl Answer {
     fn reply(&self) -> String {
         let mut reply = self.text.trim().to_owned();
         if !self.tool_charges.is_empty() {
-            let list: Vec<String> = self
-                .tool_charges
-                .iter()
-                .map(|(n, p)| format!("{n} ${}", p.normalize()))
-                .collect();
+            let list: Vec<String> = self.tool_charges.iter().map(|(n, p)| format!("{n} ${}", p.normalize())).collect();
             self.notices_push(&mut reply, &format!("(Tools used: {}.)", list.join(", ")));
         }
         for n in &self.notices {
             self.notices_push(&mut reply, n);
         }
         if reply.is_empty() {
-            reply = if self
-                .calls
-                .iter()
-                .any(|c| c.state.stop_reason == Some(StopReason::Refusal))
-            {
+            reply = if self.calls.iter().any(|c| c.state.stop_reason == Some(StopReason::Refusal)) {
                 "Claude declined to answer this request.".to_owned()
             } else {
                 "(Claude returned an empty answer.)".to_owned()
@@ -236,15 +219,7 @@ async fn generate(
     let mut continuations = 0;
     let mut tool_rounds = 0;
     loop {
-        let call = stream_reply(
-            ctx,
-            request,
-            &mut answer.calls,
-            cancel.token(),
-            progress,
-            &answer.text,
-        )
-        .await;
+        let call = stream_reply(ctx, request, &mut answer.calls, cancel.token(), progress, &answer.text).await;
         answer.text.push_str(&call.state.text());
         let blocks = call.state.content_blocks();
         answer.content.extend(blocks.iter().cloned());
@@ -255,29 +230,22 @@ async fn generate(
                     return Ok(answer);
                 }
                 if tool_rounds >= ctx.settings.max_tool_rounds {
-                    answer.notices.push(format!("(Stopped after {tool_rounds} rounds of tool use: the limit for one answer.)"));
+                    answer
+                        .notices
+                        .push(format!("(Stopped after {tool_rounds} rounds of tool use: the limit for one answer.)"));
                     return Ok(answer);
                 }
                 tool_rounds += 1;
-                let outcomes =
-                    crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
+                let outcomes = crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
                 if cancel.token().is_cancelled() {
                     answer.notices.push(STOPPED_NOTICE.to_owned());
                     return Ok(answer);
                 }
-                answer.tool_charges.extend(
-                    outcomes
-                        .iter()
-                        .filter(|o| !o.charged.is_zero())
-                        .map(|o| (o.name.clone(), o.charged)),
-                );
-                let results: Vec<serde_json::Value> = outcomes
-                    .iter()
-                    .map(crate::tools::ToolOutcome::block)
-                    .collect();
                 answer
-                    .closed
-                    .push(("assistant", std::mem::take(&mut answer.content)));
+                    .tool_charges
+                    .extend(outcomes.iter().filter(|o| !o.charged.is_zero()).map(|o| (o.name.clone(), o.charged)));
+                let results: Vec<serde_json::Value> = outcomes.iter().map(crate::tools::ToolOutcome::block).collect();
+                answer.closed.push(("assistant", std::mem::take(&mut answer.content)));
                 answer.closed.push(("user", results.clone()));
                 request::append_turns(request, blocks, None);
                 request::append_blocks(request, "user", results);
@@ -297,19 +265,14 @@ async fn generate(
                     Some("Continue exactly where you stopped, without repeating anything."),
                 );
             }
-            (CallEnd::Complete, Some(StopReason::PauseTurn))
-                if continuations < ctx.settings.max_continuations =>
-            {
+            (CallEnd::Complete, Some(StopReason::PauseTurn)) if continuations < ctx.settings.max_continuations => {
                 continuations += 1;
                 request::append_turns(request, blocks, None);
             }
-            (CallEnd::Complete, Some(StopReason::Other(reason)))
-                if reason == "model_context_window_exceeded" =>
-            {
-                answer.notices.push(
-                    "(This conversation is too long for the model. Send /new to start a new one.)"
-                        .to_owned(),
-                );
+            (CallEnd::Complete, Some(StopReason::Other(reason))) if reason == "model_context_window_exceeded" => {
+                answer
+                    .notices
+                    .push("(This conversation is too long for the model. Send /new to start a new one.)".to_owned());
                 return Ok(answer);
             }
             (CallEnd::Complete, other) => {
@@ -319,7 +282,9 @@ async fn generate(
                 return Ok(answer);
             }
             (CallEnd::Cancelled, _) => {
-                answer.notices.push(STOPPED_NOTICE.to_owned());
+                if cancel.reason() == Some(CancelReason::Stop) {
+                    answer.notices.push(STOPPED_NOTICE.to_owned());
+                }
                 return Ok(answer);
             }
             (CallEnd::IdleTimeout | CallEnd::Deadline, _) => {
@@ -334,30 +299,22 @@ async fn generate(
     }
 }
 
-async fn deliver(
-    ctx: &WorkerContext,
-    job: &JobRow,
-    text: &str,
-    reuse: Option<i64>,
-) -> Result<(), JobError> {
+async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError> {
+    sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1").bind(user_id).execute(&ctx.db).await?;
+    Ok(())
+}
+
+async fn deliver(ctx: &WorkerContext, job: &JobRow, text: &str, reuse: &[i64]) -> Result<(), JobError> {
     match send_text(ctx, job.chat_id, text, reuse).await {
         Ok(ids) => {
-            sqlx::query(
-                "UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1",
-            )
-            .bind(job.job_id)
-            .bind(&ids)
-            .execute(&ctx.db)
-            .await?;
-            Ok(())
-        }
-        Err(DeliveryError::Blocked) => {
-            sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1")
-                .bind(job.user_id)
+            sqlx::query("UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1")
+                .bind(job.job_id)
+                .bind(&ids)
                 .execute(&ctx.db)
                 .await?;
             Ok(())
         }
+        Err(DeliveryError::Blocked) => mark_blocked(ctx, job.user_id).await,
         // The answer is stored and billed; a delivery failure after retries
         // is logged with the job id and the job still finishes.
         Err(DeliveryError::Failed(e)) => {

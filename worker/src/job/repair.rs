@@ -18,19 +18,10 @@ fn kind(b: &Value) -> &str {
 fn keep_block(b: &Value) -> bool {
     match kind(b) {
         "" => false,
-        "text" => b
-            .get("text")
-            .and_then(Value::as_str)
-            .is_some_and(|t| !t.trim().is_empty()),
-        "thinking" => b
-            .get("signature")
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty()),
+        "text" => b.get("text").and_then(Value::as_str).is_some_and(|t| !t.trim().is_empty()),
+        "thinking" => b.get("signature").and_then(Value::as_str).is_some_and(|s| !s.is_empty()),
         "redacted_thinking" => b.get("data").and_then(Value::as_str).is_some(),
-        "tool_use" => {
-            b.get("id").and_then(Value::as_str).is_some()
-                && b.get("input").is_some_and(Value::is_object)
-        }
+        "tool_use" => b.get("id").and_then(Value::as_str).is_some() && b.get("input").is_some_and(Value::is_object),
         "tool_result" => b.get("tool_use_id").and_then(Value::as_str).is_some(),
         _ => true,
     }
@@ -47,10 +38,7 @@ pub fn repair_history(rows: Vec<(i64, String, Value)>) -> Vec<Value> {
             continue;
         }
         let Some(blocks) = content.as_array() else {
-            tracing::error!(
-                message_row_id = id,
-                "stored message content is not an array; left out"
-            );
+            tracing::error!(message_row_id = id, "stored message content is not an array; left out");
             continue;
         };
         let kept: Vec<Value> = blocks.iter().filter(|b| keep_block(b)).cloned().collect();
@@ -86,9 +74,7 @@ pub fn repair_history(rows: Vec<(i64, String, Value)>) -> Vec<Value> {
                     .collect()
             })
             .unwrap_or_default();
-        turns[i].1.retain(|b| {
-            kind(b) != "tool_use" || b["id"].as_str().is_some_and(|id| answered.contains(id))
-        });
+        turns[i].1.retain(|b| kind(b) != "tool_use" || b["id"].as_str().is_some_and(|id| answered.contains(id)));
     }
     for i in 0..turns.len() {
         if turns[i].0 != "user" {
@@ -105,12 +91,9 @@ pub fn repair_history(rows: Vec<(i64, String, Value)>) -> Vec<Value> {
                     .collect()
             })
             .unwrap_or_default();
-        turns[i].1.retain(|b| {
-            kind(b) != "tool_result"
-                || b["tool_use_id"]
-                    .as_str()
-                    .is_some_and(|id| asked.contains(id))
-        });
+        turns[i]
+            .1
+            .retain(|b| kind(b) != "tool_result" || b["tool_use_id"].as_str().is_some_and(|id| asked.contains(id)));
     }
     // 4. Drop turns emptied by pairing, merge again, start with the user.
     let mut out: Vec<(String, Vec<Value>)> = Vec::new();
@@ -123,9 +106,7 @@ pub fn repair_history(rows: Vec<(i64, String, Value)>) -> Vec<Value> {
     while out.first().is_some_and(|(r, _)| r == "assistant") {
         out.remove(0);
     }
-    out.into_iter()
-        .map(|(role, content)| json!({ "role": role, "content": content }))
-        .collect()
+    out.into_iter().map(|(role, content)| json!({ "role": role, "content": content })).collect()
 }
 
 #[cfg(test)]
@@ -141,24 +122,13 @@ mod tests {
         let rows = vec![
             (1, "user".into(), t("hi")),
             (2, "assistant".into(), json!("not an array")),
-            (
-                3,
-                "assistant".into(),
-                json!([{ "type": "text", "text": "  " }, { "type": "text", "text": "hello" }]),
-            ),
-            (
-                4,
-                "user".into(),
-                json!([{ "type": "thinking", "thinking": "x" }]),
-            ),
+            (3, "assistant".into(), json!([{ "type": "text", "text": "  " }, { "type": "text", "text": "hello" }])),
+            (4, "user".into(), json!([{ "type": "thinking", "thinking": "x" }])),
             (0, "user".into(), t("next")),
         ];
         let m = repair_history(rows);
         assert_eq!(m.len(), 3);
-        assert_eq!(
-            m[1]["content"],
-            json!([{ "type": "text", "text": "hello" }])
-        );
+        assert_eq!(m[1]["content"], json!([{ "type": "text", "text": "hello" }]));
         assert_eq!(m[2]["role"], "user");
     }
 
@@ -184,11 +154,7 @@ mod tests {
 
     #[test]
     fn roles_alternate_and_start_with_the_user() {
-        let rows = vec![
-            (1, "assistant".into(), t("orphan")),
-            (2, "user".into(), t("a")),
-            (3, "user".into(), t("b")),
-        ];
+        let rows = vec![(1, "assistant".into(), t("orphan")), (2, "user".into(), t("a")), (3, "user".into(), t("b"))];
         let m = repair_history(rows);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0]["content"].as_array().unwrap().len(), 2);

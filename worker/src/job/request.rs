@@ -59,11 +59,12 @@ pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError>
 /// # Errors
 /// Database errors.
 pub async fn stored_answer(ctx: &WorkerContext, job: &JobRow) -> Result<Option<String>, JobError> {
-    let content: Option<Value> =
-        sqlx::query_scalar("SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' ORDER BY id DESC LIMIT 1")
-            .bind(job.job_id)
-            .fetch_optional(&ctx.db)
-            .await?;
+    let content: Option<Value> = sqlx::query_scalar(
+        "SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' ORDER BY id DESC LIMIT 1",
+    )
+    .bind(job.job_id)
+    .fetch_optional(&ctx.db)
+    .await?;
     Ok(content.map(|c| text_of(&c)))
 }
 
@@ -95,9 +96,7 @@ pub fn validate_content(content: &Value) -> Result<(), String> {
         if b.get("type").and_then(Value::as_str).is_none() {
             return Err(format!("block {i} has no type"));
         }
-        if b.get("type").and_then(Value::as_str) == Some("text")
-            && b.get("text").and_then(Value::as_str).is_none()
-        {
+        if b.get("type").and_then(Value::as_str) == Some("text") && b.get("text").and_then(Value::as_str).is_none() {
             return Err(format!("text block {i} has no text"));
         }
     }
@@ -118,8 +117,7 @@ pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, J
     .bind(job.conversation_epoch)
     .fetch_all(&ctx.db)
     .await?;
-    validate_content(&job.user_content)
-        .map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
+    validate_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
     let mut history: Vec<(i64, String, Value)> = rows;
     history.push((0, "user".to_owned(), job.user_content.clone()));
     let messages = super::repair_history(history);
@@ -139,8 +137,7 @@ pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, J
         request["tools"] = Value::Array(tools);
     }
     if ctx.settings.thinking_budget_tokens > 0 {
-        request["thinking"] =
-            json!({ "type": "enabled", "budget_tokens": ctx.settings.thinking_budget_tokens });
+        request["thinking"] = json!({ "type": "enabled", "budget_tokens": ctx.settings.thinking_budget_tokens });
     }
     Ok(request)
 }

@@ -76,11 +76,7 @@ pub async fn stream_reply(
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
         let record = stream_once(ctx, request, seq, cancel, progress, shown_before).await;
         calls.push(record.clone());
-        let retry = record
-            .state
-            .error
-            .as_ref()
-            .is_some_and(|e| restartable(&e.kind));
+        let retry = record.state.error.as_ref().is_some_and(|e| restartable(&e.kind));
         if !retry {
             return record;
         }
@@ -132,11 +128,7 @@ async fn stream_once(
                     record.end = CallEnd::Failed(e.to_string());
                     return record;
                 };
-                if let ApiError::Http {
-                    retry_after_s: Some(s),
-                    ..
-                } = &e
-                {
+                if let ApiError::Http { retry_after_s: Some(s), .. } = &e {
                     wait = wait.max(Duration::from_secs(*s));
                 }
                 tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API call failed; retrying");

@@ -5,10 +5,7 @@ use evalexpr::{eval_with_context, DefaultNumericTypes, HashMapContext, Value};
 use std::sync::LazyLock;
 
 static BARE_FUNCTION: LazyLock<Option<regex::Regex>> = LazyLock::new(|| {
-    regex::Regex::new(
-        r"\b(sqrt|cbrt|ln|log2|log10|exp|sin|cos|tan|asin|acos|atan|sinh|cosh|tanh|abs|hypot)\s*\(",
-    )
-    .ok()
+    regex::Regex::new(r"\b(sqrt|cbrt|ln|log2|log10|exp|sin|cos|tan|asin|acos|atan|sinh|cosh|tanh|abs|hypot)\s*\(").ok()
 });
 
 /// Evaluates `expression`; the result as text (`7006652`, `99.8649…`).
@@ -32,13 +29,11 @@ pub fn evaluate(expression: &str) -> Result<String, String> {
     match eval_with_context(&normalized, &context) {
         Ok(Value::Int(i)) => Ok(i.to_string()),
         Ok(Value::Float(f)) if f.is_finite() => Ok(format_float(f)),
-        Ok(Value::Float(_)) => Err(
-            "the result is not a finite number: the expression divides by zero or overflows".into(),
-        ),
+        Ok(Value::Float(_)) => {
+            Err("the result is not a finite number: the expression divides by zero or overflows".into())
+        }
         Ok(Value::Boolean(b)) => Ok(b.to_string()),
-        Ok(other) => Err(format!(
-            "the expression does not evaluate to a number: {other}"
-        )),
+        Ok(other) => Err(format!("the expression does not evaluate to a number: {other}")),
         Err(evalexpr::EvalexprError::DivisionError { .. }) => {
             Err("division by zero: the expression divides by zero".into())
         }
@@ -67,9 +62,7 @@ mod tests {
 
     #[test]
     fn division_by_zero_is_an_error() {
-        assert!(evaluate("10 / (5 - 5)")
-            .unwrap_err()
-            .contains("divides by zero"));
+        assert!(evaluate("10 / (5 - 5)").unwrap_err().contains("divides by zero"));
         assert!(evaluate("1.0 / 0").unwrap_err().contains("divides by zero"));
     }
 

@@ -10,13 +10,9 @@ use serde_json::{json, Value};
 /// # Errors
 /// A message for the model when the zone is not an IANA name.
 pub fn now(input: &Value) -> Result<String, String> {
-    let zone = input
-        .get("timezone")
-        .and_then(Value::as_str)
-        .unwrap_or("UTC");
-    let tz: Tz = zone.parse().map_err(|_| {
-        format!("unknown time zone {zone:?}: use an IANA name such as Europe/Paris")
-    })?;
+    let zone = input.get("timezone").and_then(Value::as_str).unwrap_or("UTC");
+    let tz: Tz =
+        zone.parse().map_err(|_| format!("unknown time zone {zone:?}: use an IANA name such as Europe/Paris"))?;
     let t = Utc::now().with_timezone(&tz);
     Ok(json!({
         "timezone": zone,
@@ -32,9 +28,7 @@ mod tests {
 
     #[test]
     fn zones_are_checked() {
-        assert!(now(&json!({"timezone": "Asia/Tokyo"}))
-            .unwrap()
-            .contains("+09:00"));
+        assert!(now(&json!({"timezone": "Asia/Tokyo"})).unwrap().contains("+09:00"));
         assert!(now(&json!({})).unwrap().contains("UTC"));
         assert!(now(&json!({"timezone": "Mars/Olympus"})).is_err());
     }

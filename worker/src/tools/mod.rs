@@ -69,12 +69,7 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field(
-                "tools",
-                &self.specs.iter().map(|s| s.name).collect::<Vec<_>>(),
-            )
-            .finish()
+        f.debug_struct("Registry").field("tools", &self.specs.iter().map(|s| s.name).collect::<Vec<_>>()).finish()
     }
 }
 
@@ -88,12 +83,8 @@ impl Registry {
         let mut specs = Vec::new();
         let mut validators = BTreeMap::new();
         for name in enabled.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-            let spec = all
-                .iter()
-                .find(|s| s.name == name)
-                .ok_or_else(|| format!("unknown tool {name:?} in TOOLS"))?;
-            let v = jsonschema::validator_for(&spec.schema)
-                .map_err(|e| format!("schema of {name}: {e}"))?;
+            let spec = all.iter().find(|s| s.name == name).ok_or_else(|| format!("unknown tool {name:?} in TOOLS"))?;
+            let v = jsonschema::validator_for(&spec.schema).map_err(|e| format!("schema of {name}: {e}"))?;
             validators.insert(spec.name, v);
             specs.push(spec.clone());
         }
@@ -102,7 +93,10 @@ impl Registry {
 
     /// The `tools` array of a Messages API request.
     pub fn request_tools(&self) -> Vec<Value> {
-        self.specs.iter().map(|s| json!({ "name": s.name, "description": s.description, "input_schema": s.schema })).collect()
+        self.specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "description": s.description, "input_schema": s.schema }))
+            .collect()
     }
 
     /// Checks `input` against the tool's schema.
@@ -110,15 +104,8 @@ impl Registry {
     /// # Errors
     /// Why the input is invalid, or that the tool is unknown.
     pub fn validate(&self, name: &str, input: &Value) -> Result<(), String> {
-        let v = self
-            .validators
-            .get(name)
-            .ok_or_else(|| format!("unknown tool {name:?}"))?;
-        let errors: Vec<String> = v
-            .iter_errors(input)
-            .map(|e| e.to_string())
-            .take(5)
-            .collect();
+        let v = self.validators.get(name).ok_or_else(|| format!("unknown tool {name:?}"))?;
+        let errors: Vec<String> = v.iter_errors(input).map(|e| e.to_string()).take(5).collect();
         if errors.is_empty() {
             Ok(())
         } else {
@@ -168,13 +155,8 @@ pub async fn run_tools(
     uses: Vec<ToolUse>,
     cancel: &CancellationToken,
 ) -> Result<Vec<ToolOutcome>, JobError> {
-    let runs = uses
-        .into_iter()
-        .map(|u| run_one(ctx, job, lease, u, cancel));
-    futures_util::future::join_all(runs)
-        .await
-        .into_iter()
-        .collect()
+    let runs = uses.into_iter().map(|u| run_one(ctx, job, lease, u, cancel));
+    futures_util::future::join_all(runs).await.into_iter().collect()
 }
 
 async fn run_one(
@@ -184,25 +166,16 @@ async fn run_one(
     (id, name, input): ToolUse,
     cancel: &CancellationToken,
 ) -> Result<ToolOutcome, JobError> {
-    let previous: Option<(Option<Value>, bool)> = sqlx::query_as(
-        "SELECT output, is_error FROM tool_calls WHERE job_id = $1 AND tool_use_id = $2",
-    )
-    .bind(job.job_id)
-    .bind(&id)
-    .fetch_optional(&ctx.db)
-    .await?;
+    let previous: Option<(Option<Value>, bool)> =
+        sqlx::query_as("SELECT output, is_error FROM tool_calls WHERE job_id = $1 AND tool_use_id = $2")
+            .bind(job.job_id)
+            .bind(&id)
+            .fetch_optional(&ctx.db)
+            .await?;
     if let Some((output, is_error)) = previous {
         tracing::info!(tool_use_id = %id, "tool_use id seen before in this job; not run again");
-        let content = output
-            .and_then(|o| o.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        return Ok(ToolOutcome {
-            tool_use_id: id,
-            name,
-            content,
-            is_error,
-            charged: Default::default(),
-        });
+        let content = output.and_then(|o| o.as_str().map(str::to_owned)).unwrap_or_default();
+        return Ok(ToolOutcome { tool_use_id: id, name, content, is_error, charged: Default::default() });
     }
     let input_value = input.clone().unwrap_or(Value::Null);
     let checked = input.and_then(|i| ctx.tools.validate(&name, &i).map(|()| i));
@@ -212,11 +185,13 @@ async fn run_one(
         Ok(input) => {
             let mut tx = ctx.db.begin().await?;
             // Fence: the tool's writes commit only under the live lease.
-            let held: Option<i64> = sqlx::query_scalar("SELECT lease_epoch FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 FOR SHARE")
-                .bind(lease.job_id)
-                .bind(lease.epoch)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT lease_epoch FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 FOR SHARE",
+            )
+            .bind(lease.job_id)
+            .bind(lease.epoch)
+            .fetch_optional(&mut *tx)
+            .await?;
             if held.is_none() {
                 return Err(JobError::LeaseLost);
             }
@@ -231,17 +206,7 @@ async fn run_one(
             match ran {
                 Ok(output) => {
                     let price = ctx.prices.tool_price(&name);
-                    record(
-                        &mut tx,
-                        job,
-                        &id,
-                        &name,
-                        &input,
-                        Some(&output),
-                        false,
-                        started,
-                    )
-                    .await?;
+                    record(&mut tx, job, &id, &name, &input, Some(&output), false, started).await?;
                     if price.0 > rust_decimal::Decimal::ZERO {
                         let event = BillingEvent::ToolCharge(ToolCharge {
                             event_id: tool_event_id(job.job_id, &id),
@@ -281,24 +246,8 @@ async fn run_one(
     let error = result.err().unwrap_or_default();
     tracing::warn!(tool = %name, tool_use_id = %id, error.message = %error, "tool call failed");
     let mut conn = ctx.db.acquire().await?;
-    record(
-        &mut conn,
-        job,
-        &id,
-        &name,
-        &input_value,
-        Some(&error),
-        true,
-        started,
-    )
-    .await?;
-    Ok(ToolOutcome {
-        tool_use_id: id,
-        name,
-        content: error,
-        is_error: true,
-        charged: Default::default(),
-    })
+    record(&mut conn, job, &id, &name, &input_value, Some(&error), true, started).await?;
+    Ok(ToolOutcome { tool_use_id: id, name, content: error, is_error: true, charged: Default::default() })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -328,19 +277,9 @@ async fn record(
     Ok(())
 }
 
-async fn execute(
-    tx: &mut sqlx::PgConnection,
-    user_id: i64,
-    name: &str,
-    input: &Value,
-) -> Result<String, String> {
+async fn execute(tx: &mut sqlx::PgConnection, user_id: i64, name: &str, input: &Value) -> Result<String, String> {
     match name {
-        "calculator" => calculator::evaluate(
-            input
-                .get("expression")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
-        ),
+        "calculator" => calculator::evaluate(input.get("expression").and_then(Value::as_str).unwrap_or_default()),
         "current_time" => clock::now(input),
         "remember" => notes::remember(tx, user_id, input).await,
         "recall" => notes::recall(tx, user_id, input).await,
@@ -355,19 +294,11 @@ mod tests {
     #[test]
     fn inputs_are_checked_against_the_schema() {
         let r = Registry::new(&["calculator".into(), "current_time".into()]).unwrap();
-        assert!(r
-            .validate("calculator", &json!({"expression": "1+1"}))
-            .is_ok());
-        assert!(r
-            .validate("calculator", &json!({}))
-            .unwrap_err()
-            .contains("expression"));
+        assert!(r.validate("calculator", &json!({"expression": "1+1"})).is_ok());
+        assert!(r.validate("calculator", &json!({})).unwrap_err().contains("expression"));
         assert!(r.validate("calculator", &json!({"expression": 5})).is_err());
         assert!(r.validate("current_time", &json!({})).is_ok());
-        assert!(
-            r.validate("remember", &json!({"note": "x"})).is_err(),
-            "not enabled"
-        );
+        assert!(r.validate("remember", &json!({"note": "x"})).is_err(), "not enabled");
         assert!(Registry::new(&["nope".into()]).is_err());
     }
 }

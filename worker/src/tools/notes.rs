@@ -11,31 +11,20 @@ pub const MAX_NOTE_CHARS: usize = 2_000;
 ///
 /// # Errors
 /// A message for the model, or the database error.
-pub async fn remember(
-    conn: &mut PgConnection,
-    user_id: i64,
-    input: &Value,
-) -> Result<String, String> {
-    let note = input
-        .get("note")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .unwrap_or_default();
+pub async fn remember(conn: &mut PgConnection, user_id: i64, input: &Value) -> Result<String, String> {
+    let note = input.get("note").and_then(Value::as_str).map(str::trim).unwrap_or_default();
     if note.is_empty() {
         return Err("the note is empty".into());
     }
     if note.chars().count() > MAX_NOTE_CHARS {
-        return Err(format!(
-            "the note is longer than {MAX_NOTE_CHARS} characters"
-        ));
+        return Err(format!("the note is longer than {MAX_NOTE_CHARS} characters"));
     }
-    let id: i64 =
-        sqlx::query_scalar("INSERT INTO user_notes (user_id, note) VALUES ($1, $2) RETURNING id")
-            .bind(user_id)
-            .bind(note)
-            .fetch_one(conn)
-            .await
-            .map_err(|e| format!("could not store the note: {e}"))?;
+    let id: i64 = sqlx::query_scalar("INSERT INTO user_notes (user_id, note) VALUES ($1, $2) RETURNING id")
+        .bind(user_id)
+        .bind(note)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| format!("could not store the note: {e}"))?;
     Ok(json!({ "stored": true, "note_id": id }).to_string())
 }
 
@@ -43,15 +32,8 @@ pub async fn remember(
 ///
 /// # Errors
 /// The database error, as a message.
-pub async fn recall(
-    conn: &mut PgConnection,
-    user_id: i64,
-    input: &Value,
-) -> Result<String, String> {
-    let query = input
-        .get("query")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+pub async fn recall(conn: &mut PgConnection, user_id: i64, input: &Value) -> Result<String, String> {
+    let query = input.get("query").and_then(Value::as_str).unwrap_or_default();
     let notes: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT note, created_at FROM user_notes WHERE user_id = $1 AND ($2 = '' OR note ILIKE '%' || $2 || '%')
           ORDER BY id DESC LIMIT 50",
@@ -61,9 +43,6 @@ pub async fn recall(
     .fetch_all(conn)
     .await
     .map_err(|e| format!("could not read notes: {e}"))?;
-    let list: Vec<Value> = notes
-        .into_iter()
-        .map(|(n, at)| json!({ "note": n, "saved_at": at.to_rfc3339() }))
-        .collect();
+    let list: Vec<Value> = notes.into_iter().map(|(n, at)| json!({ "note": n, "saved_at": at.to_rfc3339() })).collect();
     Ok(json!({ "notes": list }).to_string())
 }
