@@ -157,11 +157,7 @@ pub fn to_entities(markdown: &str) -> Formatted {
                 Tag::Link { dest_url, .. } => b.open("text_link", Some(dest_url.to_string()), None),
                 Tag::Table(_) => b.block(false),
                 Tag::TableRow | Tag::TableHead => b.block(true),
-                Tag::TableCell => {
-                    if !b.text.ends_with('\n') && !b.text.is_empty() {
-                        b.push(" | ");
-                    }
-                }
+                Tag::TableCell if !b.text.ends_with('\n') && !b.text.is_empty() => b.push(" | "),
                 _ => {}
             },
             Event::End(tag) => match tag {
