@@ -20,6 +20,12 @@ pub struct Settings {
     /// Largest number of pooled connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
+    /// Bot token (for refund-stars).
+    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
+    pub bot_token: shared::secret::Secret,
+    /// Bot API base URL (for refund-stars).
+    #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
+    pub telegram_api_url: String,
     /// Unacknowledged deliveries (AMQP prefetch).
     #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
@@ -49,6 +55,13 @@ pub enum Command {
         /// Makes the grant idempotent: the same key grants once.
         #[arg(long)]
         idempotency_key: Option<String>,
+    },
+    /// Refund a Telegram Stars payment (`refundStarPayment`) and book the
+    /// correcting entry (user → payments). Safe to repeat.
+    RefundStars {
+        /// `telegram_payment_charge_id` of the payment.
+        #[arg(long)]
+        charge: String,
     },
     /// Print a user's balance in USD.
     Balance {

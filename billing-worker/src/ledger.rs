@@ -112,6 +112,19 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
                 memo: Some(format!("{} call {}", c.model, c.api_call_seq)),
             },
         ),
+        BillingEvent::TopUp(c) => (
+            vec![Posting {
+                debit: "system:payments".into(),
+                credit: user_account(c.user_id),
+                amount: c.credit.0,
+                kind: "top_up",
+            }],
+            EntryMeta {
+                user_id: Some(c.user_id),
+                memo: Some(format!("{} Stars, charge {}", c.stars, c.telegram_payment_charge_id)),
+                ..Default::default()
+            },
+        ),
         BillingEvent::ToolCharge(c) => (
             vec![Posting {
                 debit: user_account(c.user_id),
@@ -157,7 +170,7 @@ pub async fn apply_postings(
         return Ok(Applied::Duplicate);
     }
     if let Some(user) = meta.user_id {
-        sqlx::query("INSERT INTO accounts (account_id, kind, user_id) VALUES ($1, 'user', $2) ON CONFLICT (account_id) DO NOTHING")
+        sqlx::query("INSERT INTO accounts (account_id, kind, user_id) VALUES ($1, 'user', $2) ON CONFLICT DO NOTHING")
             .bind(user_account(user))
             .bind(user)
             .execute(&mut **tx)

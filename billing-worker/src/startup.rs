@@ -41,6 +41,10 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             let what = if applied == Applied::Applied { "granted" } else { "already granted (same idempotency key)" };
             report(&format!("{what}: user {user} balance {balance} USD"));
         }
+        Command::RefundStars { charge } => {
+            let line = refund_stars(&settings, &db, &charge).await?;
+            report(&line);
+        }
         Command::Balance { user } => {
             let balance = ledger::balance(&db, user).await?;
             report(&format!("{balance}"));
@@ -62,6 +66,57 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
         }
     }
     Ok(())
+}
+
+/// Refunds a Stars payment: Telegram first (the money), then the correcting
+/// entry, each idempotent, so a repeat after a failure in between completes it.
+async fn refund_stars(settings: &Settings, db: &sqlx::PgPool, charge: &str) -> anyhow::Result<String> {
+    use shared::contracts::{refund_event_id, top_up_event_id};
+    let paid: Option<serde_json::Value> = sqlx::query_scalar("SELECT payload FROM applied_events WHERE event_id = $1")
+        .bind(top_up_event_id(charge))
+        .fetch_optional(db)
+        .await?;
+    let Some(paid) = paid else { anyhow::bail!("no applied Stars payment with charge id {charge}") };
+    let user = paid.get("user_id").and_then(serde_json::Value::as_i64).context("payment without user_id")?;
+    let credit: Decimal = paid.get("credit").and_then(serde_json::Value::as_str).unwrap_or("0").parse()?;
+    let refund_id = refund_event_id(charge);
+    let done: Option<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM applied_events WHERE event_id = $1")
+        .bind(refund_id)
+        .fetch_optional(db)
+        .await?;
+    if done.is_some() {
+        return Ok(format!("already refunded: charge {charge}"));
+    }
+    if settings.bot_token.is_empty() {
+        anyhow::bail!("TELEGRAM_BOT_TOKEN must be set to refund");
+    }
+    let bot =
+        shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
+    let refunded = bot
+        .call(shared::telegram::bot::RefundStarPayment { user_id: user, telegram_payment_charge_id: charge.to_owned() })
+        .await;
+    match refunded {
+        Ok(_) => {}
+        Err(shared::telegram::TelegramError::Api(d)) if d.contains("CHARGE_ALREADY_REFUNDED") => {}
+        Err(e) => anyhow::bail!("refundStarPayment failed: {e}"),
+    }
+    let postings = [ledger::Posting {
+        debit: ledger::user_account(user),
+        credit: "system:payments".into(),
+        amount: credit,
+        kind: "refund",
+    }];
+    let meta = ledger::EntryMeta {
+        user_id: Some(user),
+        memo: Some(format!("refund of Stars charge {charge}")),
+        ..Default::default()
+    };
+    let payload = serde_json::json!({ "type": "stars_refund.v1", "charge": charge, "user_id": user, "amount": credit.to_string() });
+    let mut tx = db.begin().await?;
+    ledger::apply_postings(&mut tx, refund_id, "stars_refund.v1", &payload, &postings, &meta).await?;
+    tx.commit().await?;
+    Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output for operators")]

@@ -39,6 +39,38 @@ pub enum BillingEvent {
     /// A successful call of one of our own tools.
     #[serde(rename = "tool_charge.v1")]
     ToolCharge(ToolCharge),
+    /// Credit bought with Telegram Stars.
+    #[serde(rename = "top_up.v1")]
+    TopUp(TopUp),
+}
+
+/// The event id of a Stars payment: one credit per `telegram_payment_charge_id`.
+pub fn top_up_event_id(telegram_payment_charge_id: &str) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("stars:{telegram_payment_charge_id}").as_bytes())
+}
+
+/// The event id of the refund of a Stars payment.
+pub fn refund_event_id(telegram_payment_charge_id: &str) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("stars-refund:{telegram_payment_charge_id}").as_bytes())
+}
+
+/// A successful Telegram Stars payment (Bot API "Payments in Telegram Stars").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopUp {
+    /// [`top_up_event_id`] of the charge.
+    pub event_id: Uuid,
+    /// Who paid.
+    pub user_id: i64,
+    /// Chat the payment came from.
+    pub chat_id: i64,
+    /// Stars paid (`total_amount`, currency `XTR`).
+    pub stars: i64,
+    /// Credit granted, USD.
+    pub credit: Usd,
+    /// Telegram's charge id (needed to refund).
+    pub telegram_payment_charge_id: String,
+    /// When the payment arrived.
+    pub occurred_at: DateTime<Utc>,
 }
 
 impl BillingEvent {
@@ -47,6 +79,7 @@ impl BillingEvent {
         match self {
             Self::UsageCharge(c) => c.event_id,
             Self::ToolCharge(c) => c.event_id,
+            Self::TopUp(c) => c.event_id,
         }
     }
 
@@ -55,6 +88,7 @@ impl BillingEvent {
         match self {
             Self::UsageCharge(c) => c.user_id,
             Self::ToolCharge(c) => c.user_id,
+            Self::TopUp(c) => c.user_id,
         }
     }
 }

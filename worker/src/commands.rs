@@ -8,10 +8,10 @@ use serde_json::Value;
 
 /// True for commands this bot answers.
 pub fn is_known(command: &str) -> bool {
-    matches!(command, "start" | "help" | "new" | "balance")
+    matches!(command, "start" | "help" | "new" | "balance" | "buy")
 }
 
-const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/balance — show your credit\n/help — this help";
+const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/stop — stop the answer being written\n/balance — show your credit\n/buy — buy credit with Telegram Stars\n/help — this help";
 
 /// The user's balance in USD (credits − debits on their ledger account); zero
 /// when they have no account yet.
@@ -53,6 +53,21 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
         "balance" => {
             let balance = available_balance(ctx, job.user_id).await?;
             format!("Your balance is ${:.4} (USD).", balance.round_dp(4))
+        }
+        "buy" => {
+            let keyboard = crate::payments::keyboard(&ctx.packs);
+            let text = "Choose a pack of credit (paid in Telegram Stars):";
+            match ctx
+                .pacer
+                .call(job.chat_id, || ctx.telegram.send_with_keyboard(job.chat_id, text, keyboard.clone()))
+                .await
+            {
+                Ok(_) => String::new(),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "could not offer the packs");
+                    "Buying credit is not available right now; please try again later.".to_owned()
+                }
+            }
         }
         _ => HELP.to_owned(),
     })

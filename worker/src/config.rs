@@ -72,6 +72,9 @@ pub struct Settings {
     /// Extended thinking budget in tokens (0 = off; must be below max_tokens).
     #[arg(long, env = "THINKING_BUDGET_TOKENS", default_value_t = 0)]
     pub thinking_budget_tokens: u32,
+    /// Telegram Stars packs of `/buy`: `STARS:USD` pairs, comma-separated.
+    #[arg(long, env = "STARS_PACKS", value_delimiter = ',', default_value = "100:1.00,500:5.50,2500:30.00")]
+    pub stars_packs: Vec<String>,
     /// Attempts of a job before it fails with a notice.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: i32,

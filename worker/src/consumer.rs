@@ -166,7 +166,7 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
             return Settle::Ack;
         }
         Ok(IntakeOutcome::Job(job)) => job,
-        Ok(IntakeOutcome::Stop { chat_id, update_id, running }) => {
+        Ok(IntakeOutcome::Stop { chat_id, update_id, running, callback_id }) => {
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.
             let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
@@ -174,11 +174,14 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
                 tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
                 return Settle::Delay;
             }
-            if !running && !here {
+            if let Some(id) = callback_id {
+                let _ = ctx.telegram.answer_callback_query(&id, Some("Stopping…")).await;
+            } else if !running && !here {
                 let _ = crate::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[]).await;
             }
             return Settle::Ack;
         }
+        Ok(IntakeOutcome::Action(action)) => return crate::actions::perform(ctx, action).await,
         Err(IntakeError::Poison(e)) => {
             tracing::error!(error.message = %e, "poison update");
             return Settle::DeadLetter;

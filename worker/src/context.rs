@@ -33,6 +33,8 @@ pub struct WorkerContext {
     pub worker_id: Arc<str>,
     /// Wakes the outbox relay after a commit that wrote events.
     pub outbox_notify: Arc<Notify>,
+    /// Stars packs offered by `/buy`.
+    pub packs: Arc<Vec<crate::payments::Pack>>,
     /// The fleet-wide pacer of Bot API calls.
     pub pacer: crate::pacer::Pacer,
     /// Tools offered to Claude.
@@ -56,6 +58,7 @@ impl WorkerContext {
         publisher: ConfirmPublisher,
         worker_id: String,
         tools: crate::tools::Registry,
+        packs: Vec<crate::payments::Pack>,
     ) -> Self {
         let topology = Topology::new(settings.broker.amqp_prefix.clone());
         let username = Arc::new(OnceCell::new());
@@ -81,6 +84,7 @@ impl WorkerContext {
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
             pacer,
+            packs: Arc::new(packs),
             tools: Arc::new(tools),
             bot_username: username,
         }

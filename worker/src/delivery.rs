@@ -79,6 +79,11 @@ async fn send(ctx: &WorkerContext, chat_id: i64, part: &Formatted) -> Result<i64
             tracing::warn!(error.message = %e, "entities rejected; sending as plain text");
             Ok(ctx.pacer.call(chat_id, || ctx.telegram.send_message(chat_id, &part.text, None)).await?.message_id)
         }
+        Err(TelegramError::Migrated(to)) => {
+            // The group became a supergroup: move the chat, resend once there.
+            crate::chats::migrate(&ctx.db, chat_id, to).await.map_err(|e| DeliveryError::Failed(e.to_string()))?;
+            Ok(ctx.pacer.call(to, || ctx.telegram.send_message(to, &part.text, part.entities_json())).await?.message_id)
+        }
         Err(e) => Err(e.into()),
     }
 }

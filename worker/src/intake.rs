@@ -4,8 +4,10 @@
 //! queued job that the redelivered message picks up again.
 
 use crate::context::WorkerContext;
+use crate::payments::{self, Pack};
 use serde_json::{json, Value};
-use shared::telegram::update::{ChatMemberUpdated, Message};
+use shared::contracts::{top_up_event_id, BillingEvent, TopUp};
+use shared::telegram::update::{CallbackQuery, ChatMemberUpdated, Message, SuccessfulPayment};
 use shared::telegram::{Incoming, TelegramError, UpdateError};
 use uuid::Uuid;
 
@@ -45,7 +47,7 @@ pub enum IntakeOutcome {
     Ignored(String),
     /// A job to claim (new, or left queued by an earlier delivery).
     Job(JobRef),
-    /// `/stop`: cancel the chat's generation wherever it runs.
+    /// `/stop` (or the Stop button): cancel the chat's generation wherever it runs.
     Stop {
         /// The chat.
         chat_id: i64,
@@ -53,13 +55,63 @@ pub enum IntakeOutcome {
         update_id: i64,
         /// A job of the chat was running when it arrived.
         running: bool,
+        /// The callback query to answer, for the button.
+        callback_id: Option<String>,
+    },
+    /// Something to do once, right after the commit, outside any job.
+    Action(Action),
+}
+
+/// Immediate actions (they must not wait behind a chat's lease).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Answer a callback query with a short notice.
+    AnswerCallback {
+        /// Query id.
+        id: String,
+        /// Notice.
+        text: String,
+    },
+    /// Send a Stars invoice for a pack.
+    Invoice {
+        /// Chat to send it to.
+        chat_id: i64,
+        /// Who will pay.
+        user_id: i64,
+        /// The pack.
+        pack: Pack,
+        /// The button's query, to answer.
+        callback_id: String,
+    },
+    /// Answer a pre-checkout query (within 10 s).
+    PreCheckout {
+        /// Query id.
+        id: String,
+        /// `Err(reason)` refuses the payment.
+        verdict: Result<(), String>,
+    },
+    /// A payment was recorded (its credit is in the outbox): thank the user.
+    Paid {
+        /// Chat.
+        chat_id: i64,
+        /// USD credited.
+        credit: rust_decimal::Decimal,
+    },
+    /// The group became a supergroup.
+    Migrate {
+        /// Old chat id.
+        from: i64,
+        /// New chat id.
+        to: i64,
     },
 }
 
 /// What an update asks of us, decided before the transaction.
 enum Plan {
     Ignore(String),
-    Stop(i64),
+    Stop(i64, Option<String>),
+    Act(Action),
+    Payment { msg: Message, payment: SuccessfulPayment },
     Job { msg: Message, kind: &'static str, content: Value },
     Membership(ChatMemberUpdated),
 }
@@ -68,8 +120,23 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     let msg = match incoming {
         Incoming::Ignored { kind } => return Ok(Plan::Ignore(kind)),
         Incoming::MyChatMember(m) => return Ok(Plan::Membership(m)),
+        Incoming::CallbackQuery(q) => return Ok(callback_plan(ctx, q)),
+        Incoming::PreCheckoutQuery(q) => {
+            let verdict =
+                payments::check(&q.invoice_payload, q.from.id, &q.currency, q.total_amount, &ctx.packs).map(|_| ());
+            return Ok(Plan::Act(Action::PreCheckout { id: q.id, verdict }));
+        }
         Incoming::Message(m) => m,
     };
+    if let Some(to) = msg.migrate_to_chat_id {
+        return Ok(Plan::Act(Action::Migrate { from: msg.chat.id, to }));
+    }
+    if let Some(from) = msg.migrate_from_chat_id {
+        return Ok(Plan::Act(Action::Migrate { from, to: msg.chat.id }));
+    }
+    if let Some(payment) = msg.successful_payment.clone() {
+        return Ok(Plan::Payment { msg, payment });
+    }
     let Some(from) = msg.from.as_ref() else {
         return Ok(Plan::Ignore("message without sender".into()));
     };
@@ -93,7 +160,7 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     }
     if let Some(command) = msg.command() {
         if command == "stop" {
-            return Ok(Plan::Stop(msg.chat.id));
+            return Ok(Plan::Stop(msg.chat.id, None));
         }
         if crate::commands::is_known(&command) {
             return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
@@ -114,7 +181,9 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     let plan = plan(ctx, incoming).await?;
     let outcome_label = match &plan {
         Plan::Ignore(_) => "ignored",
-        Plan::Stop(_) => "stop",
+        Plan::Stop(..) => "stop",
+        Plan::Act(_) => "action",
+        Plan::Payment { .. } => "payment",
         Plan::Membership(_) => "membership",
         Plan::Job { .. } => "job",
     };
@@ -131,10 +200,10 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     .fetch_one(&mut *tx)
     .await?;
     if !inserted {
-        if let Plan::Stop(chat_id) = plan {
+        if let Plan::Stop(chat_id, callback_id) = plan {
             // Stopping again is harmless; the first attempt may not have been broadcast.
             tx.commit().await?;
-            return Ok(IntakeOutcome::Stop { chat_id, update_id, running: true });
+            return Ok(IntakeOutcome::Stop { chat_id, update_id, running: true, callback_id });
         }
         // A redelivery: resume the job if nobody holds it, else drop.
         let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
@@ -152,14 +221,16 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     }
     let outcome = match plan {
         Plan::Ignore(why) => IntakeOutcome::Ignored(why),
-        Plan::Stop(chat_id) => {
+        Plan::Stop(chat_id, callback_id) => {
             let marked =
                 sqlx::query("UPDATE jobs SET cancel_requested_at = now() WHERE chat_id = $1 AND status = 'running'")
                     .bind(chat_id)
                     .execute(&mut *tx)
                     .await?;
-            IntakeOutcome::Stop { chat_id, update_id, running: marked.rows_affected() > 0 }
+            IntakeOutcome::Stop { chat_id, update_id, running: marked.rows_affected() > 0, callback_id }
         }
+        Plan::Act(action) => IntakeOutcome::Action(action),
+        Plan::Payment { msg, payment } => record_payment(&mut tx, &msg, &payment).await?,
         Plan::Membership(m) => {
             let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
             upsert_user(&mut tx, &m.from).await?;
@@ -197,6 +268,60 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     };
     tx.commit().await?;
     Ok(outcome)
+}
+
+fn callback_plan(ctx: &WorkerContext, q: CallbackQuery) -> Plan {
+    let data = q.data.clone().unwrap_or_default();
+    let chat = q.message.as_ref().map(|m| m.chat.id);
+    if data == "stop" {
+        if let Some(chat_id) = chat {
+            return Plan::Stop(chat_id, Some(q.id));
+        }
+    }
+    if let (Some(stars), Some(chat_id)) = (data.strip_prefix("buy:").and_then(|s| s.parse::<i64>().ok()), chat) {
+        if let Some(pack) = ctx.packs.iter().find(|p| p.stars == stars) {
+            return Plan::Act(Action::Invoice { chat_id, user_id: q.from.id, pack: *pack, callback_id: q.id });
+        }
+    }
+    Plan::Act(Action::AnswerCallback { id: q.id, text: "This button has expired.".into() })
+}
+
+/// Writes the credit of a successful Stars payment to the outbox, keyed by
+/// the charge id (a payment delivered twice credits once).
+async fn record_payment(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    msg: &Message,
+    payment: &SuccessfulPayment,
+) -> Result<IntakeOutcome, IntakeError> {
+    let Some(from) = msg.from.as_ref() else {
+        return Ok(IntakeOutcome::Ignored("payment without payer".into()));
+    };
+    // The pack was checked at pre-checkout; the credit is what the invoice said.
+    let parts: Vec<&str> = payment.invoice_payload.split(':').collect();
+    let credit = match parts.as_slice() {
+        ["stars", "v1", _, _, usd] => usd.parse::<rust_decimal::Decimal>().ok(),
+        _ => None,
+    };
+    let Some(credit) = credit.filter(|c| *c > rust_decimal::Decimal::ZERO) else {
+        tracing::error!(charge = %payment.telegram_payment_charge_id, "payment with an unknown payload: refund it by hand");
+        return Ok(IntakeOutcome::Ignored("payment with an unknown payload".into()));
+    };
+    upsert_user(tx, from).await?;
+    let event = BillingEvent::TopUp(TopUp {
+        event_id: top_up_event_id(&payment.telegram_payment_charge_id),
+        user_id: from.id,
+        chat_id: msg.chat.id,
+        stars: payment.total_amount,
+        credit: shared::money::Usd(credit),
+        telegram_payment_charge_id: payment.telegram_payment_charge_id.clone(),
+        occurred_at: chrono::Utc::now(),
+    });
+    sqlx::query("INSERT INTO billing_outbox (event_id, payload) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING")
+        .bind(event.event_id())
+        .bind(serde_json::to_value(&event).unwrap_or_default())
+        .execute(&mut **tx)
+        .await?;
+    Ok(IntakeOutcome::Action(Action::Paid { chat_id: msg.chat.id, credit }))
 }
 
 async fn upsert_user(

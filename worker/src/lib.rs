@@ -11,7 +11,10 @@
 //! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
 //! - [`lease`]: claim, heartbeat and fenced writes of a running job.
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
-//! - [`commands`]: `/start`, `/help`, `/new`, `/balance`.
+//! - [`actions`]: immediate actions (buttons, payments, migrations) outside jobs.
+//! - [`commands`]: `/start`, `/help`, `/new`, `/balance`, `/buy`.
+//! - [`payments`]: Telegram Stars packs, invoices and their checks.
+//! - [`chats`]: moving a chat when a group becomes a supergroup.
 //! - [`delivery`]: sending text to Telegram (entities, split, paced, 403 handled).
 //! - [`pacer`]: the fleet-wide pacer of Bot API calls (PostgreSQL).
 //! - [`progress`]: drafts or an edited message while the answer streams.
@@ -20,6 +23,8 @@
 //! - [`tools`]: the tool registry and parallel execution, a transaction per tool.
 //! - [`startup`]: building and running the app.
 
+pub mod actions;
+pub mod chats;
 pub mod commands;
 pub mod config;
 pub mod consumer;
@@ -31,6 +36,7 @@ pub mod job;
 pub mod lease;
 pub mod outbox;
 pub mod pacer;
+pub mod payments;
 pub mod progress;
 pub mod reaper;
 pub mod startup;

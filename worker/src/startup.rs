@@ -46,8 +46,11 @@ impl App {
         let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "worker-publisher", Duration::from_secs(5));
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         let tools = crate::tools::Registry::new(&settings.tools).map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;
-        let ctx =
-            WorkerContext::new(db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools);
+        let packs =
+            crate::payments::parse_packs(&settings.stars_packs).map_err(|e| anyhow::anyhow!("STARS_PACKS: {e}"))?;
+        let ctx = WorkerContext::new(
+            db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools, packs,
+        );
         Ok(Self { ctx })
     }
 

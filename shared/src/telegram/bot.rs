@@ -27,6 +27,9 @@ pub enum TelegramError {
     /// Entities were rejected: resend as plain text.
     #[error("can't parse entities: {0}")]
     BadEntities(String),
+    /// The group became a supergroup: send to this chat id instead.
+    #[error("the group migrated to chat {0}")]
+    Migrated(i64),
     /// Any other error answer of the Bot API.
     #[error("bot api error: {0}")]
     Api(String),
@@ -87,6 +90,9 @@ pub struct SendMessage {
     /// `ReplyParameters` (to answer a group message in its thread).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_parameters: Option<Value>,
+    /// `InlineKeyboardMarkup`, e.g. the Stop button or the Stars packs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_markup: Option<Value>,
 }
 payload!(SendMessage, "sendMessage", SentMessage);
 
@@ -129,6 +135,58 @@ pub struct SendChatAction {
     pub action: &'static str,
 }
 payload!(SendChatAction, "sendChatAction", Value);
+
+/// `answerCallbackQuery`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerCallbackQuery {
+    /// The query.
+    pub callback_query_id: String,
+    /// A short notice shown to the user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+payload!(AnswerCallbackQuery, "answerCallbackQuery", Value);
+
+/// `sendInvoice` in Telegram Stars (`currency = XTR`, one price, no provider token).
+#[derive(Debug, Clone, Serialize)]
+pub struct SendInvoice {
+    /// Target chat.
+    pub chat_id: i64,
+    /// 1–32 characters.
+    pub title: String,
+    /// 1–255 characters.
+    pub description: String,
+    /// Our payload, echoed in the pre-checkout query and the payment.
+    pub payload: String,
+    /// `XTR`.
+    pub currency: &'static str,
+    /// `[{"label": …, "amount": stars}]`.
+    pub prices: Vec<Value>,
+}
+payload!(SendInvoice, "sendInvoice", SentMessage);
+
+/// `answerPreCheckoutQuery`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerPreCheckoutQuery {
+    /// The query.
+    pub pre_checkout_query_id: String,
+    /// Accept the payment.
+    pub ok: bool,
+    /// Why not, when refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+payload!(AnswerPreCheckoutQuery, "answerPreCheckoutQuery", Value);
+
+/// `refundStarPayment`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefundStarPayment {
+    /// Who paid.
+    pub user_id: i64,
+    /// The charge to refund.
+    pub telegram_payment_charge_id: String,
+}
+payload!(RefundStarPayment, "refundStarPayment", Value);
 
 /// `deleteMessage`.
 #[derive(Debug, Clone, Serialize)]
@@ -219,6 +277,7 @@ impl BotApi {
                     TelegramError::Api(text)
                 }
             }
+            RequestError::MigrateToChatId(id) => TelegramError::Migrated(id.0),
             RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
             other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
         }
@@ -242,7 +301,8 @@ impl BotApi {
         text: &str,
         entities: Option<Vec<Value>>,
     ) -> Result<SentMessage, TelegramError> {
-        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None }).await
+        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None, reply_markup: None })
+            .await
     }
 
     /// `editMessageText`; "message is not modified" is reported as
@@ -272,6 +332,36 @@ impl BotApi {
         entities: Option<Vec<Value>>,
     ) -> Result<(), TelegramError> {
         self.call(SendMessageDraft { chat_id, draft_id, text: text.to_owned(), entities }).await.map(|_| ())
+    }
+
+    /// `answerCallbackQuery` with an optional notice.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn answer_callback_query(&self, id: &str, text: Option<&str>) -> Result<(), TelegramError> {
+        self.call(AnswerCallbackQuery { callback_query_id: id.to_owned(), text: text.map(str::to_owned) })
+            .await
+            .map(|_| ())
+    }
+
+    /// `sendMessage` with an inline keyboard.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_with_keyboard(
+        &self,
+        chat_id: i64,
+        text: &str,
+        keyboard: Value,
+    ) -> Result<SentMessage, TelegramError> {
+        self.call(SendMessage {
+            chat_id,
+            text: text.to_owned(),
+            entities: None,
+            reply_parameters: None,
+            reply_markup: Some(keyboard),
+        })
+        .await
     }
 
     /// `deleteMessage`.

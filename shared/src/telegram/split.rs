@@ -26,9 +26,13 @@ pub fn split_message(text: &str, limit: usize) -> Vec<String> {
     let mut rest: &str = text.trim_matches('\n');
     // Fence to reopen at the start of the next part (its opening line).
     let mut carry: Option<String> = None;
+    // The previous cut fell inside a fence's opening line: its remainder
+    // continues that line (it is info string, not code).
+    let mut glue = false;
     while !rest.is_empty() {
-        let prefix = carry.as_ref().map(|f| format!("{f}\n")).unwrap_or_default();
-        let room = limit - utf16_len(&prefix);
+        let prefix = carry.as_ref().map(|f| if glue { f.clone() } else { format!("{f}\n") }).unwrap_or_default();
+        // `carry` is at most 3 + 32 units, so room stays well above 4.
+        let room = limit.saturating_sub(utf16_len(&prefix)).max(8);
         if utf16_len(rest) <= room {
             parts.push(format!("{prefix}{rest}"));
             break;
@@ -36,7 +40,7 @@ pub fn split_message(text: &str, limit: usize) -> Vec<String> {
         let mut cut = choose_cut(&rest[..byte_index_at_utf16(rest, room)], carry.is_some());
         if open_fence_after(&rest[..cut], carry.as_deref()).is_some() {
             // The part ends inside a code block: leave room to close it.
-            let window = &rest[..byte_index_at_utf16(rest, room - 4)];
+            let window = &rest[..byte_index_at_utf16(rest, room.saturating_sub(4))];
             cut = choose_cut(window, carry.is_some());
         }
         let (head, tail) = rest.split_at(cut.max(first_char_len(rest)));
@@ -46,8 +50,12 @@ pub fn split_message(text: &str, limit: usize) -> Vec<String> {
             part.push_str("\n```");
         }
         parts.push(part);
+        glue = open.is_some()
+            && !head.ends_with('\n')
+            && head.lines().last().is_some_and(|l| l.trim_start().starts_with("```"))
+            && (head.lines().count() > 1 || carry.is_none() || glue);
         carry = open;
-        rest = tail.trim_start_matches('\n');
+        rest = if glue { tail } else { tail.trim_start_matches('\n') };
     }
     parts
 }
@@ -101,6 +109,16 @@ fn choose_cut(window: &str, starts_in_fence: bool) -> usize {
         .unwrap_or(window.len())
 }
 
+/// What reopens a fence in the next part: the backticks and the language
+/// (the first word of the info string, at most 32 characters), never the
+/// whole opening line, which may be arbitrarily long.
+fn reopen_marker(opening_line: &str) -> String {
+    let info = opening_line.trim_start_matches('`').split_whitespace().next().unwrap_or("");
+    let lang: String =
+        info.chars().take_while(|c| c.is_alphanumeric() || matches!(c, '+' | '-' | '#' | '.' | '_')).take(32).collect();
+    format!("```{lang}")
+}
+
 /// The opening line of the fence still open at the end of `head`, given the
 /// fence (if any) open at its start.
 fn open_fence_after(head: &str, open_at_start: Option<&str>) -> Option<String> {
@@ -110,7 +128,7 @@ fn open_fence_after(head: &str, open_at_start: Option<&str>) -> Option<String> {
         if t.starts_with("```") {
             open = match open {
                 Some(_) => None,
-                None => Some(t.trim_end().to_owned()),
+                None => Some(reopen_marker(t)),
             };
         }
     }
@@ -156,6 +174,14 @@ mod tests {
             assert_eq!(p.matches("```").count() % 2, 0, "unbalanced part: {p}");
         }
         assert!(parts[1].starts_with("```rust\n"));
+    }
+
+    #[test]
+    fn a_fence_whose_opening_line_is_longer_than_a_part_stays_within_the_limit() {
+        let text = format!("```json {}\nmore\n```", "x".repeat(5000));
+        let parts = split_message(&text, MAX_MESSAGE_UTF16);
+        assert!(parts.iter().all(|p| utf16_len(p) <= MAX_MESSAGE_UTF16));
+        assert!(parts[1].starts_with("```json"));
     }
 
     #[test]

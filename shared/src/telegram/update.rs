@@ -113,6 +113,67 @@ pub struct Message {
     /// The message this one replies to.
     #[serde(default)]
     pub reply_to_message: Option<Box<Message>>,
+    /// A payment that went through (service message).
+    #[serde(default)]
+    pub successful_payment: Option<SuccessfulPayment>,
+    /// The group became the supergroup with this id (service message in the old chat).
+    #[serde(default)]
+    pub migrate_to_chat_id: Option<i64>,
+    /// The supergroup was the group with this id (service message in the new chat).
+    #[serde(default)]
+    pub migrate_from_chat_id: Option<i64>,
+}
+
+/// `SuccessfulPayment` (the fields we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SuccessfulPayment {
+    /// `XTR` for Telegram Stars.
+    pub currency: String,
+    /// Price in the smallest units (Stars).
+    pub total_amount: i64,
+    /// Our invoice payload.
+    pub invoice_payload: String,
+    /// Telegram's id of the charge (refunds need it).
+    pub telegram_payment_charge_id: String,
+}
+
+/// `CallbackQuery` (an inline button was pressed).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CallbackQuery {
+    /// Query id, to answer.
+    pub id: String,
+    /// Who pressed.
+    pub from: User,
+    /// The message with the button.
+    #[serde(default)]
+    pub message: Option<CallbackMessage>,
+    /// The button's `callback_data`.
+    #[serde(default)]
+    pub data: Option<String>,
+}
+
+/// The message of a callback (the fields we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CallbackMessage {
+    /// Its id.
+    pub message_id: i64,
+    /// Its chat.
+    pub chat: Chat,
+}
+
+/// `PreCheckoutQuery`: must be answered within 10 s.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct PreCheckoutQuery {
+    /// Query id, to answer.
+    pub id: String,
+    /// Who pays.
+    pub from: User,
+    /// `XTR`.
+    pub currency: String,
+    /// Stars.
+    pub total_amount: i64,
+    /// Our invoice payload.
+    pub invoice_payload: String,
 }
 
 /// `my_chat_member`: the bot's own membership changed (blocked, unblocked).
@@ -140,6 +201,10 @@ pub enum Incoming {
     Message(Message),
     /// The bot was blocked or unblocked by a user (`my_chat_member`).
     MyChatMember(ChatMemberUpdated),
+    /// An inline button was pressed.
+    CallbackQuery(CallbackQuery),
+    /// A payment is about to be made.
+    PreCheckoutQuery(PreCheckoutQuery),
     /// Any other kind (edits, reactions, kinds newer than this build).
     Ignored {
         /// The update's kind.
@@ -167,6 +232,14 @@ impl Incoming {
             "my_chat_member" => match serde_json::from_value(payload) {
                 Ok(m) => Incoming::MyChatMember(m),
                 Err(e) => Incoming::Ignored { kind: format!("my_chat_member (malformed: {e})") },
+            },
+            "callback_query" => match serde_json::from_value(payload) {
+                Ok(q) => Incoming::CallbackQuery(q),
+                Err(e) => Incoming::Ignored { kind: format!("callback_query (malformed: {e})") },
+            },
+            "pre_checkout_query" => match serde_json::from_value(payload) {
+                Ok(q) => Incoming::PreCheckoutQuery(q),
+                Err(e) => Incoming::Ignored { kind: format!("pre_checkout_query (malformed: {e})") },
             },
             other => Incoming::Ignored { kind: other.to_owned() },
         };

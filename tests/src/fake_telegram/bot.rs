@@ -211,6 +211,9 @@ impl BotState {
             "getWebhookInfo" => Ok(self.webhook_info().into()),
             "getFile" => self.get_file(params).map(Success::from),
             "setMyCommands" | "deleteMyCommands" => Ok(json!(true).into()),
+            "sendInvoice" => self.send_invoice(params, call_index).map(Success::from),
+            "answerPreCheckoutQuery" => answer_pre_checkout_query(params).map(Success::from),
+            "refundStarPayment" => refund_star_payment(params).map(Success::from),
             _ => Err(ApiError::new(404, "Not Found: method not found")),
         }
     }
@@ -249,6 +252,41 @@ impl BotState {
                 deleted: false,
             },
             reply_markup,
+            date: chrono::Utc::now().timestamp(),
+        });
+        Ok(self.message_json(chat_id, message_id, None))
+    }
+
+    /// `sendInvoice` (Telegram Stars: currency `XTR`, one price, no provider token).
+    fn send_invoice(&mut self, params: &Params, call_index: usize) -> Result<Value, ApiError> {
+        let chat_id = params.chat_id()?;
+        let title = params.string("title").unwrap_or_default();
+        if title.is_empty() || params.string("payload").is_none_or(|p| p.is_empty()) {
+            return Err(ApiError::bad_request("title and payload are required"));
+        }
+        if params.string("currency").as_deref() != Some("XTR") {
+            return Err(ApiError::bad_request("CURRENCY_INVALID"));
+        }
+        let prices = params.json("prices")?.unwrap_or(Value::Null);
+        if prices.as_array().is_none_or(|p| p.len() != 1) {
+            return Err(ApiError::bad_request("Stars invoices take exactly one price"));
+        }
+        let last_id = self.last_message_id.entry(chat_id).or_insert(0);
+        *last_id += 1;
+        let message_id = *last_id;
+        self.by_id.insert((chat_id, message_id), self.messages.len());
+        self.messages.push(StoredMessage {
+            public: TgMessage {
+                chat_id,
+                message_id,
+                text: format!("[invoice] {title}"),
+                entities: Value::Null,
+                parse_mode: None,
+                sent_call: call_index,
+                edits: 0,
+                deleted: false,
+            },
+            reply_markup: Value::Null,
             date: chrono::Utc::now().timestamp(),
         });
         Ok(self.message_json(chat_id, message_id, None))
@@ -413,6 +451,29 @@ fn send_chat_action(params: &Params) -> Result<Value, ApiError> {
     match params.string("action") {
         Some(action) if CHAT_ACTIONS.contains(&action.as_str()) => Ok(json!(true)),
         _ => Err(ApiError::bad_request("wrong parameter action in request")),
+    }
+}
+
+/// `answerPreCheckoutQuery`: `ok` is required; `error_message` when not ok.
+fn answer_pre_checkout_query(params: &Params) -> Result<Value, ApiError> {
+    if params.string("pre_checkout_query_id").is_none_or(|id| id.is_empty()) {
+        return Err(ApiError::bad_request("QUERY_ID_INVALID"));
+    }
+    if !params.has("ok") {
+        return Err(ApiError::bad_request("parameter \"ok\" is required"));
+    }
+    if !params.flag("ok") && params.string("error_message").is_none_or(|m| m.is_empty()) {
+        return Err(ApiError::bad_request("ERROR_MESSAGE_EMPTY"));
+    }
+    Ok(json!(true))
+}
+
+/// `refundStarPayment`: needs `user_id` and `telegram_payment_charge_id`.
+fn refund_star_payment(params: &Params) -> Result<Value, ApiError> {
+    params.required_int("user_id", "user_id is required")?;
+    match params.string("telegram_payment_charge_id") {
+        Some(id) if !id.is_empty() => Ok(json!(true)),
+        _ => Err(ApiError::bad_request("CHARGE_ID_EMPTY")),
     }
 }
 

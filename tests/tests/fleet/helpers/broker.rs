@@ -1,0 +1,98 @@
+//! [`Broker`]: a queue prefix of its own per test, and a channel to look
+//! into its queues and to delete them at the end.
+
+use super::{amqp_url, within};
+use anyhow::{Context as _, Result};
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use shared::amqp::Topology;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A unique AMQP prefix for one test and a channel to inspect its queues.
+pub struct Broker {
+    /// The broker URL.
+    pub url: String,
+    /// Every name, with this test's prefix.
+    pub topology: Topology,
+    /// Kept open for the channel's sake.
+    _conn: Connection,
+    /// The test's own channel (inspection, unbinding, cleanup).
+    ch: Channel,
+}
+
+impl Broker {
+    /// Connects with a fresh prefix `t<uuid>_`; declares nothing.
+    pub async fn new() -> Result<Self> {
+        let url = amqp_url();
+        let topology = Topology::new(format!("t{}_", Uuid::now_v7().simple()));
+        let conn = shared::amqp::connect(&url, "fleet-tests", Duration::from_secs(5))
+            .await
+            .context("connecting to TEST_AMQP_URL")?;
+        let ch = within("opening a channel", conn.create_channel()).await??;
+        Ok(Self { url, topology, _conn: conn, ch })
+    }
+
+    /// This test's prefix.
+    pub fn prefix(&self) -> &str {
+        &self.topology.prefix
+    }
+
+    /// The test's channel.
+    pub fn channel(&self) -> &Channel {
+        &self.ch
+    }
+
+    /// Declares the whole topology, as every process does at start.
+    pub async fn declare(&self) -> Result<()> {
+        within("declaring the topology", self.topology.declare(&self.ch)).await??;
+        Ok(())
+    }
+
+    /// Ready messages in `queue` (a passive declare: the queue must exist).
+    pub async fn message_count(&self, queue: &str) -> Result<u32> {
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = within("a passive queue declare", self.ch.queue_declare(queue.into(), opts, FieldTable::default()))
+            .await?
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        Ok(q.message_count())
+    }
+
+    /// Takes the next message of `queue` (auto-acked), if any.
+    pub async fn get(&self, queue: &str) -> Result<Option<BasicGetMessage>> {
+        Ok(within("basic.get", self.ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })).await??)
+    }
+
+    /// Ready messages in every update queue (main, delays, dead).
+    pub async fn pending_updates(&self) -> Result<u32> {
+        let t = &self.topology;
+        let mut queues = vec![t.updates_queue(), t.updates_dead_queue()];
+        queues.extend(t.update_retry_delays_ms.iter().map(|&ms| t.updates_retry_queue(ms)));
+        let mut total = 0;
+        for q in queues {
+            total += self.message_count(&q).await?;
+        }
+        Ok(total)
+    }
+
+    /// Deletes this test's queues and exchanges.
+    pub async fn cleanup(self) -> Result<()> {
+        let t = &self.topology;
+        for q in t.all_queues() {
+            within("deleting a queue", self.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()))
+                .await?
+                .with_context(|| format!("deleting queue {q}"))?;
+        }
+        for x in [t.updates_exchange(), t.control_exchange(), t.billing_exchange()] {
+            within(
+                "deleting an exchange",
+                self.ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()),
+            )
+            .await?
+            .with_context(|| format!("deleting exchange {x}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,269 @@
+//! The fleet's processes in-process: each built from its real settings
+//! (parsed by clap, as from the command line), run on a task with its own
+//! cancellation token, and stopped by cancelling it.
+
+use super::{
+    fixture, init_logs, within, Broker, TestDb, BOT_TOKEN, BOT_USERNAME, INGRESS_MAX_BODY, WAIT, WEBHOOK_SECRET,
+};
+use anyhow::{anyhow, Context as _, Result};
+use clap::Parser as _;
+use fleet_tests::fake_anthropic::FakeAnthropic;
+use fleet_tests::fake_telegram::FakeTelegram;
+use reqwest::StatusCode;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for a process to stop (the worker drains jobs for up to 30 s).
+const STOP_WAIT: Duration = Duration::from_secs(45);
+
+/// A process of the fleet running on a spawned task.
+pub type Running = (CancellationToken, JoinHandle<Result<()>>);
+
+/// Cancels a spawned process and waits for it to return.
+pub async fn stop(name: &str, (token, handle): Running) -> Result<()> {
+    token.cancel();
+    let joined = tokio::time::timeout(STOP_WAIT, handle)
+        .await
+        .map_err(|_| anyhow!("{name} did not stop within {STOP_WAIT:?}"))?;
+    joined.with_context(|| format!("{name} panicked"))?.with_context(|| format!("{name} failed"))
+}
+
+/// Builds the ingress (webhook mode, `127.0.0.1:0`, [`WEBHOOK_SECRET`],
+/// [`INGRESS_MAX_BODY`]) and runs it on a task. Returns the bound port.
+pub async fn spawn_ingress(prefix: &str, amqp_url: &str) -> Result<(u16, CancellationToken, JoinHandle<Result<()>>)> {
+    let max_body = INGRESS_MAX_BODY.to_string();
+    let settings = ingress::Settings::try_parse_from([
+        "ingress",
+        "--mode",
+        "webhook",
+        "--bind",
+        "127.0.0.1:0",
+        "--webhook-secret",
+        WEBHOOK_SECRET,
+        "--max-body-bytes",
+        &max_body,
+        "--confirm-timeout-s",
+        "5",
+        "--amqp-url",
+        amqp_url,
+        "--amqp-prefix",
+        prefix,
+    ])?;
+    let app = within("building the ingress", ingress::App::build(settings)).await??;
+    let port = app.port();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    Ok((port, token, handle))
+}
+
+/// Where a worker finds its dependencies.
+pub struct WorkerDeps<'a> {
+    /// AMQP prefix of the test.
+    pub prefix: &'a str,
+    /// Broker URL.
+    pub amqp_url: &'a str,
+    /// The test database (bot and billing).
+    pub database_url: &'a str,
+    /// The fake Bot API.
+    pub telegram_api_url: &'a str,
+    /// The fake Messages API.
+    pub anthropic_base_url: &'a str,
+}
+
+/// Appends `--flag value` for each pair the parser of `C` knows. Only for
+/// flags that make tests fast (pacing, progress interval): the product
+/// renames those as it evolves, and a missing one costs time, not meaning.
+fn push_known_flags<C: clap::CommandFactory>(args: &mut Vec<String>, flags: &[(&str, &str)]) {
+    let command = C::command();
+    for &(flag, value) in flags {
+        if command.get_arguments().any(|a| a.get_long() == Some(flag)) {
+            args.extend([format!("--{flag}"), value.to_owned()]);
+        }
+    }
+}
+
+/// Builds a worker (fixture prices, no pacing of Bot API calls, progress
+/// every 200 ms) and runs it on a task.
+pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
+    let prices = fixture("prices.toml");
+    let prices = prices.to_str().context("fixtures path is not UTF-8")?;
+    let mut args: Vec<String> = [
+        "worker",
+        "--bot-token",
+        BOT_TOKEN,
+        "--telegram-api-url",
+        deps.telegram_api_url,
+        "--bot-username",
+        BOT_USERNAME,
+        "--anthropic-api-key",
+        "sk-ant-test-key",
+        "--anthropic-base-url",
+        deps.anthropic_base_url,
+        "--prices-file",
+        prices,
+        "--worker-id",
+        "fleet-test-worker",
+        "--database-url",
+        deps.database_url,
+        "--billing-database-url",
+        deps.database_url,
+        "--database-max-connections",
+        "4",
+        "--amqp-url",
+        deps.amqp_url,
+        "--amqp-prefix",
+        deps.prefix,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    push_known_flags::<worker::Settings>(
+        &mut args,
+        &[
+            ("chat-send-interval-ms", "0"),
+            ("progress-interval-ms", "200"),
+            ("pace-private-ms", "0"),
+            ("pace-group-ms", "0"),
+            ("pace-bot-ms", "0"),
+        ],
+    );
+    let settings = worker::Settings::try_parse_from(args)?;
+    let app = within("building the worker", worker::App::build(settings)).await??;
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    Ok((token, handle))
+}
+
+/// Runs the billing-worker (the `run` command) on a task.
+pub fn spawn_billing_worker(prefix: &str, amqp_url: &str, database_url: &str) -> Result<Running> {
+    let settings = billing_worker::Settings::try_parse_from([
+        "billing-worker",
+        "--billing-database-url",
+        database_url,
+        "--database-max-connections",
+        "4",
+        "--amqp-url",
+        amqp_url,
+        "--amqp-prefix",
+        prefix,
+    ])?;
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(billing_worker::startup::main_with(settings, token.clone()));
+    Ok((token, handle))
+}
+
+/// A plain HTTP client whose every request times out.
+pub fn http_client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().timeout(WAIT).build()?)
+}
+
+/// Posts `body` to the webhook of the ingress on `port`, with the secret
+/// header when `secret` is given; returns the status.
+pub async fn post_webhook(
+    http: &reqwest::Client,
+    port: u16,
+    secret: Option<&str>,
+    body: Vec<u8>,
+) -> Result<StatusCode> {
+    let mut request = http
+        .post(format!("http://127.0.0.1:{port}/telegram/webhook"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(secret) = secret {
+        request = request.header("x-telegram-bot-api-secret-token", secret);
+    }
+    Ok(request.send().await.context("posting to the webhook")?.status())
+}
+
+/// The whole fleet for one test: database, prefix, fakes, billing-worker,
+/// worker and ingress.
+pub struct TestApp {
+    /// The test database.
+    pub db: TestDb,
+    /// The test's prefix and inspection channel.
+    pub broker: Broker,
+    /// The fake Bot API the worker talks to.
+    pub telegram: FakeTelegram,
+    /// The fake Messages API the worker talks to.
+    pub anthropic: FakeAnthropic,
+    /// The ingress's HTTP port.
+    pub port: u16,
+    /// Client for the webhook.
+    http: reqwest::Client,
+    /// Running processes, in the order they are stopped.
+    processes: Vec<(&'static str, Running)>,
+}
+
+/// Starts the whole fleet for one test.
+pub async fn spawn_app() -> Result<TestApp> {
+    TestApp::spawn().await
+}
+
+impl TestApp {
+    /// Starts everything: fakes, database, prefix, then the processes. What
+    /// was created is cleaned up again when a later step fails.
+    async fn spawn() -> Result<Self> {
+        init_logs();
+        let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
+        let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
+        let db = TestDb::new().await?;
+        let broker = match Broker::new().await {
+            Ok(broker) => broker,
+            Err(e) => {
+                let _ = db.cleanup().await;
+                return Err(e);
+            }
+        };
+        let mut app = Self { db, broker, telegram, anthropic, port: 0, http: http_client()?, processes: Vec::new() };
+        match app.start_processes().await {
+            Ok(()) => Ok(app),
+            Err(e) => {
+                let _ = app.cleanup().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the ingress (it declares the topology), the worker and the
+    /// billing-worker, in the order they are stopped.
+    async fn start_processes(&mut self) -> Result<()> {
+        let (port, token, handle) = spawn_ingress(self.broker.prefix(), &self.broker.url).await?;
+        self.port = port;
+        self.processes.push(("ingress", (token, handle)));
+        let worker = spawn_worker(&WorkerDeps {
+            prefix: self.broker.prefix(),
+            amqp_url: &self.broker.url,
+            database_url: &self.db.url,
+            telegram_api_url: &self.telegram.api_url(),
+            anthropic_base_url: &self.anthropic.base_url(),
+        })
+        .await?;
+        self.processes.push(("worker", worker));
+        let billing = spawn_billing_worker(self.broker.prefix(), &self.broker.url, &self.db.url)?;
+        self.processes.push(("billing-worker", billing));
+        Ok(())
+    }
+
+    /// Posts an update to the webhook with the right secret.
+    pub async fn post_update(&self, body: &[u8]) -> Result<StatusCode> {
+        post_webhook(&self.http, self.port, Some(WEBHOOK_SECRET), body.to_vec()).await
+    }
+
+    /// Stops the ingress, then the worker (it drains its jobs and makes a
+    /// last outbox pass), then the billing-worker (it drains its deliveries).
+    pub async fn stop(&mut self) -> Result<()> {
+        for (name, running) in self.processes.drain(..) {
+            stop(name, running).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops what still runs and deletes the test's database and queues.
+    pub async fn cleanup(mut self) -> Result<()> {
+        self.stop().await?;
+        self.telegram.shutdown().await;
+        self.anthropic.shutdown().await;
+        self.broker.cleanup().await?;
+        self.db.cleanup().await
+    }
+}

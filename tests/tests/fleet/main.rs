@@ -1,0 +1,21 @@
+//! Integration tests of the fleet: the real ingress, worker and
+//! billing-worker in-process, against PostgreSQL, RabbitMQ and the fakes of
+//! the Telegram Bot API and the Anthropic Messages API.
+//!
+//! Every test gets a fresh database and a unique queue prefix
+//! ([`helpers`]); logs are printed only with `TEST_LOG=1`.
+//!
+//! # Layout
+//! - [`helpers`]: databases, broker prefixes, spawning the processes, waits.
+//! - [`ingress`]: the webhook's answers and what reaches the `updates` queue.
+//! - [`dedup`]: a duplicated update is answered and charged once, end to end.
+//! - [`billing`]: a billing event applies once; malformed events are dead-lettered.
+//! - [`sse`]: the fixture streams parse over real HTTP into text, usage and cost.
+//! - [`split`]: the UTF-16 splitter's limits, fences and surrogate pairs.
+
+mod billing;
+mod dedup;
+mod helpers;
+mod ingress;
+mod split;
+mod sse;

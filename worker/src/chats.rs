@@ -1,0 +1,34 @@
+//! Chat identity changes: a group that becomes a supergroup gets a new id
+//! (`migrate_to_chat_id`, Bot API "Message"). Its history, jobs and settings
+//! move to the new id so the conversation continues there.
+
+use sqlx::PgPool;
+
+/// Moves chat `from` to `to` (idempotent).
+///
+/// # Errors
+/// Database errors.
+pub async fn migrate(db: &PgPool, from: i64, to: i64) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "INSERT INTO chats (chat_id, kind, conversation_epoch)
+         SELECT $2, 'supergroup', conversation_epoch FROM chats WHERE chat_id = $1
+         ON CONFLICT (chat_id) DO UPDATE SET conversation_epoch = GREATEST(chats.conversation_epoch, EXCLUDED.conversation_epoch)",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query("SELECT 1 FROM chats WHERE chat_id = $1").bind(to).fetch_optional(&mut *tx).await?;
+    if moved.is_some() {
+        sqlx::query("UPDATE messages SET chat_id = $2 WHERE chat_id = $1")
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE jobs SET chat_id = $2 WHERE chat_id = $1").bind(from).bind(to).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(from, to, "chat migrated to a supergroup");
+    Ok(())
+}
