@@ -6,8 +6,12 @@
 //! - `broker`: [`Broker`], a queue prefix of its own per test and a channel to inspect it.
 //! - `spawn`: the ingress, worker and billing-worker in-process, and [`TestApp`].
 
+// Explicit paths, so other test targets can include this file with #[path].
+#[path = "helpers/broker.rs"]
 mod broker;
+#[path = "helpers/db.rs"]
 mod db;
+#[path = "helpers/spawn.rs"]
 mod spawn;
 
 pub use broker::Broker;
