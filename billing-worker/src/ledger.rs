@@ -125,6 +125,7 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
                 ..Default::default()
             },
         ),
+        BillingEvent::HoldRelease(c) => (Vec::new(), EntryMeta { user_id: Some(c.user_id), job_id: Some(c.job_id), ..Default::default() }),
         BillingEvent::ToolCharge(c) => (
             vec![Posting {
                 debit: user_account(c.user_id),
@@ -220,9 +221,32 @@ pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, L
     let mut tx = db.begin().await?;
     let applied = apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
+        if let BillingEvent::HoldRelease(r) = event {
+            sqlx::query("UPDATE holds SET status = 'settled', updated_at = now() WHERE job_id = $1 AND status = 'active'")
+                .bind(r.job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // A redriven event that now applies closes its failure record.
+        sqlx::query("UPDATE billing_failures SET resolved_at = now(), updated_at = now() WHERE event_id = $1 AND resolved_at IS NULL")
+            .bind(event.event_id())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
     }
     Ok(applied)
+}
+
+/// Voids holds whose job never released them (crashed, abandoned) once
+/// they expired; returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn sweep_expired_holds(db: &PgPool) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("UPDATE holds SET status = 'voided', updated_at = now() WHERE status = 'active' AND expires_at < now()")
+        .execute(db)
+        .await?;
+    Ok(r.rows_affected())
 }
 
 /// Credits `amount` USD to `user_id` from `system:payments`.

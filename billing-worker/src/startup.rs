@@ -62,7 +62,9 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 prefetch: settings.prefetch,
             };
             tracing::info!("billing-worker running");
+            let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));
             consumer::run(ctx, shutdown).await;
+            let _ = sweeper.await;
         }
     }
     Ok(())
@@ -117,6 +119,21 @@ async fn refund_stars(settings: &Settings, db: &sqlx::PgPool, charge: &str) -> a
     ledger::apply_postings(&mut tx, refund_id, "stars_refund.v1", &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
+}
+
+/// Voids expired holds every minute until `shutdown`.
+async fn sweep_holds(db: sqlx::PgPool, shutdown: CancellationToken) {
+    loop {
+        match ledger::sweep_expired_holds(&db).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(holds = n, "expired holds voided"),
+            Err(e) => tracing::warn!(error.message = %e, "hold sweep failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output for operators")]

@@ -42,6 +42,25 @@ pub enum BillingEvent {
     /// Credit bought with Telegram Stars.
     #[serde(rename = "top_up.v1")]
     TopUp(TopUp),
+    /// A job's charges are all written: its hold is settled.
+    #[serde(rename = "hold_release.v1")]
+    HoldRelease(HoldRelease),
+}
+
+/// The event id of a job's hold release.
+pub fn hold_release_event_id(job_id: Uuid) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("release:{job_id}").as_bytes())
+}
+
+/// Settles a job's hold; relayed after the job's charges.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoldRelease {
+    /// [`hold_release_event_id`] of the job.
+    pub event_id: Uuid,
+    /// The job whose hold is settled.
+    pub job_id: Uuid,
+    /// Its user.
+    pub user_id: i64,
 }
 
 /// The event id of a Stars payment: one credit per `telegram_payment_charge_id`.
@@ -80,6 +99,7 @@ impl BillingEvent {
             Self::UsageCharge(c) => c.event_id,
             Self::ToolCharge(c) => c.event_id,
             Self::TopUp(c) => c.event_id,
+            Self::HoldRelease(c) => c.event_id,
         }
     }
 
@@ -89,6 +109,7 @@ impl BillingEvent {
             Self::UsageCharge(c) => c.user_id,
             Self::ToolCharge(c) => c.user_id,
             Self::TopUp(c) => c.user_id,
+            Self::HoldRelease(c) => c.user_id,
         }
     }
 }

@@ -19,11 +19,7 @@ const HELP: &str = "Send me any message and Claude will answer.\n\n/new — star
 /// # Errors
 /// Database errors (billing database).
 pub async fn available_balance(ctx: &WorkerContext, user_id: i64) -> Result<Decimal, sqlx::Error> {
-    let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1")
-        .bind(user_id)
-        .fetch_optional(&ctx.billing_db)
-        .await?;
-    Ok(balance.unwrap_or_default())
+    crate::holds::available(ctx, user_id).await
 }
 
 /// Runs the command of `job` and returns the reply.

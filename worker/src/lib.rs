@@ -8,6 +8,7 @@
 //! - [`context`]: [`WorkerContext`], everything a step needs.
 //! - [`consumer`]: the `updates` consumer; maps each outcome to ack / delay / dead-letter.
 //! - [`control`]: `/stop` across hosts (control fanout) and the registry of running jobs.
+//! - [`holds`]: two-phase spending: holds on the balance before Claude is called.
 //! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
 //! - [`lease`]: claim, heartbeat and fenced writes of a running job.
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
@@ -31,6 +32,7 @@ pub mod consumer;
 pub mod context;
 pub mod control;
 pub mod delivery;
+pub mod holds;
 pub mod intake;
 pub mod job;
 pub mod lease;

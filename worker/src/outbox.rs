@@ -23,7 +23,7 @@ pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
     let rows: Vec<(Uuid, Value)> = sqlx::query_as(
         "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
-          ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
     .fetch_all(&mut *tx)

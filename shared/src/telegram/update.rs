@@ -122,6 +122,31 @@ pub struct Message {
     /// The supergroup was the group with this id (service message in the new chat).
     #[serde(default)]
     pub migrate_from_chat_id: Option<i64>,
+    /// A file sent as a document (its text, if any, is in `caption`).
+    #[serde(default)]
+    pub document: Option<Document>,
+    /// Caption of a document, photo, … (0–1,024 characters).
+    #[serde(default)]
+    pub caption: Option<String>,
+}
+
+/// `Document`: a general file (Bot API, "Document"); download it with
+/// `getFile` (at most 20 MB through the public Bot API).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Document {
+    /// Id for `getFile`; valid for this bot only.
+    pub file_id: String,
+    /// The same for every bot and over time: what deduplicates a file.
+    pub file_unique_id: String,
+    /// Name given by the sender.
+    #[serde(default)]
+    pub file_name: Option<String>,
+    /// MIME type given by the sender.
+    #[serde(default)]
+    pub mime_type: Option<String>,
+    /// Size in bytes, when known.
+    #[serde(default)]
+    pub file_size: Option<u64>,
 }
 
 /// `SuccessfulPayment` (the fields we keep).
@@ -259,10 +284,11 @@ impl Message {
         Some(cmd.split('@').next().unwrap_or(cmd).to_lowercase())
     }
 
-    /// True when the text mentions `@username` (case-insensitive).
+    /// True when the text (or a document's caption) mentions `@username`
+    /// (case-insensitive).
     pub fn mentions(&self, username: &str) -> bool {
         let needle = format!("@{}", username.to_lowercase());
-        self.text.as_deref().is_some_and(|t| t.to_lowercase().contains(&needle))
+        self.text.as_deref().or(self.caption.as_deref()).is_some_and(|t| t.to_lowercase().contains(&needle))
     }
 
     /// True in private chats.
@@ -299,6 +325,17 @@ mod tests {
         let Incoming::Message(m) = inc else { panic!("not a message") };
         assert_eq!(m.command().as_deref(), Some("start"));
         assert!(m.mentions("Fleet_Bot"));
+    }
+
+    #[test]
+    fn a_document_is_read_with_its_caption() {
+        let (_, inc) = Incoming::parse(br#"{"update_id":2,"message":{"message_id":3,"chat":{"id":-5,"type":"group"},"caption":"@Fleet_bot read this","document":{"file_id":"BQAC","file_unique_id":"AgAD","file_name":"a.txt","mime_type":"text/plain","file_size":12}}}"#).unwrap();
+        let Incoming::Message(m) = inc else { panic!("not a message") };
+        let doc = m.document.as_ref().unwrap();
+        assert_eq!((doc.file_id.as_str(), doc.file_size), ("BQAC", Some(12)));
+        assert_eq!(doc.file_name.as_deref(), Some("a.txt"));
+        assert!(m.text.is_none());
+        assert!(m.mentions("fleet_bot"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::context::WorkerContext;
 use crate::lease::Lease;
 use chrono::Utc;
 use serde_json::{json, Value};
-use shared::contracts::{usage_event_id, BillingEvent, UsageCharge};
+use shared::contracts::{hold_release_event_id, usage_event_id, BillingEvent, HoldRelease, UsageCharge};
 use shared::pricing::TokenCounts;
 
 /// What one call is billed at, or `None` when it is not billed (an HTTP
@@ -160,6 +160,14 @@ pub async fn finalize(
             .execute(&mut *tx)
             .await?;
     }
+    // After the charges, in the same transaction: settles the job's hold.
+    let release = BillingEvent::HoldRelease(HoldRelease { event_id: hold_release_event_id(job.job_id), job_id: job.job_id, user_id: job.user_id });
+    sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
+        .bind(release.event_id())
+        .bind(job.job_id)
+        .bind(serde_json::to_value(&release).map_err(|e| JobError::Invalid(e.to_string()))?)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     ctx.outbox_notify.notify_one();
     Ok(())

@@ -71,6 +71,11 @@ pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please t
 /// Runs a claimed job to its end and releases (or hands back) the lease.
 pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
+    if result.as_ref().is_err_and(|e| !matches!(e, JobError::LeaseLost)) {
+        // No charges were finalized on these paths: the reservation goes
+        // (not on a lost lease: the hold belongs to the new holder then).
+        crate::holds::void(ctx, lease.job_id).await;
+    }
     let (status, outcome, error) = match &result {
         Ok(label) => ("done", *label, None),
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
@@ -120,11 +125,12 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         deliver(ctx, &job, &text, &[]).await?;
         return Ok("answered");
     }
-    if crate::commands::available_balance(ctx, job.user_id).await? <= rust_decimal::Decimal::ZERO {
+    let mut request = build_request(ctx, &job).await?;
+    let hold = crate::holds::hold_amount(ctx, &request);
+    if !crate::holds::place(ctx, &job, hold).await? {
         deliver(ctx, &job, TOP_UP_NOTICE, &[]).await?;
         return Ok("no_balance");
     }
-    let mut request = build_request(ctx, &job).await?;
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id(), cancel.clone());
     let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
     let progress_message = progress.finish().await;
