@@ -126,7 +126,7 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
                 payments::check(&q.invoice_payload, q.from.id, &q.currency, q.total_amount, &ctx.packs).map(|_| ());
             return Ok(Plan::Act(Action::PreCheckout { id: q.id, verdict }));
         }
-        Incoming::Message(m) => m,
+        Incoming::Message(m) => *m,
     };
     if let Some(to) = msg.migrate_to_chat_id {
         return Ok(Plan::Act(Action::Migrate { from: msg.chat.id, to }));

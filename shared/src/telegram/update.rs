@@ -222,8 +222,8 @@ pub struct ChatMember {
 /// The kinds of update the worker acts on; everything else is `Ignored`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// A new message.
-    Message(Message),
+    /// A new message (boxed: it is much larger than the other variants).
+    Message(Box<Message>),
     /// The bot was blocked or unblocked by a user (`my_chat_member`).
     MyChatMember(ChatMemberUpdated),
     /// An inline button was pressed.
@@ -251,7 +251,7 @@ impl Incoming {
         let payload = map.get(&info.kind).cloned().unwrap_or(Value::Null);
         let incoming = match info.kind.as_str() {
             "message" => match serde_json::from_value(payload) {
-                Ok(m) => Incoming::Message(m),
+                Ok(m) => Incoming::Message(Box::new(m)),
                 Err(e) => Incoming::Ignored { kind: format!("message (malformed: {e})") },
             },
             "my_chat_member" => match serde_json::from_value(payload) {
