@@ -63,10 +63,64 @@ pub enum Command {
         #[arg(long)]
         charge: String,
     },
+    /// Dead-lettered billing events: list them, or re-publish them after the cause is fixed.
+    DeadLetters {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Compare the outbox (what workers meant to charge) with the ledger (what
+    /// was applied) and check the ledger's invariants; exit 1 on any variance.
+    Reconcile {
+        /// PostgreSQL URL of the bot database (the outbox).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        bot_database_url: String,
+        /// First day (UTC), inclusive.
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day (UTC), inclusive.
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Show one charge's full trace for support: event, entries, job, request id.
+    Explain {
+        /// The event id.
+        #[arg(long)]
+        event: uuid::Uuid,
+    },
+    /// Refund one charge with a correcting entry (history is never edited).
+    Refund {
+        /// The event id of the charge.
+        #[arg(long)]
+        event: uuid::Uuid,
+        /// Why (kept in the entry's memo).
+        #[arg(long)]
+        reason: String,
+    },
     /// Print a user's balance in USD.
     Balance {
         /// Telegram user id.
         #[arg(long)]
         user: i64,
+    },
+}
+
+/// `dead-letters` subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum DeadLetterAction {
+    /// List unresolved failures (event, attempts, last error, when).
+    List,
+    /// Re-publish dead-lettered events to the billing exchange; idempotency
+    /// makes repeating it safe.
+    Redrive {
+        /// One event.
+        #[arg(long, conflicts_with = "all")]
+        event: Option<uuid::Uuid>,
+        /// Every unresolved one.
+        #[arg(long)]
+        all: bool,
     },
 }

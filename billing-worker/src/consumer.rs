@@ -30,6 +30,8 @@ pub struct BillingContext {
     pub amqp_url: String,
     /// Prefetch.
     pub prefetch: u16,
+    /// Bot API client, to tell a user that a charge is pending review.
+    pub telegram: Option<shared::telegram::BotApi>,
 }
 
 /// What happens to a delivery.
@@ -178,7 +180,7 @@ async fn dead_letter(
     .bind(key)
     .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
     .bind(reason)
-    .bind(payload)
+    .bind(&payload)
     .execute(&ctx.db)
     .await;
     if let Err(e) = recorded {
@@ -186,7 +188,22 @@ async fn dead_letter(
         tracing::error!(event_id = %key, error.message = %e, "dead-lettered event could not be recorded in billing_failures");
     }
     tracing::error!(event_id = %key, reason, "billing event dead-lettered");
+    notify_user(ctx, payload.as_ref()).await;
     Ok(())
+}
+
+/// Tells the user a charge is pending review (never only a log line).
+async fn notify_user(ctx: &BillingContext, payload: Option<&serde_json::Value>) {
+    let (Some(bot), Some(p)) = (&ctx.telegram, payload) else { return };
+    let Some(user) = p.get("user_id").and_then(serde_json::Value::as_i64) else { return };
+    let what = match p.get("type").and_then(serde_json::Value::as_str) {
+        Some("top_up.v1") => "A top-up of yours could not be booked yet; it is pending review and will be credited.",
+        Some("hold_release.v1") => return,
+        _ => "A charge for one of your recent answers is pending review. You will not be charged twice.",
+    };
+    if let Err(e) = bot.send_message(user, what, None).await {
+        tracing::warn!(error.message = %e, user_id = user, "could not tell the user about the pending charge");
+    }
 }
 
 #[cfg(test)]

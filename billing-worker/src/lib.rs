@@ -7,10 +7,12 @@
 //! - [`config`]: settings and subcommands (`--help`).
 //! - [`ledger`]: postings of each event kind, applied in one transaction.
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
+//! - [`finance`]: dead letters, reconciliation, explain, refunds.
 //! - [`startup`]: building and running the app, and the CLI commands.
 
 pub mod config;
 pub mod consumer;
+pub mod finance;
 pub mod ledger;
 pub mod startup;
 

@@ -6,7 +6,8 @@
 //!    ones in flight (each acks after its commit);
 //! 3. unacked deliveries return to the queue when the channel closes.
 
-use crate::config::{Command, Settings};
+use crate::config::{Command, DeadLetterAction, Settings};
+use crate::finance;
 use crate::consumer::{self, BillingContext};
 use crate::ledger::{self, Applied};
 use anyhow::Context;
@@ -45,6 +46,31 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             let line = refund_stars(&settings, &db, &charge).await?;
             report(&line);
         }
+        Command::DeadLetters { action } => match action {
+            DeadLetterAction::List => report(&finance::list_dead_letters(&db).await?),
+            DeadLetterAction::Redrive { event, all } => {
+                if event.is_none() && !all {
+                    anyhow::bail!("say --event ID or --all");
+                }
+                let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "billing-redrive", Duration::from_secs(5));
+                let topology = Topology::new(settings.broker.amqp_prefix.clone());
+                let ch = publisher.ensure_connected().await?;
+                topology.declare(&ch).await?;
+                let n = finance::redrive(&db, &publisher, &topology, event).await?;
+                report(&format!("redriven: {n} event(s)"));
+            }
+        },
+        Command::Reconcile { bot_database_url, from, to, format } => {
+            let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
+            let today = chrono::Utc::now().date_naive();
+            let r = finance::reconcile(&bot, &db, from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today)).await?;
+            report(&finance::render(&r, &format));
+            if !r.clean() {
+                std::process::exit(1);
+            }
+        }
+        Command::Explain { event } => report(&finance::explain(&db, event).await?),
+        Command::Refund { event, reason } => report(&finance::refund(&db, event, &reason).await?),
         Command::Balance { user } => {
             let balance = ledger::balance(&db, user).await?;
             report(&format!("{balance}"));
@@ -60,6 +86,11 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 )),
                 amqp_url: settings.broker.amqp_url.clone(),
                 prefetch: settings.prefetch,
+                telegram: if settings.bot_token.is_empty() {
+                    None
+                } else {
+                    shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(10)).ok()
+                },
             };
             tracing::info!("billing-worker running");
             let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));
