@@ -26,6 +26,10 @@ pub struct Settings {
     /// Bot API base URL (for refund-stars).
     #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
     pub telegram_api_url: String,
+    /// Backoff between ledger attempts, ms, one per retry step (5 steps);
+    /// after the last step an event is dead-lettered.
+    #[arg(long, env = "BILLING_RETRY_DELAYS_MS", value_delimiter = ',', default_value = "1000,5000,30000,120000,600000")]
+    pub retry_delays_ms: Vec<u64>,
     /// Unacknowledged deliveries (AMQP prefetch).
     #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,

@@ -30,6 +30,8 @@ pub struct BillingContext {
     pub amqp_url: String,
     /// Prefetch.
     pub prefetch: u16,
+    /// Backoff of each retry step, ms (its length is the number of retries).
+    pub retry_delays_ms: Vec<u64>,
     /// Bot API client, to tell a user that a charge is pending review.
     pub telegram: Option<shared::telegram::BotApi>,
 }
@@ -129,10 +131,17 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
             tracing::warn!(event_id = ?event_id, attempt, error.message = %e, "billing event failed")
         }
     }
-    let decision = decide(&result, attempt, ctx.topology.billing_retry_delays_ms.len());
+    let decision = decide(&result, attempt, ctx.retry_delays_ms.len());
     let settled = match decision {
         Decision::Ack => Ok(()),
-        Decision::Retry(n) => republish(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1).await,
+        Decision::Retry(n) => {
+            // Jitter (±20 %) spreads a burst of failures over time.
+            let base = ctx.retry_delays_ms.get(n).copied().unwrap_or(1_000);
+            let jitter = base / 5;
+            let spread = if jitter == 0 { 0 } else { u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 2 * jitter / 255 };
+            let delay = base - jitter + spread;
+            republish_after(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1, Some(delay)).await
+        }
         Decision::DeadLetter(reason) => dead_letter(ctx, &d, event_id, attempt + 1, &reason).await,
     };
     let acked = match settled {
@@ -148,16 +157,20 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
 }
 
 async fn republish(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64) -> Result<(), amqp::BrokerError> {
+    republish_after(ctx, d, queue, attempt, None).await
+}
+
+async fn republish_after(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64, delay_ms: Option<u64>) -> Result<(), amqp::BrokerError> {
     let id = d.properties.message_id().as_ref().map(|m| m.to_string());
     ctx.publisher
-        .publish(Outgoing {
+        .publish_expiring(Outgoing {
             exchange: "",
             routing_key: queue,
             body: &d.data,
             message_id: id.as_deref(),
             content_type: "application/json",
             attempt: Some(attempt),
-        })
+        }, delay_ms)
         .await
 }
 

@@ -30,12 +30,12 @@ impl LedgerError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Invalid(_) => false,
-            Self::Db(sqlx::Error::Database(e)) => {
-                matches!(
-                    e.code().as_deref(),
-                    Some("40001" | "40P01" | "55P03" | "57014" | "53300" | "08006" | "08003" | "57P01")
-                )
-            }
+            // Serialization failure, deadlock, lock timeout, database not
+            // accepting connections, and the classes connection exception
+            // (08), insufficient resources (53), operator intervention (57).
+            Self::Db(sqlx::Error::Database(e)) => e.code().is_some_and(|c| {
+                matches!(c.as_ref(), "40001" | "40P01" | "55P03" | "55000") || ["08", "53", "57"].iter().any(|class| c.starts_with(class))
+            }),
             Self::Db(_) => true,
         }
     }

@@ -76,6 +76,10 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             report(&format!("{balance}"));
         }
         Command::Run => {
+            let steps = Topology::new("").billing_retry_delays_ms.len();
+            if settings.retry_delays_ms.len() != steps {
+                anyhow::bail!("BILLING_RETRY_DELAYS_MS must list {steps} delays, one per retry queue");
+            }
             let ctx = BillingContext {
                 db,
                 topology: Topology::new(settings.broker.amqp_prefix.clone()),
@@ -86,6 +90,7 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 )),
                 amqp_url: settings.broker.amqp_url.clone(),
                 prefetch: settings.prefetch,
+                retry_delays_ms: settings.retry_delays_ms.clone(),
                 telegram: if settings.bot_token.is_empty() {
                     None
                 } else {

@@ -40,7 +40,8 @@ pub struct Topology {
     pub prefix: String,
     /// Delays of the `updates.retry.<ms>` queues, milliseconds.
     pub update_retry_delays_ms: Vec<u64>,
-    /// Delays of the `billing.retry.<n>` queues, milliseconds.
+    /// Default delays of the `billing.retry.<n>` steps, milliseconds (the
+    /// number of steps is fixed: every process declares the same queues).
     pub billing_retry_delays_ms: Vec<u64>,
     /// Deliveries of one message before the quorum queue dead-letters it.
     pub delivery_limit: i64,
@@ -124,8 +125,14 @@ impl Topology {
         declare_classic(ch, &self.billing_dead_queue(), FieldTable::default()).await?;
         declare_quorum(ch, &self.billing_queue(), self.delivery_limit, &self.billing_dead_queue()).await?;
         bind(ch, &self.billing_queue(), &self.billing_exchange(), BILLING_ROUTING_KEY).await?;
-        for (n, &ms) in self.billing_retry_delays_ms.iter().enumerate() {
-            declare_classic(ch, &self.billing_retry_queue(n), delay_args(ms, &self.billing_queue())).await?;
+        // The delay travels with each message (`expiration`), so the
+        // billing-worker's backoff is its own setting; one queue per step
+        // keeps every message of a queue on the same delay.
+        for n in 0..self.billing_retry_delays_ms.len() {
+            let mut args = FieldTable::default();
+            args.insert("x-dead-letter-exchange".into(), str_value(""));
+            args.insert("x-dead-letter-routing-key".into(), str_value(&self.billing_queue()));
+            declare_classic(ch, &self.billing_retry_queue(n), args).await?;
         }
         Ok(())
     }
@@ -266,7 +273,16 @@ impl ConfirmPublisher {
     /// [`BrokerError::Nacked`], [`BrokerError::Returned`],
     /// [`BrokerError::ConfirmTimeout`] or a connection error.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), BrokerError> {
-        let result = self.publish_once(&msg).await;
+        self.publish_expiring(msg, None).await
+    }
+
+    /// As [`ConfirmPublisher::publish`], with a per-message TTL in
+    /// milliseconds (AMQP `expiration`): used for delay queues.
+    ///
+    /// # Errors
+    /// As [`ConfirmPublisher::publish`].
+    pub async fn publish_expiring(&self, msg: Outgoing<'_>, expiration_ms: Option<u64>) -> Result<(), BrokerError> {
+        let result = self.publish_once(&msg, expiration_ms).await;
         if result.is_err() {
             // Drop the channel: the next publish reconnects.
             *self.state.lock().await = None;
@@ -274,9 +290,12 @@ impl ConfirmPublisher {
         result
     }
 
-    async fn publish_once(&self, msg: &Outgoing<'_>) -> Result<(), BrokerError> {
+    async fn publish_once(&self, msg: &Outgoing<'_>, expiration_ms: Option<u64>) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
         let mut props = BasicProperties::default().with_delivery_mode(2).with_content_type(msg.content_type.into());
+        if let Some(ms) = expiration_ms {
+            props = props.with_expiration(ms.to_string().into());
+        }
         if let Some(id) = msg.message_id {
             props = props.with_message_id(id.into());
         }
