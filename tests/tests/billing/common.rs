@@ -1,0 +1,90 @@
+//! Shared pieces: a billing-worker with chosen settings, event builders, a publisher.
+
+use crate::helpers::Broker;
+use anyhow::Result;
+use clap::Parser as _;
+use rust_decimal::Decimal;
+use shared::amqp::{ConfirmPublisher, Outgoing, BILLING_ROUTING_KEY};
+use shared::contracts::{usage_event_id, BillingEvent, UsageCharge};
+use shared::pricing::TokenCounts;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A running in-process billing-worker.
+pub struct BillingWorker {
+    token: CancellationToken,
+    handle: JoinHandle<Result<()>>,
+}
+
+impl BillingWorker {
+    /// Starts one with `extra` flags (e.g. `--retry-delays-ms 50,50,50,50,50`).
+    pub fn start(broker: &Broker, db_url: &str, extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["billing-worker", "--billing-database-url", db_url, "--database-max-connections", "8"];
+        args.extend(["--amqp-url", &broker.url, "--amqp-prefix", broker.prefix()]);
+        args.extend(extra);
+        args.push("run");
+        let settings = billing_worker::Settings::try_parse_from(args)?;
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(billing_worker::startup::main_with(settings, token.clone()));
+        Ok(Self { token, handle })
+    }
+
+    /// Stops it and waits.
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle).await???;
+        Ok(())
+    }
+}
+
+/// A usage charge of `user` for call `seq` of `job`, costing `cost` (user pays 1.5×).
+pub fn usage(job: Uuid, seq: i32, user: i64, cost: &str) -> BillingEvent {
+    let cost: Decimal = cost.parse().unwrap_or_default();
+    BillingEvent::UsageCharge(UsageCharge {
+        event_id: usage_event_id(job, seq),
+        job_id: job,
+        update_id: 1,
+        lease_epoch: 1,
+        api_call_seq: seq,
+        user_id: user,
+        chat_id: user,
+        request_id: Some(format!("req_{seq}")),
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenCounts { input: 10, output: 10, ..Default::default() },
+        provider_cost: shared::money::Usd(cost),
+        user_charge: shared::money::Usd(cost * Decimal::new(15, 1)),
+        price_model: "claude-sonnet-4-5".into(),
+        price_effective_from: chrono::NaiveDate::from_ymd_opt(2025, 10, 1).unwrap_or_default(),
+        estimated: false,
+        occurred_at: chrono::Utc::now(),
+    })
+}
+
+/// Publishes events to the billing exchange with confirms.
+pub async fn publish(broker: &Broker, events: &[BillingEvent]) -> Result<()> {
+    let publisher = ConfirmPublisher::new(&broker.url, "test-billing", Duration::from_secs(10));
+    let exchange = broker.topology.billing_exchange();
+    for e in events {
+        let body = serde_json::to_vec(e)?;
+        let id = e.event_id().to_string();
+        publisher
+            .publish(Outgoing {
+                exchange: &exchange,
+                routing_key: BILLING_ROUTING_KEY,
+                body: &body,
+                message_id: Some(&id),
+                content_type: "application/json",
+                attempt: None,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Grants `usd` to `user` directly in the ledger.
+pub async fn grant(pool: &sqlx::PgPool, user: i64, usd: &str) -> Result<()> {
+    billing_worker::ledger::grant(pool, user, usd.parse()?, Uuid::now_v7()).await?;
+    Ok(())
+}

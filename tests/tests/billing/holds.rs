@@ -1,0 +1,51 @@
+//! Two chats of one user with credit for one hold: one runs, the other gets
+//! the top-up notice, and the balance never goes below zero.
+
+use crate::common::grant;
+use crate::helpers::{fixture, fixture_bytes, spawn_app, wait_until, WAIT};
+use fleet_tests::fake_anthropic::ScriptedResponse;
+use rust_decimal::Decimal;
+
+#[tokio::test]
+async fn two_chats_of_one_user_with_credit_for_one_hold_run_one_and_refuse_the_other() -> anyhow::Result<()> {
+    let app = spawn_app().await?;
+    // One hold of the default settings is about 0.08 USD (max_tokens 1024,
+    // two continuations, tool caps): 0.10 covers one, not two.
+    grant(&app.db.pool, 100_000_002, "0.10").await?;
+    let mut slow = ScriptedResponse::from_file(fixture("anthropic/text_group_answer.sse"))?;
+    slow.event_delay_ms = 300;
+    app.anthropic.push([slow.clone(), slow]);
+    let private = fixture_bytes("telegram/ben_cache_q1.json")?;
+    let group = fixture_bytes("telegram/group_with_mention.json")?;
+    let (a, b) = tokio::join!(app.post_update(&private), app.post_update(&group));
+    assert_eq!((a?, b?), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    let pool = app.db.pool.clone();
+    wait_until("both jobs to finish and the billing to settle", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+                .fetch_one(&pool)
+                .await?;
+            let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&pool).await?;
+            let active: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM holds WHERE status = 'active'").fetch_one(&pool).await?;
+            let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_outbox WHERE published_at IS NULL")
+                .fetch_one(&pool)
+                .await?;
+            Ok(jobs == 2 && open == 0 && active == 0 && unpublished == 0)
+        }
+    })
+    .await?;
+    let mut app = app;
+    app.stop().await?;
+    assert_eq!(app.anthropic.call_count(), 1, "only one chat reached Claude");
+    let notices = app.telegram.messages().iter().filter(|m| m.text.contains("top up")).count();
+    assert_eq!(notices, 1, "the other chat got the top-up notice");
+    let outcomes: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM jobs ORDER BY outcome").fetch_all(&app.db.pool).await?;
+    assert_eq!(outcomes, ["answered", "no_balance"]);
+    let balance = app.db.balance(100_000_002).await?;
+    assert!(balance >= Decimal::ZERO, "balance {balance} went below zero");
+    assert_eq!(balance, "0.09721".parse()?, "0.10 − 0.00279 (text_group_answer)");
+    app.cleanup().await
+}

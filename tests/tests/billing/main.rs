@@ -1,0 +1,14 @@
+//! Billing that finance can audit: outages retried and applied once, dead
+//! letters recorded, told and redriven, exact totals under duplicates,
+//! holds against overspending, reconciliation.
+
+#[path = "../fleet/helpers.rs"]
+#[allow(dead_code, unused_imports)]
+mod helpers;
+
+mod common;
+mod dead_letters;
+mod holds;
+mod outage;
+mod reconcile;
+mod volume;
