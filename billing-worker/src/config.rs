@@ -26,6 +26,9 @@ pub struct Settings {
     /// Bot API base URL (for refund-stars).
     #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
     pub telegram_api_url: String,
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
+    #[arg(long, env = "ADMIN_BIND", default_value = "0.0.0.0:9092")]
+    pub admin_bind: std::net::SocketAddr,
     /// Backoff between ledger attempts, ms, one per retry step (5 steps);
     /// after the last step an event is dead-lettered.
     #[arg(long, env = "BILLING_RETRY_DELAYS_MS", value_delimiter = ',', default_value = "1000,5000,30000,120000,600000")]

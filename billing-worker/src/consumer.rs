@@ -30,6 +30,8 @@ pub struct BillingContext {
     pub amqp_url: String,
     /// Prefetch.
     pub prefetch: u16,
+    /// True while the consumer is connected and consuming (readiness).
+    pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Backoff of each retry step, ms (its length is the number of retries).
     pub retry_delays_ms: Vec<u64>,
     /// Bot API client, to tell a user that a charge is pending review.
@@ -94,6 +96,8 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
         )
         .await?;
     tracing::info!(queue = %ctx.topology.billing_queue(), "consuming billing events");
+    ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _flag = ResetOnDrop(ctx.consuming.clone());
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -114,6 +118,15 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     Ok(())
 }
 
+/// Clears a readiness flag when the consumer stops, on every path.
+struct ResetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Applies one delivery and settles it.
 pub async fn handle(ctx: &BillingContext, d: Delivery) {
     let attempt = attempt_of(&d.properties);
@@ -132,6 +145,13 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
         }
     }
     let decision = decide(&result, attempt, ctx.retry_delays_ms.len());
+    let label = match (&result, &decision) {
+        (Ok(Applied::Applied), _) => "applied",
+        (Ok(Applied::Duplicate), _) => "duplicate",
+        (_, Decision::Retry(_)) => "retried",
+        _ => "dead_lettered",
+    };
+    metrics::counter!("fleet_billing_events_total", "result" => label).increment(1);
     let settled = match decision {
         Decision::Ack => Ok(()),
         Decision::Retry(n) => {

@@ -208,6 +208,11 @@ pub fn render(r: &Reconciliation, format: &str) -> String {
     }
 }
 
+/// `(entry_id, kind, debit, credit, amount, estimated, memo)`.
+type EntryRow = (i64, String, String, String, Decimal, bool, Option<String>);
+/// `(kind, debit account, amount, user, job)` of a charge's entries.
+type ChargeRow = (String, String, Decimal, Option<i64>, Option<Uuid>);
+
 /// One charge's trace: the event, its entries and their accounts.
 ///
 /// # Errors
@@ -215,7 +220,7 @@ pub fn render(r: &Reconciliation, format: &str) -> String {
 pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
     let payload: Option<Value> = sqlx::query_scalar("SELECT payload FROM applied_events WHERE event_id = $1").bind(event).fetch_optional(db).await?;
     let Some(payload) = payload else { anyhow::bail!("no applied event {event}") };
-    let entries: Vec<(i64, String, String, String, Decimal, bool, Option<String>)> = sqlx::query_as(
+    let entries: Vec<EntryRow> = sqlx::query_as(
         "SELECT entry_id, kind, debit_account, credit_account, amount, estimated, memo FROM ledger_entries WHERE event_id = $1 ORDER BY leg",
     )
     .bind(event)
@@ -235,7 +240,7 @@ pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
 /// # Errors
 /// Database errors; an unknown or non-charge event.
 pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<String> {
-    let rows: Vec<(String, String, Decimal, Option<i64>, Option<Uuid>)> = sqlx::query_as(
+    let rows: Vec<ChargeRow> = sqlx::query_as(
         "SELECT kind, debit_account, amount, user_id, job_id FROM ledger_entries
           WHERE event_id = $1 AND kind IN ('usage_charge', 'tool_charge')",
     )

@@ -91,16 +91,24 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 amqp_url: settings.broker.amqp_url.clone(),
                 prefetch: settings.prefetch,
                 retry_delays_ms: settings.retry_delays_ms.clone(),
+                consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 telegram: if settings.bot_token.is_empty() {
                     None
                 } else {
                     shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(10)).ok()
                 },
             };
+            let admin_listener = tokio::net::TcpListener::bind(settings.admin_bind)
+                .await
+                .with_context(|| format!("ADMIN_BIND: cannot bind {}", settings.admin_bind))?;
+            let _ = shared::admin::metrics_handle();
+            let readiness = shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
+            let admin = shared::admin::serve(admin_listener, readiness, shutdown.clone());
             tracing::info!("billing-worker running");
             let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));
             consumer::run(ctx, shutdown).await;
             let _ = sweeper.await;
+            let _ = admin.await;
         }
     }
     Ok(())

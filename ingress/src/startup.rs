@@ -88,6 +88,7 @@ impl App {
     /// Invalid settings or a bind failure.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
+        let _ = shared::admin::metrics_handle();
         let listener = TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
         let forwarder = Arc::new(Forwarder::new(
             &settings.broker.amqp_url,

@@ -31,6 +31,7 @@ pub fn router(state: WebState, max_body_bytes: usize) -> Router {
         .route("/telegram/webhook", post(webhook))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(shared::admin::metrics_text))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -45,20 +46,27 @@ fn secret_matches(headers: &HeaderMap, expected: &Secret) -> bool {
 }
 
 async fn webhook(State(state): State<WebState>, headers: HeaderMap, body: Bytes) -> (StatusCode, &'static str) {
+    metrics::counter!("fleet_updates_received_total").increment(1);
     if !secret_matches(&headers, &state.secret) {
+        metrics::counter!("fleet_updates_rejected_total", "reason" => "bad_secret").increment(1);
         tracing::warn!(reason = "bad_secret", "webhook rejected");
         return (StatusCode::UNAUTHORIZED, "unauthorized");
     }
     let info = match RoutingInfo::from_bytes(&body) {
         Ok(info) => info,
         Err(e) => {
+            metrics::counter!("fleet_updates_rejected_total", "reason" => "bad_body").increment(1);
             tracing::warn!(reason = "bad_body", error.message = %e, bytes = body.len(), "webhook rejected");
             return (StatusCode::BAD_REQUEST, "not a Telegram update");
         }
     };
     match state.forwarder.forward(&info, &body).await {
-        Ok(()) => (StatusCode::OK, "ok"),
+        Ok(()) => {
+            metrics::counter!("fleet_updates_published_total").increment(1);
+            (StatusCode::OK, "ok")
+        }
         Err(e) => {
+            metrics::counter!("fleet_updates_rejected_total", "reason" => "broker").increment(1);
             tracing::error!(update_id = info.update_id, error.message = %e, "update not accepted by the broker");
             (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
         }

@@ -14,8 +14,10 @@
 //! - [`contracts`]: versioned messages that travel over the broker.
 //! - [`db`]: PostgreSQL pools and the two migration sets.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`admin`]: the Prometheus recorder and the `/healthz` `/readyz` `/metrics` server.
 //! - [`shutdown`]: the per-process cancellation token from signals.
 
+pub mod admin;
 pub mod amqp;
 pub mod anthropic;
 pub mod config;

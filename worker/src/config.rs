@@ -58,8 +58,19 @@ pub struct Settings {
     #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 2)]
     pub max_continuations: u32,
     /// Built-in tools offered to Claude (comma-separated; empty for none).
-    #[arg(long, env = "TOOLS", value_delimiter = ',', default_value = "calculator,current_time,remember,recall")]
+    #[arg(
+        long,
+        env = "TOOLS",
+        value_delimiter = ',',
+        default_value = "calculator,current_time,remember,recall,list_files,read_file"
+    )]
     pub tools: Vec<String>,
+    /// Largest document a user may send, bytes (at most 20 MiB, the Bot API's download limit).
+    #[arg(long, env = "DOCUMENT_MAX_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub document_max_bytes: u64,
+    /// Longest download and text extraction of one document, seconds.
+    #[arg(long, env = "DOCUMENT_DOWNLOAD_TIMEOUT_S", default_value_t = 30)]
+    pub document_download_timeout_s: u64,
     /// Tool rounds (tool_use → tool_result) per answer before it is cut off.
     #[arg(long, env = "MAX_TOOL_ROUNDS", default_value_t = 5)]
     pub max_tool_rounds: u32,
@@ -90,6 +101,9 @@ pub struct Settings {
     /// Interval between any two Bot API calls of the bot, ms (fleet-wide; about 30/s).
     #[arg(long, env = "PACE_BOT_MS", default_value_t = 34)]
     pub pace_bot_ms: u64,
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
+    #[arg(long, env = "ADMIN_BIND", default_value = "0.0.0.0:9091")]
+    pub admin_bind: std::net::SocketAddr,
     /// Id of this worker in leases (default: host-pid).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
@@ -142,6 +156,12 @@ impl Settings {
         }
         if self.tool_timeout_s == 0 {
             return Err("TOOL_TIMEOUT_S must be positive".into());
+        }
+        if self.document_max_bytes == 0 || self.document_max_bytes > crate::documents::BOT_API_MAX_BYTES {
+            return Err("DOCUMENT_MAX_BYTES must be between 1 and 20971520 (the Bot API's download limit)".into());
+        }
+        if self.document_download_timeout_s == 0 {
+            return Err("DOCUMENT_DOWNLOAD_TIMEOUT_S must be positive".into());
         }
         if self.prefetch == 0 {
             return Err("PREFETCH must be positive".into());

@@ -111,6 +111,19 @@ async fn consume(
         )
         .await?;
     tracing::info!(queue = %ctx.topology.updates_queue(), "consuming updates");
+    ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
+    let result = consume_loop(ctx, shutdown, permits, tasks, &mut consumer).await;
+    ctx.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+async fn consume_loop(
+    ctx: &WorkerContext,
+    shutdown: &CancellationToken,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    consumer: &mut lapin::Consumer,
+) -> Result<(), amqp::BrokerError> {
     loop {
         while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -234,7 +247,22 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
     let task_ctx = ctx.clone();
     let task_cancel = cancel.clone();
     let span = tracing::Span::current();
+    let started = std::time::Instant::now();
+    metrics::gauge!("fleet_leases_active").increment(1.0);
     let outcome = tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span)).await;
+    metrics::gauge!("fleet_leases_active").decrement(1.0);
+    metrics::histogram!("fleet_job_duration_seconds").record(started.elapsed().as_secs_f64());
+    let label = match &outcome {
+        Ok(JobOutcome::Done(l)) => *l,
+        Ok(JobOutcome::Failed(_)) => "failed",
+        Ok(JobOutcome::LeaseLost) => "lease_lost",
+        Ok(JobOutcome::HandedBack) => "handed_back",
+        Err(_) => "panic",
+    };
+    metrics::counter!("fleet_jobs_total", "outcome" => label).increment(1);
+    if label == "lease_lost" {
+        metrics::counter!("fleet_lease_losses_total").increment(1);
+    }
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     match outcome {
@@ -267,6 +295,13 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
 /// a retry queue (confirmed) before acking; if that fails the delivery is
 /// nacked back to the queue, so nothing is lost.
 pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) {
+    let label = match decision {
+        Settle::Ack => "ack",
+        Settle::Delay => "delay",
+        Settle::DeadLetter => "dead_letter",
+        Settle::Settled => "claimed",
+    };
+    metrics::counter!("fleet_updates_settled_total", "action" => label).increment(1);
     let result = match decision {
         Settle::Settled => Ok(()),
         Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),

@@ -39,6 +39,8 @@ pub struct WorkerContext {
     pub pacer: crate::pacer::Pacer,
     /// Tools offered to Claude.
     pub tools: Arc<crate::tools::Registry>,
+    /// True while the updates consumer is connected and consuming (readiness).
+    pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs running in this process, by chat (for `/stop`).
     pub running: crate::control::RunningJobs,
     /// The bot's @username, from settings or getMe (read when first needed).
@@ -83,6 +85,7 @@ impl WorkerContext {
             worker_id: worker_id.into(),
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
+            consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             pacer,
             packs: Arc::new(packs),
             tools: Arc::new(tools),

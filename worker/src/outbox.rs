@@ -20,6 +20,14 @@ const BATCH: i64 = 100;
 /// Database errors; a publish failure ends the batch early (the rest stays
 /// unpublished and is retried).
 pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
+    let (backlog, age): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))), 0)::float8
+           FROM billing_outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(&ctx.db)
+    .await?;
+    metrics::gauge!("fleet_outbox_backlog").set(backlog as f64);
+    metrics::gauge!("fleet_outbox_oldest_age_seconds").set(age);
     let mut tx = ctx.db.begin().await?;
     let rows: Vec<(Uuid, Value)> = sqlx::query_as(
         "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
@@ -57,6 +65,7 @@ pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    metrics::counter!("fleet_outbox_published_total").increment(published.len() as u64);
     Ok(published.len())
 }
 

@@ -91,6 +91,7 @@ impl Pacer {
                 self.interval(chat_id)
             }
         };
+        metrics::histogram!("fleet_telegram_pacing_wait_seconds").record(wait.as_secs_f64());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -151,6 +152,7 @@ impl Pacer {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(TelegramError::RetryAfter(d)) => {
+                    metrics::counter!("fleet_telegram_flood_waits_total").increment(1);
                     tracing::warn!(
                         chat_id,
                         retry_after_s = d.as_secs(),

@@ -39,6 +39,7 @@ pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
     }
     sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)").bind(&done).execute(&mut *tx).await?;
     tx.commit().await?;
+    metrics::counter!("fleet_reaper_rescues_total").increment(done.len() as u64);
     if !done.is_empty() {
         tracing::info!(jobs = done.len(), "reaper republished jobs with expired leases");
     }

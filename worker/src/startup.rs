@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// A built worker.
 pub struct App {
     ctx: WorkerContext,
+    admin: tokio::net::TcpListener,
 }
 
 impl App {
@@ -51,7 +52,16 @@ impl App {
         let ctx = WorkerContext::new(
             db, billing_db, anthropic, telegram, prices, settings, publisher, worker_id, tools, packs,
         );
-        Ok(Self { ctx })
+        let admin = tokio::net::TcpListener::bind(ctx.settings.admin_bind)
+            .await
+            .with_context(|| format!("ADMIN_BIND: cannot bind {}", ctx.settings.admin_bind))?;
+        let _ = shared::admin::metrics_handle();
+        Ok(Self { ctx, admin })
+    }
+
+    /// Port of the admin server (tests bind port 0).
+    pub fn admin_port(&self) -> u16 {
+        self.admin.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     /// The context (tests drive single steps with it).
@@ -65,6 +75,11 @@ impl App {
     /// None at present; kept for symmetry with the other binaries.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(worker_id = %self.ctx.worker_id, "worker running");
+        let readiness = shared::admin::Readiness {
+            databases: vec![self.ctx.db.clone(), self.ctx.billing_db.clone()],
+            consumers: vec![self.ctx.consuming.clone()],
+        };
+        let admin = shared::admin::serve(self.admin, readiness, shutdown.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::consumer::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::outbox::run(self.ctx.clone(), shutdown.clone()));
@@ -75,6 +90,7 @@ impl App {
             shutdown.clone(),
         ));
         while tasks.join_next().await.is_some() {}
+        let _ = admin.await;
         Ok(())
     }
 }

@@ -203,6 +203,41 @@ payload!(DeleteMessage, "deleteMessage", Value);
 pub struct GetMe {}
 payload!(GetMe, "getMe", Me);
 
+/// `getFile`: prepares a file for download (the link lives at least an hour).
+#[derive(Debug, Clone, Serialize)]
+pub struct GetFile {
+    /// The file's `file_id`.
+    pub file_id: String,
+}
+payload!(GetFile, "getFile", FileInfo);
+
+/// `File` (the result of `getFile`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Id for this bot.
+    pub file_id: String,
+    /// Id shared by every bot.
+    pub file_unique_id: String,
+    /// Size in bytes, when known.
+    #[serde(default)]
+    pub file_size: Option<u64>,
+    /// Path for `{api_url}/file/bot<token>/<file_path>`; absent when the
+    /// file cannot be downloaded.
+    #[serde(default)]
+    pub file_path: Option<String>,
+}
+
+/// Why a file download failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FileError {
+    /// The file is larger than the caller's cap, in bytes (nothing more was read).
+    #[error("the file is larger than {0} bytes")]
+    TooLarge(u64),
+    /// The Bot API or the connection failed (token scrubbed).
+    #[error(transparent)]
+    Telegram(#[from] TelegramError),
+}
+
 /// `getUpdates`, returning each update's raw JSON verbatim (the ingress
 /// forwards updates byte for byte).
 #[derive(Debug, Clone, Serialize)]
@@ -252,7 +287,19 @@ impl BotApi {
         P: Payload + Serialize + Send + 'static,
         P::Output: serde::de::DeserializeOwned + Send,
     {
-        JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e))
+        let result = JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e));
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(TelegramError::RetryAfter(_)) => "retry_after",
+            Err(TelegramError::Forbidden(_)) => "forbidden",
+            Err(TelegramError::NotModified) => "not_modified",
+            Err(TelegramError::BadEntities(_)) => "bad_entities",
+            Err(TelegramError::Migrated(_)) => "migrated",
+            Err(TelegramError::Api(_)) => "api_error",
+            Err(TelegramError::Transport(_)) => "transport",
+        };
+        metrics::counter!("fleet_telegram_calls_total", "method" => P::NAME, "result" => outcome).increment(1);
+        result
     }
 
     fn classify(&self, e: RequestError) -> TelegramError {
@@ -380,11 +427,98 @@ impl BotApi {
         self.call(SendChatAction { chat_id, action: "typing" }).await.map(|_| ())
     }
 
+    /// `getFile`: the file's size and download path.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn get_file(&self, file_id: &str) -> Result<FileInfo, TelegramError> {
+        self.call(GetFile { file_id: file_id.to_owned() }).await
+    }
+
+    /// Downloads `{api_url}/file/bot<token>/<file_path>` (Bot API "getFile"),
+    /// reading at most `max_bytes`: a larger `Content-Length` or body stops
+    /// the download at once. Bounded by the client's request timeout.
+    ///
+    /// # Errors
+    /// [`FileError::TooLarge`]; [`TelegramError::Transport`] for network
+    /// failures and 5xx answers (worth retrying), [`TelegramError::RetryAfter`]
+    /// for 429, [`TelegramError::Api`] for other answers. The token is never
+    /// in the message.
+    pub async fn download_file(&self, file_path: &str, max_bytes: u64) -> Result<Vec<u8>, FileError> {
+        let url = file_url(self.bot.api_url(), self.token.expose(), file_path)
+            .ok_or_else(|| TelegramError::Transport("TELEGRAM_API_URL cannot be a base URL".into()))?;
+        let transport = |e: reqwest::Error| TelegramError::Transport(scrub(&e.without_url().to_string(), &self.token));
+        let mut response = self.bot.client().get(url).send().await.map_err(transport)?;
+        let status = response.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            return Err(TelegramError::RetryAfter(Duration::from_secs(wait)).into());
+        }
+        if status.is_server_error() {
+            return Err(TelegramError::Transport(format!("file download answered HTTP {status}")).into());
+        }
+        if !status.is_success() {
+            return Err(TelegramError::Api(format!("file download answered HTTP {status}")).into());
+        }
+        if response.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(FileError::TooLarge(max_bytes));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                return Err(FileError::TooLarge(max_bytes));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
     /// `getUpdates` with raw results, for long polling.
     ///
     /// # Errors
     /// A classified [`TelegramError`].
     pub async fn get_updates_raw(&self, offset: i64, timeout: u32) -> Result<Vec<Box<RawValue>>, TelegramError> {
         self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await
+    }
+}
+
+/// `{api_url}/file/bot<token>/<file_path>`, each `/`-separated piece of
+/// `file_path` a path segment of its own (teloxide-core's helper escapes the
+/// `/` of `documents/file_1`).
+fn file_url(mut base: reqwest::Url, token: &str, file_path: &str) -> Option<reqwest::Url> {
+    {
+        let mut segments = base.path_segments_mut().ok()?;
+        segments.pop_if_empty().push("file").push(&format!("bot{token}"));
+        segments.extend(file_path.split('/').filter(|s| !s.is_empty()));
+    }
+    Some(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls_keep_the_path_of_the_base_and_the_slashes_of_the_file_path() {
+        let base = reqwest::Url::parse("https://example.com/tg/").unwrap();
+        let url = file_url(base, "123:abc", "documents/file_1.pdf").unwrap();
+        assert_eq!(url.as_str(), "https://example.com/tg/file/bot123:abc/documents/file_1.pdf");
+        let base = reqwest::Url::parse("http://127.0.0.1:8081").unwrap();
+        assert_eq!(file_url(base, "1:x", "a/b").unwrap().as_str(), "http://127.0.0.1:8081/file/bot1:x/a/b");
+    }
+
+    #[tokio::test]
+    async fn a_failed_download_never_shows_the_token() {
+        // Nothing listens on port 9 of localhost: the connection is refused.
+        let api = BotApi::new("http://127.0.0.1:9", Secret::new("4242:SECRETTOKEN"), Duration::from_secs(2)).unwrap();
+        let err = api.download_file("documents/file_1", 10).await.unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("SECRETTOKEN"), "{text}");
+        assert!(matches!(err, FileError::Telegram(TelegramError::Transport(_))), "{err:?}");
     }
 }

@@ -135,6 +135,20 @@ pub async fn finalize(
         .execute(&mut *tx)
         .await?;
         let Some(price) = price else { continue };
+        for (class, n) in [
+            ("input", tokens.input),
+            ("output", tokens.output),
+            ("cache_write_5m", tokens.cache_write_5m),
+            ("cache_write_1h", tokens.cache_write_1h),
+            ("cache_read", tokens.cache_read),
+            ("web_search", tokens.web_search_requests),
+        ] {
+            metrics::counter!("fleet_tokens_total", "model" => price.price_model.clone(), "class" => class).increment(n);
+        }
+        let usd = |d: rust_decimal::Decimal| d.to_string().parse::<f64>().unwrap_or(0.0);
+        // USD per call: the histograms' `_sum` is the total by model and kind.
+        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "provider_cost").record(usd(price.provider_cost.0));
+        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "user_charge").record(usd(price.user_charge.0));
         let event = BillingEvent::UsageCharge(UsageCharge {
             event_id: usage_event_id(job.job_id, call.seq),
             job_id: job.job_id,

@@ -247,6 +247,10 @@ async fn generate(
                     answer.notices.push(STOPPED_NOTICE.to_owned());
                     return Ok(answer);
                 }
+                for o in &outcomes {
+                    let outcome = if o.is_error { "error" } else { "ok" };
+                    metrics::counter!("fleet_tool_calls_total", "tool" => o.name.clone(), "outcome" => outcome).increment(1);
+                }
                 answer
                     .tool_charges
                     .extend(outcomes.iter().filter(|o| !o.charged.is_zero()).map(|o| (o.name.clone(), o.charged)));

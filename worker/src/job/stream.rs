@@ -75,6 +75,18 @@ pub async fn stream_reply(
     loop {
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
         let record = stream_once(ctx, request, seq, cancel, progress, shown_before).await;
+        let end = match &record.end {
+            CallEnd::Complete => "complete",
+            CallEnd::Cancelled => "cancelled",
+            CallEnd::IdleTimeout => "idle_timeout",
+            CallEnd::Deadline => "deadline",
+            CallEnd::Failed(_) => "failed",
+        };
+        metrics::counter!("fleet_claude_calls_total", "end" => end).increment(1);
+        if let Some(e) = &record.state.error {
+            let kind = if restartable(&e.kind) || e.kind == "invalid_request_error" { e.kind.clone() } else { "other".to_owned() };
+            metrics::counter!("fleet_claude_errors_total", "type" => kind).increment(1);
+        }
         calls.push(record.clone());
         let retry = record.state.error.as_ref().is_some_and(|e| restartable(&e.kind));
         if !retry {
@@ -100,6 +112,7 @@ async fn stream_once(
     progress: &Progress,
     shown_before: &str,
 ) -> CallRecord {
+    let call_started = std::time::Instant::now();
     let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     let idle = Duration::from_secs(ctx.settings.idle_timeout_s);
     let mut record = CallRecord {
@@ -131,6 +144,11 @@ async fn stream_once(
                 if let ApiError::Http { retry_after_s: Some(s), .. } = &e {
                     wait = wait.max(Duration::from_secs(*s));
                 }
+                let status = match &e {
+                    ApiError::Http { status, .. } => status.to_string(),
+                    _ => "transport".to_owned(),
+                };
+                metrics::counter!("fleet_claude_errors_total", "type" => format!("http_{status}")).increment(1);
                 tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API call failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
@@ -148,6 +166,7 @@ async fn stream_once(
         tracing::Span::current().record("anthropic_request_id", id.as_str());
     }
     let mut warned_unknown = false;
+    let mut first_token_seen = false;
     loop {
         let next = tokio::select! {
             biased;
@@ -171,7 +190,13 @@ async fn stream_once(
                 break;
             }
             Ok(Some(Ok(event))) => match record.state.apply(event) {
-                Applied::Text => progress.update(format!("{shown_before}{}", record.state.text())),
+                Applied::Text => {
+                    if !first_token_seen {
+                        first_token_seen = true;
+                        metrics::histogram!("fleet_time_to_first_token_seconds").record(call_started.elapsed().as_secs_f64());
+                    }
+                    progress.update(format!("{shown_before}{}", record.state.text()))
+                }
                 Applied::Quiet => {}
                 Applied::Unknown(what) => {
                     if !warned_unknown {

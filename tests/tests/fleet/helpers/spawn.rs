@@ -125,6 +125,7 @@ pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
             ("pace-private-ms", "0"),
             ("pace-group-ms", "0"),
             ("pace-bot-ms", "0"),
+            ("admin-bind", "127.0.0.1:0"),
         ],
     );
     let settings = worker::Settings::try_parse_from(args)?;
@@ -146,6 +147,8 @@ pub fn spawn_billing_worker(prefix: &str, amqp_url: &str, database_url: &str) ->
         amqp_url,
         "--amqp-prefix",
         prefix,
+        "--admin-bind",
+        "127.0.0.1:0",
     ])?;
     let token = CancellationToken::new();
     let handle = tokio::spawn(billing_worker::startup::main_with(settings, token.clone()));
