@@ -1,0 +1,143 @@
+//! `/metrics` after traffic: text answers, tools, a duplicate, a 529 retry,
+//! a Bot API 429, a rejected webhook and billing.
+
+use crate::helpers::{
+    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
+    BOT_TOKEN, BOT_USERNAME, WAIT,
+};
+use clap::Parser as _;
+use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
+use fleet_tests::fake_telegram::{FakeTelegram, Fault};
+use tokio_util::sync::CancellationToken;
+
+fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| label.is_none_or(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()> {
+    crate::helpers::init_logs();
+    let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
+    let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
+    let db = TestDb::new().await?;
+    let broker = Broker::new().await?;
+    let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
+    let prices = fixture("prices.toml");
+    let settings = worker::Settings::try_parse_from([
+        "worker",
+        "--bot-token",
+        BOT_TOKEN,
+        "--telegram-api-url",
+        &telegram.api_url(),
+        "--bot-username",
+        BOT_USERNAME,
+        "--anthropic-api-key",
+        "test-key",
+        "--anthropic-base-url",
+        &anthropic.base_url(),
+        "--prices-file",
+        prices.to_str().unwrap_or_default(),
+        "--database-url",
+        &db.url,
+        "--billing-database-url",
+        &db.url,
+        "--amqp-url",
+        &broker.url,
+        "--amqp-prefix",
+        broker.prefix(),
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--pace-private-ms",
+        "0",
+        "--pace-group-ms",
+        "0",
+        "--pace-bot-ms",
+        "0",
+    ])?;
+    let app = worker::App::build(settings).await?;
+    let admin = app.admin_port();
+    let worker_token = CancellationToken::new();
+    let worker = tokio::spawn(app.run_until_stopped(worker_token.clone()));
+    let billing = spawn_billing_worker(broker.prefix(), &broker.url, &db.url)?;
+    for user in [100_000_001, 100_000_003] {
+        billing_worker::ledger::grant(&db.pool, user, "5".parse()?, uuid::Uuid::now_v7()).await?;
+    }
+    let sse = |n: &str| ScriptedResponse::from_file(fixture(&format!("anthropic/{n}")));
+    anthropic.push([
+        sse("text_capital.sse")?,
+        ScriptedResponse::http_error(529, Some(0)),
+        sse("tools_calc_and_time.sse")?,
+        sse("tools_followup.sse")?,
+        sse("text_octopus_haiku.sse")?,
+    ]);
+    telegram.add_fault(Fault {
+        methods: vec!["sendChatAction".into()],
+        nth: 1,
+        status: 429,
+        retry_after: Some(1),
+        description: None,
+        times: 1,
+    });
+    let http = crate::helpers::http_client()?;
+    assert_eq!(post_webhook(&http, port, Some("wrong-secret"), b"{}".to_vec()).await?, 401);
+    for (name, times) in
+        [("telegram/ada_capital.json", 1), ("telegram/ada_tools.json", 1), ("telegram/chi_duplicate.json", 2)]
+    {
+        let body = fixture_bytes(name)?;
+        for _ in 0..times {
+            assert_eq!(post_webhook(&http, port, Some(crate::helpers::WEBHOOK_SECRET), body.clone()).await?, 200);
+        }
+        let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
+        let pool = db.pool.clone();
+        wait_until("the job to finish and its billing to apply", WAIT, || {
+            let pool = pool.clone();
+            async move {
+                let done: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE update_id = $1").bind(update_id).fetch_optional(&pool).await?;
+                let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_outbox o WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = o.event_id)")
+                    .fetch_one(&pool)
+                    .await?;
+                Ok(done.as_deref() == Some("done") && pending == 0)
+            }
+        })
+        .await?;
+    }
+    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await?.text().await?;
+    let ready = http.get(format!("http://127.0.0.1:{admin}/readyz")).send().await?.status();
+    assert_eq!(ready, 200, "the worker is ready while consuming");
+    let checks: &[(&str, Option<&str>)] = &[
+        ("fleet_updates_received_total", None),
+        ("fleet_updates_published_total", None),
+        ("fleet_updates_rejected_total", Some("bad_secret")),
+        ("fleet_updates_settled_total", Some("claimed")),
+        ("fleet_jobs_total", Some("answered")),
+        ("fleet_job_duration_seconds_count", None),
+        ("fleet_time_to_first_token_seconds_count", None),
+        ("fleet_claude_calls_total", Some("complete")),
+        ("fleet_claude_errors_total", Some("http_529")),
+        ("fleet_tokens_total", Some("output")),
+        ("fleet_call_cost_usd_sum", Some("user_charge")),
+        ("fleet_tool_calls_total", Some("calculator")),
+        ("fleet_telegram_calls_total", Some("sendMessage")),
+        ("fleet_telegram_flood_waits_total", None),
+        ("fleet_telegram_pacing_wait_seconds_count", None),
+        ("fleet_outbox_published_total", None),
+        ("fleet_billing_events_total", Some("applied")),
+    ];
+    let missing: Vec<&str> = checks.iter().filter(|(n, l)| value(&text, n, *l) <= 0.0).map(|(n, _)| *n).collect();
+    assert!(missing.is_empty(), "metrics without a value: {missing:?}\n{text}");
+    assert!(text.contains("fleet_leases_active"), "the lease gauge is exported");
+    assert_eq!(value(&text, "fleet_leases_active", None), 0.0, "no lease is left held");
+    worker_token.cancel();
+    let _ = worker.await;
+    stop("billing-worker", billing).await?;
+    stop("ingress", (ingress_token, ingress)).await?;
+    telegram.shutdown().await;
+    anthropic.shutdown().await;
+    broker.cleanup().await?;
+    db.cleanup().await
+}
