@@ -9,7 +9,7 @@ FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 fleet
 WORKDIR /app
-COPY --from=build /src/target/release/ingress /src/target/release/worker /src/target/release/billing-worker /src/target/release/fakes /usr/local/bin/
+COPY --from=build /src/target/release/ingress /src/target/release/worker /src/target/release/billing-worker /src/target/release/fakes /src/target/release/demo /usr/local/bin/
 COPY config/ /app/config/
 USER fleet
 ENV LOG_FORMAT=json
