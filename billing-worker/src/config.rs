@@ -31,7 +31,12 @@ pub struct Settings {
     pub admin_bind: std::net::SocketAddr,
     /// Backoff between ledger attempts, ms, one per retry step (5 steps);
     /// after the last step an event is dead-lettered.
-    #[arg(long, env = "BILLING_RETRY_DELAYS_MS", value_delimiter = ',', default_value = "1000,5000,30000,120000,600000")]
+    #[arg(
+        long,
+        env = "BILLING_RETRY_DELAYS_MS",
+        value_delimiter = ',',
+        default_value = "1000,5000,30000,120000,600000"
+    )]
     pub retry_delays_ms: Vec<u64>,
     /// Unacknowledged deliveries (AMQP prefetch).
     #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]

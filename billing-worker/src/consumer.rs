@@ -158,7 +158,8 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
             // Jitter (±20 %) spreads a burst of failures over time.
             let base = ctx.retry_delays_ms.get(n).copied().unwrap_or(1_000);
             let jitter = base / 5;
-            let spread = if jitter == 0 { 0 } else { u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 2 * jitter / 255 };
+            let spread =
+                if jitter == 0 { 0 } else { u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 2 * jitter / 255 };
             let delay = base - jitter + spread;
             republish_after(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1, Some(delay)).await
         }
@@ -180,17 +181,26 @@ async fn republish(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64
     republish_after(ctx, d, queue, attempt, None).await
 }
 
-async fn republish_after(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64, delay_ms: Option<u64>) -> Result<(), amqp::BrokerError> {
+async fn republish_after(
+    ctx: &BillingContext,
+    d: &Delivery,
+    queue: &str,
+    attempt: i64,
+    delay_ms: Option<u64>,
+) -> Result<(), amqp::BrokerError> {
     let id = d.properties.message_id().as_ref().map(|m| m.to_string());
     ctx.publisher
-        .publish_expiring(Outgoing {
-            exchange: "",
-            routing_key: queue,
-            body: &d.data,
-            message_id: id.as_deref(),
-            content_type: "application/json",
-            attempt: Some(attempt),
-        }, delay_ms)
+        .publish_expiring(
+            Outgoing {
+                exchange: "",
+                routing_key: queue,
+                body: &d.data,
+                message_id: id.as_deref(),
+                content_type: "application/json",
+                attempt: Some(attempt),
+            },
+            delay_ms,
+        )
         .await
 }
 

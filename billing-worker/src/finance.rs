@@ -35,10 +35,24 @@ pub async fn list_dead_letters(db: &PgPool) -> Result<String, sqlx::Error> {
 ///
 /// # Errors
 /// Database or broker errors; an event without a stored payload.
-pub async fn redrive(db: &PgPool, publisher: &ConfirmPublisher, topology: &Topology, event: Option<Uuid>) -> anyhow::Result<usize> {
+pub async fn redrive(
+    db: &PgPool,
+    publisher: &ConfirmPublisher,
+    topology: &Topology,
+    event: Option<Uuid>,
+) -> anyhow::Result<usize> {
     let rows: Vec<(Uuid, Option<Value>)> = match event {
-        Some(id) => sqlx::query_as("SELECT event_id, payload FROM billing_failures WHERE event_id = $1").bind(id).fetch_all(db).await?,
-        None => sqlx::query_as("SELECT event_id, payload FROM billing_failures WHERE resolved_at IS NULL").fetch_all(db).await?,
+        Some(id) => {
+            sqlx::query_as("SELECT event_id, payload FROM billing_failures WHERE event_id = $1")
+                .bind(id)
+                .fetch_all(db)
+                .await?
+        }
+        None => {
+            sqlx::query_as("SELECT event_id, payload FROM billing_failures WHERE resolved_at IS NULL")
+                .fetch_all(db)
+                .await?
+        }
     };
     if let (Some(id), true) = (event, rows.is_empty()) {
         anyhow::bail!("no billing failure with event id {id}");
@@ -95,7 +109,12 @@ impl Reconciliation {
 ///
 /// # Errors
 /// Database errors.
-pub async fn reconcile(bot: &PgPool, billing: &PgPool, from: chrono::NaiveDate, to: chrono::NaiveDate) -> Result<Reconciliation, sqlx::Error> {
+pub async fn reconcile(
+    bot: &PgPool,
+    billing: &PgPool,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> Result<Reconciliation, sqlx::Error> {
     let mut r = Reconciliation::default();
     let outbox: Vec<(Uuid, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT event_id, payload, created_at FROM billing_outbox WHERE created_at::date BETWEEN $1 AND $2",
@@ -147,7 +166,8 @@ pub async fn reconcile(bot: &PgPool, billing: &PgPool, from: chrono::NaiveDate, 
             r.invariant_failures.push(format!("{account}: balance {balance} but entries say {from_entries}"));
         }
     }
-    let negative: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE amount < 0").fetch_one(billing).await?;
+    let negative: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE amount < 0").fetch_one(billing).await?;
     if negative > 0 {
         r.invariant_failures.push(format!("{negative} ledger entries with a negative amount"));
     }
@@ -155,7 +175,8 @@ pub async fn reconcile(bot: &PgPool, billing: &PgPool, from: chrono::NaiveDate, 
 }
 
 fn amounts(payload: &Value) -> Vec<(&'static str, Decimal)> {
-    let get = |k: &str| payload.get(k).and_then(Value::as_str).and_then(|s| s.parse::<Decimal>().ok()).unwrap_or_default();
+    let get =
+        |k: &str| payload.get(k).and_then(Value::as_str).and_then(|s| s.parse::<Decimal>().ok()).unwrap_or_default();
     match payload.get("type").and_then(Value::as_str) {
         Some("usage_charge.v1") => vec![("provider_cost", get("provider_cost")), ("user_charge", get("user_charge"))],
         Some("tool_charge.v1") => vec![("tool_charge", get("user_charge"))],
@@ -189,9 +210,11 @@ pub fn render(r: &Reconciliation, format: &str) -> String {
             out
         }
         _ => {
-            let mut out = format!("{:<48} {:>14} {:>14} {:>12}\n", "day model class", "outbox USD", "ledger USD", "variance");
+            let mut out =
+                format!("{:<48} {:>14} {:>14} {:>12}\n", "day model class", "outbox USD", "ledger USD", "variance");
             for (k, (a, b)) in &r.totals {
-                let _ = writeln!(out, "{k:<48} {:>14} {:>14} {:>12}", a.normalize(), b.normalize(), (a - b).normalize());
+                let _ =
+                    writeln!(out, "{k:<48} {:>14} {:>14} {:>12}", a.normalize(), b.normalize(), (a - b).normalize());
             }
             for m in &r.missing_in_ledger {
                 let _ = writeln!(out, "missing in ledger: {m}");
@@ -218,7 +241,10 @@ type ChargeRow = (String, String, Decimal, Option<i64>, Option<Uuid>);
 /// # Errors
 /// Database errors; an unknown event.
 pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
-    let payload: Option<Value> = sqlx::query_scalar("SELECT payload FROM applied_events WHERE event_id = $1").bind(event).fetch_optional(db).await?;
+    let payload: Option<Value> = sqlx::query_scalar("SELECT payload FROM applied_events WHERE event_id = $1")
+        .bind(event)
+        .fetch_optional(db)
+        .await?;
     let Some(payload) = payload else { anyhow::bail!("no applied event {event}") };
     let entries: Vec<EntryRow> = sqlx::query_as(
         "SELECT entry_id, kind, debit_account, credit_account, amount, estimated, memo FROM ledger_entries WHERE event_id = $1 ORDER BY leg",
@@ -229,7 +255,12 @@ pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
     let mut out = format!("{}\n{}\n", drill_down(event, &payload), serde_json::to_string_pretty(&payload)?);
     for (id, kind, debit, credit, amount, estimated, memo) in entries {
         let est = if estimated { " (estimated)" } else { "" };
-        let _ = writeln!(out, "entry {id}: {kind} {} USD {debit} → {credit}{est} {}", amount.normalize(), memo.unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "entry {id}: {kind} {} USD {debit} → {credit}{est} {}",
+            amount.normalize(),
+            memo.unwrap_or_default()
+        );
     }
     Ok(out)
 }
@@ -253,13 +284,20 @@ pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<St
     let amount: Decimal = rows.iter().map(|r| r.2).sum();
     let refund_id = Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, format!("refund:{event}").as_bytes());
     let postings = [Posting { debit: "system:revenue".into(), credit: account, amount, kind: "refund" }];
-    let meta = ledger::EntryMeta { user_id: user, job_id: job, memo: Some(format!("refund of {event}: {reason}")), ..Default::default() };
+    let meta = ledger::EntryMeta {
+        user_id: user,
+        job_id: job,
+        memo: Some(format!("refund of {event}: {reason}")),
+        ..Default::default()
+    };
     let payload = json!({ "type": "refund.v1", "refunds": event, "reason": reason, "amount": amount.to_string() });
     let mut tx = db.begin().await?;
     let applied = ledger::apply_postings(&mut tx, refund_id, "refund.v1", &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(match applied {
-        ledger::Applied::Applied => format!("refunded {} USD of {event} (refund event {refund_id})", amount.normalize()),
+        ledger::Applied::Applied => {
+            format!("refunded {} USD of {event} (refund event {refund_id})", amount.normalize())
+        }
         ledger::Applied::Duplicate => format!("already refunded: {event} (refund event {refund_id})"),
     })
 }

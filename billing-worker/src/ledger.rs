@@ -34,7 +34,8 @@ impl LedgerError {
             // accepting connections, and the classes connection exception
             // (08), insufficient resources (53), operator intervention (57).
             Self::Db(sqlx::Error::Database(e)) => e.code().is_some_and(|c| {
-                matches!(c.as_ref(), "40001" | "40P01" | "55P03" | "55000") || ["08", "53", "57"].iter().any(|class| c.starts_with(class))
+                matches!(c.as_ref(), "40001" | "40P01" | "55P03" | "55000")
+                    || ["08", "53", "57"].iter().any(|class| c.starts_with(class))
             }),
             Self::Db(_) => true,
         }
@@ -125,7 +126,9 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
                 ..Default::default()
             },
         ),
-        BillingEvent::HoldRelease(c) => (Vec::new(), EntryMeta { user_id: Some(c.user_id), job_id: Some(c.job_id), ..Default::default() }),
+        BillingEvent::HoldRelease(c) => {
+            (Vec::new(), EntryMeta { user_id: Some(c.user_id), job_id: Some(c.job_id), ..Default::default() })
+        }
         BillingEvent::ToolCharge(c) => (
             vec![Posting {
                 debit: user_account(c.user_id),
@@ -222,10 +225,12 @@ pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, L
     let applied = apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         if let BillingEvent::HoldRelease(r) = event {
-            sqlx::query("UPDATE holds SET status = 'settled', updated_at = now() WHERE job_id = $1 AND status = 'active'")
-                .bind(r.job_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE holds SET status = 'settled', updated_at = now() WHERE job_id = $1 AND status = 'active'",
+            )
+            .bind(r.job_id)
+            .execute(&mut *tx)
+            .await?;
         }
         // A redriven event that now applies closes its failure record.
         sqlx::query("UPDATE billing_failures SET resolved_at = now(), updated_at = now() WHERE event_id = $1 AND resolved_at IS NULL")
@@ -243,9 +248,11 @@ pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, L
 /// # Errors
 /// Database errors.
 pub async fn sweep_expired_holds(db: &PgPool) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query("UPDATE holds SET status = 'voided', updated_at = now() WHERE status = 'active' AND expires_at < now()")
-        .execute(db)
-        .await?;
+    let r = sqlx::query(
+        "UPDATE holds SET status = 'voided', updated_at = now() WHERE status = 'active' AND expires_at < now()",
+    )
+    .execute(db)
+    .await?;
     Ok(r.rows_affected())
 }
 

@@ -7,8 +7,8 @@
 //! 3. unacked deliveries return to the queue when the channel closes.
 
 use crate::config::{Command, DeadLetterAction, Settings};
-use crate::finance;
 use crate::consumer::{self, BillingContext};
+use crate::finance;
 use crate::ledger::{self, Applied};
 use anyhow::Context;
 use rust_decimal::Decimal;
@@ -52,7 +52,8 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 if event.is_none() && !all {
                     anyhow::bail!("say --event ID or --all");
                 }
-                let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "billing-redrive", Duration::from_secs(5));
+                let publisher =
+                    ConfirmPublisher::new(&settings.broker.amqp_url, "billing-redrive", Duration::from_secs(5));
                 let topology = Topology::new(settings.broker.amqp_prefix.clone());
                 let ch = publisher.ensure_connected().await?;
                 topology.declare(&ch).await?;
@@ -63,7 +64,8 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
         Command::Reconcile { bot_database_url, from, to, format } => {
             let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
             let today = chrono::Utc::now().date_naive();
-            let r = finance::reconcile(&bot, &db, from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today)).await?;
+            let r = finance::reconcile(&bot, &db, from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today))
+                .await?;
             report(&finance::render(&r, &format));
             if !r.clean() {
                 std::process::exit(1);
@@ -95,14 +97,20 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 telegram: if settings.bot_token.is_empty() {
                     None
                 } else {
-                    shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(10)).ok()
+                    shared::telegram::BotApi::new(
+                        &settings.telegram_api_url,
+                        settings.bot_token.clone(),
+                        Duration::from_secs(10),
+                    )
+                    .ok()
                 },
             };
             let admin_listener = tokio::net::TcpListener::bind(settings.admin_bind)
                 .await
                 .with_context(|| format!("ADMIN_BIND: cannot bind {}", settings.admin_bind))?;
             let _ = shared::admin::metrics_handle();
-            let readiness = shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
+            let readiness =
+                shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
             let admin = shared::admin::serve(admin_listener, readiness, shutdown.clone());
             tracing::info!("billing-worker running");
             let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));

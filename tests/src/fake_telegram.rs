@@ -9,7 +9,7 @@
 //!   the Bot API's error answer.
 //! - `text` (private): checks of text, `parse_mode` and `entities`.
 //! - `server` (private): the HTTP handler: routing, faults, long polls,
-//!   the call log.
+//!   the call log, file downloads.
 //! - `bot` (private): the bot's state and the methods that change it.
 //!
 //! Text sent with a `parse_mode` is kept and measured verbatim: the fake does
@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::Value;
@@ -190,6 +191,7 @@ impl FakeTelegram {
             shutdown: CancellationToken::new(),
         });
         let app = Router::new()
+            .route("/file/{*file_path}", get(server::download))
             .fallback(server::handle)
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
             .with_state(Arc::clone(&shared));
@@ -235,6 +237,13 @@ impl FakeTelegram {
     pub fn push_update(&self, update: Value) {
         self.shared.lock().push_update(update);
         self.shared.notify();
+    }
+
+    /// Registers `bytes` as the file `file_id` (what `getFile` describes,
+    /// with its `file_size`, and `GET /file/bot{TOKEN}/{file_path}` serves);
+    /// gives its `file_path` (`documents/file_<n>`).
+    pub fn add_file(&self, file_id: &str, bytes: impl Into<bytes::Bytes>) -> String {
+        self.shared.lock().add_file(file_id, bytes.into())
     }
 
     /// Every call so far, in the order answered.

@@ -1,6 +1,11 @@
 //! Starting the fleet as separate processes (ingress, worker, billing-worker)
-//! against a fresh pair of databases and a fresh broker prefix, for the demo
-//! and the chaos run. The fakes run in-process beside it.
+//! against a fresh pair of databases and a fresh broker prefix, for the demo,
+//! the lifecycle tests and the chaos run. The fakes run in-process beside it.
+//!
+//! Processes are named `ingress`, `worker-<i>` (also its `WORKER_ID`, so the
+//! name is what `jobs.lease_owner` says) and `billing-worker`; a [`Fleet`]
+//! can signal one by name ([`Fleet::signal`]), wait for it to exit and read
+//! or wait on its log.
 
 use anyhow::{bail, Context};
 use shared::amqp::Topology;
@@ -130,7 +135,40 @@ pub struct FleetConfig {
 pub struct Fleet {
     /// Port of the ingress.
     pub ingress_port: u16,
+    /// Processes by name, in start order.
     children: Vec<(String, Child)>,
+    /// Where each process writes `<name>.log`.
+    log_dir: PathBuf,
+}
+
+/// The name (and `WORKER_ID`) of the `i`-th worker process.
+pub fn worker_name(i: usize) -> String {
+    format!("worker-{i}")
+}
+
+/// A signal for [`Fleet::signal`], sent with the `kill` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGKILL: dies at once, no clean-up (a crash).
+    Kill,
+    /// SIGSTOP: frozen until SIGCONT (a long GC pause, a hung host).
+    Stop,
+    /// SIGCONT: resumes a stopped process.
+    Cont,
+    /// SIGTERM: graceful shutdown.
+    Term,
+}
+
+impl Signal {
+    /// The name `kill -s` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "KILL",
+            Self::Stop => "STOP",
+            Self::Cont => "CONT",
+            Self::Term => "TERM",
+        }
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -163,6 +201,7 @@ impl Fleet {
         for i in 0..cfg.workers {
             let mut w = Command::new(cfg.bin_dir.join("worker"));
             common(&mut w);
+            let name = worker_name(i);
             w.env("DATABASE_URL", &cfg.bot_db_url)
                 .env("BILLING_DATABASE_URL", &cfg.billing_db_url)
                 .env("TELEGRAM_BOT_TOKEN", &cfg.bot_token)
@@ -170,17 +209,20 @@ impl Fleet {
                 .env("ANTHROPIC_API_KEY", "demo-key")
                 .env("ANTHROPIC_BASE_URL", &cfg.anthropic_base_url)
                 .env("PRICES_FILE", &cfg.prices_file)
-                .env("WORKER_ID", format!("worker-{i}"));
+                .env("WORKER_ID", &name)
+                // Each worker's admin listener on a port of its own (several share the host).
+                .env("ADMIN_BIND", "127.0.0.1:0");
             for (k, v) in &cfg.worker_env {
                 w.env(k, v);
             }
-            children.push((format!("worker-{i}"), spawn(&mut w, &cfg.log_dir.join(format!("worker-{i}.log")))?));
+            let log = cfg.log_dir.join(format!("{name}.log"));
+            children.push((name, spawn(&mut w, &log)?));
         }
         let mut b = Command::new(cfg.bin_dir.join("billing-worker"));
         common(&mut b);
-        b.env("BILLING_DATABASE_URL", &cfg.billing_db_url);
+        b.env("BILLING_DATABASE_URL", &cfg.billing_db_url).env("ADMIN_BIND", "127.0.0.1:0");
         children.push(("billing-worker".to_owned(), spawn(&mut b, &cfg.log_dir.join("billing-worker.log"))?));
-        let fleet = Self { ingress_port, children };
+        let fleet = Self { ingress_port, children, log_dir: cfg.log_dir.clone() };
         fleet.wait_ready().await?;
         Ok(fleet)
     }
@@ -207,11 +249,13 @@ impl Fleet {
         format!("http://127.0.0.1:{}/telegram/webhook", self.ingress_port)
     }
 
-    /// Sends SIGTERM to every process and waits up to 10 s each, then kills.
+    /// Sends SIGTERM (and SIGCONT, for a stopped process) to every process
+    /// and waits up to 10 s each, then kills.
     pub async fn stop(mut self) {
         for (_, child) in &mut self.children {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+                let _ = Command::new("kill").arg("-CONT").arg(pid.to_string()).status().await;
             }
         }
         for (name, child) in &mut self.children {
@@ -225,6 +269,80 @@ impl Fleet {
     /// Names of processes that exited already (crashed).
     pub fn exited(&mut self) -> Vec<String> {
         self.children.iter_mut().filter_map(|(n, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| n.clone())).collect()
+    }
+
+    /// Names of the processes, in start order.
+    pub fn names(&self) -> Vec<String> {
+        self.children.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    fn child(&self, name: &str) -> anyhow::Result<&Child> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c).with_context(|| format!("no process {name}"))
+    }
+
+    /// The pid of process `name`, while it has not been reaped.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.child(name).ok().and_then(Child::id)
+    }
+
+    /// Sends `signal` to process `name`.
+    ///
+    /// # Errors
+    /// An unknown or already reaped process, or `kill` failing.
+    pub async fn signal(&self, name: &str, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid(name).with_context(|| format!("{name} has exited"))?;
+        let status = Command::new("kill")
+            .args(["-s", signal.name(), &pid.to_string()])
+            .status()
+            .await
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -s {} {pid} ({name}) failed: {status}", signal.name());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for process `name` to exit; its exit status.
+    ///
+    /// # Errors
+    /// An unknown process, or one still running after `timeout`.
+    pub async fn wait_exit(&mut self, name: &str, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .with_context(|| format!("no process {name}"))?;
+        tokio::time::timeout(timeout, child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} still runs after {timeout:?}"))?
+            .with_context(|| format!("waiting for {name}"))
+    }
+
+    /// The log file of process `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
+    }
+
+    /// The log of process `name` so far (empty when there is none).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read(self.log_path(name)).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Waits until the log of process `name` has a line containing every
+    /// one of `needles`; `false` after `timeout`. Polls the file every 50 ms
+    /// (a log has no event to wait on).
+    pub async fn wait_for_log(&self, name: &str, needles: &[&str], timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.log(name).lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -30,7 +30,8 @@ pub fn hold_amount(ctx: &WorkerContext, request: &Value) -> Decimal {
     let output_tokens = Decimal::from(ctx.settings.max_tokens);
     let calls = Decimal::from(1 + ctx.settings.max_continuations);
     let per_call = (input_tokens * row.input + output_tokens * row.output) / Decimal::from(1_000_000);
-    let tools = ctx.prices.tools.values().copied().max().unwrap_or_default() * Decimal::from(ctx.settings.max_tool_rounds);
+    let tools =
+        ctx.prices.tools.values().copied().max().unwrap_or_default() * Decimal::from(ctx.settings.max_tool_rounds);
     (per_call * calls * ctx.prices.markup + tools).round_dp(6)
 }
 
@@ -58,7 +59,8 @@ pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result
         tracing::info!(%available, hold = %amount, "balance does not cover the hold");
         return Ok(false);
     }
-    let lifetime = Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
+    let lifetime =
+        Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
     sqlx::query(
         "INSERT INTO holds (job_id, user_id, amount, status, expires_at) VALUES ($1, $2, $3, 'active', now() + make_interval(secs => $4))
          ON CONFLICT (job_id) DO UPDATE SET amount = EXCLUDED.amount, status = 'active', expires_at = EXCLUDED.expires_at, updated_at = now()",
@@ -75,10 +77,11 @@ pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result
 
 /// Voids the job's hold (failure, hand-back); harmless when there is none.
 pub async fn void(ctx: &WorkerContext, job_id: Uuid) {
-    let r = sqlx::query("UPDATE holds SET status = 'voided', updated_at = now() WHERE job_id = $1 AND status = 'active'")
-        .bind(job_id)
-        .execute(&ctx.billing_db)
-        .await;
+    let r =
+        sqlx::query("UPDATE holds SET status = 'voided', updated_at = now() WHERE job_id = $1 AND status = 'active'")
+            .bind(job_id)
+            .execute(&ctx.billing_db)
+            .await;
     if let Err(e) = r {
         // The billing-worker's sweeper voids it when it expires.
         tracing::warn!(error.message = %e, "could not void the hold");

@@ -106,17 +106,19 @@ pub enum Action {
     },
 }
 
-/// What an update asks of us, decided before the transaction.
+/// What an update asks of us, decided before the transaction (a document is
+/// downloaded, or refused, at this point).
 enum Plan {
     Ignore(String),
     Stop(i64, Option<String>),
     Act(Action),
     Payment { msg: Message, payment: SuccessfulPayment },
     Job { msg: Message, kind: &'static str, content: Value },
+    Document { msg: Message, fetched: crate::documents::Fetched },
     Membership(ChatMemberUpdated),
 }
 
-async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeError> {
+async fn plan(ctx: &WorkerContext, update_id: i64, incoming: Incoming) -> Result<Plan, IntakeError> {
     let msg = match incoming {
         Incoming::Ignored { kind } => return Ok(Plan::Ignore(kind)),
         Incoming::MyChatMember(m) => return Ok(Plan::Membership(m)),
@@ -143,9 +145,9 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     if from.is_bot {
         return Ok(Plan::Ignore("message from a bot".into()));
     }
-    let Some(text) = msg.text.clone() else {
+    if msg.text.is_none() && msg.document.is_none() {
         return Ok(Plan::Ignore("message without text".into()));
-    };
+    }
     if !msg.is_private() {
         let me = ctx.bot_username().await?;
         let replied_to_me = msg
@@ -158,6 +160,17 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             return Ok(Plan::Ignore("group message not addressed to the bot".into()));
         }
     }
+    if let Some(doc) = msg.document.clone() {
+        if crate::documents::seen(ctx, update_id).await? {
+            // A redelivery: the transaction resumes its job; no second download.
+            return Ok(Plan::Ignore("document seen before".into()));
+        }
+        let fetched = crate::documents::fetch(ctx, &doc).await?;
+        return Ok(Plan::Document { msg, fetched });
+    }
+    let Some(text) = msg.text.clone() else {
+        return Ok(Plan::Ignore("message without text".into()));
+    };
     if let Some(command) = msg.command() {
         if command == "stop" {
             return Ok(Plan::Stop(msg.chat.id, None));
@@ -178,15 +191,17 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
 pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, IntakeError> {
     let (update_id, incoming) = Incoming::parse(body)?;
     let info = shared::telegram::RoutingInfo::from_bytes(body)?;
-    let plan = plan(ctx, incoming).await?;
+    let plan = plan(ctx, update_id, incoming).await?;
     let outcome_label = match &plan {
         Plan::Ignore(_) => "ignored",
         Plan::Stop(..) => "stop",
         Plan::Act(_) => "action",
         Plan::Payment { .. } => "payment",
         Plan::Membership(_) => "membership",
-        Plan::Job { .. } => "job",
+        Plan::Job { .. } | Plan::Document { fetched: crate::documents::Fetched::Ready(_), .. } => "job",
+        Plan::Document { .. } => "document_refused",
     };
+    let mut notice = None;
     let mut tx = ctx.db.begin().await?;
     let inserted: bool = sqlx::query_scalar(
         "INSERT INTO processed_updates (update_id, kind, chat_id, outcome) VALUES ($1, $2, $3, $4)
@@ -242,32 +257,68 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             IntakeOutcome::Ignored(format!("membership changed to {}", m.new_chat_member.status))
         }
         Plan::Job { msg, kind, content } => {
-            let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
-            upsert_user(&mut tx, from).await?;
-            sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, $2) ON CONFLICT (chat_id) DO NOTHING")
-                .bind(msg.chat.id)
-                .bind(&msg.chat.kind)
-                .execute(&mut *tx)
-                .await?;
-            let job_id = Uuid::now_v7();
-            sqlx::query(
-                "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
-            )
-            .bind(job_id)
-            .bind(msg.chat.id)
-            .bind(from.id)
-            .bind(update_id)
-            .bind(kind)
-            .bind(&content)
-            .bind(msg.message_id)
-            .execute(&mut *tx)
-            .await?;
-            IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id: from.id, update_id })
+            let from = upsert_sender(&mut tx, &msg).await?;
+            create_job(&mut tx, &msg, from.id, update_id, kind, &content).await?
+        }
+        Plan::Document { msg, fetched: crate::documents::Fetched::Ready(doc) } => {
+            let from = upsert_sender(&mut tx, &msg).await?;
+            let id = crate::documents::store(&mut tx, from.id, msg.chat.id, &doc).await?;
+            let text = crate::documents::user_turn(id, &doc, msg.caption.as_deref());
+            let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
+            let content = json!([{ "type": "text", "text": text }]);
+            create_job(&mut tx, &msg, from.id, update_id, "chat", &content).await?
+        }
+        Plan::Document { msg, fetched: crate::documents::Fetched::Rejected(why) } => {
+            notice = Some((msg.chat.id, why));
+            IntakeOutcome::Ignored("document refused".into())
         }
     };
     tx.commit().await?;
+    if let Some((chat_id, why)) = notice {
+        crate::documents::notify(ctx, chat_id, &why).await;
+    }
     Ok(outcome)
+}
+
+/// Upserts the sender and the chat of `msg`; the sender.
+async fn upsert_sender<'m>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    msg: &'m Message,
+) -> Result<&'m shared::telegram::update::User, IntakeError> {
+    let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
+    upsert_user(tx, from).await?;
+    sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, $2) ON CONFLICT (chat_id) DO NOTHING")
+        .bind(msg.chat.id)
+        .bind(&msg.chat.kind)
+        .execute(&mut **tx)
+        .await?;
+    Ok(from)
+}
+
+/// Creates a queued job for `msg` (its sender and chat upserted before).
+async fn create_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    msg: &Message,
+    user_id: i64,
+    update_id: i64,
+    kind: &'static str,
+    content: &Value,
+) -> Result<IntakeOutcome, IntakeError> {
+    let job_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
+    )
+    .bind(job_id)
+    .bind(msg.chat.id)
+    .bind(user_id)
+    .bind(update_id)
+    .bind(kind)
+    .bind(content)
+    .bind(msg.message_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id, update_id }))
 }
 
 fn callback_plan(ctx: &WorkerContext, q: CallbackQuery) -> Plan {

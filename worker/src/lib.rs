@@ -17,6 +17,7 @@
 //! - [`payments`]: Telegram Stars packs, invoices and their checks.
 //! - [`chats`]: moving a chat when a group becomes a supergroup.
 //! - [`delivery`]: sending text to Telegram (entities, split, paced, 403 handled).
+//! - [`documents`]: files users send: downloaded at intake (capped), their text stored for `read_file`.
 //! - [`pacer`]: the fleet-wide pacer of Bot API calls (PostgreSQL).
 //! - [`progress`]: drafts or an edited message while the answer streams.
 //! - [`outbox`]: the billing outbox relay.
@@ -32,6 +33,7 @@ pub mod consumer;
 pub mod context;
 pub mod control;
 pub mod delivery;
+pub mod documents;
 pub mod holds;
 pub mod intake;
 pub mod job;

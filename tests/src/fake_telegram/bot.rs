@@ -13,6 +13,9 @@ use super::{Fault, TgCall, TgMessage};
 /// The bot's user id, as `getMe` and `from` report it.
 pub(super) const BOT_ID: i64 = 7_000_000_001;
 
+/// The largest file `getFile` lets a bot download (the Bot API's 20 MB).
+const MAX_DOWNLOAD_BYTES: usize = 20 * 1024 * 1024;
+
 /// Chat actions `sendChatAction` accepts.
 const CHAT_ACTIONS: &[&str] = &[
     "typing",
@@ -98,6 +101,8 @@ pub(super) struct BotState {
     webhook_url: Option<String>,
     /// `file_id` → number used in its `file_path`.
     files: HashMap<String, usize>,
+    /// `file_path` → the bytes served at `/file/bot{TOKEN}/{file_path}`.
+    file_bytes: HashMap<String, bytes::Bytes>,
 }
 
 impl BotState {
@@ -113,7 +118,25 @@ impl BotState {
             faults: Vec::new(),
             webhook_url: None,
             files: HashMap::new(),
+            file_bytes: HashMap::new(),
         }
+    }
+
+    /// Registers `bytes` as the content of `file_id`; gives its `file_path`.
+    pub(super) fn add_file(&mut self, file_id: &str, bytes: bytes::Bytes) -> String {
+        let path = format!("documents/file_{}", self.file_number(file_id));
+        self.file_bytes.insert(path.clone(), bytes);
+        path
+    }
+
+    /// The bytes registered at `file_path`.
+    pub(super) fn file(&self, file_path: &str) -> Option<bytes::Bytes> {
+        self.file_bytes.get(file_path).cloned()
+    }
+
+    fn file_number(&mut self, file_id: &str) -> usize {
+        let next = self.files.len() + 1;
+        *self.files.entry(file_id.to_owned()).or_insert(next)
     }
 
     pub(super) fn add_fault(&mut self, fault: Fault) {
@@ -378,13 +401,17 @@ impl BotState {
             .string("file_id")
             .filter(|id| !id.is_empty())
             .ok_or_else(|| ApiError::bad_request("file_id is empty"))?;
-        let next = self.files.len() + 1;
-        let number = *self.files.entry(file_id.clone()).or_insert(next);
-        Ok(json!({
-            "file_id": file_id,
-            "file_unique_id": format!("unique_{number}"),
-            "file_path": format!("documents/file_{number}"),
-        }))
+        let number = self.file_number(&file_id);
+        let path = format!("documents/file_{number}");
+        let mut file = json!({ "file_id": file_id, "file_unique_id": format!("unique_{number}") });
+        if let Some(bytes) = self.file_bytes.get(&path) {
+            if bytes.len() > MAX_DOWNLOAD_BYTES {
+                return Err(ApiError::bad_request("file is too big"));
+            }
+            file["file_size"] = json!(bytes.len());
+        }
+        file["file_path"] = json!(path);
+        Ok(file)
     }
 
     /// The Bot API `Message` object of a stored message.

@@ -1,6 +1,7 @@
 //! The HTTP side of the fake Bot API: parses `/bot{TOKEN}/{method}`
 //! requests, applies faults, runs the method (long-polling for
-//! `getUpdates`) and logs the call.
+//! `getUpdates`) and logs the call; serves registered files at
+//! `/file/bot{TOKEN}/{file_path}` (logged as `downloadFile`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +48,41 @@ struct Request {
     token: String,
     method: String,
     params: Result<Params, ApiError>,
+}
+
+/// `GET /file/bot{TOKEN}/{file_path}`: the bytes registered with
+/// [`FakeTelegram::add_file`](super::FakeTelegram::add_file), or 404.
+pub(super) async fn download(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
+    let at = Instant::now();
+    let Some((token, file_path)) = uri.path().strip_prefix("/file/bot").and_then(|p| p.split_once('/')) else {
+        return respond(404, ApiError::new(404, "Not Found").to_json());
+    };
+    let request = Request {
+        at,
+        token: token.to_owned(),
+        method: "downloadFile".to_owned(),
+        params: Params::parse(None, Some("application/json"), json!({ "file_path": file_path }).to_string().as_bytes()),
+    };
+    let (status, body) = {
+        let mut bot = shared.lock();
+        let found = if valid_token(token) { bot.file(file_path) } else { None };
+        match found {
+            Some(bytes) => {
+                let size = bytes.len();
+                record(&mut bot, &request, Ok(json!({ "bytes": size }).into()));
+                (200, Ok(bytes))
+            }
+            None => {
+                let (status, body) = record(&mut bot, &request, Err(ApiError::new(404, "Not Found")));
+                (status, Err(body))
+            }
+        }
+    };
+    shared.notify();
+    match body {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(json) => respond(status, json),
+    }
 }
 
 /// Answers every request: faults first, then the method.

@@ -264,3 +264,24 @@ fn faults_deserialize_from_a_scenario_table() {
     assert!(fault.matches("editmessagetext"));
     assert!(!fault.matches("sendMessage"));
 }
+
+#[tokio::test]
+async fn a_registered_file_is_described_by_get_file_and_served_at_its_path() {
+    let fake = start().await;
+    let path = fake.add_file("BQADoc", b"hello file".to_vec());
+    assert_eq!(path, "documents/file_1");
+    let (_, file) = call(&fake, "getFile", json!({ "file_id": "BQADoc" })).await;
+    assert_eq!(file["result"]["file_path"], "documents/file_1");
+    assert_eq!(file["result"]["file_size"], 10);
+    let http = reqwest::Client::new();
+    let got = http.get(format!("{}/file/bot{TOKEN}/{path}", fake.api_url())).timeout(WAIT).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"hello file");
+    let missing = http.get(format!("{}/file/bot{TOKEN}/documents/file_9", fake.api_url())).timeout(WAIT).send();
+    assert_eq!(missing.await.unwrap().status(), 404);
+    let bad_token = http.get(format!("{}/file/botnope/{path}", fake.api_url())).timeout(WAIT).send();
+    assert_eq!(bad_token.await.unwrap().status(), 404);
+    let downloads: Vec<_> = fake.calls().into_iter().filter(|c| c.method == "downloadFile").collect();
+    assert_eq!(downloads.iter().map(|c| c.status).collect::<Vec<_>>(), [200, 404, 404]);
+    assert_eq!(downloads[0].params["file_path"], "documents/file_1");
+}

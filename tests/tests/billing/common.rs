@@ -21,7 +21,15 @@ pub struct BillingWorker {
 impl BillingWorker {
     /// Starts one with `extra` flags (e.g. `--retry-delays-ms 50,50,50,50,50`).
     pub fn start(broker: &Broker, db_url: &str, extra: &[&str]) -> Result<Self> {
-        let mut args = vec!["billing-worker", "--billing-database-url", db_url, "--database-max-connections", "8", "--admin-bind", "127.0.0.1:0"];
+        let mut args = vec![
+            "billing-worker",
+            "--billing-database-url",
+            db_url,
+            "--database-max-connections",
+            "8",
+            "--admin-bind",
+            "127.0.0.1:0",
+        ];
         args.extend(["--amqp-url", &broker.url, "--amqp-prefix", broker.prefix()]);
         args.extend(extra);
         args.push("run");

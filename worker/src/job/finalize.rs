@@ -143,12 +143,15 @@ pub async fn finalize(
             ("cache_read", tokens.cache_read),
             ("web_search", tokens.web_search_requests),
         ] {
-            metrics::counter!("fleet_tokens_total", "model" => price.price_model.clone(), "class" => class).increment(n);
+            metrics::counter!("fleet_tokens_total", "model" => price.price_model.clone(), "class" => class)
+                .increment(n);
         }
         let usd = |d: rust_decimal::Decimal| d.to_string().parse::<f64>().unwrap_or(0.0);
         // USD per call: the histograms' `_sum` is the total by model and kind.
-        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "provider_cost").record(usd(price.provider_cost.0));
-        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "user_charge").record(usd(price.user_charge.0));
+        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "provider_cost")
+            .record(usd(price.provider_cost.0));
+        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "user_charge")
+            .record(usd(price.user_charge.0));
         let event = BillingEvent::UsageCharge(UsageCharge {
             event_id: usage_event_id(job.job_id, call.seq),
             job_id: job.job_id,
@@ -175,13 +178,19 @@ pub async fn finalize(
             .await?;
     }
     // After the charges, in the same transaction: settles the job's hold.
-    let release = BillingEvent::HoldRelease(HoldRelease { event_id: hold_release_event_id(job.job_id), job_id: job.job_id, user_id: job.user_id });
-    sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
-        .bind(release.event_id())
-        .bind(job.job_id)
-        .bind(serde_json::to_value(&release).map_err(|e| JobError::Invalid(e.to_string()))?)
-        .execute(&mut *tx)
-        .await?;
+    let release = BillingEvent::HoldRelease(HoldRelease {
+        event_id: hold_release_event_id(job.job_id),
+        job_id: job.job_id,
+        user_id: job.user_id,
+    });
+    sqlx::query(
+        "INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(release.event_id())
+    .bind(job.job_id)
+    .bind(serde_json::to_value(&release).map_err(|e| JobError::Invalid(e.to_string()))?)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     ctx.outbox_notify.notify_one();
     Ok(())

@@ -249,7 +249,8 @@ async fn generate(
                 }
                 for o in &outcomes {
                     let outcome = if o.is_error { "error" } else { "ok" };
-                    metrics::counter!("fleet_tool_calls_total", "tool" => o.name.clone(), "outcome" => outcome).increment(1);
+                    metrics::counter!("fleet_tool_calls_total", "tool" => o.name.clone(), "outcome" => outcome)
+                        .increment(1);
                 }
                 answer
                     .tool_charges

@@ -84,7 +84,11 @@ pub async fn stream_reply(
         };
         metrics::counter!("fleet_claude_calls_total", "end" => end).increment(1);
         if let Some(e) = &record.state.error {
-            let kind = if restartable(&e.kind) || e.kind == "invalid_request_error" { e.kind.clone() } else { "other".to_owned() };
+            let kind = if restartable(&e.kind) || e.kind == "invalid_request_error" {
+                e.kind.clone()
+            } else {
+                "other".to_owned()
+            };
             metrics::counter!("fleet_claude_errors_total", "type" => kind).increment(1);
         }
         calls.push(record.clone());
@@ -193,7 +197,8 @@ async fn stream_once(
                 Applied::Text => {
                     if !first_token_seen {
                         first_token_seen = true;
-                        metrics::histogram!("fleet_time_to_first_token_seconds").record(call_started.elapsed().as_secs_f64());
+                        metrics::histogram!("fleet_time_to_first_token_seconds")
+                            .record(call_started.elapsed().as_secs_f64());
                     }
                     progress.update(format!("{shown_before}{}", record.state.text()))
                 }

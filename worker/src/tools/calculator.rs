@@ -19,7 +19,10 @@ pub fn evaluate(expression: &str) -> Result<String, String> {
     let parsed = exmex::parse::<f64>(expr).map_err(|e| format!("cannot evaluate the expression: {e}"))?;
     use exmex::Express as _;
     if !parsed.var_names().is_empty() {
-        return Err(format!("the expression uses unknown names {:?}; only numbers and functions are allowed", parsed.var_names()));
+        return Err(format!(
+            "the expression uses unknown names {:?}; only numbers and functions are allowed",
+            parsed.var_names()
+        ));
     }
     let value = parsed.eval(&[]).map_err(|e| format!("cannot evaluate the expression: {e}"))?;
     if !value.is_finite() {

@@ -7,22 +7,24 @@
 //! A successful call of a priced tool writes its billing event to the outbox
 //! in the same transaction as its result (P7). A `tool_use` id already
 //! recorded for the job is not run again (unique `(job_id, tool_use_id)`).
+//!
+//! # Layout
+//! - this file: the declarations ([`builtin`]), the [`Registry`] and [`ToolOutcome`].
+//! - `run`: [`run_tools`], a transaction, a timeout and cancellation per call.
+//! - `calculator`, `clock`, `notes`, `files`: the tools themselves.
 
 mod calculator;
 mod clock;
+mod files;
 mod notes;
+mod run;
 
 pub use calculator::evaluate;
+pub use files::MAX_READ_CHARS;
+pub use run::{run_tools, ToolUse};
 
-use crate::context::WorkerContext;
-use crate::job::{JobError, JobRow};
-use crate::lease::Lease;
-use chrono::Utc;
 use serde_json::{json, Value};
-use shared::contracts::{tool_event_id, BillingEvent, ToolCharge};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// One tool's declaration.
 #[derive(Debug, Clone)]
@@ -57,6 +59,20 @@ pub fn builtin() -> Vec<ToolSpec> {
             name: "recall",
             description: "Returns the notes saved about the user, newest first, optionally only those containing `query`.",
             schema: json!({"type": "object", "properties": {"query": {"type": "string", "maxLength": 200}}, "additionalProperties": false}),
+        },
+        ToolSpec {
+            name: "list_files",
+            description: "Lists the files (documents) the user has sent: id, name, MIME type, size and date, newest first. Read one with read_file.",
+            schema: json!({"type": "object", "properties": {}, "additionalProperties": false}),
+        },
+        ToolSpec {
+            name: "read_file",
+            description: "Returns the text of a file the user sent (text files and PDFs), by its id. Long files come in slices: read max_chars characters (default 10,000, at most 20,000) from offset, and continue from next_offset until it is null.",
+            schema: json!({"type": "object", "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "offset": {"type": "integer", "minimum": 0},
+                "max_chars": {"type": "integer", "minimum": 1, "maximum": files::MAX_READ_CHARS}
+            }, "required": ["id"], "additionalProperties": false}),
         },
     ]
 }
@@ -140,153 +156,6 @@ impl ToolOutcome {
     }
 }
 
-/// A requested call: `(tool_use id, name, parsed input or why it did not parse)`.
-pub type ToolUse = (String, String, Result<Value, String>);
-
-/// Runs every call of one turn concurrently; outcomes in the order of `uses`.
-///
-/// # Errors
-/// `LeaseLost` when the job's lease is gone (nothing of the tools is kept),
-/// database errors.
-pub async fn run_tools(
-    ctx: &WorkerContext,
-    job: &JobRow,
-    lease: &Lease,
-    uses: Vec<ToolUse>,
-    cancel: &CancellationToken,
-) -> Result<Vec<ToolOutcome>, JobError> {
-    let runs = uses.into_iter().map(|u| run_one(ctx, job, lease, u, cancel));
-    futures_util::future::join_all(runs).await.into_iter().collect()
-}
-
-async fn run_one(
-    ctx: &WorkerContext,
-    job: &JobRow,
-    lease: &Lease,
-    (id, name, input): ToolUse,
-    cancel: &CancellationToken,
-) -> Result<ToolOutcome, JobError> {
-    let previous: Option<(Option<Value>, bool)> =
-        sqlx::query_as("SELECT output, is_error FROM tool_calls WHERE job_id = $1 AND tool_use_id = $2")
-            .bind(job.job_id)
-            .bind(&id)
-            .fetch_optional(&ctx.db)
-            .await?;
-    if let Some((output, is_error)) = previous {
-        tracing::info!(tool_use_id = %id, "tool_use id seen before in this job; not run again");
-        let content = output.and_then(|o| o.as_str().map(str::to_owned)).unwrap_or_default();
-        return Ok(ToolOutcome { tool_use_id: id, name, content, is_error, charged: Default::default() });
-    }
-    let input_value = input.clone().unwrap_or(Value::Null);
-    let checked = input.and_then(|i| ctx.tools.validate(&name, &i).map(|()| i));
-    let started = Instant::now();
-    let result: Result<(), String> = match checked {
-        Err(e) => Err(e),
-        Ok(input) => {
-            let mut tx = ctx.db.begin().await?;
-            // Fence: the tool's writes commit only under the live lease.
-            let held: Option<i64> = sqlx::query_scalar(
-                "SELECT lease_epoch FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 FOR SHARE",
-            )
-            .bind(lease.job_id)
-            .bind(lease.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.is_none() {
-                return Err(JobError::LeaseLost);
-            }
-            let timeout = Duration::from_secs(ctx.settings.tool_timeout_s);
-            let ran = tokio::select! {
-                _ = cancel.cancelled() => Err("cancelled: the user stopped the answer".to_owned()),
-                r = tokio::time::timeout(timeout, execute(&mut tx, job.user_id, &name, &input)) => match r {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("the tool did not finish within {} s", timeout.as_secs())),
-                },
-            };
-            match ran {
-                Ok(output) => {
-                    let price = ctx.prices.tool_price(&name);
-                    record(&mut tx, job, &id, &name, &input, Some(&output), false, started).await?;
-                    if price.0 > rust_decimal::Decimal::ZERO {
-                        let event = BillingEvent::ToolCharge(ToolCharge {
-                            event_id: tool_event_id(job.job_id, &id),
-                            job_id: job.job_id,
-                            user_id: job.user_id,
-                            chat_id: job.chat_id,
-                            tool_use_id: id.clone(),
-                            tool_name: name.clone(),
-                            user_charge: price,
-                            occurred_at: Utc::now(),
-                        });
-                        sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
-                            .bind(event.event_id())
-                            .bind(job.job_id)
-                            .bind(serde_json::to_value(&event).map_err(|e| JobError::Invalid(e.to_string()))?)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await?;
-                    ctx.outbox_notify.notify_one();
-                    return Ok(ToolOutcome {
-                        tool_use_id: id,
-                        name,
-                        content: output,
-                        is_error: false,
-                        charged: price.0,
-                    });
-                }
-                Err(e) => {
-                    // Only this tool's writes are undone.
-                    tx.rollback().await?;
-                    Err(e)
-                }
-            }
-        }
-    };
-    let error = result.err().unwrap_or_default();
-    tracing::warn!(tool = %name, tool_use_id = %id, error.message = %error, "tool call failed");
-    let mut conn = ctx.db.acquire().await?;
-    record(&mut conn, job, &id, &name, &input_value, Some(&error), true, started).await?;
-    Ok(ToolOutcome { tool_use_id: id, name, content: error, is_error: true, charged: Default::default() })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn record(
-    conn: &mut sqlx::PgConnection,
-    job: &JobRow,
-    id: &str,
-    name: &str,
-    input: &Value,
-    output: Option<&str>,
-    is_error: bool,
-    started: Instant,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO tool_calls (job_id, tool_use_id, name, input, output, is_error, duration_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (job_id, tool_use_id) DO NOTHING",
-    )
-    .bind(job.job_id)
-    .bind(id)
-    .bind(name)
-    .bind(input)
-    .bind(output.map(|o| Value::String(o.to_owned())))
-    .bind(is_error)
-    .bind(i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn execute(tx: &mut sqlx::PgConnection, user_id: i64, name: &str, input: &Value) -> Result<String, String> {
-    match name {
-        "calculator" => calculator::evaluate(input.get("expression").and_then(Value::as_str).unwrap_or_default()),
-        "current_time" => clock::now(input),
-        "remember" => notes::remember(tx, user_id, input).await,
-        "recall" => notes::recall(tx, user_id, input).await,
-        other => Err(format!("unknown tool {other:?}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +169,25 @@ mod tests {
         assert!(r.validate("current_time", &json!({})).is_ok());
         assert!(r.validate("remember", &json!({"note": "x"})).is_err(), "not enabled");
         assert!(Registry::new(&["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn read_file_inputs_are_checked_against_the_schema() {
+        let r = Registry::new(&["list_files".into(), "read_file".into()]).unwrap();
+        assert!(r.validate("list_files", &json!({})).is_ok());
+        assert!(r.validate("list_files", &json!({"x": 1})).is_err());
+        assert!(r.validate("read_file", &json!({"id": 7, "offset": 100, "max_chars": 20000})).is_ok());
+        assert!(r.validate("read_file", &json!({"id": 7, "max_chars": 20001})).is_err());
+        assert!(r.validate("read_file", &json!({"id": "7"})).is_err());
+        assert!(r.validate("read_file", &json!({"offset": 0})).is_err());
+        assert!(r.validate("read_file", &json!({"id": 7, "offset": -1})).is_err());
+    }
+
+    #[test]
+    fn every_builtin_tool_is_enabled_by_default() {
+        use clap::Parser as _;
+        let settings = crate::Settings::try_parse_from(["worker"]).unwrap();
+        let names: Vec<&str> = builtin().iter().map(|s| s.name).collect();
+        assert_eq!(settings.tools, names);
     }
 }

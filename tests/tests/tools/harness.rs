@@ -1,0 +1,398 @@
+//! Rigs of the tools suite: [`ClaimedJob`], a job claimed on a fresh
+//! database to call `worker::tools::run_tools` on directly; [`Fleet`], the
+//! ingress and a worker with tool settings against the fakes; updates and
+//! SSE bodies written inline in the fixtures' format.
+
+use crate::helpers::{amqp_url, fixture, init_logs, spawn_ingress, stop, within, Broker, Running, TestDb, WAIT};
+use anyhow::{bail, ensure, Context as _, Result};
+use clap::Parser as _;
+use fleet_tests::fake_anthropic::FakeAnthropic;
+use fleet_tests::fake_telegram::{FakeTelegram, TgCall};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use worker::intake::JobRef;
+use worker::job::{JobError, JobRow};
+use worker::lease::{Claim, Lease};
+use worker::tools::{ToolOutcome, ToolUse};
+
+/// Ada: user and private chat of the tests.
+pub const ADA: i64 = 100_000_001;
+/// The bot token of the tests (the fakes accept any well-formed one).
+pub const BOT_TOKEN: &str = crate::helpers::BOT_TOKEN;
+
+/// The worker's command line for these tests: fixture prices, the given
+/// database and prefix, no pacing; `extra` pairs are `--flag value`.
+fn worker_settings(
+    database_url: &str,
+    prefix: &str,
+    telegram_api_url: &str,
+    anthropic_base_url: &str,
+    extra: &[(&str, &str)],
+) -> Result<worker::Settings> {
+    let prices = fixture("prices.toml");
+    let prices = prices.to_str().context("fixtures path is not UTF-8")?;
+    let amqp = amqp_url();
+    let mut args: Vec<String> = [
+        "worker",
+        "--bot-token",
+        BOT_TOKEN,
+        "--telegram-api-url",
+        telegram_api_url,
+        "--bot-username",
+        crate::helpers::BOT_USERNAME,
+        "--anthropic-api-key",
+        "sk-ant-test-key",
+        "--anthropic-base-url",
+        anthropic_base_url,
+        "--prices-file",
+        prices,
+        "--worker-id",
+        "tools-test-worker",
+        "--database-url",
+        database_url,
+        "--billing-database-url",
+        database_url,
+        "--database-max-connections",
+        "6",
+        "--amqp-url",
+        &amqp,
+        "--amqp-prefix",
+        prefix,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // Flags that make tests fast or let them run side by side; the product
+    // may rename them as it evolves.
+    let known = <worker::Settings as clap::CommandFactory>::command();
+    let optional =
+        [("pace-private-ms", "0"), ("pace-group-ms", "0"), ("pace-bot-ms", "0"), ("admin-bind", "127.0.0.1:0")];
+    for (flag, value) in optional {
+        if known.get_arguments().any(|a| a.get_long() == Some(flag)) {
+            args.extend([format!("--{flag}"), value.to_owned()]);
+        }
+    }
+    for (flag, value) in extra {
+        args.extend([format!("--{flag}"), (*value).to_owned()]);
+    }
+    Ok(worker::Settings::try_parse_from(args)?)
+}
+
+/// A chat job of Ada's, claimed (status `running`, epoch 1) on a database of
+/// its own, with the worker's context built from real settings.
+pub struct ClaimedJob {
+    /// The test database.
+    pub db: TestDb,
+    /// The built worker (not running): its context drives `run_tools`.
+    app: worker::App,
+    /// The job, as the pipeline loads it.
+    pub job: JobRow,
+    /// Its lease.
+    pub lease: Lease,
+}
+
+impl ClaimedJob {
+    /// Creates Ada, her chat and a job, and claims it; `TOOL_TIMEOUT_S` is
+    /// `tool_timeout_s`.
+    pub async fn new(tool_timeout_s: u64) -> Result<Self> {
+        init_logs();
+        let db = TestDb::new().await?;
+        let timeout = tool_timeout_s.to_string();
+        let prefix = format!("t{}_", Uuid::now_v7().simple());
+        // Nothing listens on port 9: no test here calls Telegram or Claude.
+        let settings = worker_settings(
+            &db.url,
+            &prefix,
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9",
+            &[("tool-timeout-s", &timeout)],
+        )?;
+        let app = within("building the worker", worker::App::build(settings)).await??;
+        sqlx::query("INSERT INTO users (user_id, first_name) VALUES ($1, 'Ada')").bind(ADA).execute(&db.pool).await?;
+        sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, 'private')").bind(ADA).execute(&db.pool).await?;
+        let job_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
+             VALUES ($1, $2, $2, 1, 'chat', '[{\"type\":\"text\",\"text\":\"hi\"}]', 1, 'queued')",
+        )
+        .bind(job_id)
+        .bind(ADA)
+        .execute(&db.pool)
+        .await?;
+        let job_ref = JobRef { job_id, chat_id: ADA, user_id: ADA, update_id: 1 };
+        let claim = worker::lease::claim(&db.pool, &job_ref, "tools-test-worker", Duration::from_secs(60), 3).await?;
+        let Claim::Claimed(lease) = claim else { bail!("the job was not claimed: {claim:?}") };
+        let job = worker::job::load(app.context(), job_id).await?;
+        Ok(Self { db, app, job, lease })
+    }
+
+    /// The worker's context.
+    pub fn ctx(&self) -> &worker::WorkerContext {
+        self.app.context()
+    }
+
+    /// `run_tools` on this job, failing the test after [`WAIT`].
+    pub async fn run(
+        &self,
+        uses: Vec<ToolUse>,
+        cancel: &CancellationToken,
+    ) -> Result<Result<Vec<ToolOutcome>, JobError>> {
+        within("run_tools", worker::tools::run_tools(self.ctx(), &self.job, &self.lease, uses, cancel)).await
+    }
+
+    /// Notes stored for Ada, oldest first.
+    pub async fn notes(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT note FROM user_notes WHERE user_id = $1 ORDER BY id")
+            .bind(ADA)
+            .fetch_all(&self.db.pool)
+            .await?)
+    }
+
+    /// `(tool_use_id, is_error)` of every recorded call, by id.
+    pub async fn tool_calls(&self) -> Result<Vec<(String, bool)>> {
+        Ok(sqlx::query_as("SELECT tool_use_id, is_error FROM tool_calls WHERE job_id = $1 ORDER BY tool_use_id")
+            .bind(self.job.job_id)
+            .fetch_all(&self.db.pool)
+            .await?)
+    }
+
+    /// `tool_use_id` of every billing event in the outbox, sorted.
+    pub async fn charged_tool_uses(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT payload->>'tool_use_id' FROM billing_outbox WHERE job_id = $1 ORDER BY payload->>'tool_use_id'",
+        )
+        .bind(self.job.job_id)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Drops the database.
+    pub async fn cleanup(self) -> Result<()> {
+        self.app.context().db.close().await;
+        self.db.cleanup().await
+    }
+}
+
+/// A call as `run_tools` takes it.
+pub fn tool_use(id: &str, name: &str, input: Value) -> ToolUse {
+    (id.to_owned(), name.to_owned(), Ok(input))
+}
+
+/// Queries of this test's database that wait on a lock (a tool hanging
+/// behind a lock the test holds).
+pub async fn lock_waiters(db: &TestDb) -> Result<i64> {
+    db.count(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE '%user_notes%'",
+    )
+    .await
+}
+
+/// The ingress and one worker (with `settings` as `--flag value` pairs)
+/// against the fakes, on a database and prefix of their own.
+pub struct Fleet {
+    /// The test database.
+    pub db: TestDb,
+    /// The prefix and inspection channel.
+    pub broker: Broker,
+    /// The fake Bot API.
+    pub telegram: FakeTelegram,
+    /// The fake Messages API.
+    pub anthropic: FakeAnthropic,
+    /// Webhook port.
+    port: u16,
+    /// Client for the webhook.
+    http: reqwest::Client,
+    /// Ingress, then worker.
+    processes: Vec<(&'static str, Running)>,
+}
+
+impl Fleet {
+    /// Starts the fakes, the ingress and a worker.
+    pub async fn spawn(settings: &[(&str, &str)]) -> Result<Self> {
+        init_logs();
+        let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, crate::helpers::BOT_USERNAME).await?;
+        let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
+        let db = TestDb::new().await?;
+        let broker = Broker::new().await?;
+        let http = crate::helpers::http_client()?;
+        let mut fleet = Self { db, broker, telegram, anthropic, port: 0, http, processes: Vec::new() };
+        let started = fleet.start(settings).await;
+        if let Err(e) = started {
+            let _ = fleet.cleanup().await;
+            return Err(e);
+        }
+        Ok(fleet)
+    }
+
+    async fn start(&mut self, settings: &[(&str, &str)]) -> Result<()> {
+        let (port, token, handle) = spawn_ingress(self.broker.prefix(), &self.broker.url).await?;
+        self.port = port;
+        self.processes.push(("ingress", (token, handle)));
+        let settings = worker_settings(
+            &self.db.url,
+            self.broker.prefix(),
+            &self.telegram.api_url(),
+            &self.anthropic.base_url(),
+            settings,
+        )?;
+        let app = within("building the worker", worker::App::build(settings)).await??;
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+        self.processes.push(("worker", (token, handle)));
+        Ok(())
+    }
+
+    /// Grants `usd` of credit to `user`.
+    pub async fn grant(&self, user: i64, usd: &str) -> Result<()> {
+        billing_worker::ledger::grant(&self.db.pool, user, usd.parse()?, Uuid::now_v7()).await?;
+        Ok(())
+    }
+
+    /// Posts `update` to the webhook; it must be accepted.
+    pub async fn post(&self, update: &Value) -> Result<()> {
+        let body = serde_json::to_vec(update)?;
+        let status =
+            crate::helpers::post_webhook(&self.http, self.port, Some(crate::helpers::WEBHOOK_SECRET), body).await?;
+        ensure!(status == reqwest::StatusCode::OK, "the webhook answered {status}");
+        Ok(())
+    }
+
+    /// Waits for a message to `chat` whose text contains `needle`; its text.
+    pub async fn wait_for_message(&self, chat: i64, needle: &str) -> Result<String> {
+        let matches = |c: &TgCall| {
+            c.method == "sendMessage"
+                && c.status == 200
+                && c.params["chat_id"].as_i64() == Some(chat)
+                && c.params["text"].as_str().is_some_and(|t| t.contains(needle))
+        };
+        if !self.telegram.wait_for_call(matches, WAIT).await {
+            let sent: Vec<_> = self.telegram.messages().into_iter().map(|m| m.text).collect();
+            bail!("no message containing {needle:?} reached chat {chat}; sent: {sent:#?}");
+        }
+        let call = self.telegram.calls().into_iter().find(|c| matches(c)).context("the call vanished")?;
+        Ok(call.params["text"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Stops the processes, the fakes, and deletes the database and queues.
+    pub async fn cleanup(mut self) -> Result<()> {
+        for (name, running) in self.processes.drain(..) {
+            stop(name, running).await?;
+        }
+        self.telegram.shutdown().await;
+        self.anthropic.shutdown().await;
+        self.broker.cleanup().await?;
+        self.db.cleanup().await
+    }
+}
+
+/// A private text message from Ada.
+pub fn message(update_id: i64, text: &str) -> Value {
+    let mut update = json!({
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id % 100_000,
+            "from": { "id": ADA, "is_bot": false, "first_name": "Ada", "language_code": "en" },
+            "chat": { "id": ADA, "first_name": "Ada", "type": "private" },
+            "date": 1_764_460_800,
+            "text": text,
+        }
+    });
+    if let Some(command) = text.strip_prefix('/') {
+        let length = command.split_whitespace().next().unwrap_or_default().len() + 1;
+        update["message"]["entities"] = json!([{ "type": "bot_command", "offset": 0, "length": length }]);
+    }
+    update
+}
+
+/// A private message from Ada carrying `document` (a Bot API `Document`).
+pub fn document_message(update_id: i64, document: Value, caption: Option<&str>) -> Value {
+    let mut update = message(update_id, "");
+    let msg = &mut update["message"];
+    if let Some(fields) = msg.as_object_mut() {
+        fields.remove("text");
+    }
+    msg["document"] = document;
+    if let Some(caption) = caption {
+        msg["caption"] = json!(caption);
+    }
+    update
+}
+
+/// SSE bodies of `POST /v1/messages` in the fixtures' format.
+pub mod sse {
+    use serde_json::{json, Value};
+
+    /// One event: `event:` and `data:` lines and a blank line.
+    pub fn event(data: &Value) -> String {
+        format!("event: {}\ndata: {data}\n\n", data["type"].as_str().unwrap_or_default())
+    }
+
+    fn start(id: &str) -> String {
+        event(&json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
+            "model": "claude-sonnet-4-5-20250929", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 500, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                "output_tokens": 1, "service_tier": "standard"}}}))
+    }
+
+    fn end(stop_reason: &str) -> String {
+        event(&json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": 40}}))
+            + &event(&json!({"type": "message_stop"}))
+    }
+
+    fn tool_block(index: usize, id: &str, name: &str, partial_json: &str) -> String {
+        event(&json!({"type": "content_block_start", "index": index,
+            "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}))
+            + &event(&json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": partial_json}}))
+    }
+
+    fn block_stop(index: usize) -> String {
+        event(&json!({"type": "content_block_stop", "index": index}))
+    }
+
+    /// A turn that calls each `(id, name, input)` and stops for `tool_use`.
+    pub fn tool_turn(calls: &[(&str, &str, Value)]) -> String {
+        let mut body = start("msg_tools_turn");
+        for (i, (id, name, input)) in calls.iter().enumerate() {
+            body += &tool_block(i, id, name, &input.to_string());
+            body += &block_stop(i);
+        }
+        body + &end("tool_use")
+    }
+
+    /// A turn that answers `text` and ends.
+    pub fn text_turn(text: &str) -> String {
+        start("msg_text_turn")
+            + &event(&json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+            + &event(&json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}))
+            + &block_stop(0)
+            + &end("end_turn")
+    }
+
+    /// A turn whose `remember` input is cut after `{"note": "half`: the
+    /// stream stops there (`None`) or the block closes and the message
+    /// ends with `stop_reason` (`max_tokens`).
+    pub fn cut_tool_input(stop_reason: Option<&str>) -> String {
+        let mut body = start("msg_cut_turn")
+            + &event(
+                &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            )
+            + &event(&json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": "Saving that."}}))
+            + &block_stop(0)
+            + &tool_block(1, "toolu_cut", "remember", "{\"note\": \"half");
+        if let Some(reason) = stop_reason {
+            body += &block_stop(1);
+            body += &end(reason);
+        }
+        body
+    }
+
+    /// How many events `body` has.
+    pub fn event_count(body: &str) -> usize {
+        body.matches("\n\n").count()
+    }
+}

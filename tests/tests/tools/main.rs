@@ -1,0 +1,33 @@
+//! Integration tests of the tools (issue 4): each call in a transaction of
+//! its own, cut off by its timeout or by `/stop`, run once per `tool_use`
+//! id, never run on a truncated input; thinking blocks sent back unchanged;
+//! documents users send read with `list_files` / `read_file`.
+//!
+//! Against PostgreSQL and RabbitMQ: a fresh database and queue prefix per
+//! test; logs only with `TEST_LOG=1`.
+//!
+//! # Layout
+//! - `helpers` (the fleet suite's): databases, broker prefixes, the ingress, waits.
+//! - [`harness`]: a claimed job to call `run_tools` on, the fleet with tool
+//!   settings, scripted SSE bodies.
+//! - [`isolation`]: two tools writing at once commit or roll back independently.
+//! - [`limits`]: a hanging tool is cut off by its timeout; `/stop` cancels it.
+//! - [`dedup`]: a repeated `tool_use` id runs once.
+//! - [`truncated`]: a tool input cut off mid-stream is never executed.
+//! - [`thinking`]: the thinking block goes back byte for byte with the tool result.
+//! - [`documents`]: text and PDF documents, the size cap, redelivery.
+
+#[path = "../fleet"]
+mod fleet_suite {
+    #[allow(dead_code, unused_imports)]
+    pub mod helpers;
+}
+use fleet_suite::helpers;
+
+mod dedup;
+mod documents;
+mod harness;
+mod isolation;
+mod limits;
+mod thinking;
+mod truncated;

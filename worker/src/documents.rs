@@ -1,0 +1,391 @@
+//! Documents users send (Bot API `Document`), for the `list_files` and
+//! `read_file` tools: downloaded at intake with `getFile` and
+//! `{api_url}/file/bot<token>/<file_path>`, outside any database
+//! transaction and under `DOCUMENT_DOWNLOAD_TIMEOUT_S`, capped at
+//! `DOCUMENT_MAX_BYTES`; their text (UTF-8, or a PDF's text layer) is stored
+//! in `documents`, the bytes are not. A file that cannot be kept (too large,
+//! not text, no text) is refused with a notice to the user and nothing is
+//! stored.
+//!
+//! Steps: [`seen`] (a redelivered update is not downloaded again) →
+//! [`fetch`] (download and extract) → [`store`] inside the intake
+//! transaction → [`user_turn`], the text of the job's user turn.
+
+use crate::context::WorkerContext;
+use shared::telegram::bot::FileError;
+use shared::telegram::update::Document;
+use shared::telegram::TelegramError;
+use std::time::Duration;
+
+/// The largest file the public Bot API lets a bot download (20 MB).
+pub const BOT_API_MAX_BYTES: u64 = 20 * 1024 * 1024;
+
+/// How a document's text was obtained (`documents.extraction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extraction {
+    /// Text file, decoded as UTF-8 with invalid bytes replaced.
+    Text,
+    /// The text layer of a PDF.
+    Pdf,
+}
+
+impl Extraction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Pdf => "pdf",
+        }
+    }
+}
+
+/// A downloaded document, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDocument {
+    /// Telegram's stable id of the file (one row per user and file).
+    pub file_unique_id: String,
+    /// The sender's file name, cleaned for display.
+    pub file_name: String,
+    /// The sender's MIME type.
+    pub mime_type: Option<String>,
+    /// Bytes downloaded.
+    pub size_bytes: u64,
+    /// How `text` was obtained.
+    pub extraction: Extraction,
+    /// The extracted text.
+    pub text: String,
+}
+
+/// What [`fetch`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// Downloaded and read.
+    Ready(NewDocument),
+    /// Not kept: the notice for the user says why.
+    Rejected(String),
+}
+
+/// What kind of file a name and MIME type announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Pdf,
+    /// Unknown: decided by the bytes (`%PDF-`, or UTF-8 without NUL).
+    Sniff,
+    Unsupported,
+}
+
+const TEXT_EXTENSIONS: &[&str] = &[
+    "txt", "md", "markdown", "csv", "tsv", "json", "jsonl", "ndjson", "xml", "yaml", "yml", "toml", "ini", "cfg",
+    "conf", "log", "html", "htm", "css", "js", "ts", "py", "rs", "go", "java", "c", "h", "cpp", "hpp", "cs", "rb",
+    "php", "sh", "sql", "tex", "rst", "srt", "vtt", "env",
+];
+const TEXT_MIME_TYPES: &[&str] = &[
+    "application/json",
+    "application/xml",
+    "application/x-yaml",
+    "application/yaml",
+    "application/toml",
+    "application/javascript",
+    "application/x-sh",
+    "application/sql",
+    "application/csv",
+    "application/x-ndjson",
+    "application/x-subrip",
+];
+
+fn kind_of(file_name: &str, mime_type: Option<&str>) -> Kind {
+    let ext = file_name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let mime = mime_type.unwrap_or_default().to_ascii_lowercase();
+    if mime == "application/pdf" || ext == "pdf" {
+        Kind::Pdf
+    } else if mime.starts_with("text/")
+        || TEXT_MIME_TYPES.contains(&mime.as_str())
+        || mime.ends_with("+json")
+        || mime.ends_with("+xml")
+        || TEXT_EXTENSIONS.contains(&ext.as_str())
+    {
+        Kind::Text
+    } else if ["image/", "audio/", "video/", "font/"].iter().any(|p| mime.starts_with(p))
+        || mime.starts_with("application/vnd.")
+        || mime.starts_with("application/zip")
+        || mime.starts_with("application/x-")
+        || mime == "application/msword"
+        || mime == "application/gzip"
+    {
+        Kind::Unsupported
+    } else {
+        Kind::Sniff
+    }
+}
+
+/// True when the update was taken in before (it is a redelivery: intake
+/// resumes its job and must not download the file again).
+///
+/// # Errors
+/// Database errors.
+pub async fn seen(ctx: &WorkerContext, update_id: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_updates WHERE update_id = $1)")
+        .bind(update_id)
+        .fetch_one(&ctx.db)
+        .await
+}
+
+/// Downloads `doc` and extracts its text, all under
+/// `DOCUMENT_DOWNLOAD_TIMEOUT_S`.
+///
+/// # Errors
+/// Transient failures, worth retrying later: network errors, 5xx and 429
+/// answers, the timeout. Everything permanent is [`Fetched::Rejected`].
+pub async fn fetch(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, TelegramError> {
+    let limit = Duration::from_secs(ctx.settings.document_download_timeout_s);
+    tokio::time::timeout(limit, fetch_within(ctx, doc)).await.unwrap_or_else(|_| {
+        Err(TelegramError::Transport(format!("the document download took longer than {} s", limit.as_secs())))
+    })
+}
+
+async fn fetch_within(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, TelegramError> {
+    let cap = ctx.settings.document_max_bytes;
+    let name = display_name(doc);
+    let kind = kind_of(&name, doc.mime_type.as_deref());
+    if let Some(size) = doc.file_size.filter(|&s| s > cap) {
+        return Ok(Fetched::Rejected(too_large(&name, Some(size), cap)));
+    }
+    if kind == Kind::Unsupported {
+        return Ok(Fetched::Rejected(unsupported(&name)));
+    }
+    let info = match ctx.telegram.get_file(&doc.file_id).await {
+        Ok(info) => info,
+        Err(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_))) => return Err(e),
+        Err(TelegramError::Api(d)) if d.contains("file is too big") => {
+            return Ok(Fetched::Rejected(too_large(&name, None, cap)));
+        }
+        Err(e) => return Ok(Fetched::Rejected(refused(&name, &e))),
+    };
+    if let Some(size) = info.file_size.filter(|&s| s > cap) {
+        return Ok(Fetched::Rejected(too_large(&name, Some(size), cap)));
+    }
+    let Some(path) = info.file_path else {
+        return Ok(Fetched::Rejected(format!("Telegram did not let me download {name}, so I could not read it.")));
+    };
+    let bytes = match ctx.telegram.download_file(&path, cap).await {
+        Ok(bytes) => bytes,
+        Err(FileError::TooLarge(_)) => return Ok(Fetched::Rejected(too_large(&name, None, cap))),
+        Err(FileError::Telegram(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_)))) => return Err(e),
+        Err(FileError::Telegram(e)) => return Ok(Fetched::Rejected(refused(&name, &e))),
+    };
+    let size_bytes = bytes.len() as u64;
+    let (extraction, text) = match extract(kind, bytes, &name).await {
+        Ok(x) => x,
+        Err(notice) => return Ok(Fetched::Rejected(notice)),
+    };
+    Ok(Fetched::Ready(NewDocument {
+        file_unique_id: doc.file_unique_id.clone(),
+        file_name: name,
+        mime_type: doc.mime_type.clone(),
+        size_bytes,
+        extraction,
+        text,
+    }))
+}
+
+/// The text of a file: text kinds decoded, PDFs read on a blocking thread
+/// (a panic of the PDF parser is a refusal, not a crash). A PDF that takes
+/// longer than the download timeout is given up on by [`fetch`]; its thread
+/// finishes on its own.
+///
+/// # Errors
+/// A notice for the user about `name`.
+async fn extract(kind: Kind, bytes: Vec<u8>, name: &str) -> Result<(Extraction, String), String> {
+    let is_pdf = kind == Kind::Pdf || (kind == Kind::Sniff && bytes.starts_with(b"%PDF-"));
+    if !is_pdf {
+        let looks_textual = !bytes.contains(&0) && std::str::from_utf8(&bytes).is_ok();
+        if kind != Kind::Text && !looks_textual {
+            return Err(unsupported(name));
+        }
+        return Ok((Extraction::Text, clean(&String::from_utf8_lossy(&bytes))));
+    }
+    let parsed = tokio::task::spawn_blocking(move || pdf_extract::extract_text_from_mem(&bytes)).await;
+    let unreadable =
+        || format!("I could not read the text of {name}: the PDF seems damaged or uses features I do not support.");
+    match parsed {
+        Ok(Ok(text)) => {
+            let text = clean(&text);
+            if text.trim().is_empty() {
+                Err(format!("I found no text in {name} (a scanned PDF has none), so I did not keep it."))
+            } else {
+                Ok((Extraction::Pdf, text))
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error.message = %e, "a PDF could not be read");
+            Err(unreadable())
+        }
+        Err(e) => {
+            // The parser panicked (it has many `unwrap`s on malformed input).
+            tracing::warn!(error.message = %e, "the PDF reader failed");
+            Err(unreadable())
+        }
+    }
+}
+
+/// Text as stored: no byte-order mark, no NUL (PostgreSQL text cannot hold it).
+fn clean(text: &str) -> String {
+    text.trim_start_matches('\u{feff}').replace('\0', "")
+}
+
+/// The sender's file name without control characters, at most 200 characters.
+fn display_name(doc: &Document) -> String {
+    let name: String = doc
+        .file_name
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '[' | ']'))
+        .take(200)
+        .collect();
+    if name.trim().is_empty() {
+        "the file".to_owned()
+    } else {
+        name.trim().to_owned()
+    }
+}
+
+fn size_text(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b >= KIB * KIB {
+        format!("{:.1} MB", b / (KIB * KIB))
+    } else if b >= KIB {
+        format!("{:.1} KB", b / KIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn too_large(name: &str, size: Option<u64>, cap: u64) -> String {
+    let size = size.map(|s| format!(" is {} and", size_text(s))).unwrap_or_default();
+    format!(
+        "{name}{size} is larger than the {} I can read, so I did not keep it. Please send a smaller file.",
+        size_text(cap)
+    )
+}
+
+fn unsupported(name: &str) -> String {
+    format!("I can read text files and PDFs only, so I could not use {name}.")
+}
+
+fn refused(name: &str, e: &TelegramError) -> String {
+    tracing::warn!(error.message = %e, "a document could not be downloaded");
+    format!("Telegram did not let me download {name}, so I could not read it.")
+}
+
+/// Stores the document for `user_id` (inside the intake transaction) and
+/// returns its id; the same file sent again keeps its id and gets the new name.
+///
+/// # Errors
+/// Database errors.
+pub async fn store(
+    tx: &mut sqlx::PgConnection,
+    user_id: i64,
+    chat_id: i64,
+    doc: &NewDocument,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO documents (user_id, chat_id, file_unique_id, file_name, mime_type, size_bytes, extraction, text)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (user_id, file_unique_id) DO UPDATE SET file_name = EXCLUDED.file_name, chat_id = EXCLUDED.chat_id
+         RETURNING id",
+    )
+    .bind(user_id)
+    .bind(chat_id)
+    .bind(&doc.file_unique_id)
+    .bind(&doc.file_name)
+    .bind(&doc.mime_type)
+    .bind(i64::try_from(doc.size_bytes).unwrap_or(i64::MAX))
+    .bind(doc.extraction.as_str())
+    .bind(&doc.text)
+    .fetch_one(tx)
+    .await
+}
+
+/// The user's turn for a stored document: where it is, then the caption.
+pub fn user_turn(id: i64, doc: &NewDocument, caption: Option<&str>) -> String {
+    let chars = doc.text.chars().count();
+    let mut turn = format!(
+        "[The user sent the file {} (id {id}, {}, {chars} characters of text); use read_file to read it]",
+        doc.file_name,
+        size_text(doc.size_bytes)
+    );
+    if let Some(caption) = caption.map(str::trim).filter(|c| !c.is_empty()) {
+        turn.push(' ');
+        turn.push_str(caption);
+    }
+    turn
+}
+
+/// Tells the user why their file was not kept (best effort: a failure is
+/// logged; the update is not retried for it).
+pub async fn notify(ctx: &WorkerContext, chat_id: i64, notice: &str) {
+    if let Err(e) = crate::delivery::send_text(ctx, chat_id, notice, &[]).await {
+        tracing::warn!(error.message = %e, "could not tell the user why their document was refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_come_from_the_mime_type_or_the_extension() {
+        assert_eq!(kind_of("report.pdf", None), Kind::Pdf);
+        assert_eq!(kind_of("x", Some("application/pdf")), Kind::Pdf);
+        assert_eq!(kind_of("notes.md", Some("application/octet-stream")), Kind::Text);
+        assert_eq!(kind_of("data", Some("application/json")), Kind::Text);
+        assert_eq!(kind_of("a.txt", Some("text/plain")), Kind::Text);
+        assert_eq!(kind_of("photo.jpg", Some("image/jpeg")), Kind::Unsupported);
+        assert_eq!(kind_of("a.docx", Some("application/vnd.openxmlformats-officedocument")), Kind::Unsupported);
+        assert_eq!(kind_of("blob", Some("application/octet-stream")), Kind::Sniff);
+        assert_eq!(kind_of("blob", None), Kind::Sniff);
+    }
+
+    #[tokio::test]
+    async fn text_is_decoded_lossily_and_binaries_of_unknown_kind_are_refused() {
+        let (x, text) = extract(Kind::Text, b"\xef\xbb\xbfhi \xff there\0!".to_vec(), "a").await.unwrap();
+        assert_eq!((x, text.as_str()), (Extraction::Text, "hi \u{fffd} there!"));
+        let (x, text) = extract(Kind::Sniff, "plain ünïcode".as_bytes().to_vec(), "a").await.unwrap();
+        assert_eq!((x, text.as_str()), (Extraction::Text, "plain ünïcode"));
+        let png = vec![0x89, b'P', b'N', b'G', 0, 0];
+        assert!(extract(Kind::Sniff, png, "a.bin").await.unwrap_err().contains("could not use a.bin"));
+    }
+
+    #[tokio::test]
+    async fn a_broken_pdf_is_refused_with_a_reason() {
+        let err = extract(Kind::Pdf, b"%PDF-1.4 not really".to_vec(), "x.pdf").await.unwrap_err();
+        assert!(err.contains("could not read the text of x.pdf"), "{err}");
+    }
+
+    #[test]
+    fn names_are_cleaned_and_the_turn_points_to_read_file() {
+        let doc = Document {
+            file_id: "f".into(),
+            file_unique_id: "u".into(),
+            file_name: Some("re[port]\n.txt".into()),
+            mime_type: None,
+            file_size: None,
+        };
+        assert_eq!(display_name(&doc), "report.txt");
+        let new = NewDocument {
+            file_unique_id: "u".into(),
+            file_name: display_name(&doc),
+            mime_type: None,
+            size_bytes: 2048,
+            extraction: Extraction::Text,
+            text: "abc".into(),
+        };
+        assert_eq!(
+            user_turn(7, &new, Some(" summarise ")),
+            "[The user sent the file report.txt (id 7, 2.0 KB, 3 characters of text); use read_file to read it] summarise"
+        );
+        assert!(too_large("big.pdf", Some(3 * 1024 * 1024), 2 * 1024 * 1024).contains("3.0 MB"));
+    }
+}
