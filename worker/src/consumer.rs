@@ -14,9 +14,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use shared::amqp::{self, attempt_of, Outgoing};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -67,10 +65,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// 4. wait for those hand-backs (10 s), then abort what is left (leases expire).
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
-    let permits = Arc::new(Semaphore::new(usize::from(ctx.settings.prefetch)));
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
-        match consume(&ctx, &shutdown, &permits, &mut tasks).await {
+        match consume(&ctx, &shutdown, &mut tasks).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error.message = %e, wait_ms = delay.as_millis() as u64, "updates consumer lost the broker; reconnecting");
@@ -96,7 +93,6 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
 async fn consume(
     ctx: &WorkerContext,
     shutdown: &CancellationToken,
-    permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), amqp::BrokerError> {
     let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker", Duration::from_secs(5)).await?;
@@ -112,7 +108,7 @@ async fn consume(
         .await?;
     tracing::info!(queue = %ctx.topology.updates_queue(), "consuming updates");
     ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = consume_loop(ctx, shutdown, permits, tasks, &mut consumer).await;
+    let result = consume_loop(ctx, shutdown, tasks, &mut consumer).await;
     ctx.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
     result
 }
@@ -120,16 +116,14 @@ async fn consume(
 async fn consume_loop(
     ctx: &WorkerContext,
     shutdown: &CancellationToken,
-    permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
     consumer: &mut lapin::Consumer,
 ) -> Result<(), amqp::BrokerError> {
+    // Deliveries are read without waiting for a job slot (the broker's
+    // prefetch bounds them), so `/stop`, buttons and duplicates are never
+    // stuck behind running jobs; a slot is taken only to claim a job.
     loop {
         while tasks.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
-        };
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             d = consumer.next() => d,
@@ -140,7 +134,6 @@ async fn consume_loop(
                 let job_shutdown = shutdown.clone();
                 tasks.spawn(async move {
                     handle(&ctx, d, job_shutdown).await;
-                    drop(permit);
                 });
             }
             Some(Err(e)) => return Err(e.into()),
@@ -210,6 +203,10 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     span.record("user_id", job.user_id);
     span.record("job_id", tracing::field::display(job.job_id));
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
+    // A job slot bounds the jobs running here; it is held until the job ends.
+    let Ok(_slot) = ctx.job_slots.clone().acquire_owned().await else {
+        return Settle::Delay;
+    };
     match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
         Ok(Claim::Claimed(l)) => {
             span.record("lease_epoch", l.epoch);

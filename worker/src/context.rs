@@ -39,6 +39,8 @@ pub struct WorkerContext {
     pub pacer: crate::pacer::Pacer,
     /// Tools offered to Claude.
     pub tools: Arc<crate::tools::Registry>,
+    /// Slots of concurrently running jobs (`PREFETCH`).
+    pub job_slots: Arc<tokio::sync::Semaphore>,
     /// True while the updates consumer is connected and consuming (readiness).
     pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs running in this process, by chat (for `/stop`).
@@ -73,6 +75,7 @@ impl WorkerContext {
             std::time::Duration::from_millis(settings.pace_group_ms),
             std::time::Duration::from_millis(settings.pace_bot_ms),
         );
+        let job_slots = Arc::new(tokio::sync::Semaphore::new(usize::from(settings.prefetch)));
         Self {
             db,
             billing_db,
@@ -86,6 +89,7 @@ impl WorkerContext {
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
             consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            job_slots,
             pacer,
             packs: Arc::new(packs),
             tools: Arc::new(tools),

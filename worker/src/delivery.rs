@@ -17,12 +17,17 @@ pub enum DeliveryError {
     /// Every retry failed, or Telegram refused the message.
     #[error("delivery failed: {0}")]
     Failed(String),
+    /// The job's lease was lost before a part was sent: another worker
+    /// delivers now; nothing more is sent from here.
+    #[error("lease lost before delivery")]
+    LeaseLost,
 }
 
 impl From<TelegramError> for DeliveryError {
     fn from(e: TelegramError) -> Self {
         match e {
             TelegramError::Forbidden(_) => Self::Blocked,
+            TelegramError::Aborted(_) => Self::LeaseLost,
             other => Self::Failed(other.to_string()),
         }
     }
@@ -46,20 +51,38 @@ pub async fn send_text(
     markdown: &str,
     reuse: &[i64],
 ) -> Result<Vec<i64>, DeliveryError> {
+    send_fenced(ctx, chat_id, markdown, reuse, None).await
+}
+
+/// As [`send_text`] for a job's answer: every Bot API call (retries after
+/// a 429 included) first checks the lease with a heartbeat, so a worker
+/// that lost its lease while sending (paused, long 429 waits) never sends
+/// the answer a second time.
+///
+/// # Errors
+/// [`DeliveryError`], `LeaseLost` included.
+pub async fn send_fenced(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    markdown: &str,
+    reuse: &[i64],
+    lease: Option<&crate::lease::Lease>,
+) -> Result<Vec<i64>, DeliveryError> {
+    let out = Outgoing { ctx, lease };
     let mut ids = Vec::new();
     let parts = render(markdown);
     for (i, part) in parts.iter().enumerate() {
         let id = match reuse.get(i) {
-            Some(&message_id) => match edit(ctx, chat_id, message_id, part).await {
+            Some(&message_id) => match out.edit(chat_id, message_id, part).await {
                 Ok(()) => message_id,
                 Err(TelegramError::Api(d))
                     if d.contains("message to edit not found") || d.contains("can't be edited") =>
                 {
-                    send(ctx, chat_id, part).await?
+                    out.send(chat_id, part).await?
                 }
                 Err(e) => return Err(e.into()),
             },
-            None => send(ctx, chat_id, part).await?,
+            None => out.send(chat_id, part).await?,
         };
         ids.push(id);
     }
@@ -69,46 +92,95 @@ pub async fn send_text(
     Ok(ids)
 }
 
-/// Sends one part; entities rejected → once more as plain text.
-async fn send(ctx: &WorkerContext, chat_id: i64, part: &Formatted) -> Result<i64, DeliveryError> {
-    let formatted =
-        ctx.pacer.call(chat_id, || ctx.telegram.send_message(chat_id, &part.text, part.entities_json())).await;
-    match formatted {
-        Ok(m) => Ok(m.message_id),
-        Err(TelegramError::BadEntities(e)) => {
-            tracing::warn!(error.message = %e, "entities rejected; sending as plain text");
-            Ok(ctx.pacer.call(chat_id, || ctx.telegram.send_message(chat_id, &part.text, None)).await?.message_id)
+/// Bot API calls of one delivery, fenced on the job's lease when there is one.
+struct Outgoing<'a> {
+    ctx: &'a WorkerContext,
+    lease: Option<&'a crate::lease::Lease>,
+}
+
+impl Outgoing<'_> {
+    /// `Err(Aborted)` when the lease is gone.
+    async fn fence(&self) -> Result<(), TelegramError> {
+        let Some(lease) = self.lease else { return Ok(()) };
+        let visibility = std::time::Duration::from_secs(self.ctx.settings.visibility_timeout_s);
+        match crate::lease::heartbeat(&self.ctx.db, lease, visibility).await {
+            Ok(crate::lease::Beat::Lost) => Err(TelegramError::Aborted("the job's lease was lost".into())),
+            Ok(_) => Ok(()),
+            // The database is away: do not send what another worker may send too.
+            Err(e) => Err(TelegramError::Aborted(format!("lease check failed: {e}"))),
         }
-        Err(TelegramError::Migrated(to)) => {
-            // The group became a supergroup: move the chat, resend once there.
-            crate::chats::migrate(&ctx.db, chat_id, to).await.map_err(|e| DeliveryError::Failed(e.to_string()))?;
-            Ok(ctx.pacer.call(to, || ctx.telegram.send_message(to, &part.text, part.entities_json())).await?.message_id)
+    }
+
+    async fn send_once(
+        &self,
+        chat_id: i64,
+        text: &str,
+        entities: Option<Vec<serde_json::Value>>,
+    ) -> Result<i64, TelegramError> {
+        self.ctx
+            .pacer
+            .call(chat_id, || async {
+                self.fence().await?;
+                self.ctx.telegram.send_message(chat_id, text, entities.clone()).await
+            })
+            .await
+            .map(|m| m.message_id)
+    }
+
+    /// Sends one part; entities rejected → once more as plain text.
+    async fn send(&self, chat_id: i64, part: &Formatted) -> Result<i64, DeliveryError> {
+        match self.send_once(chat_id, &part.text, part.entities_json()).await {
+            Ok(id) => Ok(id),
+            Err(TelegramError::BadEntities(e)) => {
+                tracing::warn!(error.message = %e, "entities rejected; sending as plain text");
+                Ok(self.send_once(chat_id, &part.text, None).await?)
+            }
+            Err(TelegramError::Migrated(to)) => {
+                // The group became a supergroup: move the chat, resend once there.
+                crate::chats::migrate(&self.ctx.db, chat_id, to)
+                    .await
+                    .map_err(|e| DeliveryError::Failed(e.to_string()))?;
+                Ok(self.send_once(to, &part.text, part.entities_json()).await?)
+            }
+            Err(e) => Err(e.into()),
         }
-        Err(e) => Err(e.into()),
+    }
+
+    async fn edit_once(
+        &self,
+        chat_id: i64,
+        message_id: i64,
+        part: &Formatted,
+        entities: bool,
+    ) -> Result<(), TelegramError> {
+        let r = self
+            .ctx
+            .pacer
+            .call(chat_id, || async {
+                self.fence().await?;
+                let e = if entities { part.entities_json() } else { None };
+                self.ctx.telegram.edit_message_text(chat_id, message_id, &part.text, e).await
+            })
+            .await;
+        match r {
+            Err(TelegramError::NotModified) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Edits one message to `part`; entities rejected → once more as plain text.
+    async fn edit(&self, chat_id: i64, message_id: i64, part: &Formatted) -> Result<(), TelegramError> {
+        match self.edit_once(chat_id, message_id, part, true).await {
+            Err(TelegramError::BadEntities(_)) => self.edit_once(chat_id, message_id, part, false).await,
+            other => other,
+        }
     }
 }
 
-/// Edits one message to `part`; entities rejected → once more as plain text.
+/// Edits one message to `part` (no lease); entities rejected → once more as plain text.
 ///
 /// # Errors
 /// The classified error ("not modified" is success).
 pub async fn edit(ctx: &WorkerContext, chat_id: i64, message_id: i64, part: &Formatted) -> Result<(), TelegramError> {
-    let r = ctx
-        .pacer
-        .call(chat_id, || ctx.telegram.edit_message_text(chat_id, message_id, &part.text, part.entities_json()))
-        .await;
-    match r {
-        Ok(()) | Err(TelegramError::NotModified) => Ok(()),
-        Err(TelegramError::BadEntities(_)) => {
-            match ctx
-                .pacer
-                .call(chat_id, || ctx.telegram.edit_message_text(chat_id, message_id, &part.text, None))
-                .await
-            {
-                Ok(()) | Err(TelegramError::NotModified) => Ok(()),
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    }
+    Outgoing { ctx, lease: None }.edit(chat_id, message_id, part).await
 }

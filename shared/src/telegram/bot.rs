@@ -36,6 +36,9 @@ pub enum TelegramError {
     /// Network or decoding failure (token scrubbed).
     #[error("telegram transport error: {0}")]
     Transport(String),
+    /// The caller gave up before the call was sent (its job's lease was lost).
+    #[error("call aborted: {0}")]
+    Aborted(String),
 }
 
 /// The Bot API client; cheap to clone.
@@ -297,6 +300,7 @@ impl BotApi {
             Err(TelegramError::Migrated(_)) => "migrated",
             Err(TelegramError::Api(_)) => "api_error",
             Err(TelegramError::Transport(_)) => "transport",
+            Err(TelegramError::Aborted(_)) => "aborted",
         };
         metrics::counter!("fleet_telegram_calls_total", "method" => P::NAME, "result" => outcome).increment(1);
         result

@@ -85,7 +85,10 @@ async fn a_duplicated_update_is_answered_and_charged_once(how: Posting) -> Resul
 
     assert_eq!(app.db.count_of("SELECT count(*) FROM jobs WHERE update_id = $1", UPDATE_ID).await?, 1);
     assert_eq!(app.db.count("SELECT count(*) FROM api_calls").await?, 1);
-    assert_eq!(app.db.count("SELECT count(*) FROM billing_outbox").await?, 1);
+    assert_eq!(
+        app.db.count("SELECT count(*) FROM billing_outbox WHERE payload->>'type' = 'usage_charge.v1'").await?,
+        1
+    );
     assert_eq!(
         app.db
             .count_of("SELECT count(*) FROM ledger_entries WHERE kind = 'usage_charge' AND user_id = $1", CHI)

@@ -63,7 +63,6 @@ async fn stop_posted_while_another_worker_streams_closes_the_stream_within_a_sec
 /// running job), the `/stop` update routed to that worker must still be
 /// taken in at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: worker/src/consumer.rs consume() takes a job permit before reading the next delivery, so a /stop delivered to a worker whose PREFETCH slots are all running waits until a job ends (P6)"]
 async fn stop_reaches_a_worker_whose_job_slots_are_all_taken_within_a_second() -> Result<()> {
     let t = Lifecycle::start("stopfull", 1, &[("PREFETCH", "1")]).await?;
     let result = stop_closes_the_stream_within_a_second(&t).await;

@@ -117,18 +117,18 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
     let job = load(ctx, lease.job_id).await?;
     if job.kind == "command" {
         let reply = crate::commands::run(ctx, &job).await?;
-        deliver(ctx, &job, &reply, &[]).await?;
+        deliver(ctx, &job, lease, &reply, &[]).await?;
         return Ok("command");
     }
     if let Some(text) = request::stored_answer(ctx, &job).await? {
         // An earlier attempt stored the answer and died while delivering it.
-        deliver(ctx, &job, &text, &[]).await?;
+        deliver(ctx, &job, lease, &text, &[]).await?;
         return Ok("answered");
     }
     let mut request = build_request(ctx, &job).await?;
     let hold = crate::holds::hold_amount(ctx, &request);
     if !crate::holds::place(ctx, &job, hold).await? {
-        deliver(ctx, &job, TOP_UP_NOTICE, &[]).await?;
+        deliver(ctx, &job, lease, TOP_UP_NOTICE, &[]).await?;
         return Ok("no_balance");
     }
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id(), cancel.clone());
@@ -146,7 +146,7 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         mark_blocked(ctx, job.user_id).await?;
         return Ok("user_blocked");
     }
-    deliver(ctx, &job, &answer.reply(), &progress_message).await?;
+    deliver(ctx, &job, lease, &answer.reply(), &progress_message).await?;
     Ok("answered")
 }
 
@@ -270,6 +270,10 @@ async fn generate(
                     return Ok(answer);
                 }
                 continuations += 1;
+                // A tool_use cut off by max_tokens is never run, and is not
+                // sent back either (it would need a tool_result).
+                let blocks: Vec<serde_json::Value> = blocks.into_iter().filter(|b| b["type"] != "tool_use").collect();
+                answer.content.retain(|b| b["type"] != "tool_use");
                 request::append_turns(
                     request,
                     blocks,
@@ -315,17 +319,22 @@ async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError>
     Ok(())
 }
 
-async fn deliver(ctx: &WorkerContext, job: &JobRow, text: &str, reuse: &[i64]) -> Result<(), JobError> {
-    match send_text(ctx, job.chat_id, text, reuse).await {
+async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, reuse: &[i64]) -> Result<(), JobError> {
+    match crate::delivery::send_fenced(ctx, job.chat_id, text, reuse, Some(lease)).await {
         Ok(ids) => {
-            sqlx::query("UPDATE jobs SET reply_message_ids = reply_message_ids || $2 WHERE job_id = $1")
-                .bind(job.job_id)
-                .bind(&ids)
-                .execute(&ctx.db)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET reply_message_ids = reply_message_ids || $2
+                  WHERE job_id = $1 AND status = 'running' AND lease_epoch = $3",
+            )
+            .bind(job.job_id)
+            .bind(&ids)
+            .bind(lease.epoch)
+            .execute(&ctx.db)
+            .await?;
             Ok(())
         }
         Err(DeliveryError::Blocked) => mark_blocked(ctx, job.user_id).await,
+        Err(DeliveryError::LeaseLost) => Err(JobError::LeaseLost),
         // The answer is stored and billed; a delivery failure after retries
         // is logged with the job id and the job still finishes.
         Err(DeliveryError::Failed(e)) => {
