@@ -52,6 +52,9 @@ async fn show(
 ) -> Vec<i64> {
     let mut messages: Vec<i64> = Vec::new();
     let mut last_sent = String::new();
+    // Drafts until Telegram refuses them (older clients, chats without
+    // drafts); then one message edited in place, as in groups.
+    let mut drafts = private;
     let typing = tokio::select! {
         _ = stop.cancelled() => return messages,
         r = ctx.pacer.call_action(chat_id, || ctx.telegram.send_typing(chat_id)) => r,
@@ -76,11 +79,16 @@ async fn show(
         if current.text == last_sent {
             continue;
         }
-        let sent = if private {
+        let mut sent = if drafts {
             ctx.telegram.send_message_draft(chat_id, draft_id, &current.text, current.entities_json()).await
         } else {
             update_group(&ctx, chat_id, &mut messages, &parts).await
         };
+        if drafts && matches!(sent, Err(TelegramError::Api(_))) {
+            tracing::info!("drafts refused; editing one message in place instead");
+            drafts = false;
+            sent = update_group(&ctx, chat_id, &mut messages, &parts).await;
+        }
         match sent {
             Ok(()) | Err(TelegramError::NotModified) => last_sent = current.text.clone(),
             Err(TelegramError::RetryAfter(d)) => ctx.pacer.pause(chat_id, d).await,

@@ -133,3 +133,31 @@ async fn a_migrated_groups_next_message_is_answered_in_the_new_chat_with_the_old
     assert!(answered_in_new, "the answer goes to the new chat");
     app.cleanup().await
 }
+
+#[tokio::test]
+async fn when_drafts_are_refused_progress_edits_one_message_that_becomes_the_answer() -> anyhow::Result<()> {
+    let app = spawn_app().await?;
+    grant(&app, 100_000_001).await?;
+    let mut slow = sse("text_group_answer.sse")?;
+    slow.event_delay_ms = 100;
+    app.anthropic.push([slow]);
+    app.telegram.add_fault(Fault {
+        methods: vec!["sendMessageDraft".into()],
+        nth: 1,
+        status: 400,
+        retry_after: None,
+        description: Some("Bad Request: TEXTDRAFT_PEER_INVALID".into()),
+        times: 1000,
+    });
+    let update = fixture_bytes("telegram/ada_capital.json")?;
+    let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
+    assert_eq!(app.post_update(&update).await?, 200);
+    job_done(&app, update_id).await?;
+    let drafts = app.telegram.calls().iter().filter(|c| c.method == "sendMessageDraft").count();
+    assert_eq!(drafts, 1, "after the first refusal no draft is tried again");
+    let messages: Vec<_> = app.telegram.messages().into_iter().filter(|m| m.chat_id == 100_000_001).collect();
+    assert_eq!(messages.len(), 1, "one message, edited in place, is the answer: {messages:#?}");
+    assert!(messages[0].text.contains("backon") && messages[0].text.contains("full jitter."), "{}", messages[0].text);
+    assert!(messages[0].edits >= 1, "the progress message was edited into the answer");
+    app.cleanup().await
+}
