@@ -8,10 +8,10 @@ use serde_json::Value;
 
 /// True for commands this bot answers.
 pub fn is_known(command: &str) -> bool {
-    matches!(command, "start" | "help" | "new" | "balance" | "buy")
+    matches!(command, "start" | "help" | "new" | "balance" | "buy" | "usage")
 }
 
-const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/stop — stop the answer being written\n/balance — show your credit\n/buy — buy credit with Telegram Stars\n/help — this help";
+const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/stop — stop the answer being written\n/balance — show your credit\n/usage — your recent charges\n/buy — buy credit with Telegram Stars\n/help — this help";
 
 /// The user's balance in USD (credits − debits on their ledger account); zero
 /// when they have no account yet.
@@ -65,6 +65,47 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
                 }
             }
         }
+        "usage" => usage(ctx, job.user_id).await?,
         _ => HELP.to_owned(),
     })
+}
+
+/// "Why was I charged": the user's last ten ledger movements, newest first,
+/// with the model, tokens by class and whether output was estimated.
+async fn usage(ctx: &WorkerContext, user_id: i64) -> Result<String, sqlx::Error> {
+    type Row = (chrono::DateTime<chrono::Utc>, String, Decimal, bool, Option<String>, Option<Value>, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT e.created_at, e.kind, e.amount, e.estimated, e.memo, a.payload->'tokens', e.credit_account
+           FROM ledger_entries e JOIN applied_events a USING (event_id)
+          WHERE e.user_id = $1 AND e.kind IN ('usage_charge', 'tool_charge', 'top_up', 'grant', 'refund')
+          ORDER BY e.entry_id DESC LIMIT 10",
+    )
+    .bind(user_id)
+    .fetch_all(&ctx.billing_db)
+    .await?;
+    if rows.is_empty() {
+        return Ok("No charges yet.".to_owned());
+    }
+    let mut out = String::from("Your recent charges and credits (USD):\n");
+    for (at, kind, amount, estimated, memo, tokens, credit) in rows {
+        let sign = if credit.starts_with("user:") { "+" } else { "−" };
+        let what = memo.unwrap_or_else(|| kind.clone());
+        let tokens = tokens
+            .and_then(|t| {
+                let n = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
+                (kind == "usage_charge").then(|| {
+                    format!(
+                        " — {} in, {} out, {} cache write, {} cache read",
+                        n("input"),
+                        n("output"),
+                        n("cache_write_5m") + n("cache_write_1h"),
+                        n("cache_read")
+                    )
+                })
+            })
+            .unwrap_or_default();
+        let est = if estimated { " (output estimated: the answer was cut short)" } else { "" };
+        out.push_str(&format!("\n{} {sign}${} {what}{tokens}{est}", at.format("%Y-%m-%d %H:%M"), amount.normalize()));
+    }
+    Ok(out)
 }

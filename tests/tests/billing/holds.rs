@@ -49,3 +49,49 @@ async fn two_chats_of_one_user_with_credit_for_one_hold_run_one_and_refuse_the_o
     assert_eq!(balance, "0.09721".parse()?, "0.10 − 0.00279 (text_group_answer)");
     app.cleanup().await
 }
+
+#[tokio::test]
+async fn usage_explains_each_charge_with_its_model_and_tokens() -> anyhow::Result<()> {
+    let app = spawn_app().await?;
+    grant(&app.db.pool, 100_000_001, "5").await?;
+    app.anthropic.push([ScriptedResponse::from_file(fixture("anthropic/text_capital.sse"))?]);
+    assert_eq!(app.post_update(&fixture_bytes("telegram/ada_capital.json")?).await?, reqwest::StatusCode::OK);
+    let pool = app.db.pool.clone();
+    wait_until("the charge to be applied", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE kind = 'usage_charge'")
+                .fetch_one(&pool)
+                .await?;
+            Ok(n == 1)
+        }
+    })
+    .await?;
+    let usage = serde_json::json!({"update_id": 800_000_990, "message": {"message_id": 99, "date": 1764461300,
+        "chat": {"id": 100000001, "first_name": "Ada", "type": "private"},
+        "from": {"id": 100000001, "is_bot": false, "first_name": "Ada"},
+        "text": "/usage", "entities": [{"offset": 0, "length": 6, "type": "bot_command"}]}});
+    assert_eq!(app.post_update(usage.to_string().as_bytes()).await?, reqwest::StatusCode::OK);
+    assert!(
+        app.telegram
+            .wait_for_call(
+                |c| c.method == "sendMessage"
+                    && c.params["text"].as_str().is_some_and(|t| t.contains("recent charges")),
+                WAIT
+            )
+            .await,
+        "no /usage answer"
+    );
+    let answer = app
+        .telegram
+        .messages()
+        .into_iter()
+        .find(|m| m.text.contains("recent charges"))
+        .map(|m| m.text)
+        .unwrap_or_default();
+    assert!(answer.contains("0.002124"), "{answer}");
+    assert!(answer.contains("claude-sonnet-4-5"), "{answer}");
+    assert!(answer.contains("in,") && answer.contains("out"), "tokens by class: {answer}");
+    assert!(answer.contains("+$5"), "the grant is listed: {answer}");
+    app.cleanup().await
+}
