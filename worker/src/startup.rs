@@ -31,6 +31,10 @@ impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
         let prices = PriceTable::load(&settings.prices_file).with_context(|| "PRICES_FILE")?;
+        if prices.row_for(&settings.model, chrono::Utc::now().date_naive()).is_none() {
+            // Never call Claude with a model whose usage cannot be priced.
+            anyhow::bail!("ANTHROPIC_MODEL {:?} has no price row in PRICES_FILE", settings.model);
+        }
         let acquire = Duration::from_secs(5);
         let db = shared::db::pool(&settings.db.database_url, settings.db.database_max_connections, acquire)
             .context("DATABASE_URL")?;

@@ -6,5 +6,6 @@
 #[allow(dead_code, unused_imports)]
 mod helpers;
 
+mod config;
 mod logs;
 mod metrics;
