@@ -367,11 +367,7 @@ async fn record_payment(
         telegram_payment_charge_id: payment.telegram_payment_charge_id.clone(),
         occurred_at: chrono::Utc::now(),
     });
-    sqlx::query("INSERT INTO billing_outbox (event_id, payload) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING")
-        .bind(event.event_id())
-        .bind(serde_json::to_value(&event).unwrap_or_default())
-        .execute(&mut **tx)
-        .await?;
+    crate::outbox::write(tx, &event, None).await?;
     Ok(IntakeOutcome::Action(Action::Paid { chat_id: msg.chat.id, credit }))
 }
 

@@ -11,6 +11,30 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Writes `event` to the outbox inside the caller's transaction (the one
+/// that commits what the event charges for). Writing the same event id again
+/// does nothing.
+///
+/// # Errors
+/// Database errors.
+pub async fn write(
+    conn: &mut sqlx::PgConnection,
+    event: &shared::contracts::BillingEvent,
+    job_id: Option<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let payload = serde_json::to_value(event)
+        .map_err(|e| sqlx::Error::Protocol(format!("billing event does not serialize: {e}")))?;
+    sqlx::query(
+        "INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id())
+    .bind(job_id)
+    .bind(payload)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Events relayed per transaction.
 const BATCH: i64 = 100;
 

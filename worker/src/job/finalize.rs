@@ -170,12 +170,7 @@ pub async fn finalize(
             estimated,
             occurred_at: Utc::now(),
         });
-        sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
-            .bind(event.event_id())
-            .bind(job.job_id)
-            .bind(serde_json::to_value(&event).map_err(|e| JobError::Invalid(e.to_string()))?)
-            .execute(&mut *tx)
-            .await?;
+        crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
     }
     // After the charges, in the same transaction: settles the job's hold.
     let release = BillingEvent::HoldRelease(HoldRelease {
@@ -183,14 +178,7 @@ pub async fn finalize(
         job_id: job.job_id,
         user_id: job.user_id,
     });
-    sqlx::query(
-        "INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(release.event_id())
-    .bind(job.job_id)
-    .bind(serde_json::to_value(&release).map_err(|e| JobError::Invalid(e.to_string()))?)
-    .execute(&mut *tx)
-    .await?;
+    crate::outbox::write(&mut tx, &release, Some(job.job_id)).await?;
     tx.commit().await?;
     ctx.outbox_notify.notify_one();
     Ok(())

@@ -159,12 +159,7 @@ async fn run_checked(
                     user_charge: price,
                     occurred_at: Utc::now(),
                 });
-                sqlx::query("INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING")
-                    .bind(event.event_id())
-                    .bind(job.job_id)
-                    .bind(serde_json::to_value(&event).map_err(|e| JobError::Invalid(e.to_string()))?)
-                    .execute(&mut *tx)
-                    .await?;
+                crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
             }
             // Fence: the tool's writes commit only under the live lease.
             let held: Option<i64> = sqlx::query_scalar(
