@@ -203,8 +203,10 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     span.record("user_id", job.user_id);
     span.record("job_id", tracing::field::display(job.job_id));
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
-    // A job slot bounds the jobs running here; it is held until the job ends.
-    let Ok(_slot) = ctx.job_slots.clone().acquire_owned().await else {
+    // A job slot bounds the jobs running here; it is held until the job
+    // ends. Without a free slot the delivery goes to a delay queue at once,
+    // so unacked deliveries never fill the prefetch window (a /stop must get through).
+    let Ok(_slot) = ctx.job_slots.clone().try_acquire_owned() else {
         return Settle::Delay;
     };
     match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {

@@ -106,8 +106,8 @@ impl Outgoing<'_> {
         match crate::lease::heartbeat(&self.ctx.db, lease, visibility).await {
             Ok(crate::lease::Beat::Lost) => Err(TelegramError::Aborted("the job's lease was lost".into())),
             Ok(_) => Ok(()),
-            // The database is away: do not send what another worker may send too.
-            Err(e) => Err(TelegramError::Aborted(format!("lease check failed: {e}"))),
+            // Not known to be lost: the pacer retries the call (and this check).
+            Err(e) => Err(TelegramError::Transport(format!("lease check failed: {e}"))),
         }
     }
 

@@ -63,7 +63,8 @@ pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result
         Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
     sqlx::query(
         "INSERT INTO holds (job_id, user_id, amount, status, expires_at) VALUES ($1, $2, $3, 'active', now() + make_interval(secs => $4))
-         ON CONFLICT (job_id) DO UPDATE SET amount = EXCLUDED.amount, status = 'active', expires_at = EXCLUDED.expires_at, updated_at = now()",
+         ON CONFLICT (job_id) DO UPDATE SET amount = EXCLUDED.amount, status = 'active', expires_at = EXCLUDED.expires_at, updated_at = now()
+         WHERE holds.status <> 'settled'",
     )
     .bind(job.job_id)
     .bind(job.user_id)

@@ -220,6 +220,11 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             tx.commit().await?;
             return Ok(IntakeOutcome::Stop { chat_id, update_id, running: true, callback_id });
         }
+        if let Plan::Act(action @ Action::Migrate { .. }) = plan {
+            // Idempotent, and a failed first attempt asked for this retry.
+            tx.commit().await?;
+            return Ok(IntakeOutcome::Action(action));
+        }
         // A redelivery: resume the job if nobody holds it, else drop.
         let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
             "SELECT job_id, chat_id, user_id FROM jobs WHERE update_id = $1

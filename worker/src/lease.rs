@@ -132,6 +132,7 @@ pub async fn heartbeat(db: &PgPool, lease: &Lease, visibility: Duration) -> Resu
 pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: CancellationToken, job: JobCancel) {
     let period = visibility / 3;
     let mut first = true;
+    let mut last_good = tokio::time::Instant::now();
     loop {
         // The first beat is immediate: a /stop that raced the claim is seen at once.
         let wait = if first { Duration::ZERO } else { period };
@@ -141,16 +142,27 @@ pub async fn keep_alive(db: PgPool, lease: Lease, visibility: Duration, stop: Ca
             _ = tokio::time::sleep(wait) => {}
         }
         match heartbeat(&db, &lease, visibility).await {
-            Ok(Beat::Held) => {}
-            Ok(Beat::StopRequested) => job.cancel(CancelReason::Stop),
+            Ok(Beat::Held) => last_good = tokio::time::Instant::now(),
+            Ok(Beat::StopRequested) => {
+                last_good = tokio::time::Instant::now();
+                job.cancel(CancelReason::Stop);
+            }
             Ok(Beat::Lost) => {
                 tracing::warn!(job_id = %lease.job_id, epoch = lease.epoch, "lease lost; stopping the job");
                 job.cancel(CancelReason::LeaseLost);
                 return;
             }
-            // The database is unreachable: keep trying until the lease would
-            // have expired anyway; the expiry is the backstop.
-            Err(e) => tracing::warn!(error.message = %e, "heartbeat failed"),
+            // The database is unreachable: keep trying while the lease may
+            // still be ours; once it must have expired, another worker may
+            // hold the job, so this one stops.
+            Err(e) => {
+                tracing::warn!(error.message = %e, "heartbeat failed");
+                if last_good.elapsed() >= visibility {
+                    tracing::warn!(job_id = %lease.job_id, "no heartbeat for a whole visibility timeout; stopping the job");
+                    job.cancel(CancelReason::LeaseLost);
+                    return;
+                }
+            }
         }
     }
 }

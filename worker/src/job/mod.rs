@@ -115,6 +115,11 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
 
 async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Result<&'static str, JobError> {
     let job = load(ctx, lease.job_id).await?;
+    if !job.reply_message_ids.is_empty() {
+        // An earlier attempt delivered the answer and died before finishing:
+        // finish without sending anything again (P1).
+        return Ok("answered");
+    }
     if job.kind == "command" {
         let reply = crate::commands::run(ctx, &job).await?;
         deliver(ctx, &job, lease, &reply, &[]).await?;

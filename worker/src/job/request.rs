@@ -25,6 +25,8 @@ pub struct JobRow {
     pub chat_kind: String,
     /// Current conversation of the chat.
     pub conversation_epoch: i32,
+    /// Telegram messages already sent for this job (by an earlier attempt).
+    pub reply_message_ids: Vec<i64>,
 }
 
 impl JobRow {
@@ -46,7 +48,8 @@ impl JobRow {
 /// Database errors (`RowNotFound` for an unknown id).
 pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError> {
     Ok(sqlx::query_as(
-        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch
+        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch,
+                j.reply_message_ids
            FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
     )
     .bind(job_id)
