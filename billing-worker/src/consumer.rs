@@ -67,20 +67,7 @@ pub fn decide(result: &Result<Applied, LedgerError>, attempt: i64, retry_queues:
 
 /// Consumes until `shutdown`, reconnecting with backoff.
 pub async fn run(ctx: BillingContext, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        match consume(&ctx, &shutdown).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error.message = %e, "billing consumer lost the broker; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    amqp::reconnecting("billing", &shutdown, || consume(&ctx, &shutdown)).await;
 }
 
 async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {

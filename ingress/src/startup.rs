@@ -49,7 +49,8 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Publishes one update verbatim, routing key = chat id, and waits for the confirm.
+    /// Publishes one update verbatim, routing key `<shard>.<chat id>`
+    /// ([`shared::amqp::Topology::update_routing_key`]), and waits for the confirm.
     ///
     /// # Errors
     /// Any failure to get an Ack without a return.
@@ -59,7 +60,7 @@ impl Forwarder {
             return Err(e);
         }
         let message_id = info.update_id.to_string();
-        let key = info.routing_key();
+        let key = self.topology.update_routing_key(info.chat_id);
         self.publisher
             .publish(Outgoing {
                 exchange: &self.topology.updates_exchange(),

@@ -45,6 +45,11 @@ pub struct Topology {
     pub billing_retry_delays_ms: Vec<u64>,
     /// Deliveries of one message before the quorum queue dead-letters it.
     pub delivery_limit: i64,
+    /// Number of `updates.intake.<n>` shards. The ingress routes an update
+    /// to shard `chat_id mod intake_shards`, so every process of a
+    /// deployment must agree on it (changing it is an upgrade step,
+    /// docs/operations.md).
+    pub intake_shards: u32,
 }
 
 impl Topology {
@@ -55,15 +60,42 @@ impl Topology {
             update_retry_delays_ms: vec![250, 1_000, 5_000],
             billing_retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
             delivery_limit: 10,
+            intake_shards: DEFAULT_INTAKE_SHARDS,
         }
     }
-    /// Topic exchange the ingress publishes updates to (routing key = chat id).
+    /// Topic exchange the ingress publishes updates to, routing key
+    /// `<shard>.<chat id>` ([`Topology::update_routing_key`]).
     pub fn updates_exchange(&self) -> String {
         format!("{}updates", self.prefix)
     }
-    /// Quorum queue of updates, bound to the exchange with `#`.
+    /// Quorum queue of *taken-in* work: jobs handed off by the intake
+    /// shards, jobs handed back or reaped, and delayed retries. Workers
+    /// compete on it, so generation spreads over the fleet. Not bound to the
+    /// exchange: raw updates reach it only through the intake shards.
     pub fn updates_queue(&self) -> String {
         format!("{}updates", self.prefix)
+    }
+    /// Intake shard `shard`: a quorum queue with single active consumer, so
+    /// the updates of one chat are taken in by one consumer, in the order
+    /// the ingress published them (P2).
+    pub fn intake_queue(&self, shard: u32) -> String {
+        format!("{}updates.intake.{shard}", self.prefix)
+    }
+    /// The shard of a chat: `chat_id mod intake_shards` (Euclidean, so
+    /// negative group ids too); updates without a chat go to shard 0.
+    pub fn shard_of(&self, chat_id: Option<i64>) -> u32 {
+        let n = i64::from(self.intake_shards.max(1));
+        chat_id.map_or(0, |c| u32::try_from(c.rem_euclid(n)).unwrap_or(0))
+    }
+    /// Routing key of an update on the updates exchange: `<shard>.<chat id>`
+    /// (`<shard>.none` without a chat).
+    pub fn update_routing_key(&self, chat_id: Option<i64>) -> String {
+        let chat = chat_id.map_or_else(|| "none".to_owned(), |c| c.to_string());
+        format!("{}.{chat}", self.shard_of(chat_id))
+    }
+    /// Binding key of intake shard `shard` on the updates exchange.
+    pub fn intake_binding(shard: u32) -> String {
+        format!("{shard}.*")
     }
     /// Delay queue of `ms` milliseconds that dead-letters back to `updates`.
     pub fn updates_retry_queue(&self, ms: u64) -> String {
@@ -98,6 +130,7 @@ impl Topology {
         let mut q =
             vec![self.updates_queue(), self.updates_dead_queue(), self.billing_queue(), self.billing_dead_queue()];
         q.extend(self.update_retry_delays_ms.iter().map(|&ms| self.updates_retry_queue(ms)));
+        q.extend((0..self.intake_shards).map(|n| self.intake_queue(n)));
         q.extend((0..self.billing_retry_delays_ms.len()).map(|n| self.billing_retry_queue(n)));
         q
     }
@@ -116,14 +149,28 @@ impl Topology {
             .await?;
 
         declare_classic(ch, &self.updates_dead_queue(), FieldTable::default()).await?;
-        declare_quorum(ch, &self.updates_queue(), self.delivery_limit, &self.updates_dead_queue()).await?;
-        bind(ch, &self.updates_queue(), &self.updates_exchange(), "#").await?;
+        declare_quorum(ch, &self.updates_queue(), self.delivery_limit, &self.updates_dead_queue(), false).await?;
+        // Before intake shards existed `updates` was bound with `#`; a
+        // leftover binding would let raw updates skip their shard.
+        // Unbinding a binding that does not exist is not an error.
+        ch.queue_unbind(
+            self.updates_queue().as_str().into(),
+            self.updates_exchange().as_str().into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await?;
+        for n in 0..self.intake_shards {
+            let q = self.intake_queue(n);
+            declare_quorum(ch, &q, self.delivery_limit, &self.updates_dead_queue(), true).await?;
+            bind(ch, &q, &self.updates_exchange(), &Self::intake_binding(n)).await?;
+        }
         for &ms in &self.update_retry_delays_ms {
             declare_classic(ch, &self.updates_retry_queue(ms), delay_args(ms, &self.updates_queue())).await?;
         }
 
         declare_classic(ch, &self.billing_dead_queue(), FieldTable::default()).await?;
-        declare_quorum(ch, &self.billing_queue(), self.delivery_limit, &self.billing_dead_queue()).await?;
+        declare_quorum(ch, &self.billing_queue(), self.delivery_limit, &self.billing_dead_queue(), false).await?;
         bind(ch, &self.billing_queue(), &self.billing_exchange(), BILLING_ROUTING_KEY).await?;
         // The delay travels with each message (`expiration`), so the
         // billing-worker's backoff is its own setting; one queue per step
@@ -137,6 +184,10 @@ impl Topology {
         Ok(())
     }
 }
+
+/// Default number of intake shards: enough for intake to spread over a
+/// few hosts; each shard takes in its chats one update at a time per chat.
+pub const DEFAULT_INTAKE_SHARDS: u32 = 8;
 
 /// Routing key of billing events on the billing exchange.
 pub const BILLING_ROUTING_KEY: &str = "event";
@@ -162,10 +213,21 @@ async fn declare_classic(ch: &Channel, name: &str, args: FieldTable) -> Result<(
 }
 
 /// A durable quorum queue with an explicit delivery limit (RabbitMQ 3.10 has
-/// no default; 4.x defaults to 20) dead-lettering to `dead`.
-async fn declare_quorum(ch: &Channel, name: &str, delivery_limit: i64, dead: &str) -> Result<(), BrokerError> {
+/// no default; 4.x defaults to 20) dead-lettering to `dead`; with
+/// `single_active`, one consumer at a time receives its messages, in order
+/// (RabbitMQ docs, "Single Active Consumer", 3.8+).
+async fn declare_quorum(
+    ch: &Channel,
+    name: &str,
+    delivery_limit: i64,
+    dead: &str,
+    single_active: bool,
+) -> Result<(), BrokerError> {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), str_value("quorum"));
+    if single_active {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(delivery_limit));
     args.insert("x-dead-letter-exchange".into(), str_value(""));
     args.insert("x-dead-letter-routing-key".into(), str_value(dead));
@@ -178,6 +240,38 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
     ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
         .await?;
     Ok(())
+}
+
+/// Runs `session` (connect, consume, return on a broker error) until
+/// `shutdown`, reconnecting after each failure with exponential backoff:
+/// 200 ms doubling to 10 s, back to 200 ms after a session that lasted 10 s
+/// or more. `what` names the consumer in the logs.
+pub async fn reconnecting<F, Fut>(what: &str, shutdown: &tokio_util::sync::CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(10);
+    let mut delay = FIRST;
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        match session().await {
+            Ok(()) => break,
+            Err(e) => {
+                if started.elapsed() >= MAX {
+                    delay = FIRST;
+                }
+                tracing::warn!(error.message = %e, consumer = what, wait_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
+                metrics::counter!("fleet_broker_reconnects_total", "consumer" => what.to_owned()).increment(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX);
+            }
+        }
+    }
 }
 
 /// Opens a connection named `name` (shown in the management UI).
@@ -331,4 +425,23 @@ pub fn attempt_of(props: &BasicProperties) -> i64 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::Topology;
+
+    #[test]
+    fn a_chat_always_routes_to_the_same_shard_and_negative_ids_too() {
+        let t = Topology::new("");
+        assert_eq!(t.update_routing_key(Some(100_000_001)), "1.100000001");
+        assert_eq!(
+            t.update_routing_key(Some(-1_001_234_567_890)),
+            format!("{}.-1001234567890", t.shard_of(Some(-1_001_234_567_890)))
+        );
+        assert!(t.shard_of(Some(-1_001_234_567_890)) < t.intake_shards);
+        assert_eq!(t.update_routing_key(None), "0.none");
+        let one = Topology { intake_shards: 0, ..Topology::new("") };
+        assert_eq!(one.shard_of(Some(7)), 0, "zero shards is read as one");
+    }
 }

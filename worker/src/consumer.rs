@@ -28,6 +28,8 @@ pub enum Settle {
     Delay,
     /// Poison: to `updates.dead`.
     DeadLetter,
+    /// Back to its queue now (nack with requeue).
+    Requeue,
     /// Already acked (after the claim committed); nothing more to send.
     Settled,
 }
@@ -64,21 +66,13 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// 3. cancel the rest with `Shutdown`: each hands its lease back and republishes its job;
 /// 4. wait for those hand-backs (10 s), then abort what is left (leases expire).
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
-    let mut tasks = JoinSet::new();
-    let mut delay = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        match consume(&ctx, &shutdown, &mut tasks).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error.message = %e, wait_ms = delay.as_millis() as u64, "updates consumer lost the broker; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    let tasks = tokio::sync::Mutex::new(JoinSet::new());
+    amqp::reconnecting("updates", &shutdown, || async {
+        let mut tasks = tasks.lock().await;
+        consume(&ctx, &shutdown, &mut tasks).await
+    })
+    .await;
+    let mut tasks = tasks.into_inner();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         ctx.running.cancel_all(CancelReason::Shutdown);
@@ -163,31 +157,8 @@ pub async fn handle(ctx: &WorkerContext, delivery: Delivery, shutdown: Cancellat
 
 async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Settle {
     let job = match intake(ctx, &delivery.data).await {
-        Ok(IntakeOutcome::Duplicate) => {
-            tracing::info!("duplicate update dropped");
-            return Settle::Ack;
-        }
-        Ok(IntakeOutcome::Ignored(why)) => {
-            tracing::info!(reason = %why, "update ignored");
-            return Settle::Ack;
-        }
-        Ok(IntakeOutcome::Job(job)) => job,
-        Ok(IntakeOutcome::Stop { chat_id, update_id, running, callback_id }) => {
-            tracing::Span::current().record("chat_id", chat_id);
-            // Never waits behind the lease: the holder is told over `control`.
-            let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
-            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id).await {
-                tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
-                return Settle::Delay;
-            }
-            if let Some(id) = callback_id {
-                let _ = ctx.telegram.answer_callback_query(&id, Some("Stopping…")).await;
-            } else if !running && !here {
-                let _ = crate::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[]).await;
-            }
-            return Settle::Ack;
-        }
-        Ok(IntakeOutcome::Action(action)) => return crate::actions::perform(ctx, action).await,
+        Ok(IntakeOutcome::Job(job) | IntakeOutcome::Queued(job)) => job,
+        Ok(other) => return without_job(ctx, other).await,
         Err(IntakeError::Poison(e)) => {
             tracing::error!(error.message = %e, "poison update");
             return Settle::DeadLetter;
@@ -233,6 +204,40 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
             tracing::warn!(error.message = %e, "claim failed; retrying later");
             Settle::Delay
         }
+    }
+}
+
+/// Finishes an update whose intake created no job to run: duplicates,
+/// ignored kinds, `/stop` (broadcast on `control`, never waiting behind the
+/// chat's lease) and immediate actions. `Job`/`Queued` outcomes are the
+/// caller's; here they are acked (their job row holds the work).
+pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle {
+    match outcome {
+        IntakeOutcome::Duplicate => {
+            tracing::info!("duplicate update dropped");
+            Settle::Ack
+        }
+        IntakeOutcome::Ignored(why) => {
+            tracing::info!(reason = %why, "update ignored");
+            Settle::Ack
+        }
+        IntakeOutcome::Job(_) | IntakeOutcome::Queued(_) => Settle::Ack,
+        IntakeOutcome::Stop { chat_id, update_id, running, callback_id } => {
+            tracing::Span::current().record("chat_id", chat_id);
+            // Never waits behind the lease: the holder is told over `control`.
+            let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
+            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id).await {
+                tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
+                return Settle::Delay;
+            }
+            if let Some(id) = callback_id {
+                let _ = ctx.telegram.answer_callback_query(&id, Some("Stopping…")).await;
+            } else if !running && !here {
+                let _ = crate::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[]).await;
+            }
+            Settle::Ack
+        }
+        IntakeOutcome::Action(action) => crate::actions::perform(ctx, action).await,
     }
 }
 
@@ -299,12 +304,16 @@ pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) 
         Settle::Delay => "delay",
         Settle::DeadLetter => "dead_letter",
         Settle::Settled => "claimed",
+        Settle::Requeue => "requeue",
     };
     metrics::counter!("fleet_updates_settled_total", "action" => label).increment(1);
     let result = match decision {
         Settle::Settled => Ok(()),
         Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
         Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()),
+        Settle::Requeue => {
+            delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map(|_| ())
+        }
         Settle::Delay => {
             let attempt = attempt_of(&delivery.properties) + 1;
             let delays = &ctx.topology.update_retry_delays_ms;

@@ -43,6 +43,8 @@ pub struct WorkerContext {
     pub job_slots: Arc<tokio::sync::Semaphore>,
     /// True while the updates consumer is connected and consuming (readiness).
     pub consuming: Arc<std::sync::atomic::AtomicBool>,
+    /// True while the intake shard consumer is connected and consuming (readiness).
+    pub intake_consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs running in this process, by chat (for `/stop`).
     pub running: crate::control::RunningJobs,
     /// The bot's @username, from settings or getMe (read when first needed).
@@ -89,6 +91,7 @@ impl WorkerContext {
             outbox_notify: Arc::new(Notify::new()),
             running: crate::control::RunningJobs::default(),
             consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            intake_consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             job_slots,
             pacer,
             packs: Arc::new(packs),

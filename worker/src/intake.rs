@@ -47,6 +47,9 @@ pub enum IntakeOutcome {
     Ignored(String),
     /// A job to claim (new, or left queued by an earlier delivery).
     Job(JobRef),
+    /// A new job created while another job of its chat runs or waits: it
+    /// is answered after them, and the user is told it is queued.
+    Queued(JobRef),
     /// `/stop` (or the Stop button): cancel the chat's generation wherever it runs.
     Stop {
         /// The chat.
@@ -323,7 +326,15 @@ async fn create_job(
     .bind(msg.message_id)
     .execute(&mut **tx)
     .await?;
-    Ok(IntakeOutcome::Job(JobRef { job_id, chat_id: msg.chat.id, user_id, update_id }))
+    let behind: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE chat_id = $1 AND job_id <> $2 AND status IN ('queued', 'running'))",
+    )
+    .bind(msg.chat.id)
+    .bind(job_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let job = JobRef { job_id, chat_id: msg.chat.id, user_id, update_id };
+    Ok(if behind { IntakeOutcome::Queued(job) } else { IntakeOutcome::Job(job) })
 }
 
 fn callback_plan(ctx: &WorkerContext, q: CallbackQuery) -> Plan {

@@ -43,6 +43,7 @@ pub mod pacer;
 pub mod payments;
 pub mod progress;
 pub mod reaper;
+pub mod sequencer;
 pub mod startup;
 pub mod tools;
 

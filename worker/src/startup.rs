@@ -81,10 +81,11 @@ impl App {
         tracing::info!(worker_id = %self.ctx.worker_id, "worker running");
         let readiness = shared::admin::Readiness {
             databases: vec![self.ctx.db.clone(), self.ctx.billing_db.clone()],
-            consumers: vec![self.ctx.consuming.clone()],
+            consumers: vec![self.ctx.consuming.clone(), self.ctx.intake_consuming.clone()],
         };
         let admin = shared::admin::serve(self.admin, readiness, shutdown.clone());
         let mut tasks = JoinSet::new();
+        tasks.spawn(crate::sequencer::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::consumer::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::outbox::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::reaper::run(self.ctx.clone(), shutdown.clone()));

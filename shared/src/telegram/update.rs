@@ -46,11 +46,6 @@ impl RoutingInfo {
             .and_then(|p| p.pointer("/chat/id").or_else(|| p.pointer("/message/chat/id")).and_then(Value::as_i64));
         Ok(Self { update_id, chat_id, kind })
     }
-
-    /// The AMQP routing key: the chat id, or `none`.
-    pub fn routing_key(&self) -> String {
-        self.chat_id.map_or_else(|| "none".to_owned(), |c| c.to_string())
-    }
 }
 
 /// A Telegram `User` (the fields we keep).
@@ -308,7 +303,7 @@ mod tests {
                 .unwrap();
         assert_eq!((r.update_id, r.chat_id, r.kind.as_str()), (5, Some(-42), "callback_query"));
         let r = RoutingInfo::from_bytes(br#"{"update_id":6,"some_future_update":{"x":1}}"#).unwrap();
-        assert_eq!(r.routing_key(), "none");
+        assert_eq!(r.chat_id, None);
     }
 
     #[test]

@@ -290,7 +290,7 @@ async fn bench_ingress(args: &Args) -> anyhow::Result<Vec<Row>> {
                 let sent = publisher
                     .publish(shared::amqp::Outgoing {
                         exchange: &exchange,
-                        routing_key: "1",
+                        routing_key: "1.1",
                         body: &body,
                         message_id: None,
                         content_type: "application/json",

@@ -8,6 +8,7 @@ use crate::helpers::{
 use anyhow::{Context as _, Result};
 use lapin::types::{FieldTable, ShortString};
 use reqwest::StatusCode;
+use shared::amqp::Topology;
 
 /// A running ingress on a fresh prefix (its topology declared by `build`).
 struct Harness {
@@ -29,8 +30,14 @@ impl Harness {
         post_webhook(&self.http, self.port, secret, body.to_vec()).await
     }
 
+    /// Messages waiting in every update queue (intake shards, work queue).
     async fn queued(&self) -> Result<u32> {
-        self.broker.message_count(&self.broker.topology.updates_queue()).await
+        let t = &self.broker.topology;
+        let mut total = self.broker.message_count(&t.updates_queue()).await?;
+        for shard in 0..t.intake_shards {
+            total += self.broker.message_count(&t.intake_queue(shard)).await?;
+        }
+        Ok(total)
     }
 
     async fn cleanup(self) -> Result<()> {
@@ -101,7 +108,7 @@ async fn bodies_that_are_not_updates_are_rejected_with_400_and_nothing_is_queued
 }
 
 #[tokio::test]
-async fn a_valid_update_is_queued_once_verbatim_with_the_chat_id_as_routing_key() -> Result<()> {
+async fn a_valid_update_is_queued_once_verbatim_in_its_chats_shard() -> Result<()> {
     let h = Harness::start().await?;
     let body = fixture_bytes("telegram/ada_capital.json")?;
     let update: serde_json::Value = serde_json::from_slice(&body)?;
@@ -112,15 +119,14 @@ async fn a_valid_update_is_queued_once_verbatim_with_the_chat_id_as_routing_key(
 
     // 200 means confirmed: the message is in the queue already.
     assert_eq!(h.queued().await?, 1);
-    let got = h.broker.get(&h.broker.topology.updates_queue()).await?.context("a message in the queue")?;
-    assert_eq!(got.delivery.data, body, "the body is forwarded byte for byte");
-    assert_eq!(got.delivery.routing_key.as_str(), chat_id.to_string());
-    assert_eq!(got.delivery.exchange.as_str(), h.broker.topology.updates_exchange());
-    assert_eq!(
-        got.delivery.properties.message_id().as_ref().map(ShortString::as_str),
-        Some(update_id.to_string().as_str())
-    );
-    assert_eq!(got.message_count, 0, "exactly one message was queued");
+    let t = &h.broker.topology;
+    let shard = t.shard_of(Some(chat_id));
+    let got = h.broker.take_only(&t.intake_queue(shard)).await?.context("a message in the chat's shard")?;
+    assert_eq!(got.data, body, "the body is forwarded byte for byte");
+    assert_eq!(got.routing_key.as_str(), format!("{shard}.{chat_id}"));
+    assert_eq!(got.exchange.as_str(), h.broker.topology.updates_exchange());
+    assert_eq!(got.properties.message_id().as_ref().map(ShortString::as_str), Some(update_id.to_string().as_str()));
+    assert_eq!(h.queued().await?, 0, "exactly one message was queued");
     h.cleanup().await
 }
 
@@ -131,11 +137,11 @@ async fn an_update_of_an_unknown_kind_is_accepted_and_forwarded() -> Result<()> 
 
     assert_eq!(h.post(Some(WEBHOOK_SECRET), &body).await?, StatusCode::OK);
 
-    let got = h.broker.get(&h.broker.topology.updates_queue()).await?.context("a message in the queue")?;
-    assert_eq!(got.delivery.data, body);
-    // No chat in it: routed with the `none` key, still bound by `#`.
-    assert_eq!(got.delivery.routing_key.as_str(), "none");
-    assert_eq!(got.message_count, 0);
+    let got = h.broker.take_only(&h.broker.topology.intake_queue(0)).await?.context("a message in shard 0")?;
+    assert_eq!(got.data, body);
+    // No chat in it: routed to shard 0 with the `none` key.
+    assert_eq!(got.routing_key.as_str(), "0.none");
+    assert_eq!(h.queued().await?, 0);
     h.cleanup().await
 }
 
@@ -165,13 +171,15 @@ async fn an_unroutable_publish_returned_by_the_broker_makes_the_webhook_answer_5
     let h = Harness::start().await?;
     let t = &h.broker.topology;
     let body = fixture_bytes("telegram/ada_capital.json")?;
-    // The ingress declared the topology at start; take away the only binding.
+    let chat = serde_json::from_slice::<serde_json::Value>(&body)?["message"]["chat"]["id"].as_i64();
+    let shard = t.shard_of(chat);
+    // The ingress declared the topology at start; take away the chat's shard binding.
     within(
-        "unbinding the updates queue",
+        "unbinding the chat's intake shard",
         h.broker.channel().queue_unbind(
-            t.updates_queue().into(),
+            t.intake_queue(shard).into(),
             t.updates_exchange().into(),
-            "#".into(),
+            Topology::intake_binding(shard).into(),
             FieldTable::default(),
         ),
     )

@@ -3,8 +3,12 @@
 
 use super::{amqp_url, within};
 use anyhow::{Context as _, Result};
-use lapin::message::BasicGetMessage;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use futures_util::StreamExt;
+use lapin::message::{BasicGetMessage, Delivery};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use shared::amqp::Topology;
@@ -65,10 +69,25 @@ impl Broker {
         Ok(within("basic.get", self.ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })).await??)
     }
 
-    /// Ready messages in every update queue (main, delays, dead).
+    /// Takes the next message of a queue holding at most one, waiting up
+    /// to 5 s. A consumer, not `basic.get`: quorum queues with single
+    /// active consumer refuse `basic.get` (RESOURCE_LOCKED).
+    pub async fn take_only(&self, queue: &str) -> Result<Option<Delivery>> {
+        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut consumer =
+            within("basic.consume", self.ch.basic_consume(queue.into(), "".into(), opts, FieldTable::default()))
+                .await??;
+        let got = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.ok().flatten().transpose()?;
+        let tag = consumer.tag();
+        within("basic.cancel", self.ch.basic_cancel(tag, BasicCancelOptions::default())).await??;
+        Ok(got)
+    }
+
+    /// Ready messages in every update queue (intake shards, work queue, delays, dead).
     pub async fn pending_updates(&self) -> Result<u32> {
         let t = &self.topology;
         let mut queues = vec![t.updates_queue(), t.updates_dead_queue()];
+        queues.extend((0..t.intake_shards).map(|n| t.intake_queue(n)));
         queues.extend(t.update_retry_delays_ms.iter().map(|&ms| t.updates_retry_queue(ms)));
         let mut total = 0;
         for q in queues {

@@ -1,0 +1,234 @@
+//! Ordered intake (P2, DESIGN §5 "per-chat order"). Raw updates arrive on
+//! the intake shards `updates.intake.<n>` (the ingress routes a chat to
+//! shard `chat_id mod n`). Each shard is a single-active-consumer quorum
+//! queue, so exactly one worker reads it, in publish order; inside that
+//! worker the updates of one chat are taken in strictly one after the other
+//! (a chain per chat), while different chats proceed concurrently.
+//!
+//! Intake creates the job row; the claim then refuses a job while an older
+//! job of its chat waits or runs, so once rows are created in update order
+//! the answers come in update order. The job itself is handed off to the
+//! competing `updates` queue (`{"update_id": N}`), so generation spreads
+//! over every worker, not only the shard's active consumer.
+//!
+//! A transient intake failure is retried here with backoff (the delivery
+//! stays unacked and the chat's later updates wait behind it): sending it
+//! to a delay queue would let a later update of the chat be taken in first.
+
+use crate::consumer::{self, Settle};
+use crate::context::WorkerContext;
+use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
+use futures_util::stream::{select_all, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use shared::amqp;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Unacknowledged intake deliveries per shard consumer.
+const INTAKE_PREFETCH: u16 = 32;
+/// In-process attempts of one update's intake before it is requeued (and,
+/// after the queue's delivery limit, dead-lettered to `updates.dead`).
+const INTAKE_ATTEMPTS: u32 = 20;
+/// What the user reads when their message waits behind another answer.
+pub const QUEUED_NOTICE: &str = "⏳ Queued: I will answer this after the current reply.";
+
+/// Consumes every intake shard until `shutdown`, reconnecting with backoff.
+/// On shutdown it stops reading, lets the intakes in progress finish (they
+/// are short database transactions) and returns; unacked deliveries go
+/// back to their shard, in order, when the channel closes.
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
+    amqp::reconnecting("intake", &shutdown, || consume(&ctx, &shutdown)).await;
+}
+
+async fn consume(ctx: &WorkerContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
+    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker-intake", Duration::from_secs(5)).await?;
+    let ch = amqp::consumer_channel(&conn, INTAKE_PREFETCH).await?;
+    ctx.topology.declare(&ch).await?;
+    let mut consumers = Vec::new();
+    for shard in 0..ctx.topology.intake_shards {
+        let queue = ctx.topology.intake_queue(shard);
+        let c = ch
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        consumers.push(c);
+    }
+    tracing::info!(shards = ctx.topology.intake_shards, "consuming intake shards");
+    ctx.intake_consuming.store(true, Ordering::Relaxed);
+    let mut stream = select_all(consumers);
+    let mut tasks = JoinSet::new();
+    let mut chains = Chains::default();
+    let result = loop {
+        while tasks.try_join_next().is_some() {}
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            d = stream.next() => d,
+        };
+        match delivery {
+            Some(Ok(d)) => {
+                let chat = shared::telegram::RoutingInfo::from_bytes(&d.data).ok().and_then(|r| r.chat_id);
+                let (prev, done) = chains.next(chat);
+                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                tasks.spawn(async move { take_in(&ctx, d, prev, done, &shutdown).await });
+            }
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(amqp::BrokerError::Nacked),
+        }
+    };
+    ctx.intake_consuming.store(false, Ordering::Relaxed);
+    // Intakes in progress finish (or, at shutdown, give up between attempts).
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = conn.close(200, "bye".into()).await;
+    result
+}
+
+/// One chain per chat: each update's intake waits for the previous
+/// update of its chat to be taken in.
+#[derive(Default)]
+struct Chains {
+    tails: HashMap<i64, oneshot::Receiver<()>>,
+}
+
+impl Chains {
+    /// The signal to wait for (the chat's previous intake) and the one to
+    /// give when this intake is done (dropping it counts, panics included).
+    fn next(&mut self, chat: Option<i64>) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, tail) = oneshot::channel();
+        let Some(chat) = chat else { return (None, done) };
+        if self.tails.len() > 1_024 {
+            // Forget chains whose last intake has finished.
+            self.tails.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        }
+        (self.tails.insert(chat, tail), done)
+    }
+}
+
+async fn take_in(
+    ctx: &WorkerContext,
+    delivery: Delivery,
+    prev: Option<oneshot::Receiver<()>>,
+    done: oneshot::Sender<()>,
+    shutdown: &CancellationToken,
+) {
+    let span = tracing::info_span!(
+        "intake",
+        update_id = tracing::field::Empty,
+        chat_id = tracing::field::Empty,
+        job_id = tracing::field::Empty
+    );
+    async move {
+        if let Some(prev) = prev {
+            // Err means the previous intake ended without a signal: done too.
+            let _ = prev.await;
+        }
+        let outcome = intake_with_retries(ctx, &delivery, shutdown).await;
+        // The job row exists (or nothing will): the chat's next update may go.
+        drop(done);
+        let decision = match outcome {
+            Taken::Outcome(IntakeOutcome::Job(job)) => hand_off(ctx, &job).await,
+            Taken::Outcome(IntakeOutcome::Queued(job)) => {
+                let decision = hand_off(ctx, &job).await;
+                if let Err(e) = crate::delivery::send_text(ctx, job.chat_id, QUEUED_NOTICE, &[]).await {
+                    tracing::warn!(error.message = %e, "queued notice not sent");
+                }
+                decision
+            }
+            Taken::Outcome(other) => consumer::without_job(ctx, other).await,
+            Taken::Poison => Settle::DeadLetter,
+            Taken::GiveUp => {
+                // Back to the shard; the delivery limit dead-letters it eventually.
+                if let Err(e) = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                    tracing::warn!(error.message = %e, "could not requeue an intake delivery");
+                }
+                return;
+            }
+            Taken::Shutdown => return,
+        };
+        consumer::settle(ctx, &delivery, decision).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+enum Taken {
+    Outcome(IntakeOutcome),
+    Poison,
+    GiveUp,
+    Shutdown,
+}
+
+async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Taken {
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=INTAKE_ATTEMPTS {
+        match intake(ctx, &delivery.data).await {
+            Ok(outcome) => {
+                if let IntakeOutcome::Job(j) | IntakeOutcome::Queued(j) = &outcome {
+                    let span = tracing::Span::current();
+                    span.record("update_id", j.update_id);
+                    span.record("chat_id", j.chat_id);
+                    span.record("job_id", tracing::field::display(j.job_id));
+                }
+                return Taken::Outcome(outcome);
+            }
+            Err(IntakeError::Poison(e)) => {
+                tracing::error!(error.message = %e, "poison update");
+                return Taken::Poison;
+            }
+            Err(e) => {
+                tracing::warn!(error.message = %e, attempt, wait_ms = wait.as_millis() as u64, "intake failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Taken::Shutdown,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    tracing::error!(attempts = INTAKE_ATTEMPTS, "intake kept failing; requeueing the update");
+    Taken::GiveUp
+}
+
+/// Publishes the job to the competing `updates` queue (confirmed); the
+/// shard delivery is acked only after that, so a failure leaves it to be
+/// taken in again (a duplicate then, which resumes the same job).
+async fn hand_off(ctx: &WorkerContext, job: &JobRef) -> Settle {
+    let mut wait = Duration::from_millis(100);
+    for _ in 0..5 {
+        match consumer::republish_job(ctx, job.update_id).await {
+            Ok(()) => return Settle::Ack,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "job hand-off failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    Settle::Requeue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_chats_intakes_wait_for_each_other_and_other_chats_do_not() {
+        let mut chains = Chains::default();
+        let (first_prev, first_done) = chains.next(Some(1));
+        assert!(first_prev.is_none(), "the first update of a chat waits for nothing");
+        let (second_prev, _second_done) = chains.next(Some(1));
+        let (other_prev, _) = chains.next(Some(2));
+        assert!(other_prev.is_none(), "another chat does not wait");
+        let (none_prev, _) = chains.next(None);
+        assert!(none_prev.is_none(), "updates without a chat do not wait");
+        let mut second_prev = second_prev.expect("the second update waits for the first");
+        assert!(matches!(second_prev.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        drop(first_done);
+        assert!(second_prev.await.is_err(), "dropping the first's signal releases the second");
+    }
+}
