@@ -205,6 +205,31 @@ impl MessageState {
         out
     }
 
+    /// Everything the model generated so far, for counting the output of a
+    /// stream cut short (DESIGN §6): visible text, thinking text and tool
+    /// inputs (parsed, or the raw `input_json_delta` pieces of a block cut
+    /// off), one block per line. Signatures and citations are not output
+    /// the model wrote and are left out.
+    pub fn generated_text(&self) -> String {
+        let mut parts = Vec::new();
+        for b in &self.blocks {
+            let field = |k: &str| b.value.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+            let part = match b.value.get("type").and_then(Value::as_str) {
+                Some("text") => field("text"),
+                Some("thinking") => field("thinking"),
+                Some("tool_use" | "server_tool_use") if b.complete => {
+                    b.value.get("input").map(Value::to_string).unwrap_or_default()
+                }
+                Some("tool_use" | "server_tool_use") => b.partial_json.clone(),
+                _ => String::new(),
+            };
+            if !part.is_empty() {
+                parts.push(part);
+            }
+        }
+        parts.join("\n")
+    }
+
     /// The content blocks to store and send back as the assistant turn:
     /// complete blocks only (a block cut off mid-stream is dropped, except
     /// text, which is kept as received). Empty text blocks are dropped, as
@@ -336,6 +361,23 @@ mod tests {
         s.apply(parse_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"expr"}}"#).unwrap());
         assert!(s.tool_uses().is_empty());
         assert!(s.content_blocks().is_empty());
+    }
+
+    #[test]
+    fn output_cut_short_counts_thinking_and_tool_input_not_only_visible_text() {
+        let s = replay("thinking_then_tool.sse");
+        let generated = s.generated_text();
+        let thinking = s.content_blocks()[0]["thinking"].as_str().unwrap().to_owned();
+        assert!(!thinking.is_empty());
+        assert!(generated.contains(&thinking), "thinking is output: {generated}");
+        assert!(generated.contains("sqrt(9973)"), "the tool input is output: {generated}");
+        assert!(!generated.contains("Eq2S"), "the signature is not: {generated}");
+
+        let mut cut = MessageState::default();
+        cut.apply(parse_event(r#"{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"t1","name":"calculator","input":{}}}"#).unwrap());
+        cut.apply(parse_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"expr"}}"#).unwrap());
+        assert_eq!(cut.text(), "");
+        assert_eq!(cut.generated_text(), r#"{"expr"#, "a cut tool input counts as received");
     }
 
     #[test]

@@ -21,11 +21,13 @@
 //! - [`stop`]: `/stop` closes the stream within a second.
 //! - [`order`]: messages of one chat are generated one at a time, in update order.
 //! - [`repair`]: a corrupt stored conversation row is left out; `/new` starts afresh.
+//! - [`resume`]: an answer stored by a crashed attempt is delivered, not generated again.
 
 mod failover;
 mod harness;
 mod order;
 mod repair;
+mod resume;
 mod stop;
 
 /// The slow, long answer (96 events, 1,430 characters of plain text).

@@ -10,20 +10,34 @@ use serde_json::{json, Value};
 use shared::contracts::{hold_release_event_id, usage_event_id, BillingEvent, HoldRelease, UsageCharge};
 use shared::pricing::TokenCounts;
 
-/// What one call is billed at, or `None` when it is not billed (an HTTP
-/// error, or a stream that failed with an `error` event: fixtures README).
-async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<(TokenCounts, bool)> {
+/// How a call is accounted: the tokens, whether they are an estimate, and
+/// whether the user is charged for them.
+struct Billing {
+    tokens: TokenCounts,
+    estimated: bool,
+    charged: bool,
+}
+
+/// What one call is billed at, or `None` when it never started (an HTTP
+/// error: nothing was generated). A stream that failed with an `error`
+/// event is not charged to the user (fixtures README) but its provider
+/// cost, as far as the stream reported usage, is recorded for finance.
+async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<Billing> {
     if !call.state.started {
         return None;
     }
     match &call.end {
-        CallEnd::Complete => Some((call.state.usage.token_counts(), false)),
-        CallEnd::Failed(_) => None,
+        CallEnd::Complete => Some(Billing { tokens: call.state.usage.token_counts(), estimated: false, charged: true }),
+        CallEnd::Failed(_) => {
+            Some(Billing { tokens: call.state.usage.token_counts(), estimated: true, charged: false })
+        }
         CallEnd::Cancelled | CallEnd::IdleTimeout | CallEnd::Deadline => {
             // Cut short: input from message_start, output counted by the
-            // token-counting endpoint on the text received (DESIGN §6).
+            // token-counting endpoint on what was generated (DESIGN §6):
+            // visible text, and also thinking and partial tool input, which
+            // are output tokens too.
             let mut tokens = call.state.usage.token_counts();
-            let text = call.state.text();
+            let text = call.state.generated_text();
             tokens.output = if text.is_empty() {
                 0
             } else {
@@ -39,12 +53,14 @@ async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<(Toke
                     }
                 }
             };
-            Some((tokens, true))
+            Some(Billing { tokens, estimated: true, charged: true })
         }
     }
 }
 
-/// Stores the exchange and its charges in one fenced transaction.
+/// Stores the exchange, the reply to deliver (`reply`, so that a later
+/// attempt delivers it instead of generating again) and its charges in one
+/// fenced transaction.
 ///
 /// # Errors
 /// `LeaseLost` when the lease epoch no longer matches (nothing written),
@@ -56,6 +72,7 @@ pub async fn finalize(
     calls: &[CallRecord],
     turns: &[(&'static str, Vec<Value>)],
     partial: bool,
+    reply: &str,
 ) -> Result<(), JobError> {
     // Token counting is a network call: done before the transaction opens.
     let mut priced = Vec::with_capacity(calls.len());
@@ -63,17 +80,19 @@ pub async fn finalize(
         let billing = billable_tokens(ctx, call).await;
         let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
         let price = match &billing {
-            Some((tokens, _)) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), tokens)?),
+            Some(b) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), &b.tokens)?),
             None => None,
         };
         priced.push((call, model, billing, price));
     }
     let mut tx = ctx.db.begin().await?;
     let fenced = sqlx::query(
-        "UPDATE jobs SET answer_stored_at = now() WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+        "UPDATE jobs SET answer_stored_at = now(), stored_reply = $3
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
     )
     .bind(lease.job_id)
     .bind(lease.epoch)
+    .bind(reply)
     .execute(&mut *tx)
     .await?;
     if fenced.rows_affected() != 1 {
@@ -105,10 +124,15 @@ pub async fn finalize(
         .await?;
     }
     for (call, model, billing, price) in priced {
-        let tokens = billing.map(|(t, _)| t).unwrap_or_default();
-        let estimated = billing.is_some_and(|(_, e)| e);
-        let (cost, charge) =
-            price.as_ref().map_or((Default::default(), Default::default()), |p| (p.provider_cost, p.user_charge));
+        let charged = billing.as_ref().is_some_and(|b| b.charged);
+        let estimated = billing.as_ref().is_some_and(|b| b.estimated);
+        let tokens = billing.map(|b| b.tokens).unwrap_or_default();
+        let (cost, charge) = match &price {
+            Some(p) if charged => (p.provider_cost, p.user_charge),
+            // A failed stream: what it cost us, charged to nobody.
+            Some(p) => (p.provider_cost, Default::default()),
+            None => Default::default(),
+        };
         sqlx::query(
             "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
                  input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
@@ -134,7 +158,7 @@ pub async fn finalize(
         .bind(estimated)
         .execute(&mut *tx)
         .await?;
-        let Some(price) = price else { continue };
+        let Some(price) = price.filter(|_| charged) else { continue };
         for (class, n) in [
             ("input", tokens.input),
             ("output", tokens.output),

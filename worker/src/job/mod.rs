@@ -125,9 +125,17 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         deliver(ctx, &job, lease, &reply, &[]).await?;
         return Ok("command");
     }
-    if let Some(text) = request::stored_answer(ctx, &job).await? {
-        // An earlier attempt stored the answer and died while delivering it.
-        deliver(ctx, &job, lease, &text, &[]).await?;
+    if job.answer_stored {
+        // An earlier attempt stored the answer (and its charges) and died
+        // before delivering it: deliver what it stored, nothing more (P1).
+        let text = match &job.stored_reply {
+            Some(reply) => reply.clone(),
+            // Stored before `stored_reply` existed: the assistant text.
+            None => request::stored_answer(ctx, &job).await?.unwrap_or_default(),
+        };
+        if !text.trim().is_empty() {
+            deliver(ctx, &job, lease, &text, &[]).await?;
+        }
         return Ok("answered");
     }
     let mut request = build_request(ctx, &job).await?;
@@ -145,13 +153,14 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         Some(CancelReason::Shutdown) => return Err(JobError::Shutdown),
         Some(CancelReason::Stop | CancelReason::Blocked) | None => {}
     }
-    finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty()).await?;
+    let reply = answer.reply();
+    finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await?;
     if cancel.reason() == Some(CancelReason::Blocked) {
         // 403: nothing more is sent; usage incurred so far is billed above.
         mark_blocked(ctx, job.user_id).await?;
         return Ok("user_blocked");
     }
-    deliver(ctx, &job, lease, &answer.reply(), &progress_message).await?;
+    deliver(ctx, &job, lease, &reply, &progress_message).await?;
     Ok("answered")
 }
 

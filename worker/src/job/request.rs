@@ -27,6 +27,10 @@ pub struct JobRow {
     pub conversation_epoch: i32,
     /// Telegram messages already sent for this job (by an earlier attempt).
     pub reply_message_ids: Vec<i64>,
+    /// True once an attempt's `finalize` committed the answer.
+    pub answer_stored: bool,
+    /// The reply that attempt stored, to deliver as is.
+    pub stored_reply: Option<String>,
 }
 
 impl JobRow {
@@ -49,7 +53,7 @@ impl JobRow {
 pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError> {
     Ok(sqlx::query_as(
         "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch,
-                j.reply_message_ids
+                j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
            FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
     )
     .bind(job_id)
