@@ -41,6 +41,10 @@ pub struct Settings {
     /// Unacknowledged deliveries (AMQP prefetch).
     #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
+    /// Most billing events applied in one transaction (at most the prefetch;
+    /// 1 turns batching off).
+    #[arg(long, env = "BILLING_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
     /// Broker settings.
     #[command(flatten)]
     pub broker: BrokerArgs,

@@ -5,7 +5,7 @@
 //! `billing.dead` plus a `billing_failures` row. Never only a log line.
 
 use crate::ledger::{self, Applied, LedgerError};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
@@ -30,6 +30,9 @@ pub struct BillingContext {
     pub amqp_url: String,
     /// Prefetch.
     pub prefetch: u16,
+    /// Most deliveries applied in one transaction (those already received
+    /// when the first is taken: batching never waits for more).
+    pub batch_size: usize,
     /// True while the consumer is connected and consuming (readiness).
     pub consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Backoff of each retry step, ms (its length is the number of retries).
@@ -92,13 +95,32 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
             _ = shutdown.cancelled() => break,
             d = consumer.next() => d,
         };
-        match delivery {
-            Some(Ok(d)) => {
-                let ctx = ctx.clone();
-                tasks.spawn(async move { handle(&ctx, d).await });
-            }
+        let first = match delivery {
+            Some(Ok(d)) => d,
             Some(Err(e)) => return Err(e.into()),
             None => return Err(amqp::BrokerError::Nacked),
+        };
+        // Whatever else has already arrived joins the batch; nothing waits.
+        let mut batch = vec![first];
+        let mut lost = None;
+        while batch.len() < ctx.batch_size.max(1) {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) => {
+                    lost = Some(amqp::BrokerError::from(e));
+                    break;
+                }
+                Some(None) => {
+                    lost = Some(amqp::BrokerError::Nacked);
+                    break;
+                }
+                None => break,
+            }
+        }
+        let task_ctx = ctx.clone();
+        tasks.spawn(async move { handle_batch(&task_ctx, batch).await });
+        if let Some(e) = lost {
+            return Err(e);
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
@@ -111,6 +133,50 @@ struct ResetOnDrop(Arc<std::sync::atomic::AtomicBool>);
 impl Drop for ResetOnDrop {
     fn drop(&mut self) {
         self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Applies the deliveries of a batch in one transaction and acks them; when
+/// the batch fails (one bad or not-yet-applicable event, a deadlock, the
+/// database gone) each delivery is handled on its own with [`handle`], so
+/// one bad event never holds back the others. Malformed bodies and hold
+/// releases are always handled on their own, after the charges.
+pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>) {
+    metrics::histogram!("fleet_billing_batch_size").record(deliveries.len() as f64);
+    let mut charges = Vec::new();
+    let mut alone = Vec::new();
+    for d in deliveries {
+        match serde_json::from_slice::<BillingEvent>(&d.data) {
+            Ok(BillingEvent::HoldRelease(_)) | Err(_) => alone.push(d),
+            Ok(event) => charges.push((d, event)),
+        }
+    }
+    if charges.len() == 1 {
+        alone.insert(0, charges.remove(0).0);
+    }
+    if !charges.is_empty() {
+        let events: Vec<BillingEvent> = charges.iter().map(|(_, e)| e.clone()).collect();
+        match ledger::apply_batch(&ctx.db, &events).await {
+            Ok(results) => {
+                for ((d, event), applied) in charges.iter().zip(results) {
+                    let label = if applied == Applied::Applied { "applied" } else { "duplicate" };
+                    tracing::info!(event_id = %event.event_id(), result = label, "billing event applied in a batch");
+                    metrics::counter!("fleet_billing_events_total", "result" => label).increment(1);
+                    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                        tracing::warn!(error.message = %e, "could not ack; the broker will redeliver (a duplicate then)");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(events = charges.len(), error.message = %e, "batch failed; applying one by one");
+                for (d, _) in charges {
+                    handle(ctx, d).await;
+                }
+            }
+        }
+    }
+    for d in alone {
+        handle(ctx, d).await;
     }
 }
 

@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::contracts::BillingEvent;
 use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 /// Ledger failures, classified for retry.
@@ -22,6 +23,10 @@ pub enum LedgerError {
     /// The event cannot be applied (negative amount, bad payload): permanent.
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// A hold release whose job still has charges not applied (they are in
+    /// a retry queue): transient, retried until they are.
+    #[error("{0} charge(s) of the job are not applied yet")]
+    ChargesPending(usize),
 }
 
 impl LedgerError {
@@ -30,6 +35,7 @@ impl LedgerError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Invalid(_) => false,
+            Self::ChargesPending(_) => true,
             // Serialization failure, deadlock, lock timeout, database not
             // accepting connections, and the classes connection exception
             // (08), insufficient resources (53), operator intervention (57).
@@ -150,17 +156,53 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
     Ok((postings, meta))
 }
 
-/// Applies `postings` under `event_id` in `tx` (the caller commits).
+/// Balance movements of one transaction, applied at its end ([`Deltas::flush`])
+/// once per account and in account order, so that concurrent transactions
+/// (batches on several billing-workers) lock the hot accounts
+/// (`system:revenue`, …) in one order and never deadlock.
+#[derive(Debug, Default)]
+pub struct Deltas {
+    /// USD per account, credit-normal (credits − debits).
+    balances: BTreeMap<String, Decimal>,
+}
+
+impl Deltas {
+    /// Moves every balance by its delta, in account order.
+    ///
+    /// # Errors
+    /// `Invalid` for an account that does not exist; database errors.
+    pub async fn flush(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), LedgerError> {
+        for (account, delta) in self.balances {
+            if delta.is_zero() {
+                continue;
+            }
+            let moved = sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE account_id = $1")
+                .bind(&account)
+                .bind(delta)
+                .execute(&mut **tx)
+                .await?;
+            if moved.rows_affected() != 1 {
+                return Err(LedgerError::Invalid(format!("unknown account {account}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records `postings` under `event_id` in `tx`: the idempotency row, the
+/// user's account if new, and the entries; the balance moves go to
+/// `deltas` (the caller flushes them, then commits).
 ///
 /// # Errors
 /// Database errors.
-pub async fn apply_postings(
+pub async fn record_postings(
     tx: &mut Transaction<'_, Postgres>,
     event_id: Uuid,
     kind: &str,
     payload: &Value,
     postings: &[Posting],
     meta: &EntryMeta,
+    deltas: &mut Deltas,
 ) -> Result<Applied, LedgerError> {
     let first = sqlx::query(
         "INSERT INTO applied_events (event_id, kind, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
@@ -174,6 +216,7 @@ pub async fn apply_postings(
         return Ok(Applied::Duplicate);
     }
     if let Some(user) = meta.user_id {
+        // ON CONFLICT DO NOTHING takes no row lock on an existing account.
         sqlx::query("INSERT INTO accounts (account_id, kind, user_id) VALUES ($1, 'user', $2) ON CONFLICT DO NOTHING")
             .bind(user_account(user))
             .bind(user)
@@ -199,18 +242,29 @@ pub async fn apply_postings(
         .bind(&meta.memo)
         .execute(&mut **tx)
         .await?;
-        for (account, delta) in [(&p.debit, -p.amount), (&p.credit, p.amount)] {
-            let moved = sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE account_id = $1")
-                .bind(account)
-                .bind(delta)
-                .execute(&mut **tx)
-                .await?;
-            if moved.rows_affected() != 1 {
-                return Err(LedgerError::Invalid(format!("unknown account {account}")));
-            }
-        }
+        *deltas.balances.entry(p.debit.clone()).or_default() -= p.amount;
+        *deltas.balances.entry(p.credit.clone()).or_default() += p.amount;
     }
     Ok(Applied::Applied)
+}
+
+/// Applies `postings` under `event_id` in `tx`, balances included (the
+/// caller commits).
+///
+/// # Errors
+/// Database errors; `Invalid` for an unknown account.
+pub async fn apply_postings(
+    tx: &mut Transaction<'_, Postgres>,
+    event_id: Uuid,
+    kind: &str,
+    payload: &Value,
+    postings: &[Posting],
+    meta: &EntryMeta,
+) -> Result<Applied, LedgerError> {
+    let mut deltas = Deltas::default();
+    let applied = record_postings(tx, event_id, kind, payload, postings, meta, &mut deltas).await?;
+    deltas.flush(tx).await?;
+    Ok(applied)
 }
 
 /// Applies one billing event in its own transaction.
@@ -218,28 +272,72 @@ pub async fn apply_postings(
 /// # Errors
 /// [`LedgerError`].
 pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, LedgerError> {
-    let (postings, meta) = postings(event)?;
-    let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-    let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+    let applied = apply_batch(db, std::slice::from_ref(event)).await?;
+    Ok(applied.first().copied().unwrap_or(Applied::Duplicate))
+}
+
+/// Applies `events` in one transaction, all or none (the caller falls back
+/// to one event per transaction when a batch fails, so one bad event never
+/// blocks the others). Returns what happened to each, in order. Hold
+/// releases should come after the charges they wait for (a charge earlier
+/// in the same batch counts as applied).
+///
+/// # Errors
+/// [`LedgerError`] of the first event that failed; nothing is written then.
+pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<Applied>, LedgerError> {
     let mut tx = db.begin().await?;
-    let applied = apply_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta).await?;
-    if applied == Applied::Applied {
+    let mut deltas = Deltas::default();
+    let mut results = Vec::with_capacity(events.len());
+    let mut settled_jobs = BTreeSet::new();
+    for event in events {
+        let (postings, meta) = postings(event)?;
+        let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned();
         if let BillingEvent::HoldRelease(r) = event {
-            sqlx::query(
-                "UPDATE holds SET status = 'settled', updated_at = now() WHERE job_id = $1 AND status = 'active'",
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::uuid[]) AS c(id)
+                  WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = c.id)",
             )
-            .bind(r.job_id)
-            .execute(&mut *tx)
+            .bind(&r.charge_event_ids)
+            .fetch_one(&mut *tx)
             .await?;
+            if pending > 0 {
+                return Err(LedgerError::ChargesPending(usize::try_from(pending).unwrap_or(usize::MAX)));
+            }
         }
+        let applied =
+            record_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta, &mut deltas).await?;
+        if applied == Applied::Applied {
+            if let BillingEvent::HoldRelease(r) = event {
+                settled_jobs.insert(r.job_id);
+            }
+        }
+        results.push(applied);
+    }
+    deltas.flush(&mut tx).await?;
+    let settled: Vec<Uuid> = settled_jobs.into_iter().collect();
+    if !settled.is_empty() {
+        sqlx::query(
+            "UPDATE holds SET status = 'settled', updated_at = now() WHERE job_id = ANY($1) AND status = 'active'",
+        )
+        .bind(&settled)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let applied_ids: Vec<Uuid> =
+        events.iter().zip(&results).filter(|(_, a)| **a == Applied::Applied).map(|(e, _)| e.event_id()).collect();
+    if !applied_ids.is_empty() {
         // A redriven event that now applies closes its failure record.
-        sqlx::query("UPDATE billing_failures SET resolved_at = now(), updated_at = now() WHERE event_id = $1 AND resolved_at IS NULL")
-            .bind(event.event_id())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE billing_failures SET resolved_at = now(), updated_at = now()
+              WHERE event_id = ANY($1) AND resolved_at IS NULL",
+        )
+        .bind(&applied_ids)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
     }
-    Ok(applied)
+    Ok(results)
 }
 
 /// Voids holds whose job never released them (crashed, abandoned) once

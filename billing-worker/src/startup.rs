@@ -92,6 +92,7 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 )),
                 amqp_url: settings.broker.amqp_url.clone(),
                 prefetch: settings.prefetch,
+                batch_size: settings.batch_size.clamp(1, usize::from(settings.prefetch.max(1))),
                 retry_delays_ms: settings.retry_delays_ms.clone(),
                 consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 telegram: if settings.bot_token.is_empty() {

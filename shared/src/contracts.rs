@@ -61,6 +61,12 @@ pub struct HoldRelease {
     pub job_id: Uuid,
     /// Its user.
     pub user_id: i64,
+    /// Every charge of the job (usage and tool charges). The ledger settles
+    /// the hold only once all of them are applied, so the user's available
+    /// balance never omits a charge that is still in a retry queue. Absent
+    /// in events written before this field existed (then settled at once).
+    #[serde(default)]
+    pub charge_event_ids: Vec<Uuid>,
 }
 
 /// The event id of a Stars payment: one credit per `telegram_payment_charge_id`.

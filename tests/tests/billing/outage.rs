@@ -1,5 +1,5 @@
-//! The billing database goes away while events flow: every event is retried
-//! with backoff and applied exactly once after it returns.
+//! The billing database goes away for 20 s while events flow: every event is
+//! retried with backoff and applied exactly once after it returns.
 
 use crate::common::{grant, publish, usage, BillingWorker};
 use crate::helpers::{admin_database_url as admin_url, wait_until, Broker, TestDb};
@@ -30,17 +30,23 @@ async fn events_flowing_while_the_billing_database_is_down_are_applied_once_when
     let name = db.url.rsplit('/').next().unwrap_or_default().to_owned();
     grant(&db.pool, 42, "100").await?;
     db.pool.close().await;
-    let worker = BillingWorker::start(&broker, &db.url, &["--retry-delays-ms", "500,1000,2000,4000,8000"])?;
+    // The retry budget (1 + 2 + 4 + 8 + 16 s, each ±20 %) outlasts the outage.
+    let worker = BillingWorker::start(&broker, &db.url, &["--retry-delays-ms", "1000,2000,4000,8000,16000"])?;
     set_connections(&name, false).await?;
+    let down_at = std::time::Instant::now();
     let job = Uuid::now_v7();
     let events: Vec<_> = (1..=40).map(|seq| usage(job, seq, 42, "0.001")).collect();
-    publish(&broker, &events).await?;
-    // Down for 5 s while the worker retries.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Events keep flowing during the outage: a burst every 4 s.
+    for burst in events.chunks(10) {
+        publish(&broker, burst).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    // Down for 20 s in all while the worker retries.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down_at.elapsed())).await;
     set_connections(&name, true).await?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&db.url).await?;
     let check = pool.clone();
-    wait_until("all 40 events applied", Duration::from_secs(60), || {
+    wait_until("all 40 events applied", Duration::from_secs(90), || {
         let pool = check.clone();
         async move {
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM applied_events WHERE kind = 'usage_charge.v1'")

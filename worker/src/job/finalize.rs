@@ -197,10 +197,19 @@ pub async fn finalize(
         crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
     }
     // After the charges, in the same transaction: settles the job's hold.
+    // Tool charges were written when their tools committed; usage charges above.
+    let charge_event_ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM billing_outbox
+          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1') ORDER BY event_id",
+    )
+    .bind(job.job_id)
+    .fetch_all(&mut *tx)
+    .await?;
     let release = BillingEvent::HoldRelease(HoldRelease {
         event_id: hold_release_event_id(job.job_id),
         job_id: job.job_id,
         user_id: job.user_id,
+        charge_event_ids,
     });
     crate::outbox::write(&mut tx, &release, Some(job.job_id)).await?;
     tx.commit().await?;
