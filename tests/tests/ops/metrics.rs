@@ -19,6 +19,94 @@ fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
+/// The faults a healthy run never meets, provoked so their metrics move:
+/// a lease taken over while its job streams, a job left behind by a crashed
+/// worker for the reaper, a billing event retried and one dead-lettered.
+async fn faults(
+    pool: &sqlx::PgPool,
+    broker: &Broker,
+    anthropic: &FakeAnthropic,
+    http: &reqwest::Client,
+    port: u16,
+    admin: u16,
+) -> anyhow::Result<()> {
+    let scrape = |name: &'static str| async move {
+        let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await?.text().await?;
+        anyhow::Ok(value(&text, name, None))
+    };
+    // 1. Another holder takes the lease (a newer epoch) while the job streams.
+    let mut slow = ScriptedResponse::from_file(fixture("anthropic/essay_slow.sse"))?;
+    slow.event_delay_ms = 100;
+    anthropic.push([slow]);
+    let body = fixture_bytes("telegram/ada_after_stall.json")?;
+    let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
+    assert_eq!(post_webhook(http, port, Some(crate::helpers::WEBHOOK_SECRET), body).await?, 200);
+    wait_until("the slow job to stream", WAIT, || async {
+        Ok(!anthropic.calls().is_empty() && anthropic.calls().last().is_some_and(|c| c.ended_at.is_none()))
+    })
+    .await?;
+    sqlx::query("UPDATE jobs SET lease_epoch = lease_epoch + 1 WHERE update_id = $1")
+        .bind(update_id)
+        .execute(pool)
+        .await?;
+    wait_until("the worker to notice its lease is lost", WAIT, || async {
+        Ok(scrape("fleet_lease_losses_total").await? > 0.0)
+    })
+    .await?;
+    // Let the job end (the newer "holder" never existed): the reaper takes it.
+    sqlx::query("UPDATE jobs SET status = 'failed', lease_owner = NULL WHERE update_id = $1")
+        .bind(update_id)
+        .execute(pool)
+        .await?;
+
+    // 2. A job whose worker died: its lease has expired; the reaper republishes it.
+    let job_id = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO processed_updates (update_id, kind, chat_id, outcome) VALUES (800300001, 'message', 100000003, 'job')")
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status,
+                           attempts, lease_owner, lease_epoch, lease_expires_at, answer_stored_at, stored_reply)
+         VALUES ($1, 100000003, 100000003, 800300001, 'chat', '[{\"type\":\"text\",\"text\":\"hi\"}]', 9,
+                 'running', 1, 'a-dead-worker', 1, now() - interval '1 second', now(), 'Stored before the crash.')",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .await?;
+    wait_until("the reaper to rescue the job", WAIT, || async {
+        Ok(scrape("fleet_reaper_rescues_total").await? > 0.0)
+    })
+    .await?;
+
+    // 3. A hold release whose charge never arrived is retried; a malformed event is dead-lettered.
+    let publisher = shared::amqp::ConfirmPublisher::new(&broker.url, "metrics-test", std::time::Duration::from_secs(5));
+    let release = serde_json::json!({
+        "type": "hold_release.v1", "event_id": uuid::Uuid::now_v7(), "job_id": job_id,
+        "user_id": 100_000_003, "charge_event_ids": [uuid::Uuid::now_v7()]
+    });
+    for body in [serde_json::to_vec(&release)?, b"not an event".to_vec()] {
+        publisher
+            .publish(shared::amqp::Outgoing {
+                exchange: &broker.topology.billing_exchange(),
+                routing_key: shared::amqp::BILLING_ROUTING_KEY,
+                body: &body,
+                message_id: None,
+                content_type: "application/json",
+                attempt: None,
+            })
+            .await?;
+    }
+    let text =
+        || async { anyhow::Ok(http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await?.text().await?) };
+    wait_until("a billing retry and a dead letter", WAIT, || async {
+        let t = text().await?;
+        Ok(value(&t, "fleet_billing_events_total", Some("retried")) > 0.0
+            && value(&t, "fleet_billing_events_total", Some("dead_lettered")) > 0.0)
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()> {
     crate::helpers::init_logs();
@@ -58,6 +146,9 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         "0",
         "--pace-bot-ms",
         "0",
+        // Short leases: heartbeats every second, the reaper every 1.5 s.
+        "--visibility-timeout-s",
+        "3",
     ])?;
     let app = worker::App::build(settings).await?;
     let admin = app.admin_port();
@@ -106,6 +197,7 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         })
         .await?;
     }
+    faults(&db.pool, &broker, &anthropic, &http, port, admin).await?;
     let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await?.text().await?;
     let ready = http.get(format!("http://127.0.0.1:{admin}/readyz")).send().await?.status();
     assert_eq!(ready, 200, "the worker is ready while consuming");
@@ -127,6 +219,11 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         ("fleet_telegram_pacing_wait_seconds_count", None),
         ("fleet_outbox_published_total", None),
         ("fleet_billing_events_total", Some("applied")),
+        ("fleet_billing_events_total", Some("retried")),
+        ("fleet_billing_events_total", Some("dead_lettered")),
+        ("fleet_lease_losses_total", None),
+        ("fleet_jobs_total", Some("lease_lost")),
+        ("fleet_reaper_rescues_total", None),
     ];
     let missing: Vec<&str> = checks.iter().filter(|(n, l)| value(&text, n, *l) <= 0.0).map(|(n, _)| *n).collect();
     assert!(missing.is_empty(), "metrics without a value: {missing:?}\n{text}");
