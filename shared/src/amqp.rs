@@ -242,10 +242,17 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
     Ok(())
 }
 
+/// `d` scaled by a random factor in [0.75, 1.25] (the random bits of a
+/// UUIDv7, RFC 9562 §5.7).
+pub fn jittered(d: Duration) -> Duration {
+    let r = f64::from(uuid::Uuid::now_v7().as_bytes()[15]) / 255.0;
+    d.mul_f64(0.75 + r / 2.0)
+}
+
 /// Runs `session` (connect, consume, return on a broker error) until
-/// `shutdown`, reconnecting after each failure with exponential backoff:
-/// 200 ms doubling to 10 s, back to 200 ms after a session that lasted 10 s
-/// or more. `what` names the consumer in the logs.
+/// `shutdown`, reconnecting after each failure with exponential backoff and
+/// jitter: about 200 ms doubling to 10 s, back to 200 ms after a session
+/// that lasted 10 s or more. Each session declares the topology again. `what` names the consumer in the logs.
 pub async fn reconnecting<F, Fut>(what: &str, shutdown: &tokio_util::sync::CancellationToken, mut session: F)
 where
     F: FnMut() -> Fut,
@@ -262,16 +269,32 @@ where
                 if started.elapsed() >= MAX {
                     delay = FIRST;
                 }
-                tracing::warn!(error.message = %e, consumer = what, wait_ms = delay.as_millis() as u64, "consumer lost the broker; reconnecting");
+                // ±25 % jitter: a fleet that lost the broker together does not return together.
+                let wait = jittered(delay);
+                tracing::warn!(error.message = %e, consumer = what, wait_ms = wait.as_millis() as u64, "consumer lost the broker; reconnecting");
                 metrics::counter!("fleet_broker_reconnects_total", "consumer" => what.to_owned()).increment(1);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 delay = (delay * 2).min(MAX);
             }
         }
     }
+}
+
+/// AMQP heartbeat asked for when the URL names none, seconds: a dead peer
+/// is noticed within two intervals (AMQP 0-9-1 §4.2.7), not the broker's
+/// 60 s default.
+pub const HEARTBEAT_S: u16 = 10;
+
+/// `url` with `heartbeat=`[`HEARTBEAT_S`] added to its query unless it sets one.
+pub fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={HEARTBEAT_S}")
 }
 
 /// Opens a connection named `name` (shown in the management UI).
@@ -280,7 +303,8 @@ where
 /// [`BrokerError::ConnectTimeout`] or [`BrokerError::Amqp`].
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+    let url = with_heartbeat(url);
+    match tokio::time::timeout(timeout, Connection::connect(&url, props)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(BrokerError::ConnectTimeout(timeout)),
     }
@@ -429,7 +453,14 @@ pub fn attempt_of(props: &BasicProperties) -> i64 {
 
 #[cfg(test)]
 mod shard_tests {
-    use super::Topology;
+    use super::{with_heartbeat, Topology};
+
+    #[test]
+    fn a_heartbeat_is_asked_for_unless_the_url_sets_one() {
+        assert_eq!(with_heartbeat("amqp://h:5672/%2f"), "amqp://h:5672/%2f?heartbeat=10");
+        assert_eq!(with_heartbeat("amqp://h/%2f?frame_max=8192"), "amqp://h/%2f?frame_max=8192&heartbeat=10");
+        assert_eq!(with_heartbeat("amqp://h/%2f?heartbeat=30"), "amqp://h/%2f?heartbeat=30");
+    }
 
     #[test]
     fn a_chat_always_routes_to_the_same_shard_and_negative_ids_too() {
