@@ -86,20 +86,32 @@ pub enum Command {
         action: DeadLetterAction,
     },
     /// Compare the outbox (what workers meant to charge) with the ledger (what
-    /// was applied) and check the ledger's invariants; exit 1 on any variance.
+    /// was applied) and check the ledger's invariants; with
+    /// ANTHROPIC_ADMIN_API_KEY set, also compare the tokens of every call
+    /// (`api_calls`, beside the outbox's) with the provider's usage report
+    /// (Usage and Cost API), per day, model and token class. Exit 1 on any
+    /// variance, or when the report cannot be fetched.
     Reconcile {
-        /// PostgreSQL URL of the bot database (the outbox).
+        /// PostgreSQL URL of the bot database (the outbox and `api_calls`).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         bot_database_url: String,
-        /// First day (UTC), inclusive.
+        /// First day (UTC), inclusive (default: 30 days ago).
         #[arg(long)]
         from: Option<chrono::NaiveDate>,
-        /// Last day (UTC), inclusive.
+        /// Last day (UTC), inclusive (default: today).
         #[arg(long)]
         to: Option<chrono::NaiveDate>,
         /// table, csv or json.
         #[arg(long, default_value = "table")]
         format: String,
+        /// Anthropic Admin API key (`sk-ant-admin…`) to fetch the provider's
+        /// usage report (GET /v1/organizations/usage_report/messages); when
+        /// unset, the provider comparison is skipped.
+        #[arg(long, env = "ANTHROPIC_ADMIN_API_KEY", hide_env_values = true)]
+        anthropic_admin_key: Option<shared::secret::Secret>,
+        /// Base URL of the Anthropic API (for the usage report).
+        #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
+        anthropic_base_url: String,
     },
     /// Show one charge's full trace for support: event, entries, job, request id.
     Explain {

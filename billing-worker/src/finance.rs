@@ -1,8 +1,10 @@
 //! Finance commands: dead letters (list, redrive), reconciliation of the
-//! outbox against the ledger with the ledger's invariants, one charge's
-//! trace, and refunds as correcting entries (DESIGN §7a).
+//! outbox against the ledger with the ledger's invariants (and, with an
+//! admin key, of our token counts against the provider's usage report), one
+//! charge's trace, and refunds as correcting entries (DESIGN §7a).
 
 use crate::ledger::{self, Posting};
+use crate::provider::{ProviderTotals, UsageReportClient, TOKEN_CLASSES};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, Topology, BILLING_ROUTING_KEY};
@@ -91,6 +93,69 @@ pub struct Reconciliation {
     pub missing_in_outbox: Vec<String>,
     /// Broken invariants.
     pub invariant_failures: Vec<String>,
+    /// Our token counts against the provider's usage report.
+    pub provider: ProviderComparison,
+}
+
+/// Why the provider comparison was skipped when no admin key is set.
+pub const PROVIDER_SKIPPED: &str = "ANTHROPIC_ADMIN_API_KEY not set";
+
+/// The comparison with the provider's usage report (Usage and Cost API,
+/// GET /v1/organizations/usage_report/messages).
+#[derive(Debug, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ProviderComparison {
+    /// Not compared (the default): no admin key.
+    Skipped {
+        /// Why, e.g. [`PROVIDER_SKIPPED`].
+        reason: String,
+    },
+    /// Compared.
+    Compared {
+        /// Per `"{day} {model} {class}"` (UTC day; classes of
+        /// [`crate::provider::TOKEN_CLASSES`]), the counts of each side.
+        tokens: BTreeMap<String, TokenTotals>,
+    },
+}
+
+impl Default for ProviderComparison {
+    fn default() -> Self {
+        Self::Skipped { reason: PROVIDER_SKIPPED.to_owned() }
+    }
+}
+
+/// Tokens of one (day, model, class) on each side (tokens; web search
+/// requests for the `web_search_requests` class).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenTotals {
+    /// Sum of `tokens` of the `usage_charge.v1` events in `billing_outbox`
+    /// (what users were charged for; failed calls are not).
+    pub outbox: u64,
+    /// Sum of the `api_calls` rows (every call the workers made, charged or
+    /// not): the side compared with the provider.
+    pub api_calls: u64,
+    /// Sum of the provider's usage report.
+    pub provider: u64,
+}
+
+impl TokenTotals {
+    /// `provider − api_calls`: positive when the provider reports more than
+    /// we recorded.
+    pub fn variance(&self) -> i128 {
+        i128::from(self.provider) - i128::from(self.api_calls)
+    }
+}
+
+impl serde::Serialize for TokenTotals {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("TokenTotals", 4)?;
+        st.serialize_field("outbox", &self.outbox)?;
+        st.serialize_field("api_calls", &self.api_calls)?;
+        st.serialize_field("provider", &self.provider)?;
+        st.serialize_field("variance", &self.variance())?;
+        st.end()
+    }
 }
 
 impl Reconciliation {
@@ -100,6 +165,45 @@ impl Reconciliation {
             && self.missing_in_outbox.is_empty()
             && self.invariant_failures.is_empty()
             && self.totals.values().all(|(a, b)| a == b)
+            && self.provider_variances().is_empty()
+    }
+
+    /// Each (day, model, class) whose token counts differ from the
+    /// provider's, one line each:
+    /// `2025-11-30 claude-sonnet-4-5-20250929 input: provider 1234, api_calls 0, variance +1234`.
+    pub fn provider_variances(&self) -> Vec<String> {
+        let ProviderComparison::Compared { tokens } = &self.provider else { return Vec::new() };
+        tokens
+            .iter()
+            .filter(|(_, t)| t.variance() != 0)
+            .map(|(k, t)| {
+                format!("{k}: provider {}, api_calls {}, variance {}", t.provider, t.api_calls, signed(t.variance()))
+            })
+            .collect()
+    }
+
+    /// One line naming what differs (for the exit error of the CLI); empty
+    /// when clean.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        let usd = self.totals.values().filter(|(a, b)| a != b).count();
+        if usd > 0 {
+            parts.push(format!("{usd} USD total(s) differ between outbox and ledger"));
+        }
+        if !self.missing_in_ledger.is_empty() {
+            parts.push(format!("{} event(s) missing in the ledger", self.missing_in_ledger.len()));
+        }
+        if !self.missing_in_outbox.is_empty() {
+            parts.push(format!("{} event(s) missing in the outbox", self.missing_in_outbox.len()));
+        }
+        if !self.invariant_failures.is_empty() {
+            parts.push(format!("{} broken invariant(s)", self.invariant_failures.len()));
+        }
+        let tokens = self.provider_variances();
+        if !tokens.is_empty() {
+            parts.push(format!("provider token variance: {}", tokens.join("; ")));
+        }
+        parts.join(", ")
     }
 }
 
@@ -174,6 +278,116 @@ pub async fn reconcile(
     Ok(r)
 }
 
+/// [`reconcile`], then, when `provider` is given, the comparison of our
+/// token counts with the provider's usage report for the same days
+/// ([`compare_provider`]). Without `provider` the comparison is
+/// [`ProviderComparison::Skipped`].
+///
+/// # Errors
+/// Database errors, and any failure to fetch the report: a report that
+/// cannot be read is an error, never a clean comparison.
+pub async fn reconcile_with_provider(
+    bot: &PgPool,
+    billing: &PgPool,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    provider: Option<&UsageReportClient>,
+) -> anyhow::Result<Reconciliation> {
+    let mut r = reconcile(bot, billing, from, to).await?;
+    if let Some(client) = provider {
+        let report = client.daily_tokens(from, to).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot fetch the provider's usage report (GET /v1/organizations/usage_report/messages): {e}"
+            )
+        })?;
+        r.provider = ProviderComparison::Compared { tokens: compare_provider(bot, from, to, &report).await? };
+    }
+    Ok(r)
+}
+
+/// Our token counts beside the provider's, per `"{day} {model} {class}"`
+/// for `[from, to]` (UTC days), from the bot database: the outbox's
+/// `usage_charge.v1` `tokens` (by the outbox row's `created_at` day) and the
+/// `api_calls` rows (by their `created_at` day); keys where every side is 0
+/// are left out.
+///
+/// The side compared with the provider is `api_calls`, not the outbox:
+/// `worker/src/job/finalize.rs` writes one `api_calls` row for every call a
+/// job made, in the same transaction as the outbox events, but an outbox
+/// `usage_charge.v1` only for the calls the user is charged for. A stream
+/// that failed with an `error` event (e.g. `overloaded_error` mid-stream,
+/// then retried) was served, and billed to us, up to the error: its tokens
+/// are in `api_calls` (user_charge 0, provider_cost recorded) and in the
+/// provider's report, but in no outbox event. An HTTP error before the
+/// stream served nothing: its `api_calls` row has 0 tokens, and the report
+/// nothing. So `api_calls` is what matches what the provider served; the
+/// outbox column is shown beside it, and differs from it by exactly the
+/// uncharged calls. Known, reported differences: a call cut short (cancel,
+/// idle timeout, deadline) is recorded with its output estimated by token
+/// counting, which may differ from what the provider generated; a call
+/// whose job never finalized (lease lost, crash) has no row; and a call
+/// received just before midnight UTC but finalized after it is on the next
+/// day in `api_calls` (the report buckets by the time the call was made).
+///
+/// # Errors
+/// Database errors.
+pub async fn compare_provider(
+    bot: &PgPool,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    provider: &ProviderTotals,
+) -> Result<BTreeMap<String, TokenTotals>, sqlx::Error> {
+    /// `(day, model, input, output, cache_write_5m, cache_write_1h, cache_read, web_search_requests)`.
+    type Row = (chrono::NaiveDate, String, i64, i64, i64, i64, i64, i64);
+    let outbox: Vec<Row> = sqlx::query_as(
+        "SELECT (created_at AT TIME ZONE 'UTC')::date, COALESCE(payload->>'model', '-'),
+                COALESCE(sum((payload->'tokens'->>'input')::bigint), 0)::bigint,
+                COALESCE(sum((payload->'tokens'->>'output')::bigint), 0)::bigint,
+                COALESCE(sum((payload->'tokens'->>'cache_write_5m')::bigint), 0)::bigint,
+                COALESCE(sum((payload->'tokens'->>'cache_write_1h')::bigint), 0)::bigint,
+                COALESCE(sum((payload->'tokens'->>'cache_read')::bigint), 0)::bigint,
+                COALESCE(sum((payload->'tokens'->>'web_search_requests')::bigint), 0)::bigint
+           FROM billing_outbox
+          WHERE payload->>'type' = 'usage_charge.v1' AND (created_at AT TIME ZONE 'UTC')::date BETWEEN $1 AND $2
+          GROUP BY 1, 2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(bot)
+    .await?;
+    let api_calls: Vec<Row> = sqlx::query_as(
+        "SELECT (created_at AT TIME ZONE 'UTC')::date, model,
+                sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(cache_write_5m)::bigint,
+                sum(cache_write_1h)::bigint, sum(cache_read)::bigint, sum(web_search_requests)::bigint
+           FROM api_calls
+          WHERE (created_at AT TIME ZONE 'UTC')::date BETWEEN $1 AND $2
+          GROUP BY 1, 2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(bot)
+    .await?;
+    fn add_rows(tokens: &mut BTreeMap<String, TokenTotals>, rows: &[Row], add: impl Fn(&mut TokenTotals, u64)) {
+        for (day, model, input, output, w5m, w1h, read, search) in rows {
+            for (class, n) in TOKEN_CLASSES.iter().zip([input, output, w5m, w1h, read, search]) {
+                let n = u64::try_from(*n).unwrap_or(0);
+                if n > 0 {
+                    add(tokens.entry(format!("{day} {model} {class}")).or_default(), n);
+                }
+            }
+        }
+    }
+    let mut tokens: BTreeMap<String, TokenTotals> = BTreeMap::new();
+    add_rows(&mut tokens, &outbox, |t, n| t.outbox += n);
+    add_rows(&mut tokens, &api_calls, |t, n| t.api_calls += n);
+    for ((day, model, class), n) in provider {
+        if *n > 0 && (from..=to).contains(day) {
+            tokens.entry(format!("{day} {model} {class}")).or_default().provider += n;
+        }
+    }
+    Ok(tokens)
+}
+
 fn amounts(payload: &Value) -> Vec<(&'static str, Decimal)> {
     let get =
         |k: &str| payload.get(k).and_then(Value::as_str).and_then(|s| s.parse::<Decimal>().ok()).unwrap_or_default();
@@ -207,6 +421,18 @@ pub fn render(r: &Reconciliation, format: &str) -> String {
             for (k, (a, b)) in &r.totals {
                 let _ = writeln!(out, "{k},{a},{b},{}", a - b);
             }
+            // A second table after a blank line: the provider comparison.
+            match &r.provider {
+                ProviderComparison::Skipped { reason } => {
+                    let _ = writeln!(out, "\nprovider report: skipped ({reason})");
+                }
+                ProviderComparison::Compared { tokens } => {
+                    out.push_str("\nday_model_class,outbox_tokens,api_calls_tokens,provider_tokens,variance_tokens\n");
+                    for (k, t) in tokens {
+                        let _ = writeln!(out, "{k},{},{},{},{}", t.outbox, t.api_calls, t.provider, t.variance());
+                    }
+                }
+            }
             out
         }
         _ => {
@@ -225,9 +451,43 @@ pub fn render(r: &Reconciliation, format: &str) -> String {
             for m in &r.invariant_failures {
                 let _ = writeln!(out, "invariant: {m}");
             }
+            match &r.provider {
+                ProviderComparison::Skipped { reason } => {
+                    let _ = writeln!(out, "provider report: skipped ({reason})");
+                }
+                ProviderComparison::Compared { tokens } => {
+                    let _ = writeln!(
+                        out,
+                        "provider report (Usage and Cost API), tokens; variance = provider − api_calls:\n{:<60} {:>14} {:>14} {:>14} {:>12}",
+                        "day model class", "outbox", "api_calls", "provider", "variance"
+                    );
+                    for (k, t) in tokens {
+                        let _ = writeln!(
+                            out,
+                            "{k:<60} {:>14} {:>14} {:>14} {:>12}",
+                            t.outbox,
+                            t.api_calls,
+                            t.provider,
+                            signed(t.variance())
+                        );
+                    }
+                    for m in r.provider_variances() {
+                        let _ = writeln!(out, "provider variance: {m}");
+                    }
+                }
+            }
             let _ = writeln!(out, "{}", if r.clean() { "reconcile: clean" } else { "reconcile: VARIANCE" });
             out
         }
+    }
+}
+
+/// `n` with its sign (`+3`, `-3`), `0` without one.
+fn signed(n: i128) -> String {
+    if n == 0 {
+        "0".to_owned()
+    } else {
+        format!("{n:+}")
     }
 }
 

@@ -8,12 +8,15 @@
 //! - [`ledger`]: postings of each event kind, applied in one transaction.
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
 //! - [`finance`]: dead letters, reconciliation, explain, refunds.
+//! - [`provider`]: the provider's usage report (Anthropic Admin API), for
+//!   reconciliation.
 //! - [`startup`]: building and running the app, and the CLI commands.
 
 pub mod config;
 pub mod consumer;
 pub mod finance;
 pub mod ledger;
+pub mod provider;
 pub mod startup;
 
 pub use config::Settings;

@@ -61,14 +61,22 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 report(&format!("redriven: {n} event(s)"));
             }
         },
-        Command::Reconcile { bot_database_url, from, to, format } => {
+        Command::Reconcile { bot_database_url, from, to, format, anthropic_admin_key, anthropic_base_url } => {
             let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
             let today = chrono::Utc::now().date_naive();
-            let r = finance::reconcile(&bot, &db, from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today))
-                .await?;
+            let (from, to) = (from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today));
+            let provider = match anthropic_admin_key.filter(|key| !key.is_empty()) {
+                Some(key) => Some(
+                    crate::provider::UsageReportClient::new(&anthropic_base_url, key, Duration::from_secs(60))
+                        .context("building the usage report client")?,
+                ),
+                None => None,
+            };
+            let r = finance::reconcile_with_provider(&bot, &db, from, to, provider.as_ref()).await?;
             report(&finance::render(&r, &format));
             if !r.clean() {
-                std::process::exit(1);
+                // An error, so that the exit status is 1 (and tests see it).
+                anyhow::bail!("reconcile: variance from {from} to {to}: {}", r.summary());
             }
         }
         Command::Explain { event } => report(&finance::explain(&db, event).await?),

@@ -97,9 +97,11 @@ impl Topology {
     pub fn intake_binding(shard: u32) -> String {
         format!("{shard}.*")
     }
-    /// Delay queue of `ms` milliseconds that dead-letters back to `updates`.
+    /// Delay queue of `ms` milliseconds that dead-letters back to `updates`
+    /// (DESIGN §3 `updates.retry.<delay>`; named `.delay.` since these became
+    /// quorum queues with at-least-once dead-lettering, see [`Topology::declare`]).
     pub fn updates_retry_queue(&self, ms: u64) -> String {
-        format!("{}updates.retry.{ms}", self.prefix)
+        format!("{}updates.delay.{ms}", self.prefix)
     }
     /// Poison updates after the delivery limit.
     pub fn updates_dead_queue(&self) -> String {
@@ -117,9 +119,10 @@ impl Topology {
     pub fn billing_queue(&self) -> String {
         format!("{}billing.events", self.prefix)
     }
-    /// Backoff queue number `n` (0-based) for billing retries.
+    /// Backoff queue number `n` (0-based) for billing retries (DESIGN §3
+    /// `billing.retry.<n>`, named `.delay.` as [`Topology::updates_retry_queue`]).
     pub fn billing_retry_queue(&self, n: usize) -> String {
-        format!("{}billing.retry.{n}", self.prefix)
+        format!("{}billing.delay.{n}", self.prefix)
     }
     /// Billing events that failed every attempt.
     pub fn billing_dead_queue(&self) -> String {
@@ -165,8 +168,12 @@ impl Topology {
             declare_quorum(ch, &q, self.delivery_limit, &self.updates_dead_queue(), true).await?;
             bind(ch, &q, &self.updates_exchange(), &Self::intake_binding(n)).await?;
         }
+        // Delay queues are quorum queues with at-least-once dead-lettering
+        // (RabbitMQ 3.10+, "Dead Letter Exchanges": at-least-once strategy):
+        // a classic queue's dead-lettering is at-most-once, so a broker
+        // restart while a message expires could drop a retry.
         for &ms in &self.update_retry_delays_ms {
-            declare_classic(ch, &self.updates_retry_queue(ms), delay_args(ms, &self.updates_queue())).await?;
+            declare_delay(ch, &self.updates_retry_queue(ms), Some(ms), &self.updates_queue()).await?;
         }
 
         declare_classic(ch, &self.billing_dead_queue(), FieldTable::default()).await?;
@@ -176,10 +183,7 @@ impl Topology {
         // billing-worker's backoff is its own setting; one queue per step
         // keeps every message of a queue on the same delay.
         for n in 0..self.billing_retry_delays_ms.len() {
-            let mut args = FieldTable::default();
-            args.insert("x-dead-letter-exchange".into(), str_value(""));
-            args.insert("x-dead-letter-routing-key".into(), str_value(&self.billing_queue()));
-            declare_classic(ch, &self.billing_retry_queue(n), args).await?;
+            declare_delay(ch, &self.billing_retry_queue(n), None, &self.billing_queue()).await?;
         }
         Ok(())
     }
@@ -196,14 +200,23 @@ fn str_value(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
-/// Arguments of a delay queue: messages expire after `ms` and dead-letter,
-/// through the default exchange, to `target`.
-fn delay_args(ms: u64, target: &str) -> FieldTable {
+/// A delay queue: a durable quorum queue whose messages expire after `ms`
+/// (or their own `expiration`) and dead-letter, through the default
+/// exchange, to `target`, at least once (`x-dead-letter-strategy`, which
+/// needs `x-overflow: reject-publish`).
+async fn declare_delay(ch: &Channel, name: &str, ms: Option<u64>, target: &str) -> Result<(), BrokerError> {
     let mut t = FieldTable::default();
-    t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)));
+    t.insert("x-queue-type".into(), str_value("quorum"));
+    if let Some(ms) = ms {
+        t.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)));
+    }
     t.insert("x-dead-letter-exchange".into(), str_value(""));
     t.insert("x-dead-letter-routing-key".into(), str_value(target));
-    t
+    t.insert("x-dead-letter-strategy".into(), str_value("at-least-once"));
+    t.insert("x-overflow".into(), str_value("reject-publish"));
+    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(name.into(), opts, t).await?;
+    Ok(())
 }
 
 async fn declare_classic(ch: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {

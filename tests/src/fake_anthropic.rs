@@ -1,5 +1,7 @@
 //! In-process fake of the Anthropic Messages API: replays scripted SSE bodies
-//! to `POST /v1/messages` (`"stream": true`) and records every call.
+//! to `POST /v1/messages` (`"stream": true`) and records every call; and of
+//! the Admin API's usage report (`GET /v1/organizations/usage_report/messages`,
+//! docs: "Usage and Cost API"), computed from the calls it actually served.
 //!
 //! # Layout
 //! - [`ScriptedResponse`]: what one call is answered with (an SSE file to
@@ -8,12 +10,17 @@
 //!   the log of [`RecordedCall`]s.
 //! - `handlers` (private): the HTTP endpoints and Anthropic's error body.
 //! - `replay` (private): splitting an SSE body into events and the paced
-//!   stream that sends them and notices when the client goes away.
+//!   stream that sends them, notes the usage they carry and notices when the
+//!   client goes away.
+//! - `usage_report` (private): the usage report endpoint: hourly (or daily,
+//!   or per-minute) buckets by model of the served usage, plus the rows a
+//!   test adds with [`FakeAnthropic::add_report_usage`].
 
 mod handlers;
 mod replay;
 #[cfg(test)]
 mod tests;
+mod usage_report;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,9 +30,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use shared::anthropic::UsageReport;
+use shared::pricing::TokenCounts;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -46,6 +56,9 @@ pub struct ScriptedResponse {
     /// Pause before each event, in milliseconds (an event is the text up to
     /// and including a blank line).
     pub event_delay_ms: u64,
+    /// Extra pause before the first event, in milliseconds (time to first
+    /// token on top of `event_delay_ms`).
+    pub first_event_delay_ms: u64,
     /// Send this many events, then nothing while keeping the connection open
     /// until the client disconnects or the fake shuts down.
     pub stall_after_events: Option<usize>,
@@ -84,6 +97,9 @@ pub struct RecordedCall {
     pub index: usize,
     /// When the request arrived.
     pub received_at: Instant,
+    /// When the request arrived, UTC wall clock: the usage report buckets
+    /// the call's usage by it.
+    pub received_utc: DateTime<Utc>,
     /// The request's JSON body (`Null` when it was not JSON).
     pub body: Value,
     /// Whether a non-empty `x-api-key` header was sent.
@@ -100,6 +116,26 @@ pub struct RecordedCall {
     /// Whether the whole scripted response was sent: every SSE event, or the
     /// complete error body of an HTTP error.
     pub completed: bool,
+    /// Model id of the `message_start` event sent, if one was sent.
+    pub model: Option<String>,
+    /// Usage (tokens) of the events sent so far, accumulated as the client
+    /// does (`shared::anthropic::MessageState`: `message_start`'s usage,
+    /// overlaid by each `message_delta`'s). `None` until a `message_start`
+    /// was sent, and for HTTP errors: nothing was served. What the usage
+    /// report counts for this call.
+    pub usage: Option<UsageReport>,
+}
+
+/// A row of usage the usage report adds to the calls the fake served (see
+/// [`FakeAnthropic::add_report_usage`]), or one served call's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportUsage {
+    /// Model id, as the report's `model` (grouped by `group_by[]=model`).
+    pub model: String,
+    /// When the usage happened (UTC); its bucket is the one containing it.
+    pub at: DateTime<Utc>,
+    /// Tokens by price class.
+    pub tokens: TokenCounts,
 }
 
 /// A running fake of the Anthropic Messages API.
@@ -141,6 +177,8 @@ struct Script {
     calls: Vec<RecordedCall>,
     /// Bodies of the token-counting calls, in arrival order.
     count_tokens_calls: Vec<Value>,
+    /// Usage rows added by tests to the usage report, beyond the served calls.
+    extra_report_usage: Vec<ReportUsage>,
 }
 
 impl Shared {
@@ -161,6 +199,22 @@ impl Shared {
     fn notify(&self) {
         self.changed.send_modify(|version| *version = version.wrapping_add(1));
     }
+
+    /// Everything the usage report counts: each served call's usage at the
+    /// time it was received, then the rows added by tests.
+    fn report_usage(&self) -> Vec<ReportUsage> {
+        let script = self.lock();
+        let served = script.calls.iter().filter_map(|call| {
+            let usage = call.usage.as_ref()?;
+            let model = call
+                .model
+                .clone()
+                .or_else(|| call.body.get("model").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_default();
+            Some(ReportUsage { model, at: call.received_utc, tokens: usage.token_counts() })
+        });
+        served.chain(script.extra_report_usage.iter().cloned()).collect()
+    }
 }
 
 impl FakeAnthropic {
@@ -179,6 +233,7 @@ impl FakeAnthropic {
         let app = Router::new()
             .route("/v1/messages", post(handlers::messages))
             .route("/v1/messages/count_tokens", post(handlers::count_tokens))
+            .route("/v1/organizations/usage_report/messages", get(usage_report::messages_usage_report))
             .fallback(handlers::not_found)
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
             .with_state(Arc::clone(&shared));
@@ -233,6 +288,21 @@ impl FakeAnthropic {
     /// Bodies of the token-counting calls so far, in arrival order.
     pub fn count_tokens_calls(&self) -> Vec<Value> {
         self.shared.lock().count_tokens_calls.clone()
+    }
+
+    /// Adds a row to the usage report (`GET
+    /// /v1/organizations/usage_report/messages`) beside the calls actually
+    /// served: `tokens` of `model` at `at` (UTC), as if the provider had
+    /// served a call we never recorded.
+    pub fn add_report_usage(&self, model: &str, at: DateTime<Utc>, tokens: TokenCounts) {
+        self.shared.lock().extra_report_usage.push(ReportUsage { model: model.to_owned(), at, tokens });
+    }
+
+    /// Everything the usage report counts so far: the usage of each served
+    /// call (at the time it was received), then the rows added with
+    /// [`FakeAnthropic::add_report_usage`].
+    pub fn report_usage(&self) -> Vec<ReportUsage> {
+        self.shared.report_usage()
     }
 
     /// Waits until at least `n` message calls have arrived; `false` on timeout.

@@ -137,8 +137,25 @@ pub struct Fleet {
     pub ingress_port: u16,
     /// Processes by name, in start order.
     children: Vec<(String, Child)>,
+    /// How each process was started, by name (for [`Fleet::restart`]).
+    specs: BTreeMap<String, ProcessSpec>,
     /// Where each process writes `<name>.log`.
     log_dir: PathBuf,
+}
+
+/// A program and its environment: enough to start a process again.
+#[derive(Debug, Clone)]
+struct ProcessSpec {
+    program: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl ProcessSpec {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c
+    }
 }
 
 /// The name (and `WORKER_ID`) of the `i`-th worker process.
@@ -183,48 +200,80 @@ impl Fleet {
     /// # Errors
     /// A process that does not start or an ingress that never gets ready.
     pub async fn start(cfg: &FleetConfig) -> anyhow::Result<Self> {
+        Self::start_sized(cfg, 1).await
+    }
+
+    /// As [`Fleet::start`], with `billing_workers` billing-worker processes
+    /// (`billing-worker-<i>`; a single one is named `billing-worker`).
+    ///
+    /// # Errors
+    /// A process that does not start or an ingress that never gets ready.
+    pub async fn start_sized(cfg: &FleetConfig, billing_workers: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.log_dir)?;
         let ingress_port = free_port()?;
-        let common = |c: &mut Command| {
-            c.env("AMQP_URL", &cfg.services.amqp_url)
-                .env("AMQP_PREFIX", &cfg.prefix)
-                .env("LOG_FORMAT", "json")
-                .env("RUST_LOG", "info,sqlx=warn,lapin=warn");
+        let common = || -> Vec<(String, String)> {
+            vec![
+                ("AMQP_URL".into(), cfg.services.amqp_url.clone()),
+                ("AMQP_PREFIX".into(), cfg.prefix.clone()),
+                ("LOG_FORMAT".into(), "json".into()),
+                ("RUST_LOG".into(), "info,sqlx=warn,lapin=warn".into()),
+            ]
         };
-        let mut children = Vec::new();
-        let mut ingress = Command::new(cfg.bin_dir.join("ingress"));
-        common(&mut ingress);
-        ingress
-            .env("INGRESS_BIND", format!("127.0.0.1:{ingress_port}"))
-            .env("TELEGRAM_WEBHOOK_SECRET", &cfg.webhook_secret);
-        children.push(("ingress".to_owned(), spawn(&mut ingress, &cfg.log_dir.join("ingress.log"))?));
+        let mut specs = Vec::new();
+        let mut env = common();
+        env.push(("INGRESS_BIND".into(), format!("127.0.0.1:{ingress_port}")));
+        env.push(("TELEGRAM_WEBHOOK_SECRET".into(), cfg.webhook_secret.clone()));
+        specs.push(("ingress".to_owned(), ProcessSpec { program: cfg.bin_dir.join("ingress"), env }));
         for i in 0..cfg.workers {
-            let mut w = Command::new(cfg.bin_dir.join("worker"));
-            common(&mut w);
             let name = worker_name(i);
-            w.env("DATABASE_URL", &cfg.bot_db_url)
-                .env("BILLING_DATABASE_URL", &cfg.billing_db_url)
-                .env("TELEGRAM_BOT_TOKEN", &cfg.bot_token)
-                .env("TELEGRAM_API_URL", &cfg.telegram_api_url)
-                .env("ANTHROPIC_API_KEY", "demo-key")
-                .env("ANTHROPIC_BASE_URL", &cfg.anthropic_base_url)
-                .env("PRICES_FILE", &cfg.prices_file)
-                .env("WORKER_ID", &name)
+            let mut env = common();
+            let path = |p: &Path| p.to_string_lossy().into_owned();
+            env.extend([
+                ("DATABASE_URL".into(), cfg.bot_db_url.clone()),
+                ("BILLING_DATABASE_URL".into(), cfg.billing_db_url.clone()),
+                ("TELEGRAM_BOT_TOKEN".into(), cfg.bot_token.clone()),
+                ("TELEGRAM_API_URL".into(), cfg.telegram_api_url.clone()),
+                ("ANTHROPIC_API_KEY".into(), "demo-key".into()),
+                ("ANTHROPIC_BASE_URL".into(), cfg.anthropic_base_url.clone()),
+                ("PRICES_FILE".into(), path(&cfg.prices_file)),
+                ("WORKER_ID".into(), name.clone()),
                 // Each worker's admin listener on a port of its own (several share the host).
-                .env("ADMIN_BIND", "127.0.0.1:0");
-            for (k, v) in &cfg.worker_env {
-                w.env(k, v);
-            }
-            let log = cfg.log_dir.join(format!("{name}.log"));
-            children.push((name, spawn(&mut w, &log)?));
+                ("ADMIN_BIND".into(), "127.0.0.1:0".into()),
+            ]);
+            env.extend(cfg.worker_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            specs.push((name, ProcessSpec { program: cfg.bin_dir.join("worker"), env }));
         }
-        let mut b = Command::new(cfg.bin_dir.join("billing-worker"));
-        common(&mut b);
-        b.env("BILLING_DATABASE_URL", &cfg.billing_db_url).env("ADMIN_BIND", "127.0.0.1:0");
-        children.push(("billing-worker".to_owned(), spawn(&mut b, &cfg.log_dir.join("billing-worker.log"))?));
-        let fleet = Self { ingress_port, children, log_dir: cfg.log_dir.clone() };
+        for i in 0..billing_workers.max(1) {
+            let name = if billing_workers <= 1 { "billing-worker".to_owned() } else { format!("billing-worker-{i}") };
+            let mut env = common();
+            env.push(("BILLING_DATABASE_URL".into(), cfg.billing_db_url.clone()));
+            env.push(("ADMIN_BIND".into(), "127.0.0.1:0".into()));
+            specs.push((name, ProcessSpec { program: cfg.bin_dir.join("billing-worker"), env }));
+        }
+        let mut children = Vec::new();
+        for (name, spec) in &specs {
+            let log = cfg.log_dir.join(format!("{name}.log"));
+            children.push((name.clone(), spawn(&mut spec.command(), &log, false)?));
+        }
+        let fleet = Self { ingress_port, children, specs: specs.into_iter().collect(), log_dir: cfg.log_dir.clone() };
         fleet.wait_ready().await?;
         Ok(fleet)
+    }
+
+    /// Starts process `name` again as it was started first (after it was
+    /// killed), appending to its log.
+    ///
+    /// # Errors
+    /// An unknown process, or one that is still running.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let spec = self.specs.get(name).with_context(|| format!("no process {name}"))?.clone();
+        let log = self.log_path(name);
+        let slot = self.children.iter_mut().find(|(n, _)| n == name).with_context(|| format!("no process {name}"))?;
+        if slot.1.try_wait()?.is_none() {
+            bail!("{name} is still running");
+        }
+        slot.1 = spawn(&mut spec.command(), &log, true)?;
+        Ok(())
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -346,8 +395,8 @@ impl Fleet {
     }
 }
 
-fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let file = std::fs::File::create(log)?;
+fn spawn(cmd: &mut Command, log: &Path, append: bool) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(log)?;
     let err = file.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(err).kill_on_drop(true);
     cmd.spawn().with_context(|| format!("starting {:?}", cmd.as_std().get_program()))

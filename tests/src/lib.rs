@@ -7,7 +7,9 @@
 //! - [`scenario`]: the scenario file format.
 //! - [`fleet`]: starting the fleet as processes on fresh databases.
 //! - [`demo`]: playing scenarios and checking their expectations.
+//! - [`chaos`]: the fleet under injected faults, and the checks after.
 
+pub mod chaos;
 pub mod demo;
 pub mod fake_anthropic;
 pub mod fake_telegram;

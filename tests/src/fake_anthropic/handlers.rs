@@ -1,5 +1,6 @@
 //! The endpoints of the fake Messages API: request checks, the choice of
-//! the scripted answer, the call log entry, and Anthropic's error body.
+//! the scripted answer, the call log entry, and Anthropic's error body
+//! (shared with the usage report endpoint).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,18 +21,18 @@ enum Answer {
 }
 
 /// An Anthropic error response.
-struct ApiError {
+pub(super) struct ApiError {
     status: u16,
     message: String,
     retry_after_s: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: u16, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: u16, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), retry_after_s: None }
     }
 
-    fn into_response(self, request_id: String) -> Response {
+    pub(super) fn into_response(self, request_id: String) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({
             "type": "error",
@@ -72,6 +73,7 @@ fn error_message(status: u16) -> String {
 /// What is known about a request before it is answered.
 struct Request {
     received_at: Instant,
+    received_utc: chrono::DateTime<chrono::Utc>,
     api_key_present: bool,
     anthropic_version: Option<String>,
     body: Result<Value, String>,
@@ -80,6 +82,7 @@ struct Request {
 impl Request {
     fn read(headers: &HeaderMap, body: &[u8]) -> Self {
         let received_at = Instant::now();
+        let received_utc = chrono::Utc::now();
         let api_key_present = headers.get("x-api-key").is_some_and(|key| !key.as_bytes().is_empty());
         let anthropic_version = headers.get("anthropic-version").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = match serde_json::from_slice::<Value>(body) {
@@ -87,7 +90,7 @@ impl Request {
             Ok(_) => Err("request body must be a JSON object".to_owned()),
             Err(error) => Err(format!("request body is not valid JSON: {error}")),
         };
-        Self { received_at, api_key_present, anthropic_version, body }
+        Self { received_at, received_utc, api_key_present, anthropic_version, body }
     }
 
     /// The error every endpoint answers before looking at the script, if any.
@@ -99,7 +102,7 @@ impl Request {
     }
 }
 
-fn request_id() -> String {
+pub(super) fn request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
 }
 
@@ -131,6 +134,7 @@ pub(super) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
         script.calls.push(RecordedCall {
             index,
             received_at: request.received_at,
+            received_utc: request.received_utc,
             body: request.body.unwrap_or(Value::Null),
             api_key_present: request.api_key_present,
             anthropic_version: request.anthropic_version,
@@ -141,6 +145,8 @@ pub(super) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
             events_sent: 0,
             ended_at: is_error.then(Instant::now),
             completed: is_error,
+            model: None,
+            usage: None,
         });
         (index, answer)
     };
@@ -151,7 +157,7 @@ pub(super) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
             error.into_response(request_id)
         }
         Answer::Stream(scripted) => {
-            let stream = replay::Replay::new(&scripted, Arc::clone(&shared), index).into_stream();
+            let stream = replay::Replay::new(&scripted, Arc::clone(&shared), index).await.into_stream();
             let headers = [
                 (header::CONTENT_TYPE.as_str(), "text/event-stream".to_owned()),
                 (header::CACHE_CONTROL.as_str(), "no-cache".to_owned()),

@@ -1,12 +1,16 @@
 //! Replays a scripted SSE body event by event, paced and possibly stalled,
-//! and records in the call log what was sent and when the stream ended.
+//! and records in the call log what was sent, the usage it carried and when
+//! the stream ended.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use futures_util::Stream;
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use shared::anthropic::events::parse_event;
+use shared::anthropic::{MessageState, StreamEvent};
 
 use super::{ScriptedResponse, Shared};
 
@@ -40,10 +44,28 @@ pub(super) fn split_events(body: &Bytes) -> Vec<Bytes> {
     events
 }
 
+/// Parses one event of [`split_events`] as the client does (SSE framing by
+/// `eventsource-stream`, then `shared::anthropic`'s event enum); `None` for
+/// an event without data or whose data is not a Messages API event.
+async fn parse_one(event: &Bytes) -> Option<StreamEvent> {
+    let mut framed = futures_util::stream::iter([Ok::<_, Infallible>(event.clone())]).eventsource();
+    let mut parsed = None;
+    while let Some(Ok(sse)) = framed.next().await {
+        if !sse.data.trim().is_empty() {
+            parsed = parse_event(&sse.data).ok();
+        }
+    }
+    parsed
+}
+
 /// The state of one replayed response.
 pub(super) struct Replay {
     /// Every event of the script.
     events: Vec<Bytes>,
+    /// Each event of `events` parsed, to follow the usage they carry.
+    parsed: Vec<Option<StreamEvent>>,
+    /// The message as the events sent so far describe it (model, usage).
+    message: MessageState,
     /// Index of the next event to send.
     next: usize,
     /// How many events are sent before stopping (or stalling).
@@ -52,23 +74,32 @@ pub(super) struct Replay {
     stall: bool,
     /// Pause before each event.
     delay: Duration,
+    /// Extra pause before the first event.
+    first_delay: Duration,
     /// Records progress; its drop marks the end of the response.
     progress: Progress,
 }
 
 impl Replay {
-    pub(super) fn new(scripted: &ScriptedResponse, shared: Arc<Shared>, index: usize) -> Self {
+    pub(super) async fn new(scripted: &ScriptedResponse, shared: Arc<Shared>, index: usize) -> Self {
         let events = scripted.sse.as_ref().map(split_events).unwrap_or_default();
+        let mut parsed = Vec::with_capacity(events.len());
+        for event in &events {
+            parsed.push(parse_one(event).await);
+        }
         let limit = scripted.stall_after_events.map_or(events.len(), |n| n.min(events.len()));
         if events.is_empty() {
             shared.update_call(index, |call| call.completed = true);
         }
         Self {
             events,
+            parsed,
+            message: MessageState::default(),
             next: 0,
             limit,
             stall: scripted.stall_after_events.is_some(),
             delay: Duration::from_millis(scripted.event_delay_ms),
+            first_delay: Duration::from_millis(scripted.first_event_delay_ms),
             progress: Progress { shared, index },
         }
     }
@@ -84,15 +115,19 @@ impl Replay {
                 }
                 return None;
             }
-            if !replay.delay.is_zero() {
+            let delay = if replay.next == 0 { replay.delay + replay.first_delay } else { replay.delay };
+            if !delay.is_zero() {
                 tokio::select! {
-                    () = tokio::time::sleep(replay.delay) => {}
+                    () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return None,
                 }
             }
             let event = replay.events.get(replay.next).cloned().unwrap_or_default();
+            if let Some(parsed) = replay.parsed.get(replay.next).cloned().flatten() {
+                replay.message.apply(parsed);
+            }
             replay.next += 1;
-            replay.progress.sent(replay.next, replay.events.len());
+            replay.progress.sent(replay.next, replay.events.len(), &replay.message);
             Some((Ok(event), replay))
         })
     }
@@ -106,11 +141,14 @@ struct Progress {
 }
 
 impl Progress {
-    /// Records that `sent` of the `total` events were handed to the client.
-    fn sent(&self, sent: usize, total: usize) {
+    /// Records that `sent` of the `total` events were handed to the client,
+    /// and the model and usage of the `message` they describe.
+    fn sent(&self, sent: usize, total: usize, message: &MessageState) {
         self.shared.update_call(self.index, |call| {
             call.events_sent = sent;
             call.completed = sent == total;
+            call.model.clone_from(&message.model);
+            call.usage = message.started.then(|| message.usage.clone());
         });
     }
 }

@@ -99,6 +99,8 @@ async fn a_stalled_stream_sends_its_events_then_nothing_until_the_client_leaves(
     assert!(next.is_err(), "the stalled stream sent more: {next:?}");
     let call = fake.calls().remove(0);
     assert_eq!((call.events_sent, call.completed, call.ended_at), (5, false, None));
+    let served = call.usage.as_ref().map(|u| (u.input_tokens, u.output_tokens));
+    assert_eq!(served, Some((Some(388), Some(1))), "usage of the events sent: message_start's, not the final delta's");
 
     drop(stream);
     assert!(
@@ -190,4 +192,151 @@ async fn shutdown_ends_a_stalled_stream() {
     tokio::time::timeout(WAIT, fake.shutdown()).await.unwrap();
     let body = tokio::time::timeout(WAIT, response.bytes()).await.unwrap();
     assert!(body.map(|b| b.is_empty()).unwrap_or(true));
+}
+
+/// `GET /v1/organizations/usage_report/messages` with `query`, as JSON.
+async fn usage_report(fake: &FakeAnthropic, query: &[(&str, String)]) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/organizations/usage_report/messages", fake.base_url()))
+        .header("x-api-key", "sk-ant-admin-test")
+        .header("anthropic-version", "2023-06-01")
+        .query(query)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Sums the results of `pages` per model: `[input, output, 5m, 1h, read, searches]`.
+fn sums(pages: &[Value]) -> std::collections::BTreeMap<String, [u64; 6]> {
+    let mut out = std::collections::BTreeMap::new();
+    for page in pages {
+        for bucket in page["data"].as_array().unwrap() {
+            for r in bucket["results"].as_array().unwrap() {
+                let model = r["model"].as_str().unwrap_or("(none)").to_owned();
+                let t: &mut [u64; 6] = out.entry(model).or_default();
+                t[0] += r["uncached_input_tokens"].as_u64().unwrap();
+                t[1] += r["output_tokens"].as_u64().unwrap();
+                t[2] += r["cache_creation"]["ephemeral_5m_input_tokens"].as_u64().unwrap();
+                t[3] += r["cache_creation"]["ephemeral_1h_input_tokens"].as_u64().unwrap();
+                t[4] += r["cache_read_input_tokens"].as_u64().unwrap();
+                t[5] += r["server_tool_use"]["web_search_requests"].as_u64().unwrap();
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_usage_report_counts_what_was_served_by_hour_and_model_plus_added_rows() {
+    let fake = start().await;
+    let haiku = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_h\",\"model\":\"claude-haiku-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n\
+                 event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n\
+                 event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    fake.push([
+        ScriptedResponse::from_file(fixture("anthropic/text_capital.sse")).unwrap(),
+        ScriptedResponse::from_file(fixture("anthropic/cache_write_1h.sse")).unwrap(),
+        ScriptedResponse::from_file(fixture("anthropic/web_search_two_deltas.sse")).unwrap(),
+        // Served up to the error event: billed as far as it went.
+        ScriptedResponse::from_file(fixture("anthropic/overloaded_midstream.sse")).unwrap(),
+        // Nothing served.
+        ScriptedResponse::http_error(529, Some(1)),
+        ScriptedResponse::from_sse(haiku),
+    ]);
+    for _ in 0..6 {
+        let _ = post(&fake, &request_body()).send().await.unwrap().bytes().await.unwrap();
+    }
+    let call = &fake.calls()[1];
+    assert_eq!(call.model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+    assert_eq!(call.usage.as_ref().map(|u| u.token_counts().cache_write_1h), Some(2100));
+    assert!(fake.calls()[4].usage.is_none(), "an HTTP error served nothing");
+    fake.add_report_usage(
+        "claude-opus-4-1",
+        chrono::Utc::now(),
+        shared::pricing::TokenCounts { input: 1000, cache_read: 3, ..Default::default() },
+    );
+
+    let today = chrono::Utc::now().date_naive();
+    let day_start = today.and_time(chrono::NaiveTime::MIN).and_utc();
+    let query = |limit: u32, page: Option<&str>| {
+        let mut q = vec![
+            ("starting_at", day_start.to_rfc3339()),
+            ("ending_at", (day_start + chrono::TimeDelta::days(1)).to_rfc3339()),
+            ("bucket_width", "1h".to_owned()),
+            ("group_by[]", "model".to_owned()),
+            ("limit", limit.to_string()),
+        ];
+        if let Some(page) = page {
+            q.push(("page", page.to_owned()));
+        }
+        q
+    };
+    let (status, one_page) = usage_report(&fake, &query(24, None)).await;
+    assert_eq!(status, 200, "{one_page}");
+    assert_eq!(one_page["data"].as_array().unwrap().len(), 24, "every hour of the day");
+    assert_eq!(one_page["has_more"], false);
+    assert_eq!(one_page["next_page"], Value::Null);
+    let want = std::collections::BTreeMap::from([
+        ("claude-haiku-4-5".to_owned(), [7, 5, 0, 0, 0, 0]),
+        ("claude-opus-4-1".to_owned(), [1000, 0, 0, 0, 3, 0]),
+        // text_capital + cache_write_1h + web_search_two_deltas + overloaded_midstream.
+        ("claude-sonnet-4-5-20250929".to_owned(), [412 + 35 + 5400 + 300, 12 + 80 + 210 + 1, 0, 2100, 0, 1]),
+    ]);
+    assert_eq!(sums(std::slice::from_ref(&one_page)), want);
+    let now = chrono::Utc::now();
+    let hour =
+        one_page["data"].as_array().unwrap().iter().find(|b| !b["results"].as_array().unwrap().is_empty()).unwrap();
+    let starting_at = chrono::DateTime::parse_from_rfc3339(hour["starting_at"].as_str().unwrap()).unwrap().to_utc();
+    assert!(starting_at <= now && now - starting_at < chrono::TimeDelta::hours(1), "bucketed by the hour: {hour}");
+    assert_eq!(hour["results"][0]["api_key_id"], Value::Null);
+
+    // Five buckets a page: the pages add up to the same.
+    let mut pages = Vec::new();
+    let mut page: Option<String> = None;
+    loop {
+        let (status, body) = usage_report(&fake, &query(5, page.as_deref())).await;
+        assert_eq!(status, 200, "{body}");
+        page = body["next_page"].as_str().map(str::to_owned);
+        let more = body["has_more"] == true;
+        pages.push(body);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(pages.len(), 5, "24 buckets, 5 a page");
+    assert_eq!(sums(&pages), want);
+
+    // Daily buckets without grouping: one row of everything.
+    let (_, daily) = usage_report(
+        &fake,
+        &[
+            ("starting_at", day_start.to_rfc3339()),
+            ("ending_at", (day_start + chrono::TimeDelta::days(1)).to_rfc3339()),
+        ],
+    )
+    .await;
+    assert_eq!(daily["data"].as_array().unwrap().len(), 1);
+    assert_eq!(sums(&[daily])["(none)"][0], 7 + 1000 + 412 + 35 + 5400 + 300);
+}
+
+#[tokio::test]
+async fn the_usage_report_wants_a_key_and_a_valid_query() {
+    let fake = start().await;
+    let url = format!("{}/v1/organizations/usage_report/messages", fake.base_url());
+    let no_key = reqwest::Client::new()
+        .get(&url)
+        .query(&[("starting_at", "2025-11-30T00:00:00Z")])
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), 401);
+    let body: Value = no_key.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "authentication_error");
+    let (status, body) = usage_report(&fake, &[("bucket_width", "1h".to_owned())]).await;
+    assert_eq!((status, body["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{body}");
+    let (status, _) =
+        usage_report(&fake, &[("starting_at", "2025-11-30T00:00:00Z".to_owned()), ("limit", "200".to_owned())]).await;
+    assert_eq!(status, 400, "more than 31 daily buckets a page");
 }

@@ -96,3 +96,51 @@ pub async fn grant(pool: &sqlx::PgPool, user: i64, usd: &str) -> Result<()> {
     billing_worker::ledger::grant(pool, user, usd.parse()?, Uuid::now_v7()).await?;
     Ok(())
 }
+
+/// The admin key the reconcile tests give for the fake's usage report.
+pub const ADMIN_KEY: &str = "sk-ant-admin-test";
+
+/// Runs the `billing-worker reconcile` command as from the command line, on
+/// the test database (bot and billing in one) for `[from, to]`, with `extra`
+/// flags (`--anthropic-admin-key …`). `Err` is a non-zero exit.
+pub async fn reconcile_cli(db_url: &str, from: chrono::NaiveDate, to: chrono::NaiveDate, extra: &[&str]) -> Result<()> {
+    let (from, to) = (from.to_string(), to.to_string());
+    let mut args = vec![
+        "billing-worker",
+        "--billing-database-url",
+        db_url,
+        "--database-max-connections",
+        "2",
+        "reconcile",
+        "--bot-database-url",
+        db_url,
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ];
+    args.extend(extra);
+    let settings = billing_worker::Settings::try_parse_from(args)?;
+    billing_worker::startup::main_with(settings, CancellationToken::new()).await
+}
+
+/// Waits until the fleet of `pool` has finished `jobs` jobs and the ledger
+/// has applied every event of the outbox.
+pub async fn wait_settled(pool: &sqlx::PgPool, jobs: i64) -> Result<()> {
+    crate::helpers::wait_until("the jobs to finish and every outbox event to be applied", crate::helpers::WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'running')")
+                .fetch_one(&pool)
+                .await?;
+            let unapplied: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM billing_outbox o
+                  WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = o.event_id)",
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok(done == jobs && unapplied == 0)
+        }
+    })
+    .await
+}

@@ -1,11 +1,21 @@
 //! Reconciliation: clean after a normal run; finds an event deleted from
 //! the ledger (and the balance it leaves wrong) and a ledger event with no
-//! outbox row.
+//! outbox row; compares every call's tokens with the provider's usage
+//! report (served by the fake from the calls it streamed), passes when they
+//! match, names the day, model and class of usage we never recorded, and
+//! fails when the report cannot be fetched.
 
-use crate::common::{grant, usage};
-use crate::helpers::TestDb;
-use billing_worker::finance::reconcile;
+use crate::common::{grant, reconcile_cli, usage, wait_settled, ADMIN_KEY};
+use crate::helpers::{fixture, fixture_bytes, spawn_app, TestApp, TestDb, WAIT};
+use billing_worker::finance::{reconcile, reconcile_with_provider, render, ProviderComparison, Reconciliation};
+use billing_worker::provider::UsageReportClient;
+use fleet_tests::fake_anthropic::ScriptedResponse;
+use shared::pricing::TokenCounts;
+use shared::secret::Secret;
 use uuid::Uuid;
+
+/// The model id the fixtures' `message_start` reports.
+const MODEL: &str = "claude-sonnet-4-5-20250929";
 
 #[tokio::test]
 async fn reconcile_passes_a_clean_run_and_finds_an_event_deleted_from_the_ledger() -> anyhow::Result<()> {
@@ -46,5 +56,145 @@ async fn reconcile_passes_a_clean_run_and_finds_an_event_deleted_from_the_ledger
         "the balance no longer matches its entries: {report}"
     );
     assert!(found.totals.values().any(|(outbox, ledger)| outbox != ledger), "a variance in the totals");
+    db.cleanup().await
+}
+
+/// Runs ada_capital (text_capital.sse) and, with `overloaded`, ben_overloaded
+/// (overloaded_midstream.sse, then the retry's moons_ok.sse) through the
+/// whole fleet, one after the other, then stops the processes (the fakes
+/// keep running).
+async fn run_calls(overloaded: bool) -> anyhow::Result<TestApp> {
+    let mut app = spawn_app().await?;
+    for user in [100_000_001, 100_000_002] {
+        grant(&app.db.pool, user, "5").await?;
+    }
+    app.anthropic.push([ScriptedResponse::from_file(fixture("anthropic/text_capital.sse"))?]);
+    assert_eq!(app.post_update(&fixture_bytes("telegram/ada_capital.json")?).await?, reqwest::StatusCode::OK);
+    wait_settled(&app.db.pool, 1).await?;
+    if overloaded {
+        app.anthropic.push([
+            ScriptedResponse::from_file(fixture("anthropic/overloaded_midstream.sse"))?,
+            ScriptedResponse::from_file(fixture("anthropic/moons_ok.sse"))?,
+        ]);
+        assert_eq!(app.post_update(&fixture_bytes("telegram/ben_overloaded.json")?).await?, reqwest::StatusCode::OK);
+        wait_settled(&app.db.pool, 2).await?;
+    }
+    app.stop().await?;
+    Ok(app)
+}
+
+async fn with_provider(
+    app: &TestApp,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> anyhow::Result<Reconciliation> {
+    let client = UsageReportClient::new(&app.anthropic.base_url(), Secret::new(ADMIN_KEY), WAIT)?;
+    reconcile_with_provider(&app.db.pool, &app.db.pool, from, to, Some(&client)).await
+}
+
+#[tokio::test]
+async fn reconcile_compares_every_call_with_the_provider_report_and_passes_when_the_tokens_match() -> anyhow::Result<()>
+{
+    let app = run_calls(true).await?;
+    assert_eq!(app.anthropic.call_count(), 3, "text_capital, overloaded_midstream, moons_ok");
+    let today = chrono::Utc::now().date_naive();
+    // Eight days of hourly buckets: 192, two pages of the report.
+    let from = today - chrono::Days::new(7);
+    let r = with_provider(&app, from, today).await?;
+    let table = render(&r, "table");
+    assert!(r.clean(), "{table}");
+    let ProviderComparison::Compared { tokens } = &r.provider else { anyhow::bail!("not compared: {table}") };
+    let row = |class: &str| tokens.get(&format!("{today} {MODEL} {class}")).copied().unwrap_or_default();
+    // The failed stream was served up to its error (300 input, 1 output):
+    // in api_calls and in the provider's report, not in the outbox.
+    let input = row("input");
+    assert_eq!(
+        (input.outbox, input.api_calls, input.provider),
+        (412 + 300, 412 + 300 + 300, 412 + 300 + 300),
+        "{table}"
+    );
+    let output = row("output");
+    assert_eq!((output.outbox, output.api_calls, output.provider), (12 + 11, 12 + 1 + 11, 12 + 1 + 11), "{table}");
+    assert!(tokens.values().all(|t| t.variance() == 0), "{table}");
+    assert!(table.contains("provider report (Usage and Cost API)"), "{table}");
+    assert!(!table.contains("provider variance:"), "{table}");
+    assert!(table.contains("reconcile: clean"), "{table}");
+    let csv = render(&r, "csv");
+    assert!(csv.contains("day_model_class,outbox_tokens,api_calls_tokens,provider_tokens,variance_tokens"), "{csv}");
+    assert!(csv.contains(&format!("{today} {MODEL} input,712,1012,1012,0")), "{csv}");
+    let json: serde_json::Value = serde_json::from_str(&render(&r, "json"))?;
+    assert_eq!(json["provider"]["status"], "compared");
+    assert_eq!(json["provider"]["tokens"][format!("{today} {MODEL} output")]["provider"], 24);
+    assert_eq!(json["provider"]["tokens"][format!("{today} {MODEL} output")]["variance"], 0);
+
+    // The command itself passes in every format.
+    let base = app.anthropic.base_url();
+    for format in ["table", "csv", "json"] {
+        let flags = ["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &base, "--format", format];
+        reconcile_cli(&app.db.url, from, today, &flags).await?;
+    }
+    // Without a key: skipped, and as before.
+    reconcile_cli(&app.db.url, from, today, &["--anthropic-admin-key="]).await?;
+    let skipped = reconcile(&app.db.pool, &app.db.pool, from, today).await?;
+    assert!(skipped.clean());
+    let table = render(&skipped, "table");
+    assert!(table.contains("provider report: skipped (ANTHROPIC_ADMIN_API_KEY not set)"), "{table}");
+    app.cleanup().await
+}
+
+#[tokio::test]
+async fn reconcile_fails_naming_the_day_model_and_class_of_usage_the_provider_reports_but_we_never_recorded(
+) -> anyhow::Result<()> {
+    let app = run_calls(false).await?;
+    let today = chrono::Utc::now().date_naive();
+    let before = with_provider(&app, today, today).await?;
+    assert!(before.clean(), "{}", render(&before, "table"));
+
+    app.anthropic.add_report_usage(MODEL, chrono::Utc::now(), TokenCounts { cache_read: 500, ..Default::default() });
+    let r = with_provider(&app, today, today).await?;
+    let table = render(&r, "table");
+    assert!(!r.clean(), "{table}");
+    let key = format!("{today} {MODEL} cache_read");
+    assert_eq!(r.provider_variances(), [format!("{key}: provider 500, api_calls 0, variance +500")], "{table}");
+    assert!(r.missing_in_ledger.is_empty() && r.missing_in_outbox.is_empty() && r.invariant_failures.is_empty());
+    assert!(table.contains(&format!("provider variance: {key}")), "{table}");
+    assert!(table.contains("reconcile: VARIANCE"), "{table}");
+    assert!(render(&r, "csv").contains(&format!("{key},0,0,500,500")));
+    let json: serde_json::Value = serde_json::from_str(&render(&r, "json"))?;
+    assert_eq!(json["provider"]["tokens"][&key]["variance"], 500);
+
+    let base = app.anthropic.base_url();
+    let flags = ["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &base];
+    let exit = reconcile_cli(&app.db.url, today, today, &flags).await;
+    let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(
+        error.contains(&key) && error.contains("+500"),
+        "a non-zero exit naming the day, model and class: {error:?}"
+    );
+    app.cleanup().await
+}
+
+#[tokio::test]
+async fn reconcile_fails_when_the_provider_report_cannot_be_fetched() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let today = chrono::Utc::now().date_naive();
+    // Nothing listens there.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", closed.local_addr()?);
+    drop(closed);
+    let exit =
+        reconcile_cli(&db.url, today, today, &["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &url]).await;
+    let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(error.contains("usage report"), "{error:?}");
+    assert!(!error.contains(ADMIN_KEY), "{error:?}");
+    // An HTTP error (a wrong base path: 404) is an error too.
+    let fake = fleet_tests::fake_anthropic::FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
+    let wrong = format!("{}/nope", fake.base_url());
+    let exit =
+        reconcile_cli(&db.url, today, today, &["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &wrong])
+            .await;
+    let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(error.contains("HTTP 404"), "{error:?}");
+    fake.shutdown().await;
     db.cleanup().await
 }
