@@ -36,13 +36,7 @@ impl LedgerError {
         match self {
             Self::Invalid(_) => false,
             Self::ChargesPending(_) => true,
-            // Serialization failure, deadlock, lock timeout, database not
-            // accepting connections, and the classes connection exception
-            // (08), insufficient resources (53), operator intervention (57).
-            Self::Db(sqlx::Error::Database(e)) => e.code().is_some_and(|c| {
-                matches!(c.as_ref(), "40001" | "40P01" | "55P03" | "55000")
-                    || ["08", "53", "57"].iter().any(|class| c.starts_with(class))
-            }),
+            Self::Db(e @ sqlx::Error::Database(_)) => shared::db::is_transient(e),
             Self::Db(_) => true,
         }
     }
@@ -97,20 +91,26 @@ pub fn user_account(user_id: i64) -> String {
 pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), LedgerError> {
     let (postings, meta) = match event {
         BillingEvent::UsageCharge(c) => (
-            vec![
-                Posting {
-                    debit: user_account(c.user_id),
-                    credit: "system:revenue".into(),
-                    amount: c.user_charge.0,
-                    kind: "usage_charge",
-                },
-                Posting {
+            {
+                let provider = Posting {
                     debit: "system:provider_cost".into(),
                     credit: "system:provider_payable".into(),
                     amount: c.provider_cost.0,
                     kind: "provider_cost",
-                },
-            ],
+                };
+                if c.abandoned {
+                    // What the provider served an attempt that lost its lease: ours to bear.
+                    vec![provider]
+                } else {
+                    let user = Posting {
+                        debit: user_account(c.user_id),
+                        credit: "system:revenue".into(),
+                        amount: c.user_charge.0,
+                        kind: "usage_charge",
+                    };
+                    vec![user, provider]
+                }
+            },
             EntryMeta {
                 user_id: Some(c.user_id),
                 job_id: Some(c.job_id),

@@ -18,6 +18,12 @@ pub fn usage_event_id(job_id: Uuid, seq: i32) -> Uuid {
     Uuid::new_v5(&EVENT_NAMESPACE, format!("usage:{job_id}:{seq}").as_bytes())
 }
 
+/// The event id of call `seq` of an abandoned attempt (lease `epoch`) of
+/// `job_id`: distinct from every charge of the attempt that answered.
+pub fn abandoned_usage_event_id(job_id: Uuid, epoch: i64, seq: i32) -> Uuid {
+    Uuid::new_v5(&EVENT_NAMESPACE, format!("abandoned:{job_id}:{epoch}:{seq}").as_bytes())
+}
+
 /// The event id of the charge of tool call `tool_use_id` of `job_id`.
 pub fn tool_event_id(job_id: Uuid, tool_use_id: &str) -> Uuid {
     Uuid::new_v5(&EVENT_NAMESPACE, format!("tool:{job_id}:{tool_use_id}").as_bytes())
@@ -153,6 +159,11 @@ pub struct UsageCharge {
     pub price_effective_from: NaiveDate,
     /// Output counted by us (call cut short), not reported by the API.
     pub estimated: bool,
+    /// A call of an attempt that lost its lease or was handed back: its
+    /// provider cost is recorded, the user is not charged
+    /// (`user_charge` is zero; the ledger posts no user leg).
+    #[serde(default)]
+    pub abandoned: bool,
     /// When the worker recorded it.
     pub occurred_at: DateTime<Utc>,
 }

@@ -45,3 +45,22 @@ pub async fn migrate_bot(pool: &PgPool) -> Result<(), MigrateError> {
 pub async fn migrate_billing(pool: &PgPool) -> Result<(), MigrateError> {
     billing_migrator().run(pool).await
 }
+
+/// True when retrying later may succeed: connection loss, pool timeouts,
+/// serialization failure, deadlock, lock timeout, a database not accepting
+/// connections, and the SQLSTATE classes connection exception (08),
+/// insufficient resources (53) and operator intervention (57: a restart's
+/// "terminating connection due to administrator command"). False for
+/// constraint violations, bad data and programming errors (PostgreSQL
+/// docs, Appendix A "Error Codes").
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| {
+            matches!(c.as_ref(), "40001" | "40P01" | "55P03" | "55000")
+                || ["08", "53", "57"].iter().any(|class| c.starts_with(class))
+        }),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}

@@ -460,31 +460,51 @@ async fn check(
     if !billing_caught_up(dbs).await? {
         report.violations.push("outbox events missing from the ledger".into());
     }
-    // 4. Every completed call charged exactly once, at the scenario's price.
+    // 4. Every call the fake completed is in the ledger exactly once (as
+    //    provider cost, by its request id), at the scenario's price when
+    //    the whole stream was received; the user pays the scenario's price
+    //    once per answered update (calls of abandoned attempts are ours).
     let calls = anthropic.calls();
     let completed: Vec<_> = calls.iter().filter(|c| c.completed && c.status == 200).collect();
     report.completed_calls = completed.len();
-    let count = Decimal::from(completed.len());
-    let charged: Option<Decimal> =
-        sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries WHERE kind = 'usage_charge'")
-            .fetch_one(&dbs.billing)
-            .await?;
-    let cost: Option<Decimal> =
-        sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries WHERE kind = 'provider_cost'")
-            .fetch_one(&dbs.billing)
-            .await?;
-    report.ledger_variance_usd = charged.unwrap_or_default() - count * user_charge;
-    if !report.ledger_variance_usd.is_zero() {
+    let costs: Vec<(Option<String>, Decimal, bool)> = sqlx::query_as(
+        "SELECT provider_request_id, amount, estimated FROM ledger_entries WHERE kind = 'provider_cost'",
+    )
+    .fetch_all(&dbs.billing)
+    .await?;
+    let mut by_request: BTreeMap<&str, Vec<(Decimal, bool)>> = BTreeMap::new();
+    for (id, amount, estimated) in &costs {
+        by_request.entry(id.as_deref().unwrap_or("-")).or_default().push((*amount, *estimated));
+    }
+    let (mut missing, mut twice, mut mispriced) = (0, 0, 0);
+    for call in &completed {
+        match by_request.get(call.request_id.as_str()).map(Vec::as_slice) {
+            None | Some([]) => missing += 1,
+            Some([(amount, estimated)]) => {
+                if !estimated && *amount != provider_cost {
+                    mispriced += 1;
+                }
+            }
+            Some(_) => twice += 1,
+        }
+    }
+    if missing + twice + mispriced > 0 {
         report.violations.push(format!(
-            "ledger charged {} USD for {} completed calls; they cost the user {} USD",
-            charged.unwrap_or_default(),
-            completed.len(),
-            count * user_charge
+            "completed calls: {missing} not in the ledger, {twice} in it more than once, {mispriced} at a wrong provider cost"
         ));
     }
-    let cost_variance = cost.unwrap_or_default() - count * provider_cost;
-    if !cost_variance.is_zero() {
-        report.violations.push(format!("provider cost in the ledger differs by {cost_variance} USD"));
+    let charges: Vec<Decimal> = sqlx::query_scalar("SELECT amount FROM ledger_entries WHERE kind = 'usage_charge'")
+        .fetch_all(&dbs.billing)
+        .await?;
+    let charged: Decimal = charges.iter().copied().sum();
+    let answered = Decimal::from(report.answered);
+    report.ledger_variance_usd = charged - answered * user_charge;
+    if !report.ledger_variance_usd.is_zero() {
+        report.violations.push(format!(
+            "users were charged {charged} USD ({} charges) for {} answers at {user_charge} USD each",
+            charges.len(),
+            report.answered
+        ));
     }
     let requests: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT provider_request_id, count(*) FROM ledger_entries WHERE kind = 'usage_charge' GROUP BY 1 HAVING count(*) > 1",
@@ -492,7 +512,7 @@ async fn check(
     .fetch_all(&dbs.billing)
     .await?;
     if !requests.is_empty() {
-        report.violations.push(format!("Anthropic requests charged more than once: {requests:?}"));
+        report.violations.push(format!("Anthropic requests charged to a user more than once: {requests:?}"));
     }
     // 5. Reconcile passes.
     let today = chrono::Utc::now().date_naive().to_string();

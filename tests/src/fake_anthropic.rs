@@ -95,6 +95,8 @@ impl ScriptedResponse {
 pub struct RecordedCall {
     /// 0-based position among all message calls over the fake's life.
     pub index: usize,
+    /// The `request-id` header answered (what the client records).
+    pub request_id: String,
     /// When the request arrived.
     pub received_at: Instant,
     /// When the request arrived, UTC wall clock: the usage report buckets

@@ -133,6 +133,7 @@ pub(super) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
         let is_error = matches!(answer, Answer::Error(_));
         script.calls.push(RecordedCall {
             index,
+            request_id: request_id.clone(),
             received_at: request.received_at,
             received_utc: request.received_utc,
             body: request.body.unwrap_or(Value::Null),

@@ -66,6 +66,7 @@ pub fn usage(job: Uuid, seq: i32, user: i64, cost: &str) -> BillingEvent {
         price_model: "claude-sonnet-4-5".into(),
         price_effective_from: chrono::NaiveDate::from_ymd_opt(2025, 10, 1).unwrap_or_default(),
         estimated: false,
+        abandoned: false,
         occurred_at: chrono::Utc::now(),
     })
 }

@@ -34,6 +34,7 @@ fn usage_charge() -> Result<BillingEvent> {
         price_model: "claude-haiku-4-5".into(),
         price_effective_from: NaiveDate::from_ymd_opt(2025, 10, 1).context("a date")?,
         estimated: false,
+        abandoned: false,
         occurred_at: Utc::now(),
     }))
 }

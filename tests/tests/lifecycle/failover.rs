@@ -7,6 +7,7 @@ use crate::harness::{answer_of, is_send_to, sse, update_id_of, Job, Lifecycle, S
 use crate::{CHI_ESSAY, ESSAY};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use rust_decimal::Decimal;
 use shared::contracts::usage_event_id;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,8 @@ async fn answered_once_by_the_second_claim(t: &Lifecycle, job: &Job) -> Result<(
     let outbox = t.outbox_usage(job.job_id).await?;
     ensure!(outbox == vec![event], "usage events in the outbox {outbox:?}, expected only {event}");
     let stale: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM billing_outbox WHERE job_id = $1 AND (payload->>'lease_epoch')::bigint <> $2",
+        "SELECT count(*) FROM billing_outbox WHERE job_id = $1 AND (payload->>'lease_epoch')::bigint <> $2
+           AND (payload->>'abandoned') IS DISTINCT FROM 'true'",
     )
     .bind(job.job_id)
     .bind(job.lease_epoch)
@@ -124,12 +126,18 @@ async fn paused_past_lease(t: &mut Lifecycle) -> Result<()> {
         after.finished_at == done.finished_at && after.status == done.status && after.lease_epoch == done.lease_epoch,
         "the job changed after the paused worker resumed: {done:?} → {after:?}"
     );
-    let stale: i64 = sqlx::query_scalar("SELECT count(*) FROM api_calls WHERE job_id = $1 AND lease_epoch = $2")
-        .bind(done.job_id)
-        .bind(first_epoch)
-        .fetch_one(&t.dbs.bot)
-        .await?;
-    ensure!(stale == 0, "{stale} api_calls rows written under the stale epoch {first_epoch}");
+    // The only rows of the stale epoch: its call, recorded as abandoned and
+    // charged to nobody (what the provider served it is still in the ledger).
+    let stale: Vec<(bool, Decimal)> =
+        sqlx::query_as("SELECT abandoned, user_charge FROM api_calls WHERE job_id = $1 AND lease_epoch = $2")
+            .bind(done.job_id)
+            .bind(first_epoch)
+            .fetch_all(&t.dbs.bot)
+            .await?;
+    ensure!(
+        stale.iter().all(|(abandoned, charge)| *abandoned && charge.is_zero()),
+        "api_calls rows written under the stale epoch {first_epoch} that charge the user: {stale:?}"
+    );
     answered_once_by_the_second_claim(t, &after).await?;
     ensure!(t.fleet.exited().is_empty(), "a process died: {:?}", t.fleet.exited());
     Ok(())

@@ -271,22 +271,26 @@ impl Lifecycle {
         .await?)
     }
 
-    /// `api_calls` of a job: (seq, lease epoch, user charge).
+    /// `api_calls` of a job that count for the user (abandoned attempts'
+    /// calls left out): (seq, lease epoch, user charge).
     pub async fn api_calls(&self, job_id: Uuid) -> Result<Vec<(i32, i64, Decimal)>> {
-        Ok(sqlx::query_as("SELECT seq, lease_epoch, user_charge FROM api_calls WHERE job_id = $1 ORDER BY seq")
-            .bind(job_id)
-            .fetch_all(&self.dbs.bot)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT seq, lease_epoch, user_charge FROM api_calls WHERE job_id = $1 AND NOT abandoned ORDER BY seq",
+        )
+        .bind(job_id)
+        .fetch_all(&self.dbs.bot)
+        .await?)
     }
 
     /// Usage-charge events of a job in the outbox.
     pub async fn outbox_usage(&self, job_id: Uuid) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar(
-            "SELECT event_id FROM billing_outbox WHERE job_id = $1 AND payload->>'type' = 'usage_charge.v1' ORDER BY event_id",
+            "SELECT event_id FROM billing_outbox WHERE job_id = $1 AND payload->>'type' = 'usage_charge.v1'
+               AND (payload->>'abandoned') IS DISTINCT FROM 'true' ORDER BY event_id",
         )
-            .bind(job_id)
-            .fetch_all(&self.dbs.bot)
-            .await?)
+        .bind(job_id)
+        .fetch_all(&self.dbs.bot)
+        .await?)
     }
 
     /// Final messages (`sendMessage`) the bot sent to `chat`, as they are now.

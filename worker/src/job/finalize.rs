@@ -7,7 +7,9 @@ use crate::context::WorkerContext;
 use crate::lease::Lease;
 use chrono::Utc;
 use serde_json::{json, Value};
-use shared::contracts::{hold_release_event_id, usage_event_id, BillingEvent, HoldRelease, UsageCharge};
+use shared::contracts::{
+    abandoned_usage_event_id, hold_release_event_id, usage_event_id, BillingEvent, HoldRelease, UsageCharge,
+};
 use shared::pricing::TokenCounts;
 
 /// How a call is accounted: the tokens, whether they are an estimate, and
@@ -88,7 +90,7 @@ pub async fn finalize(
     let mut tx = ctx.db.begin().await?;
     let fenced = sqlx::query(
         "UPDATE jobs SET answer_stored_at = now(), stored_reply = $3
-          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 AND answer_stored_at IS NULL",
     )
     .bind(lease.job_id)
     .bind(lease.epoch)
@@ -96,7 +98,17 @@ pub async fn finalize(
     .execute(&mut *tx)
     .await?;
     if fenced.rows_affected() != 1 {
-        return Err(JobError::LeaseLost);
+        drop(tx);
+        // A retry after a commit whose answer was lost (the connection
+        // died during COMMIT): stored already, by this very lease.
+        let stored: Option<bool> = sqlx::query_scalar(
+            "SELECT answer_stored_at IS NOT NULL FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
+        )
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .fetch_optional(&ctx.db)
+        .await?;
+        return if stored == Some(true) { Ok(()) } else { Err(JobError::LeaseLost) };
     }
     sqlx::query(
         "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)",
@@ -124,83 +136,14 @@ pub async fn finalize(
         .await?;
     }
     for (call, model, billing, price) in priced {
-        let charged = billing.as_ref().is_some_and(|b| b.charged);
-        let estimated = billing.as_ref().is_some_and(|b| b.estimated);
-        let tokens = billing.map(|b| b.tokens).unwrap_or_default();
-        let (cost, charge) = match &price {
-            Some(p) if charged => (p.provider_cost, p.user_charge),
-            // A failed stream: what it cost us, charged to nobody.
-            Some(p) => (p.provider_cost, Default::default()),
-            None => Default::default(),
-        };
-        sqlx::query(
-            "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
-                 input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
-                 provider_cost, user_charge, estimated)
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)
-             ON CONFLICT (job_id, seq) DO NOTHING",
-        )
-        .bind(job.job_id)
-        .bind(call.seq)
-        .bind(lease.epoch)
-        .bind(&call.request_id)
-        .bind(&call.state.message_id)
-        .bind(&model)
-        .bind(call.state.stop_reason.as_ref().map(|s| s.as_str().to_owned()))
-        .bind(i64::try_from(tokens.input).unwrap_or(i64::MAX))
-        .bind(i64::try_from(tokens.output).unwrap_or(i64::MAX))
-        .bind(i64::try_from(tokens.cache_write_5m).unwrap_or(i64::MAX))
-        .bind(i64::try_from(tokens.cache_write_1h).unwrap_or(i64::MAX))
-        .bind(i64::try_from(tokens.cache_read).unwrap_or(i64::MAX))
-        .bind(i64::try_from(tokens.web_search_requests).unwrap_or(i64::MAX))
-        .bind(cost.0)
-        .bind(charge.0)
-        .bind(estimated)
-        .execute(&mut *tx)
-        .await?;
-        let Some(price) = price.filter(|_| charged) else { continue };
-        for (class, n) in [
-            ("input", tokens.input),
-            ("output", tokens.output),
-            ("cache_write_5m", tokens.cache_write_5m),
-            ("cache_write_1h", tokens.cache_write_1h),
-            ("cache_read", tokens.cache_read),
-            ("web_search", tokens.web_search_requests),
-        ] {
-            metrics::counter!("fleet_tokens_total", "model" => price.price_model.clone(), "class" => class)
-                .increment(n);
-        }
-        let usd = |d: rust_decimal::Decimal| d.to_string().parse::<f64>().unwrap_or(0.0);
-        // USD per call: the histograms' `_sum` is the total by model and kind.
-        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "provider_cost")
-            .record(usd(price.provider_cost.0));
-        metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "user_charge")
-            .record(usd(price.user_charge.0));
-        let event = BillingEvent::UsageCharge(UsageCharge {
-            event_id: usage_event_id(job.job_id, call.seq),
-            job_id: job.job_id,
-            update_id: job.update_id,
-            lease_epoch: lease.epoch,
-            api_call_seq: call.seq,
-            user_id: job.user_id,
-            chat_id: job.chat_id,
-            request_id: call.request_id.clone(),
-            model,
-            tokens,
-            provider_cost: price.provider_cost,
-            user_charge: price.user_charge,
-            price_model: price.price_model,
-            price_effective_from: price.price_effective_from,
-            estimated,
-            occurred_at: Utc::now(),
-        });
-        crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
+        write_call(&mut tx, job, lease, call, model, billing, price, false).await?;
     }
     // After the charges, in the same transaction: settles the job's hold.
     // Tool charges were written when their tools committed; usage charges above.
     let charge_event_ids: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM billing_outbox
-          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1') ORDER BY event_id",
+          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1')
+            AND (payload->>'abandoned') IS DISTINCT FROM 'true' ORDER BY event_id",
     )
     .bind(job.job_id)
     .fetch_all(&mut *tx)
@@ -215,4 +158,152 @@ pub async fn finalize(
     tx.commit().await?;
     ctx.outbox_notify.notify_one();
     Ok(())
+}
+
+/// Writes one call: its `api_calls` row and its usage event (the user's
+/// charge, or for an `abandoned` attempt the provider cost alone).
+#[expect(clippy::too_many_arguments, reason = "one call's record: each part is needed")]
+async fn write_call(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &JobRow,
+    lease: &Lease,
+    call: &CallRecord,
+    model: String,
+    billing: Option<Billing>,
+    price: Option<shared::pricing::Priced>,
+    abandoned: bool,
+) -> Result<(), JobError> {
+    let charged = billing.as_ref().is_some_and(|b| b.charged);
+    let estimated = billing.as_ref().is_some_and(|b| b.estimated);
+    let tokens = billing.map(|b| b.tokens).unwrap_or_default();
+    let (cost, charge) = match &price {
+        Some(p) if charged && !abandoned => (p.provider_cost, p.user_charge),
+        // A failed stream: what it cost us, charged to nobody.
+        Some(p) => (p.provider_cost, Default::default()),
+        None => Default::default(),
+    };
+    sqlx::query(
+        "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
+             input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
+             provider_cost, user_charge, estimated, abandoned)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)
+         ON CONFLICT (job_id, lease_epoch, seq) DO NOTHING",
+    )
+    .bind(job.job_id)
+    .bind(call.seq)
+    .bind(lease.epoch)
+    .bind(&call.request_id)
+    .bind(&call.state.message_id)
+    .bind(&model)
+    .bind(call.state.stop_reason.as_ref().map(|s| s.as_str().to_owned()))
+    .bind(i64::try_from(tokens.input).unwrap_or(i64::MAX))
+    .bind(i64::try_from(tokens.output).unwrap_or(i64::MAX))
+    .bind(i64::try_from(tokens.cache_write_5m).unwrap_or(i64::MAX))
+    .bind(i64::try_from(tokens.cache_write_1h).unwrap_or(i64::MAX))
+    .bind(i64::try_from(tokens.cache_read).unwrap_or(i64::MAX))
+    .bind(i64::try_from(tokens.web_search_requests).unwrap_or(i64::MAX))
+    .bind(cost.0)
+    .bind(charge.0)
+    .bind(estimated)
+    .bind(abandoned)
+    .execute(&mut **tx)
+    .await?;
+    if abandoned {
+        // Every call the provider served is in the ledger, charged to nobody.
+        let Some(price) = price else { return Ok(()) };
+        let event = BillingEvent::UsageCharge(UsageCharge {
+            event_id: abandoned_usage_event_id(job.job_id, lease.epoch, call.seq),
+            job_id: job.job_id,
+            update_id: job.update_id,
+            lease_epoch: lease.epoch,
+            api_call_seq: call.seq,
+            user_id: job.user_id,
+            chat_id: job.chat_id,
+            request_id: call.request_id.clone(),
+            model,
+            tokens,
+            provider_cost: price.provider_cost,
+            user_charge: shared::money::Usd(rust_decimal::Decimal::ZERO),
+            price_model: price.price_model,
+            price_effective_from: price.price_effective_from,
+            estimated,
+            abandoned: true,
+            occurred_at: Utc::now(),
+        });
+        return crate::outbox::write(tx, &event, Some(job.job_id)).await.map_err(JobError::from);
+    }
+    let Some(price) = price.filter(|_| charged) else { return Ok(()) };
+    for (class, n) in [
+        ("input", tokens.input),
+        ("output", tokens.output),
+        ("cache_write_5m", tokens.cache_write_5m),
+        ("cache_write_1h", tokens.cache_write_1h),
+        ("cache_read", tokens.cache_read),
+        ("web_search", tokens.web_search_requests),
+    ] {
+        metrics::counter!("fleet_tokens_total", "model" => price.price_model.clone(), "class" => class).increment(n);
+    }
+    let usd = |d: rust_decimal::Decimal| d.to_string().parse::<f64>().unwrap_or(0.0);
+    // USD per call: the histograms' `_sum` is the total by model and kind.
+    metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "provider_cost")
+        .record(usd(price.provider_cost.0));
+    metrics::histogram!("fleet_call_cost_usd", "model" => price.price_model.clone(), "kind" => "user_charge")
+        .record(usd(price.user_charge.0));
+    let event = BillingEvent::UsageCharge(UsageCharge {
+        event_id: usage_event_id(job.job_id, call.seq),
+        job_id: job.job_id,
+        update_id: job.update_id,
+        lease_epoch: lease.epoch,
+        api_call_seq: call.seq,
+        user_id: job.user_id,
+        chat_id: job.chat_id,
+        request_id: call.request_id.clone(),
+        model,
+        tokens,
+        provider_cost: price.provider_cost,
+        user_charge: price.user_charge,
+        price_model: price.price_model,
+        price_effective_from: price.price_effective_from,
+        estimated,
+        abandoned: false,
+        occurred_at: Utc::now(),
+    });
+    crate::outbox::write(tx, &event, Some(job.job_id)).await?;
+    Ok(())
+}
+
+/// Records the calls of an attempt that will not finalize (its lease was
+/// lost, or it was handed back): what the provider served is in the ledger
+/// as provider cost, under ids of this lease epoch, and the user is not
+/// charged (the attempt that answers is). Not fenced on purpose: it touches
+/// no state of the job, only adds finance records no other attempt writes.
+/// Best effort: a failure is logged (the reconcile against the provider's
+/// usage report shows what is missing).
+pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Lease, calls: &[CallRecord]) {
+    let result = async {
+        let mut priced = Vec::new();
+        for call in calls.iter().filter(|c| c.state.started) {
+            let billing = billable_tokens(ctx, call).await;
+            let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+            let price = match &billing {
+                Some(b) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), &b.tokens)?),
+                None => None,
+            };
+            priced.push((call, model, billing, price));
+        }
+        if priced.is_empty() {
+            return Ok(());
+        }
+        let mut tx = ctx.db.begin().await?;
+        for (call, model, billing, price) in priced {
+            write_call(&mut tx, job, lease, call, model, billing, price, true).await?;
+        }
+        tx.commit().await?;
+        ctx.outbox_notify.notify_one();
+        Ok::<(), JobError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::error!(error.message = %e, "the calls of an abandoned attempt could not be recorded");
+    }
 }

@@ -11,7 +11,7 @@ mod repair;
 mod request;
 mod stream;
 
-pub use finalize::finalize;
+pub use finalize::{finalize, record_abandoned};
 pub use repair::repair_history;
 pub use request::{build_request, load, validate_content, JobRow};
 pub use stream::{stream_reply, CallEnd, CallRecord};
@@ -79,6 +79,18 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     let (status, outcome, error) = match &result {
         Ok(label) => ("done", *label, None),
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
+        Err(JobError::Db(e)) if shared::db::is_transient(e) => {
+            // The database went away (a restart, a failover): not the
+            // user's failure. The job goes back for another attempt (its
+            // attempts are bounded); if even the hand-back fails, the lease
+            // expires and the reaper republishes it.
+            tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
+            return match lease::hand_back(&ctx.db, &lease).await {
+                Ok(true) => JobOutcome::HandedBack,
+                Ok(false) => JobOutcome::LeaseLost,
+                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
+            };
+        }
         Err(JobError::Shutdown) => {
             return match lease::hand_back(&ctx.db, &lease).await {
                 Ok(true) => JobOutcome::HandedBack,
@@ -149,12 +161,51 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
     let progress_message = progress.finish().await;
     let answer = generated?;
     match cancel.reason() {
-        Some(CancelReason::LeaseLost) => return Err(JobError::LeaseLost),
-        Some(CancelReason::Shutdown) => return Err(JobError::Shutdown),
+        Some(CancelReason::LeaseLost) => {
+            finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
+            return Err(JobError::LeaseLost);
+        }
+        Some(CancelReason::Shutdown) => {
+            finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
+            return Err(JobError::Shutdown);
+        }
         Some(CancelReason::Stop | CancelReason::Blocked) | None => {}
     }
     let reply = answer.reply();
-    finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await?;
+    // The answer and its charges must not be lost to a database restart:
+    // finalize is retried on transient errors while the lease holds (the
+    // heartbeat cancels the job once it has failed for a whole visibility
+    // timeout). It is idempotent for one lease.
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        match finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await {
+            Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+                tracing::warn!(error.message = %e, wait_ms = wait.as_millis() as u64, "storing the answer failed; retrying");
+                tokio::time::sleep(wait).await;
+                let gone = match cancel.reason() {
+                    Some(CancelReason::LeaseLost) => Some(JobError::LeaseLost),
+                    Some(CancelReason::Shutdown) => Some(JobError::Shutdown),
+                    Some(CancelReason::Stop | CancelReason::Blocked) | None => None,
+                };
+                if let Some(e) = gone {
+                    finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
+                    return Err(e);
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e @ (JobError::LeaseLost | JobError::Shutdown)) => {
+                finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
+                return Err(e);
+            }
+            Err(JobError::Db(e)) => {
+                // Neither stored nor charged: the next attempt answers; what
+                // this one cost is recorded if the database lets us.
+                finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
+                return Err(JobError::Db(e));
+            }
+            other => break other?,
+        }
+    }
     if cancel.reason() == Some(CancelReason::Blocked) {
         // 403: nothing more is sent; usage incurred so far is billed above.
         mark_blocked(ctx, job.user_id).await?;
