@@ -261,6 +261,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
         Ok(JobOutcome::Failed(_)) => "failed",
         Ok(JobOutcome::LeaseLost) => "lease_lost",
         Ok(JobOutcome::HandedBack) => "handed_back",
+        Ok(JobOutcome::RetryLater) => "retry_later",
         Err(_) => "panic",
     };
     metrics::counter!("fleet_jobs_total", "outcome" => label).increment(1);
@@ -273,6 +274,27 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
         Ok(JobOutcome::Done(label)) => tracing::info!(outcome = label, "job done"),
         Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
         Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
+        Ok(JobOutcome::RetryLater) => {
+            // Through the longest delay queue: the database gets time to return.
+            let delay = ctx.topology.update_retry_delays_ms.iter().copied().max().unwrap_or(5_000);
+            let queue = ctx.topology.updates_retry_queue(delay);
+            let body = serde_json::json!({ "update_id": job.update_id }).to_string();
+            let sent = ctx
+                .publisher
+                .publish(Outgoing {
+                    exchange: "",
+                    routing_key: &queue,
+                    body: body.as_bytes(),
+                    message_id: None,
+                    content_type: "application/json",
+                    attempt: None,
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error.message = %e, "delayed republish failed; the reaper will find the job");
+            }
+            tracing::info!(delay_ms = delay, "job handed back after a database error; retried later");
+        }
         Ok(JobOutcome::HandedBack) => {
             // Make it visible again at once for another worker.
             if let Err(e) = republish_job(ctx, job.update_id).await {

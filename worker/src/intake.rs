@@ -23,6 +23,9 @@ pub enum IntakeError {
     /// getMe failed while deciding whether a group message is for us: retry later.
     #[error("telegram: {0}")]
     Telegram(#[from] TelegramError),
+    /// One attempt took longer than this: retry later.
+    #[error("intake took longer than {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// The job a delivery stands for.

@@ -195,17 +195,21 @@ pub async fn finish(
 }
 
 /// Hands the job back: `queued` again with no owner, so the next worker
-/// that sees it claims it at once (graceful shutdown). Fenced.
+/// that sees it claims it (graceful shutdown, a database that went away).
+/// With `refund_attempt` the attempt is not counted: the job was
+/// interrupted by the infrastructure, not by something about it. Fenced.
 ///
 /// # Errors
 /// Database errors.
-pub async fn hand_back(db: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+pub async fn hand_back(db: &PgPool, lease: &Lease, refund_attempt: bool) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
-        "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL
+        "UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                attempts = CASE WHEN $3 THEN greatest(attempts - 1, 0) ELSE attempts END
           WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
     )
     .bind(lease.job_id)
     .bind(lease.epoch)
+    .bind(refund_attempt)
     .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)

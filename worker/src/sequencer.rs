@@ -14,13 +14,18 @@
 //! A transient intake failure is retried here with backoff (the delivery
 //! stays unacked and the chat's later updates wait behind it): sending it
 //! to a delay queue would let a later update of the chat be taken in first.
+//! Each update tells the next of its chat whether it was taken in; one that
+//! was not (shutdown) holds the rest back too, so they all return to the
+//! shard, in order, when the channel closes. An update that still fails
+//! after [`INTAKE_ATTEMPTS`] (minutes) is dead-lettered to `updates.dead`
+//! with a notice to the user, and the chat moves on.
 
 use crate::consumer::{self, Settle};
 use crate::context::WorkerContext;
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use futures_util::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use shared::amqp;
 use std::collections::HashMap;
@@ -33,9 +38,13 @@ use tracing::Instrument;
 
 /// Unacknowledged intake deliveries per shard consumer.
 const INTAKE_PREFETCH: u16 = 32;
-/// In-process attempts of one update's intake before it is requeued (and,
-/// after the queue's delivery limit, dead-lettered to `updates.dead`).
-const INTAKE_ATTEMPTS: u32 = 20;
+/// In-process attempts of one update's intake (backoff 100 ms doubling to
+/// 10 s: about three minutes) before it is dead-lettered to `updates.dead`.
+pub const INTAKE_ATTEMPTS: u32 = 20;
+/// Longest one intake attempt may take (a hung query, a stalled download).
+const INTAKE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Told to a user whose message could not be taken in.
+pub const NOT_TAKEN_NOTICE: &str = "Sorry, I could not read your last message. Please send it again.";
 /// What the user reads when their message waits behind another answer.
 pub const QUEUED_NOTICE: &str = "⏳ Queued: I will answer this after the current reply.";
 
@@ -89,16 +98,18 @@ async fn consume(ctx: &WorkerContext, shutdown: &CancellationToken) -> Result<()
 }
 
 /// One chain per chat: each update's intake waits for the previous
-/// update of its chat to be taken in.
+/// update of its chat, and learns whether it was taken in.
 #[derive(Default)]
 struct Chains {
-    tails: HashMap<i64, oneshot::Receiver<()>>,
+    tails: HashMap<i64, oneshot::Receiver<bool>>,
 }
 
 impl Chains {
     /// The signal to wait for (the chat's previous intake) and the one to
-    /// give when this intake is done (dropping it counts, panics included).
-    fn next(&mut self, chat: Option<i64>) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+    /// give when this intake is done: `true` taken in (or settled for
+    /// good), `false` not (it goes back to the shard). A signal dropped
+    /// unsent (a panic) counts as taken in: the chat is not stuck.
+    fn next(&mut self, chat: Option<i64>) -> (Option<oneshot::Receiver<bool>>, oneshot::Sender<bool>) {
         let (done, tail) = oneshot::channel();
         let Some(chat) = chat else { return (None, done) };
         if self.tails.len() > 1_024 {
@@ -112,8 +123,8 @@ impl Chains {
 async fn take_in(
     ctx: &WorkerContext,
     delivery: Delivery,
-    prev: Option<oneshot::Receiver<()>>,
-    done: oneshot::Sender<()>,
+    prev: Option<oneshot::Receiver<bool>>,
+    done: oneshot::Sender<bool>,
     shutdown: &CancellationToken,
 ) {
     let span = tracing::info_span!(
@@ -124,12 +135,16 @@ async fn take_in(
     );
     async move {
         if let Some(prev) = prev {
-            // Err means the previous intake ended without a signal: done too.
-            let _ = prev.await;
+            if prev.await == Ok(false) {
+                // The chat's previous update goes back to the shard: so does
+                // this one (left unacked until the channel closes), behind it.
+                let _ = done.send(false);
+                return;
+            }
         }
         let outcome = intake_with_retries(ctx, &delivery, shutdown).await;
         // The job row exists (or nothing will): the chat's next update may go.
-        drop(done);
+        let _ = done.send(!matches!(outcome, Taken::Shutdown));
         let decision = match outcome {
             Taken::Outcome(IntakeOutcome::Job(job)) => hand_off(ctx, &job).await,
             Taken::Outcome(IntakeOutcome::Queued(job)) => {
@@ -142,11 +157,13 @@ async fn take_in(
             Taken::Outcome(other) => consumer::without_job(ctx, other).await,
             Taken::Poison => Settle::DeadLetter,
             Taken::GiveUp => {
-                // Back to the shard; the delivery limit dead-letters it eventually.
-                if let Err(e) = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
-                    tracing::warn!(error.message = %e, "could not requeue an intake delivery");
+                // Kept in `updates.dead` for inspection and redrive; the user is told.
+                if let Some(chat) =
+                    shared::telegram::RoutingInfo::from_bytes(&delivery.data).ok().and_then(|r| r.chat_id)
+                {
+                    let _ = crate::delivery::send_text(ctx, chat, NOT_TAKEN_NOTICE, &[]).await;
                 }
-                return;
+                Settle::DeadLetter
             }
             Taken::Shutdown => return,
         };
@@ -166,7 +183,14 @@ enum Taken {
 async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Taken {
     let mut wait = Duration::from_millis(100);
     for attempt in 1..=INTAKE_ATTEMPTS {
-        match intake(ctx, &delivery.data).await {
+        if shutdown.is_cancelled() {
+            return Taken::Shutdown;
+        }
+        let attempted = match tokio::time::timeout(INTAKE_ATTEMPT_TIMEOUT, intake(ctx, &delivery.data)).await {
+            Ok(result) => result,
+            Err(_) => Err(IntakeError::TimedOut(INTAKE_ATTEMPT_TIMEOUT)),
+        };
+        match attempted {
             Ok(outcome) => {
                 if let IntakeOutcome::Job(j) | IntakeOutcome::Queued(j) = &outcome {
                     let span = tracing::Span::current();
@@ -190,7 +214,7 @@ async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown:
             }
         }
     }
-    tracing::error!(attempts = INTAKE_ATTEMPTS, "intake kept failing; requeueing the update");
+    tracing::error!(attempts = INTAKE_ATTEMPTS, "intake kept failing; dead-lettering the update");
     Taken::GiveUp
 }
 
@@ -228,7 +252,12 @@ mod tests {
         assert!(none_prev.is_none(), "updates without a chat do not wait");
         let mut second_prev = second_prev.expect("the second update waits for the first");
         assert!(matches!(second_prev.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-        drop(first_done);
-        assert!(second_prev.await.is_err(), "dropping the first's signal releases the second");
+        first_done.send(false).expect("the second waits");
+        assert_eq!(second_prev.await, Ok(false), "the second learns the first was not taken in");
+        let (third_prev, third_done) = chains.next(Some(1));
+        drop(third_done);
+        let (fourth_prev, _) = chains.next(Some(1));
+        assert!(third_prev.is_some());
+        assert!(fourth_prev.expect("waits for the third").await.is_err(), "a dropped signal releases the next");
     }
 }

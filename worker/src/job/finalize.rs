@@ -182,7 +182,7 @@ async fn write_call(
         Some(p) => (p.provider_cost, Default::default()),
         None => Default::default(),
     };
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
              input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
              provider_cost, user_charge, estimated, abandoned)
@@ -208,6 +208,11 @@ async fn write_call(
     .bind(abandoned)
     .execute(&mut **tx)
     .await?;
+    if abandoned && inserted.rows_affected() == 0 {
+        // Recorded already under this epoch (a finalize whose commit
+        // looked failed had in fact succeeded): nothing more to record.
+        return Ok(());
+    }
     if abandoned {
         // Every call the provider served is in the ledger, charged to nobody.
         let Some(price) = price else { return Ok(()) };

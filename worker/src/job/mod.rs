@@ -34,6 +34,9 @@ pub enum JobOutcome {
     LeaseLost,
     /// Shutdown: the job was handed back (queued again) for another worker.
     HandedBack,
+    /// Interrupted by a transient database error before anything was sent:
+    /// handed back (the attempt not counted), to be retried after a delay.
+    RetryLater,
 }
 
 /// Errors inside a job step.
@@ -71,29 +74,32 @@ pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please t
 /// Runs a claimed job to its end and releases (or hands back) the lease.
 pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
-    if result.as_ref().is_err_and(|e| !matches!(e, JobError::LeaseLost)) {
-        // No charges were finalized on these paths: the reservation goes
-        // (not on a lost lease: the hold belongs to the new holder then).
-        crate::holds::void(ctx, lease.job_id).await;
-    }
     let (status, outcome, error) = match &result {
         Ok(label) => ("done", *label, None),
+        // The hold belongs to the new holder now: left alone.
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
         Err(JobError::Db(e)) if shared::db::is_transient(e) => {
-            // The database went away (a restart, a failover): not the
-            // user's failure. The job goes back for another attempt (its
-            // attempts are bounded); if even the hand-back fails, the lease
-            // expires and the reaper republishes it.
+            // The database went away (a restart, a failover) before
+            // anything was sent (a sent answer is never handed back, see
+            // `deliver`): not the user's failure. The job goes back, the
+            // attempt not counted, and is retried after a delay; if even the
+            // hand-back fails, the lease expires and the reaper republishes it.
             tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
-            return match lease::hand_back(&ctx.db, &lease).await {
-                Ok(true) => JobOutcome::HandedBack,
+            return match lease::hand_back(&ctx.db, &lease, true).await {
+                Ok(true) => {
+                    crate::holds::void(ctx, lease.job_id).await;
+                    JobOutcome::RetryLater
+                }
                 Ok(false) => JobOutcome::LeaseLost,
                 Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
             };
         }
         Err(JobError::Shutdown) => {
-            return match lease::hand_back(&ctx.db, &lease).await {
-                Ok(true) => JobOutcome::HandedBack,
+            return match lease::hand_back(&ctx.db, &lease, false).await {
+                Ok(true) => {
+                    crate::holds::void(ctx, lease.job_id).await;
+                    JobOutcome::HandedBack
+                }
                 Ok(false) => JobOutcome::LeaseLost,
                 Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
             };
@@ -114,7 +120,12 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     match lease::finish(&ctx.db, &lease, status, outcome, error.as_deref()).await {
         Ok(true) => match error {
             None => JobOutcome::Done(outcome),
-            Some(e) => JobOutcome::Failed(e),
+            Some(e) => {
+                // Nothing was charged on a failure: the reservation goes.
+                // Only after the fenced finish, so a newer holder's hold is safe.
+                crate::holds::void(ctx, lease.job_id).await;
+                JobOutcome::Failed(e)
+            }
         },
         Ok(false) => JobOutcome::LeaseLost,
         Err(e) => {
@@ -387,16 +398,34 @@ async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError>
 async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, reuse: &[i64]) -> Result<(), JobError> {
     match crate::delivery::send_fenced(ctx, job.chat_id, text, reuse, Some(lease)).await {
         Ok(ids) => {
-            sqlx::query(
-                "UPDATE jobs SET reply_message_ids = reply_message_ids || $2
-                  WHERE job_id = $1 AND status = 'running' AND lease_epoch = $3",
-            )
-            .bind(job.job_id)
-            .bind(&ids)
-            .bind(lease.epoch)
-            .execute(&ctx.db)
-            .await?;
-            Ok(())
+            // The user has the answer now: recording that must not fail on a
+            // database blip (a later attempt would send it again), so it is
+            // retried for as long as the lease can still be ours.
+            let mut wait = std::time::Duration::from_millis(200);
+            let started = tokio::time::Instant::now();
+            let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
+            loop {
+                let recorded = sqlx::query(
+                    "UPDATE jobs SET reply_message_ids = reply_message_ids || $2
+                      WHERE job_id = $1 AND status = 'running' AND lease_epoch = $3",
+                )
+                .bind(job.job_id)
+                .bind(&ids)
+                .bind(lease.epoch)
+                .execute(&ctx.db)
+                .await;
+                match recorded {
+                    Ok(_) => return Ok(()),
+                    Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {
+                        tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                    }
+                    // Not transient, or the lease must have expired: the
+                    // job fails rather than being handed back to send again.
+                    Err(e) => return Err(JobError::Invalid(format!("the answer was sent but not recorded: {e}"))),
+                }
+            }
         }
         Err(DeliveryError::Blocked) => mark_blocked(ctx, job.user_id).await,
         Err(DeliveryError::LeaseLost) => Err(JobError::LeaseLost),
