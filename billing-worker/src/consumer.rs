@@ -89,16 +89,26 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
     let _flag = ResetOnDrop(ctx.consuming.clone());
     let mut tasks = JoinSet::new();
-    loop {
+    // A few batches in flight at once: while they commit, deliveries pile
+    // up in the prefetch window and the next batch takes them all.
+    let lanes = Arc::new(tokio::sync::Semaphore::new(BATCH_LANES));
+    let result = loop {
         while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            p = lanes.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
+        };
         let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break Ok(()),
             d = consumer.next() => d,
         };
         let first = match delivery {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(amqp::BrokerError::Nacked),
+            Some(Err(e)) => break Err(e.into()),
+            None => break Err(amqp::BrokerError::Nacked),
         };
         // Whatever else has already arrived joins the batch; nothing waits.
         let mut batch = vec![first];
@@ -118,14 +128,23 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
             }
         }
         let task_ctx = ctx.clone();
-        tasks.spawn(async move { handle_batch(&task_ctx, batch).await });
+        tasks.spawn(async move {
+            handle_batch(&task_ctx, batch).await;
+            drop(permit);
+        });
         if let Some(e) = lost {
-            return Err(e);
+            break Err(e);
         }
-    }
+    };
+    // Batches in flight finish their database work (a dead-lettered event
+    // gets its `billing_failures` row) even when the channel is gone; their
+    // acks then fail and the broker redelivers, which is harmless (idempotent).
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
-    Ok(())
+    result
 }
+
+/// Batches applied concurrently by one consumer.
+const BATCH_LANES: usize = 2;
 
 /// Clears a readiness flag when the consumer stops, on every path.
 struct ResetOnDrop(Arc<std::sync::atomic::AtomicBool>);
