@@ -39,11 +39,11 @@ pub struct Settings {
     )]
     pub retry_delays_ms: Vec<u64>,
     /// Unacknowledged deliveries (AMQP prefetch).
-    #[arg(long, env = "BILLING_PREFETCH", default_value_t = 32)]
+    #[arg(long, env = "BILLING_PREFETCH", default_value_t = 128)]
     pub prefetch: u16,
     /// Most billing events applied in one transaction (at most the prefetch;
     /// 1 turns batching off).
-    #[arg(long, env = "BILLING_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "BILLING_BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
     /// Broker settings.
     #[command(flatten)]

@@ -285,15 +285,46 @@ pub async fn apply_event(db: &PgPool, event: &BillingEvent) -> Result<Applied, L
 /// # Errors
 /// [`LedgerError`] of the first event that failed; nothing is written then.
 pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<Applied>, LedgerError> {
-    let mut tx = db.begin().await?;
-    let mut deltas = Deltas::default();
-    let mut results = Vec::with_capacity(events.len());
-    let mut settled_jobs = BTreeSet::new();
+    // Everything that can be refused is refused before the transaction.
+    let mut ids = Vec::with_capacity(events.len());
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut prepared = Vec::with_capacity(events.len());
     for event in events {
         let (postings, meta) = postings(event)?;
         let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
-        let kind = payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+        ids.push(event.event_id());
+        kinds.push(payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned());
+        payloads.push(payload);
+        prepared.push((postings, meta));
+    }
+    let mut tx = db.begin().await?;
+    // One statement for the idempotency rows of the whole batch: the ids it
+    // returns are the events applied now (a repeated id in the batch is
+    // returned once, for its first occurrence).
+    let fresh: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO applied_events (event_id, kind, payload)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[])
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&payloads)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut fresh: BTreeSet<Uuid> = fresh.into_iter().collect();
+    let mut results = Vec::with_capacity(events.len());
+    let mut settled_jobs = BTreeSet::new();
+    let mut users = BTreeSet::new();
+    let mut legs = LegColumns::default();
+    let mut deltas = Deltas::default();
+    for (event, (postings, meta)) in events.iter().zip(&prepared) {
+        if !fresh.remove(&event.event_id()) {
+            results.push(Applied::Duplicate);
+            continue;
+        }
         if let BillingEvent::HoldRelease(r) = event {
+            // The job's charges, earlier in this batch included, must all be in.
             let pending: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM unnest($1::uuid[]) AS c(id)
                   WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = c.id)",
@@ -304,16 +335,31 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
             if pending > 0 {
                 return Err(LedgerError::ChargesPending(usize::try_from(pending).unwrap_or(usize::MAX)));
             }
+            settled_jobs.insert(r.job_id);
         }
-        let applied =
-            record_postings(&mut tx, event.event_id(), &kind, &payload, &postings, &meta, &mut deltas).await?;
-        if applied == Applied::Applied {
-            if let BillingEvent::HoldRelease(r) = event {
-                settled_jobs.insert(r.job_id);
-            }
+        users.extend(meta.user_id);
+        for (leg, p) in postings.iter().enumerate() {
+            legs.push(event.event_id(), i16::try_from(leg).unwrap_or(i16::MAX), p, meta);
+            *deltas.balances.entry(p.debit.clone()).or_default() -= p.amount;
+            *deltas.balances.entry(p.credit.clone()).or_default() += p.amount;
         }
-        results.push(applied);
+        results.push(Applied::Applied);
     }
+    if !users.is_empty() {
+        // In account order; ON CONFLICT DO NOTHING takes no row lock on an existing account.
+        let users: Vec<i64> = users.into_iter().collect();
+        let accounts: Vec<String> = users.iter().map(|u| user_account(*u)).collect();
+        sqlx::query(
+            "INSERT INTO accounts (account_id, kind, user_id)
+             SELECT a, 'user', u FROM unnest($1::text[], $2::bigint[]) AS t(a, u) ORDER BY a
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&accounts)
+        .bind(&users)
+        .execute(&mut *tx)
+        .await?;
+    }
+    legs.insert(&mut tx).await?;
     deltas.flush(&mut tx).await?;
     let settled: Vec<Uuid> = settled_jobs.into_iter().collect();
     if !settled.is_empty() {
@@ -338,6 +384,64 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
         tx.commit().await?;
     }
     Ok(results)
+}
+
+/// Ledger entries of a batch, column by column, for one multi-row insert.
+#[derive(Default)]
+struct LegColumns {
+    event_id: Vec<Uuid>,
+    leg: Vec<i16>,
+    debit: Vec<String>,
+    credit: Vec<String>,
+    amount: Vec<Decimal>,
+    kind: Vec<String>,
+    user_id: Vec<Option<i64>>,
+    job_id: Vec<Option<Uuid>>,
+    request_id: Vec<Option<String>>,
+    estimated: Vec<bool>,
+    memo: Vec<Option<String>>,
+}
+
+impl LegColumns {
+    fn push(&mut self, event_id: Uuid, leg: i16, p: &Posting, meta: &EntryMeta) {
+        self.event_id.push(event_id);
+        self.leg.push(leg);
+        self.debit.push(p.debit.clone());
+        self.credit.push(p.credit.clone());
+        self.amount.push(p.amount);
+        self.kind.push(p.kind.to_owned());
+        self.user_id.push(meta.user_id);
+        self.job_id.push(meta.job_id);
+        self.request_id.push(meta.provider_request_id.clone());
+        self.estimated.push(meta.estimated);
+        self.memo.push(meta.memo.clone());
+    }
+
+    async fn insert(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), LedgerError> {
+        if self.event_id.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO ledger_entries (event_id, leg, debit_account, credit_account, amount, kind, user_id, job_id,
+                 provider_request_id, estimated, memo)
+             SELECT * FROM unnest($1::uuid[], $2::int2[], $3::text[], $4::text[], $5::numeric[], $6::text[],
+                                  $7::bigint[], $8::uuid[], $9::text[], $10::bool[], $11::text[])",
+        )
+        .bind(&self.event_id)
+        .bind(&self.leg)
+        .bind(&self.debit)
+        .bind(&self.credit)
+        .bind(&self.amount)
+        .bind(&self.kind)
+        .bind(&self.user_id)
+        .bind(&self.job_id)
+        .bind(&self.request_id)
+        .bind(&self.estimated)
+        .bind(&self.memo)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 /// Voids holds whose job never released them (crashed, abandoned) once

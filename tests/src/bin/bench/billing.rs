@@ -184,7 +184,7 @@ async fn measure(args: &Args, dbs: &fleet_tests::fleet::Databases, prefix: &str)
     let batched = n as f64 / start.elapsed().as_secs_f64();
     let name = "billing-worker apply (exactly once, batched)";
     let note = format!(
-        "{n} usage charges of one user, queued before an in-process billing-worker (defaults: batch 32, prefetch 32) starts; timed from its start; {transactions} transactions, {:.1} events each",
+        "{n} usage charges of one user, queued before an in-process billing-worker (defaults: batch 128, prefetch 128, two batches in flight) starts; timed from its start; {transactions} transactions, {:.1} events each",
         n as f64 / transactions.max(1) as f64
     );
     Ok(vec![
