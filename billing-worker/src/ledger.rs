@@ -167,6 +167,20 @@ pub struct Deltas {
 }
 
 impl Deltas {
+    /// Adds one posting's movement: debit − amount, credit + amount.
+    ///
+    /// # Errors
+    /// `Invalid` when a sum leaves the range of `Decimal` (amounts near its
+    /// maximum): refused, never a panic.
+    fn move_amount(&mut self, p: &Posting) -> Result<(), LedgerError> {
+        let overflow = || LedgerError::Invalid(format!("amount {} overflows a balance", p.amount));
+        let debit = self.balances.entry(p.debit.clone()).or_default();
+        *debit = debit.checked_sub(p.amount).ok_or_else(overflow)?;
+        let credit = self.balances.entry(p.credit.clone()).or_default();
+        *credit = credit.checked_add(p.amount).ok_or_else(overflow)?;
+        Ok(())
+    }
+
     /// Moves every balance by its delta, in account order.
     ///
     /// # Errors
@@ -242,8 +256,7 @@ pub async fn record_postings(
         .bind(&meta.memo)
         .execute(&mut **tx)
         .await?;
-        *deltas.balances.entry(p.debit.clone()).or_default() -= p.amount;
-        *deltas.balances.entry(p.credit.clone()).or_default() += p.amount;
+        deltas.move_amount(p)?;
     }
     Ok(Applied::Applied)
 }
@@ -340,8 +353,7 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
         users.extend(meta.user_id);
         for (leg, p) in postings.iter().enumerate() {
             legs.push(event.event_id(), i16::try_from(leg).unwrap_or(i16::MAX), p, meta);
-            *deltas.balances.entry(p.debit.clone()).or_default() -= p.amount;
-            *deltas.balances.entry(p.credit.clone()).or_default() += p.amount;
+            deltas.move_amount(p)?;
         }
         results.push(Applied::Applied);
     }

@@ -28,12 +28,43 @@ pub struct WebState {
 /// The router: webhook, health and readiness.
 pub fn router(state: WebState, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/telegram/webhook", post(webhook))
+        .route(
+            "/telegram/webhook",
+            post(webhook).layer(axum::middleware::from_fn_with_state(max_body_bytes, read_body_within)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(shared::admin::metrics_text))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Longest a webhook request body may take to arrive, seconds: a client
+/// that stalls mid-body gets 408 and its connection is closed, instead of
+/// holding a connection and a task forever.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the whole body (at most `max` bytes, else 413) within
+/// [`BODY_READ_TIMEOUT`] (else 408) before the handler runs.
+async fn read_body_within(
+    State(max): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(Err(_)) => {
+            metrics::counter!("fleet_updates_rejected_total", "reason" => "too_large").increment(1);
+            (StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response()
+        }
+        Err(_) => {
+            metrics::counter!("fleet_updates_rejected_total", "reason" => "read_timeout").increment(1);
+            tracing::warn!(reason = "read_timeout", "webhook body did not arrive in time");
+            (StatusCode::REQUEST_TIMEOUT, "body read timed out").into_response()
+        }
+    }
 }
 
 fn secret_matches(headers: &HeaderMap, expected: &Secret) -> bool {

@@ -9,7 +9,16 @@ use std::fmt;
 /// rounding happens only for display ([`Usd::display_cents`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Usd(#[serde(with = "rust_decimal::serde::str")] pub Decimal);
+pub struct Usd(
+    #[serde(serialize_with = "rust_decimal::serde::str::serialize", deserialize_with = "exact")] pub Decimal,
+);
+
+/// A JSON string holding a decimal that `Decimal` represents exactly: more
+/// than 28 significant digits is an error, never silently rounded.
+fn exact<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    let s = String::deserialize(d)?;
+    Decimal::from_str_exact(s.trim()).map_err(|e| serde::de::Error::custom(format!("amount {s:?}: {e}")))
+}
 
 impl Usd {
     /// Zero dollars.
@@ -70,5 +79,41 @@ mod tests {
         assert_eq!(serde_json::to_string(&u).unwrap(), "\"0.0021240\"");
         let back: Usd = serde_json::from_str("\"4.997876\"").unwrap();
         assert_eq!(back.display_cents(), "5.00");
+    }
+
+    #[test]
+    fn nan_infinite_scientific_and_non_string_amounts_are_rejected() {
+        for json in
+            [r#""NaN""#, r#""nan""#, r#""inf""#, r#""-Infinity""#, r#""""#, r#""1,5""#, "1.5", "null", r#""0x10""#]
+        {
+            assert!(serde_json::from_str::<Usd>(json).is_err(), "{json} was accepted");
+        }
+    }
+
+    #[test]
+    fn amounts_beyond_the_decimal_range_are_rejected_not_wrapped() {
+        // 2^96, one past Decimal::MAX, and far beyond.
+        for json in
+            [r#""79228162514264337593543950336""#, r#""1e40""#, r#""100000000000000000000000000000000000000000""#]
+        {
+            assert!(serde_json::from_str::<Usd>(json).is_err(), "{json} was accepted");
+        }
+        let max: Usd = serde_json::from_str(r#""79228162514264337593543950335""#).unwrap();
+        assert_eq!(max.0, Decimal::MAX);
+    }
+
+    #[test]
+    fn negative_amounts_parse_and_keep_their_sign() {
+        let u: Usd = serde_json::from_str(r#""-0.002""#).unwrap();
+        assert!(u.0.is_sign_negative());
+    }
+
+    #[test]
+    fn amounts_more_precise_than_28_digits_are_not_silently_zeroed() {
+        // 29 decimal places: either an error or kept exactly — never rounded to zero.
+        match serde_json::from_str::<Usd>(r#""0.00000000000000000000000000001""#) {
+            Err(_) => {}
+            Ok(u) => assert!(!u.0.is_zero(), "29 decimal places were rounded to {u}"),
+        }
     }
 }

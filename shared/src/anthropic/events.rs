@@ -193,7 +193,7 @@ impl UsageReport {
         let split = self.cache_creation.unwrap_or_default();
         let total = self
             .cache_creation_input_tokens
-            .unwrap_or(split.ephemeral_5m_input_tokens + split.ephemeral_1h_input_tokens);
+            .unwrap_or(split.ephemeral_5m_input_tokens.saturating_add(split.ephemeral_1h_input_tokens));
         let one_hour = split.ephemeral_1h_input_tokens.min(total);
         crate::pricing::TokenCounts {
             input: self.input_tokens.unwrap_or(0),
@@ -246,5 +246,47 @@ mod tests {
         let u = UsageReport { cache_creation_input_tokens: Some(50), ..Default::default() };
         assert_eq!(u.token_counts().cache_write_5m, 50);
         assert_eq!(u.token_counts().cache_write_1h, 0);
+    }
+
+    #[test]
+    fn invalid_json_in_a_data_line_is_an_error() {
+        for data in [r#"{"type":"content_block_delta","index":0,"#, "not json", "", r#"{"index":0}"#, "[1]", "null"] {
+            assert!(parse_event(data).is_err(), "{data:?} parsed");
+        }
+    }
+
+    #[test]
+    fn negative_fractional_huge_or_string_token_counts_are_errors_never_a_charge() {
+        for usage in [
+            r#"{"output_tokens":-5}"#,
+            r#"{"output_tokens":1e30}"#,
+            r#"{"output_tokens":12.5}"#,
+            r#"{"output_tokens":"12"}"#,
+            r#"{"output_tokens":18446744073709551616}"#,
+            r#"{"input_tokens":-1}"#,
+            r#"{"cache_read_input_tokens":-1}"#,
+            r#"{"cache_creation":{"ephemeral_1h_input_tokens":-1}}"#,
+            r#"{"server_tool_use":{"web_search_requests":-1}}"#,
+        ] {
+            let data = format!(r#"{{"type":"message_delta","delta":{{"stop_reason":"end_turn"}},"usage":{usage}}}"#);
+            assert!(parse_event(&data).is_err(), "{usage} was accepted");
+            let start = format!(
+                r#"{{"type":"message_start","message":{{"id":"msg_1","model":"claude-sonnet-4-5","usage":{usage}}}}}"#
+            );
+            assert!(parse_event(&start).is_err(), "{usage} was accepted in message_start");
+        }
+    }
+
+    #[test]
+    fn the_largest_token_counts_do_not_overflow_the_price_classes() {
+        let u = UsageReport {
+            cache_creation: Some(CacheCreation { ephemeral_5m_input_tokens: u64::MAX, ephemeral_1h_input_tokens: 1 }),
+            output_tokens: Some(u64::MAX),
+            ..Default::default()
+        };
+        let t = u.token_counts();
+        assert_eq!(t.output, u64::MAX);
+        assert_eq!(t.cache_write_1h, 1);
+        assert!(t.cache_write_5m >= u64::MAX - 1, "saturated, not wrapped: {t:?}");
     }
 }

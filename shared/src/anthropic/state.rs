@@ -387,4 +387,54 @@ mod tests {
         assert_eq!(tools.len(), 1);
         assert_eq!(tools[0].2.as_ref().unwrap(), &serde_json::json!({}));
     }
+
+    #[test]
+    fn events_for_a_block_that_never_started_are_tolerated_not_a_panic() {
+        let mut s = MessageState::default();
+        let applied = s.apply(
+            parse_event(r#"{"type":"content_block_delta","index":99,"delta":{"type":"text_delta","text":"ghost"}}"#)
+                .unwrap(),
+        );
+        assert_eq!(applied, Applied::Unknown("delta for a block that never started"));
+        assert_eq!(s.apply(parse_event(r#"{"type":"content_block_stop","index":99}"#).unwrap()), Applied::Quiet);
+        assert_eq!(s.text(), "");
+        assert!(s.content_blocks().is_empty());
+        // A block that starts later at a lower index still works; the gap stays empty.
+        s.apply(
+            parse_event(r#"{"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}"#)
+                .unwrap(),
+        );
+        let applied = s.apply(
+            parse_event(r#"{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"hi"}}"#)
+                .unwrap(),
+        );
+        assert_eq!(applied, Applied::Text);
+        assert_eq!(
+            s.apply(
+                parse_event(r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}"#)
+                    .unwrap()
+            ),
+            Applied::Unknown("block that is not an object")
+        );
+        assert_eq!(s.text(), "hi");
+        assert_eq!(s.content_blocks().len(), 1);
+    }
+
+    #[test]
+    fn a_stream_without_message_stop_is_not_complete() {
+        let mut s = MessageState::default();
+        for data in [
+            r#"{"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Half an ans"}}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":5}}"#,
+        ] {
+            s.apply(parse_event(data).unwrap());
+        }
+        assert!(s.started);
+        assert!(!s.stopped, "a stop_reason is not message_stop");
+        assert_eq!(s.stop_reason, Some(StopReason::EndTurn));
+        assert_eq!(s.text(), "Half an ans");
+    }
 }

@@ -338,4 +338,58 @@ mod tests {
         let (_, inc) = Incoming::parse(br#"{"update_id":1,"message":{"chat":"x"}}"#).unwrap();
         assert!(matches!(inc, Incoming::Ignored { .. }));
     }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        // 100,000 nested arrays inside an update: serde_json's recursion limit
+        // turns this into an error instead of blowing the stack.
+        let depth = 100_000;
+        let mut body = br#"{"update_id":7,"message":{"chat":{"id":1},"x":"#.to_vec();
+        body.extend(std::iter::repeat_n(b'[', depth));
+        body.extend(std::iter::repeat_n(b']', depth));
+        body.extend(b"}}");
+        assert!(matches!(RoutingInfo::from_bytes(&body), Err(UpdateError::NotAnObject(_))));
+        assert!(matches!(Incoming::parse(&body), Err(UpdateError::NotAnObject(_))));
+        // Unbalanced (never closed) is an error too.
+        let open: Vec<u8> = std::iter::repeat_n(b'{', depth).collect();
+        assert!(matches!(RoutingInfo::from_bytes(&open), Err(UpdateError::NotAnObject(_))));
+    }
+
+    #[test]
+    fn invalid_utf8_is_not_an_object() {
+        let body = b"{\"update_id\":1,\"message\":{\"text\":\"\xff\xfe\"}}";
+        assert!(matches!(RoutingInfo::from_bytes(body), Err(UpdateError::NotAnObject(_))));
+        assert!(matches!(Incoming::parse(body), Err(UpdateError::NotAnObject(_))));
+    }
+
+    #[test]
+    fn extreme_update_ids_are_read_exactly_or_rejected() {
+        let r = RoutingInfo::from_bytes(br#"{"update_id":9223372036854775807,"message":{"chat":{"id":3}}}"#).unwrap();
+        assert_eq!((r.update_id, r.chat_id), (i64::MAX, Some(3)));
+        // Negative ids are not Telegram's, but are an integer: accepted verbatim.
+        let r = RoutingInfo::from_bytes(br#"{"update_id":-5,"message":{"chat":{"id":3}}}"#).unwrap();
+        assert_eq!(r.update_id, -5);
+        let r = RoutingInfo::from_bytes(br#"{"update_id":-9223372036854775808}"#).unwrap();
+        assert_eq!((r.update_id, r.kind.as_str()), (i64::MIN, "empty"));
+        // Beyond i64 (one past the max, u64::MAX, a float-only number): no update id.
+        for body in [
+            &br#"{"update_id":9223372036854775808}"#[..],
+            br#"{"update_id":18446744073709551615}"#,
+            br#"{"update_id":1e300}"#,
+            br#"{"update_id":123456789012345678901234567890}"#,
+        ] {
+            assert_eq!(
+                RoutingInfo::from_bytes(body),
+                Err(UpdateError::NoUpdateId),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_chat_id_beyond_i64_routes_as_no_chat_not_a_wrapped_id() {
+        let r = RoutingInfo::from_bytes(br#"{"update_id":1,"message":{"chat":{"id":18446744073709551615}}}"#).unwrap();
+        assert_eq!(r.chat_id, None);
+    }
 }

@@ -6,6 +6,7 @@
 #[allow(dead_code, unused_imports)]
 mod helpers;
 
+mod bad_input;
 mod batching;
 mod common;
 mod dead_letters;

@@ -7,12 +7,14 @@
 //!
 //! # Layout
 //! - [`helpers`]: databases, broker prefixes, spawning the processes, waits.
+//! - [`bad_input`]: nesting bombs, invalid UTF-8, extreme ids, slow and stalled clients at the webhook.
 //! - [`ingress`]: the webhook's answers and what reaches the `updates` queue.
 //! - [`dedup`]: a duplicated update is answered and charged once, end to end.
 //! - [`billing`]: a billing event applies once; malformed events are dead-lettered.
 //! - [`sse`]: the fixture streams parse over real HTTP into text, usage and cost.
 //! - [`split`]: the UTF-16 splitter's limits, fences and surrogate pairs.
 
+mod bad_input;
 mod billing;
 mod dedup;
 mod helpers;
