@@ -225,7 +225,7 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
         IntakeOutcome::Stop { chat_id, update_id, running, callback_id } => {
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.
-            let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
+            let here = ctx.running.cancel_chat(chat_id, update_id, CancelReason::Stop);
             if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id).await {
                 tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
                 return Settle::Delay;
@@ -244,7 +244,7 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
 async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdown: &CancellationToken) {
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
     let cancel = JobCancel::default();
-    let _registration = ctx.running.register(job.chat_id, job.job_id, cancel.clone());
+    let _registration = ctx.running.register(job.chat_id, job.job_id, job.update_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
     let heartbeat =
         tokio::spawn(lease::keep_alive(ctx.db.clone(), l, visibility, stop_heartbeat.clone(), cancel.clone()));

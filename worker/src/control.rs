@@ -56,7 +56,8 @@ impl JobCancel {
 /// Jobs running in this process, by chat.
 #[derive(Debug, Clone, Default)]
 pub struct RunningJobs {
-    inner: Arc<Mutex<HashMap<i64, (Uuid, JobCancel)>>>,
+    /// chat → (job, its update_id, its cancel handle).
+    inner: Arc<Mutex<HashMap<i64, (Uuid, i64, JobCancel)>>>,
 }
 
 /// Removes the job from [`RunningJobs`] when dropped.
@@ -69,7 +70,7 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut map) = self.jobs.inner.lock() {
-            if map.get(&self.chat_id).is_some_and(|(j, _)| *j == self.job_id) {
+            if map.get(&self.chat_id).is_some_and(|(j, _, _)| *j == self.job_id) {
                 map.remove(&self.chat_id);
             }
         }
@@ -77,17 +78,22 @@ impl Drop for Registration {
 }
 
 impl RunningJobs {
-    /// Registers a running job; it is removed when the guard drops.
-    pub fn register(&self, chat_id: i64, job_id: Uuid, cancel: JobCancel) -> Registration {
+    /// Registers a running job (created by update `update_id`); it is
+    /// removed when the guard drops.
+    pub fn register(&self, chat_id: i64, job_id: Uuid, update_id: i64, cancel: JobCancel) -> Registration {
         if let Ok(mut map) = self.inner.lock() {
-            map.insert(chat_id, (job_id, cancel));
+            map.insert(chat_id, (job_id, update_id, cancel));
         }
         Registration { jobs: self.clone(), chat_id, job_id }
     }
 
-    /// Cancels the chat's job if it runs here; true when one did.
-    pub fn cancel_chat(&self, chat_id: i64, reason: CancelReason) -> bool {
-        let found = self.inner.lock().ok().and_then(|m| m.get(&chat_id).map(|(_, c)| c.clone()));
+    /// Cancels the chat's job if it runs here and came from an update
+    /// older than `stop_update_id` (a `/stop` redelivered late never stops
+    /// a message sent after it); true when one was cancelled.
+    pub fn cancel_chat(&self, chat_id: i64, stop_update_id: i64, reason: CancelReason) -> bool {
+        let found = self.inner.lock().ok().and_then(|m| {
+            m.get(&chat_id).filter(|(_, update_id, _)| *update_id < stop_update_id).map(|(_, _, c)| c.clone())
+        });
         match found {
             Some(c) => {
                 c.cancel(reason);
@@ -100,7 +106,7 @@ impl RunningJobs {
     /// Cancels every job here (shutdown).
     pub fn cancel_all(&self, reason: CancelReason) {
         let all: Vec<JobCancel> =
-            self.inner.lock().map(|m| m.values().map(|(_, c)| c.clone()).collect()).unwrap_or_default();
+            self.inner.lock().map(|m| m.values().map(|(_, _, c)| c.clone()).collect()).unwrap_or_default();
         for c in all {
             c.cancel(reason);
         }
@@ -187,11 +193,28 @@ async fn listen(
         };
         match serde_json::from_slice::<ControlMessage>(&d.data) {
             Ok(ControlMessage::Stop { chat_id, update_id }) => {
-                let here = ctx.running.cancel_chat(chat_id, CancelReason::Stop);
+                let here = ctx.running.cancel_chat(chat_id, update_id, CancelReason::Stop);
                 tracing::info!(chat_id, update_id, cancelled_here = here, "stop received");
             }
             Err(e) => tracing::warn!(error.message = %e, "unknown control message ignored"),
         }
         let _ = d.acker.ack(BasicAckOptions::default()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_cancels_only_a_job_of_an_older_update() {
+        let jobs = RunningJobs::default();
+        let cancel = JobCancel::default();
+        let _registration = jobs.register(1, Uuid::nil(), 10, cancel.clone());
+        assert!(!jobs.cancel_chat(1, 9, CancelReason::Stop), "a /stop sent before the message never stops it");
+        assert!(cancel.reason().is_none());
+        assert!(!jobs.cancel_chat(2, 11, CancelReason::Stop), "another chat");
+        assert!(jobs.cancel_chat(1, 11, CancelReason::Stop));
+        assert_eq!(cancel.reason(), Some(CancelReason::Stop));
     }
 }
