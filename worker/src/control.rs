@@ -57,8 +57,11 @@ impl JobCancel {
 #[derive(Debug, Clone, Default)]
 pub struct RunningJobs {
     /// chat → (job, its update_id, its cancel handle).
-    inner: Arc<Mutex<HashMap<i64, (Uuid, i64, JobCancel)>>>,
+    inner: Arc<Mutex<HashMap<i64, RunningJob>>>,
 }
+
+/// A job running here: its id, the update that created it, its cancel handle.
+type RunningJob = (Uuid, i64, JobCancel);
 
 /// Removes the job from [`RunningJobs`] when dropped.
 pub struct Registration {
