@@ -3,12 +3,14 @@
 //! non-whitespace character, in order. Never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use shared::telegram::split::MIN_SPLIT_LIMIT;
 use shared::telegram::{split_message, utf16_len};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&l, rest)) = data.split_first() else { return };
     let Ok(text) = std::str::from_utf8(rest) else { return };
-    let limit = usize::from(l).max(16);
+    // Limits below the minimum are raised to it by the splitter.
+    let limit = usize::from(l).max(MIN_SPLIT_LIMIT);
     let parts = split_message(text, limit);
     for p in &parts {
         assert!(utf16_len(p) <= limit, "part over the limit {limit}: {p:?}");

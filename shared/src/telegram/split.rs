@@ -13,15 +13,20 @@ pub fn utf16_len(s: &str) -> usize {
     s.chars().map(char::len_utf16).sum()
 }
 
+/// Smallest limit [`split_message`] works with, UTF-16 code units.
+pub const MIN_SPLIT_LIMIT: usize = 64;
+
 /// Splits `text` into parts of at most `limit` UTF-16 code units each.
 ///
 /// Preference for the cut: a blank line outside code blocks in the second
 /// half of the window, then a line break outside code blocks, then any line
 /// break (closing and reopening the fence), then a space, then the last
-/// whole character. Newlines at a cut are dropped. `limit` below 16 is
-/// raised to 16 so that fence markers always fit.
+/// whole character. Newlines at a cut are dropped. `limit` below
+/// [`MIN_SPLIT_LIMIT`] is raised to it so that a reopened fence (up to 35
+/// units), its closing marker and some text always fit (a fuzzed input at
+/// 16 produced a part over the limit).
 pub fn split_message(text: &str, limit: usize) -> Vec<String> {
-    let limit = limit.max(16);
+    let limit = limit.max(MIN_SPLIT_LIMIT);
     let mut parts = Vec::new();
     let mut rest: &str = text.trim_matches('\n');
     // Fence to reopen at the start of the next part (its opening line).
@@ -138,6 +143,18 @@ fn open_fence_after(head: &str, open_at_start: Option<&str>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_limit_is_raised_so_a_reopened_fence_always_fits() {
+        // Found by the `splitter` fuzz target at limit 16: a fence reopened
+        // with its info string left no room and a part went over the limit.
+        let text = "\0\0@1234 \u{d7} 5678 = **7)006,652**/\0. T@The house rules boil down he tcurrent time in Tokyo is shown above \0\0\0\0Tan\0\0\0\0```\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0y\0 ```4the.to thremoohings: be'kind, stool.";
+        for limit in [1, 16, MIN_SPLIT_LIMIT] {
+            for part in split_message(text, limit) {
+                assert!(utf16_len(&part) <= MIN_SPLIT_LIMIT, "limit {limit}: part over {MIN_SPLIT_LIMIT}: {part:?}");
+            }
+        }
+    }
 
     #[test]
     fn astral_emoji_are_never_torn() {
