@@ -9,3 +9,4 @@ mod helpers;
 mod config;
 mod logs;
 mod metrics;
+mod recovery;
