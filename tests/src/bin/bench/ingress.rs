@@ -11,8 +11,8 @@ use shared::amqp::{ConfirmPublisher, Outgoing, Topology};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Target of the webhook against the raw publisher.
-const TARGET: f64 = 0.3;
+/// Target of the webhook against the raw publisher (issue "Benchmarks": ≥ 0.8).
+const TARGET: f64 = 0.8;
 /// Target of the webhook's p99 latency, milliseconds.
 const P99_TARGET_MS: f64 = 50.0;
 /// The webhook secret of the bench ingress.
