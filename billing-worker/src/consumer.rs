@@ -143,6 +143,9 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     result
 }
 
+/// Short retries of a hold release whose charges are not all applied yet.
+const PENDING_RETRIES: i64 = 600;
+
 /// Batches applied concurrently by one consumer.
 const BATCH_LANES: usize = 2;
 
@@ -216,7 +219,14 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
             tracing::warn!(event_id = ?event_id, attempt, error.message = %e, "billing event failed")
         }
     }
-    let decision = decide(&result, attempt, ctx.retry_delays_ms.len());
+    let decision = match &result {
+        // A hold release waiting for its job's charges is not failing: it
+        // is retried on the first (short) step, without walking the
+        // backoff, for up to about ten minutes, so it lands right after
+        // charges that were themselves delayed (a database restart).
+        Err(LedgerError::ChargesPending(_)) if attempt < PENDING_RETRIES => Decision::Retry(0),
+        _ => decide(&result, attempt, ctx.retry_delays_ms.len()),
+    };
     let label = match (&result, &decision) {
         (Ok(Applied::Applied), _) => "applied",
         (Ok(Applied::Duplicate), _) => "duplicate",
