@@ -41,12 +41,19 @@ pub enum Settle {
 /// # Errors
 /// Broker errors.
 pub async fn republish_job(ctx: &WorkerContext, update_id: i64) -> Result<(), amqp::BrokerError> {
+    republish_job_to(ctx, update_id, &ctx.topology.updates_queue()).await
+}
+
+/// As [`republish_job`], to `queue` (a delay queue that dead-letters to `updates`).
+///
+/// # Errors
+/// Broker errors.
+pub async fn republish_job_to(ctx: &WorkerContext, update_id: i64, queue: &str) -> Result<(), amqp::BrokerError> {
     let body = serde_json::json!({ "update_id": update_id }).to_string();
-    let queue = ctx.topology.updates_queue();
     ctx.publisher
         .publish(Outgoing {
             exchange: "",
-            routing_key: &queue,
+            routing_key: queue,
             body: body.as_bytes(),
             message_id: None,
             content_type: "application/json",
@@ -278,19 +285,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
             // Through the longest delay queue: the database gets time to return.
             let delay = ctx.topology.update_retry_delays_ms.iter().copied().max().unwrap_or(5_000);
             let queue = ctx.topology.updates_retry_queue(delay);
-            let body = serde_json::json!({ "update_id": job.update_id }).to_string();
-            let sent = ctx
-                .publisher
-                .publish(Outgoing {
-                    exchange: "",
-                    routing_key: &queue,
-                    body: body.as_bytes(),
-                    message_id: None,
-                    content_type: "application/json",
-                    attempt: None,
-                })
-                .await;
-            if let Err(e) = sent {
+            if let Err(e) = republish_job_to(ctx, job.update_id, &queue).await {
                 tracing::warn!(error.message = %e, "delayed republish failed; the reaper will find the job");
             }
             tracing::info!(delay_ms = delay, "job handed back after a database error; retried later");
