@@ -49,8 +49,9 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Publishes one update verbatim, routing key `<shard>.<chat id>`
-    /// ([`shared::amqp::Topology::update_routing_key`]), and waits for the confirm.
+    /// Publishes one update verbatim, routing key `<shard>.<chat id>`, or
+    /// `payments.none` for a pre-checkout query
+    /// ([`shared::amqp::Topology::routing_key_of`]), and waits for the confirm.
     ///
     /// # Errors
     /// Any failure to get an Ack without a return.
@@ -60,7 +61,7 @@ impl Forwarder {
             return Err(e);
         }
         let message_id = info.update_id.to_string();
-        let key = self.topology.update_routing_key(info.chat_id);
+        let key = self.topology.routing_key_of(&info.kind, info.chat_id);
         self.publisher
             .publish(Outgoing {
                 exchange: &self.topology.updates_exchange(),

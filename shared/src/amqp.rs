@@ -93,6 +93,24 @@ impl Topology {
         let chat = chat_id.map_or_else(|| "none".to_owned(), |c| c.to_string());
         format!("{}.{chat}", self.shard_of(chat_id))
     }
+    /// Routing key of an update of `kind` (the name of its payload field):
+    /// a `pre_checkout_query` goes to [`Topology::payments_queue`]
+    /// (`payments.none`), every other update to its chat's shard
+    /// ([`Topology::update_routing_key`]).
+    pub fn routing_key_of(&self, kind: &str, chat_id: Option<i64>) -> String {
+        if kind == "pre_checkout_query" {
+            format!("{PAYMENTS_BINDING_PREFIX}.none")
+        } else {
+            self.update_routing_key(chat_id)
+        }
+    }
+    /// Quorum queue of pre-checkout queries, consumed by every worker
+    /// (competing consumers, no order): Telegram cancels a checkout not
+    /// answered within 10 s (Bot API, `answerPreCheckoutQuery`), so it must
+    /// never wait behind chat traffic in an intake shard.
+    pub fn payments_queue(&self) -> String {
+        format!("{}updates.payments", self.prefix)
+    }
     /// Binding key of intake shard `shard` on the updates exchange.
     pub fn intake_binding(shard: u32) -> String {
         format!("{shard}.*")
@@ -134,6 +152,7 @@ impl Topology {
             vec![self.updates_queue(), self.updates_dead_queue(), self.billing_queue(), self.billing_dead_queue()];
         q.extend(self.update_retry_delays_ms.iter().map(|&ms| self.updates_retry_queue(ms)));
         q.extend((0..self.intake_shards).map(|n| self.intake_queue(n)));
+        q.push(self.payments_queue());
         q.extend((0..self.billing_retry_delays_ms.len()).map(|n| self.billing_retry_queue(n)));
         q
     }
@@ -168,6 +187,8 @@ impl Topology {
             declare_quorum(ch, &q, self.delivery_limit, &self.updates_dead_queue(), true).await?;
             bind(ch, &q, &self.updates_exchange(), &Self::intake_binding(n)).await?;
         }
+        declare_quorum(ch, &self.payments_queue(), self.delivery_limit, &self.updates_dead_queue(), false).await?;
+        bind(ch, &self.payments_queue(), &self.updates_exchange(), &format!("{PAYMENTS_BINDING_PREFIX}.*")).await?;
         // Delay queues are quorum queues with at-least-once dead-lettering
         // (RabbitMQ 3.10+, "Dead Letter Exchanges": at-least-once strategy):
         // a classic queue's dead-lettering is at-most-once, so a broker
@@ -192,6 +213,9 @@ impl Topology {
 /// Default number of intake shards: enough for intake to spread over a
 /// few hosts; each shard takes in its chats one update at a time per chat.
 pub const DEFAULT_INTAKE_SHARDS: u32 = 8;
+
+/// First word of the routing key of pre-checkout queries (`payments.none`).
+pub const PAYMENTS_BINDING_PREFIX: &str = "payments";
 
 /// Routing key of billing events on the billing exchange.
 pub const BILLING_ROUTING_KEY: &str = "event";
@@ -451,14 +475,28 @@ impl ConfirmPublisher {
 
 /// Reads the `x-attempt` header of a delivery (0 when absent).
 pub fn attempt_of(props: &BasicProperties) -> i64 {
+    int_header(props, "x-attempt")
+}
+
+/// Earlier deliveries of a message from a quorum queue: its
+/// `x-delivery-count` header (RabbitMQ, "Quorum Queues: Poison Message
+/// Handling"; absent, so 0, on the first delivery). Every return counts:
+/// a consumer that died, a channel closed at shutdown, a requeue.
+pub fn delivery_count_of(props: &BasicProperties) -> i64 {
+    int_header(props, "x-delivery-count")
+}
+
+fn int_header(props: &BasicProperties, name: &str) -> i64 {
     props
         .headers()
         .as_ref()
-        .and_then(|h| h.inner().get("x-attempt").cloned())
+        .and_then(|h| h.inner().get(name).cloned())
         .and_then(|v| match v {
             AMQPValue::LongLongInt(n) => Some(n),
             AMQPValue::LongInt(n) => Some(i64::from(n)),
             AMQPValue::ShortInt(n) => Some(i64::from(n)),
+            AMQPValue::LongUInt(n) => Some(i64::from(n)),
+            AMQPValue::ShortUInt(n) => Some(i64::from(n)),
             _ => None,
         })
         .unwrap_or(0)
@@ -485,6 +523,8 @@ mod shard_tests {
         );
         assert!(t.shard_of(Some(-1_001_234_567_890)) < t.intake_shards);
         assert_eq!(t.update_routing_key(None), "0.none");
+        assert_eq!(t.routing_key_of("pre_checkout_query", None), "payments.none");
+        assert_eq!(t.routing_key_of("message", Some(100_000_001)), "1.100000001");
         let one = Topology { intake_shards: 0, ..Topology::new("") };
         assert_eq!(one.shard_of(Some(7)), 0, "zero shards is read as one");
     }

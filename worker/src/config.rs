@@ -68,9 +68,38 @@ pub struct Settings {
     /// Largest document a user may send, bytes (at most 20 MiB, the Bot API's download limit).
     #[arg(long, env = "DOCUMENT_MAX_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub document_max_bytes: u64,
-    /// Longest download and text extraction of one document, seconds.
+    /// Longest download of one document, seconds.
     #[arg(long, env = "DOCUMENT_DOWNLOAD_TIMEOUT_S", default_value_t = 30)]
     pub document_download_timeout_s: u64,
+    /// Most characters of text kept from one document (more is refused).
+    #[arg(long, env = "DOCUMENT_MAX_CHARS", default_value_t = 500_000)]
+    pub document_max_chars: u64,
+    /// Most pages of one PDF (more is refused).
+    #[arg(long, env = "DOCUMENT_MAX_PAGES", default_value_t = 500)]
+    pub document_max_pages: u64,
+    /// Most bytes a PDF's compressed streams may expand to, MiB (more is refused).
+    #[arg(long, env = "DOCUMENT_MAX_DECOMPRESSED_MIB", default_value_t = 64)]
+    pub document_max_decompressed_mib: u64,
+    /// CPU time of one PDF extraction (the sandboxed child's RLIMIT_CPU), seconds.
+    #[arg(long, env = "DOCUMENT_EXTRACT_CPU_S", default_value_t = 10)]
+    pub document_extract_cpu_s: u64,
+    /// Address space of one PDF extraction (the child's RLIMIT_AS), MiB.
+    #[arg(long, env = "DOCUMENT_EXTRACT_MEMORY_MIB", default_value_t = 512)]
+    pub document_extract_memory_mib: u64,
+    /// Wall-clock limit of one PDF extraction, seconds; the child is killed when over.
+    #[arg(long, env = "DOCUMENT_EXTRACT_TIMEOUT_S", default_value_t = 20)]
+    pub document_extract_timeout_s: u64,
+    /// Program run as the PDF sandbox (`<program> extract-document`); unset:
+    /// this worker binary. Tests that run the worker in-process point it at
+    /// the built `worker`.
+    #[arg(long, env = "DOCUMENT_EXTRACTOR")]
+    pub document_extractor: Option<PathBuf>,
+    /// Most documents stored per user (a further one is refused).
+    #[arg(long, env = "DOCUMENT_QUOTA_FILES", default_value_t = 50)]
+    pub document_quota_files: u64,
+    /// Most characters of document text stored per user, all documents together.
+    #[arg(long, env = "DOCUMENT_QUOTA_CHARS", default_value_t = 2_000_000)]
+    pub document_quota_chars: u64,
     /// Tool rounds (tool_use → tool_result) per answer before it is cut off.
     #[arg(long, env = "MAX_TOOL_ROUNDS", default_value_t = 5)]
     pub max_tool_rounds: u32,
@@ -163,9 +192,33 @@ impl Settings {
         if self.document_download_timeout_s == 0 {
             return Err("DOCUMENT_DOWNLOAD_TIMEOUT_S must be positive".into());
         }
+        if [self.document_max_chars, self.document_max_pages, self.document_max_decompressed_mib].contains(&0)
+            || [self.document_extract_cpu_s, self.document_extract_timeout_s, self.document_quota_files].contains(&0)
+        {
+            return Err(
+                "DOCUMENT_MAX_CHARS, DOCUMENT_MAX_PAGES, DOCUMENT_MAX_DECOMPRESSED_MIB, DOCUMENT_EXTRACT_CPU_S, \
+                        DOCUMENT_EXTRACT_TIMEOUT_S and DOCUMENT_QUOTA_FILES must be positive"
+                    .into(),
+            );
+        }
+        if self.document_extract_memory_mib < 64 {
+            return Err("DOCUMENT_EXTRACT_MEMORY_MIB must be at least 64".into());
+        }
         if self.prefetch == 0 {
             return Err("PREFETCH must be positive".into());
         }
         Ok(())
+    }
+
+    /// The limits of one sandboxed PDF extraction.
+    pub fn extract_limits(&self) -> crate::documents::ExtractLimits {
+        crate::documents::ExtractLimits {
+            max_chars: self.document_max_chars,
+            max_pages: self.document_max_pages,
+            max_decompressed_bytes: self.document_max_decompressed_mib.saturating_mul(1024 * 1024),
+            cpu_s: self.document_extract_cpu_s,
+            memory_mib: self.document_extract_memory_mib,
+            max_input_bytes: self.document_max_bytes,
+        }
     }
 }

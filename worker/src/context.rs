@@ -47,6 +47,9 @@ pub struct WorkerContext {
     pub intake_consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs running in this process, by chat (for `/stop`).
     pub running: crate::control::RunningJobs,
+    /// The program run as the PDF sandbox (`<it> extract-document`): this
+    /// worker binary (tests may point it elsewhere).
+    pub extractor: std::path::PathBuf,
     /// The bot's @username, from settings or getMe (read when first needed).
     bot_username: Arc<OnceCell<String>>,
 }
@@ -77,6 +80,13 @@ impl WorkerContext {
             std::time::Duration::from_millis(settings.pace_group_ms),
             std::time::Duration::from_millis(settings.pace_bot_ms),
         );
+        // Without its own path the worker cannot sandbox PDFs: every PDF is
+        // then refused with "the PDF reader could not be started".
+        let extractor = settings
+            .document_extractor
+            .clone()
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| std::path::PathBuf::from("worker"));
         let job_slots = Arc::new(tokio::sync::Semaphore::new(usize::from(settings.prefetch)));
         Self {
             db,
@@ -96,6 +106,7 @@ impl WorkerContext {
             pacer,
             packs: Arc::new(packs),
             tools: Arc::new(tools),
+            extractor,
             bot_username: username,
         }
     }

@@ -118,13 +118,24 @@ enum Plan {
     Ignore(String),
     Stop(i64, Option<String>),
     Act(Action),
-    Payment { msg: Message, payment: SuccessfulPayment },
-    Job { msg: Message, kind: &'static str, content: Value },
-    Document { msg: Message, fetched: crate::documents::Fetched },
+    Payment {
+        msg: Message,
+        payment: SuccessfulPayment,
+    },
+    Job {
+        msg: Message,
+        kind: &'static str,
+        content: Value,
+    },
+    /// A document: recorded as a `document` job, read later by the job.
+    Document {
+        msg: Message,
+        doc: shared::telegram::update::Document,
+    },
     Membership(ChatMemberUpdated),
 }
 
-async fn plan(ctx: &WorkerContext, update_id: i64, incoming: Incoming) -> Result<Plan, IntakeError> {
+async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeError> {
     let msg = match incoming {
         Incoming::Ignored { kind } => return Ok(Plan::Ignore(kind)),
         Incoming::MyChatMember(m) => return Ok(Plan::Membership(m)),
@@ -167,12 +178,9 @@ async fn plan(ctx: &WorkerContext, update_id: i64, incoming: Incoming) -> Result
         }
     }
     if let Some(doc) = msg.document.clone() {
-        if crate::documents::seen(ctx, update_id).await? {
-            // A redelivery: the transaction resumes its job; no second download.
-            return Ok(Plan::Ignore("document seen before".into()));
-        }
-        let fetched = crate::documents::fetch(ctx, &doc).await?;
-        return Ok(Plan::Document { msg, fetched });
+        // Nothing is downloaded or parsed here: the job reads it (P2: an
+        // intake shard never waits on a user's file).
+        return Ok(Plan::Document { msg, doc });
     }
     let Some(text) = msg.text.clone() else {
         return Ok(Plan::Ignore("message without text".into()));
@@ -197,17 +205,15 @@ async fn plan(ctx: &WorkerContext, update_id: i64, incoming: Incoming) -> Result
 pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, IntakeError> {
     let (update_id, incoming) = Incoming::parse(body)?;
     let info = shared::telegram::RoutingInfo::from_bytes(body)?;
-    let plan = plan(ctx, update_id, incoming).await?;
+    let plan = plan(ctx, incoming).await?;
     let outcome_label = match &plan {
         Plan::Ignore(_) => "ignored",
         Plan::Stop(..) => "stop",
         Plan::Act(_) => "action",
         Plan::Payment { .. } => "payment",
         Plan::Membership(_) => "membership",
-        Plan::Job { .. } | Plan::Document { fetched: crate::documents::Fetched::Ready(_), .. } => "job",
-        Plan::Document { .. } => "document_refused",
+        Plan::Job { .. } | Plan::Document { .. } => "job",
     };
-    let mut notice = None;
     let mut tx = ctx.db.begin().await?;
     let inserted: bool = sqlx::query_scalar(
         "INSERT INTO processed_updates (update_id, kind, chat_id, outcome) VALUES ($1, $2, $3, $4)
@@ -271,23 +277,14 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             let from = upsert_sender(&mut tx, &msg).await?;
             create_job(&mut tx, &msg, from.id, update_id, kind, &content).await?
         }
-        Plan::Document { msg, fetched: crate::documents::Fetched::Ready(doc) } => {
+        Plan::Document { msg, doc } => {
             let from = upsert_sender(&mut tx, &msg).await?;
-            let id = crate::documents::store(&mut tx, from.id, msg.chat.id, &doc).await?;
-            let text = crate::documents::user_turn(id, &doc, msg.caption.as_deref());
-            let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
-            let content = json!([{ "type": "text", "text": text }]);
-            create_job(&mut tx, &msg, from.id, update_id, "chat", &content).await?
-        }
-        Plan::Document { msg, fetched: crate::documents::Fetched::Rejected(why) } => {
-            notice = Some((msg.chat.id, why));
-            IntakeOutcome::Ignored("document refused".into())
+            let sender = (!msg.is_private()).then_some(from.first_name.as_str());
+            let content = crate::documents::document_content(&doc, msg.caption.as_deref(), sender);
+            create_job(&mut tx, &msg, from.id, update_id, "document", &content).await?
         }
     };
     tx.commit().await?;
-    if let Some((chat_id, why)) = notice {
-        crate::documents::notify(ctx, chat_id, &why).await;
-    }
     Ok(outcome)
 }
 

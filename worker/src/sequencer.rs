@@ -43,6 +43,12 @@ const INTAKE_PREFETCH: u16 = 32;
 pub const INTAKE_ATTEMPTS: u32 = 20;
 /// Longest one intake attempt may take (a hung query, a stalled download).
 const INTAKE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deliveries of one raw update after which it is not taken in again but
+/// dead-lettered to `updates.dead` with a notice: an update that killed or
+/// hung its consumer this often is poison (quorum queues count every
+/// return, [`amqp::delivery_count_of`]). Below the queue's own delivery
+/// limit, so the user is told and nothing is dropped silently.
+pub const POISON_DELIVERIES: i64 = 5;
 /// Told to a user whose message could not be taken in.
 pub const NOT_TAKEN_NOTICE: &str = "Sorry, I could not read your last message. Please send it again.";
 /// What the user reads when their message waits behind another answer.
@@ -68,7 +74,14 @@ async fn consume(ctx: &WorkerContext, shutdown: &CancellationToken) -> Result<()
             .await?;
         consumers.push(c);
     }
-    tracing::info!(shards = ctx.topology.intake_shards, "consuming intake shards");
+    // Pre-checkout queries: their own queue and consumer (their own
+    // prefetch window), never behind a busy shard.
+    let payments = ctx.topology.payments_queue();
+    consumers.push(
+        ch.basic_consume(payments.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?,
+    );
+    tracing::info!(shards = ctx.topology.intake_shards, "consuming intake shards and pre-checkout queries");
     ctx.intake_consuming.store(true, Ordering::Relaxed);
     let mut stream = select_all(consumers);
     let mut tasks = JoinSet::new();
@@ -142,7 +155,14 @@ async fn take_in(
                 return;
             }
         }
-        let outcome = intake_with_retries(ctx, &delivery, shutdown).await;
+        let deliveries = amqp::delivery_count_of(&delivery.properties);
+        let outcome = if deliveries >= POISON_DELIVERIES {
+            tracing::error!(deliveries, "an update returned this often is poison: dead-lettered with a notice");
+            metrics::counter!("fleet_poison_updates_total").increment(1);
+            Taken::GiveUp
+        } else {
+            intake_with_retries(ctx, &delivery, shutdown).await
+        };
         // The job row exists (or nothing will): the chat's next update may go.
         let _ = done.send(!matches!(outcome, Taken::Shutdown));
         let decision = match outcome {

@@ -26,6 +26,7 @@
 mod failover;
 mod harness;
 mod order;
+mod poison;
 mod repair;
 mod resume;
 mod stop;

@@ -16,6 +16,8 @@
 //! - [`truncated`]: a tool input cut off mid-stream is never executed.
 //! - [`thinking`]: the thinking block goes back byte for byte with the tool result.
 //! - [`documents`]: text and PDF documents, the size cap, redelivery.
+//! - [`hostile_documents`]: PDFs built to crash, hang or flood the reader;
+//!   documents and pre-checkouts never stall an intake shard.
 
 #[path = "../fleet"]
 mod fleet_suite {
@@ -27,6 +29,7 @@ use fleet_suite::helpers;
 mod dedup;
 mod documents;
 mod harness;
+mod hostile_documents;
 mod isolation;
 mod limits;
 mod thinking;

@@ -57,6 +57,10 @@ pub enum JobError {
     /// Pricing failed (unknown model): the usage is kept, the job fails loudly.
     #[error("pricing: {0}")]
     Pricing(#[from] shared::pricing::PricingError),
+    /// A transient failure outside the database (a document download on a
+    /// broken network): handed back, the attempt counted, retried after a delay.
+    #[error("transient: {0}")]
+    Transient(String),
 }
 
 /// Notice for a user whose balance cannot pay for an answer.
@@ -86,6 +90,17 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             // hand-back fails, the lease expires and the reaper republishes it.
             tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
             return match lease::hand_back(&ctx.db, &lease, true).await {
+                Ok(true) => {
+                    crate::holds::void(ctx, lease.job_id).await;
+                    JobOutcome::RetryLater
+                }
+                Ok(false) => JobOutcome::LeaseLost,
+                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
+            };
+        }
+        Err(JobError::Transient(e)) => {
+            tracing::warn!(error.message = %e, attempt = lease.attempts, "job interrupted by a transient error; handing it back");
+            return match lease::hand_back(&ctx.db, &lease, false).await {
                 Ok(true) => {
                     crate::holds::void(ctx, lease.job_id).await;
                     JobOutcome::RetryLater
@@ -143,6 +158,17 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         // finish without sending anything again (P1).
         return Ok("answered");
     }
+    let job = if job.kind == "document" {
+        match crate::documents::prepare(ctx, &job, lease).await? {
+            crate::documents::Prepared::Ready(job) => *job,
+            crate::documents::Prepared::Refused(notice) => {
+                deliver(ctx, &job, lease, &notice, &[]).await?;
+                return Ok("document_refused");
+            }
+        }
+    } else {
+        job
+    };
     if job.kind == "command" {
         let reply = crate::commands::run(ctx, &job).await?;
         deliver(ctx, &job, lease, &reply, &[]).await?;

@@ -128,6 +128,8 @@ pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
             ("admin-bind", "127.0.0.1:0"),
         ],
     );
+    // PDFs are read by `worker extract-document`, not by this test binary.
+    args.extend(["--document-extractor".to_owned(), fleet_tests::worker_binary().to_string_lossy().into_owned()]);
     let settings = worker::Settings::try_parse_from(args)?;
     let app = within("building the worker", worker::App::build(settings)).await??;
     let token = CancellationToken::new();

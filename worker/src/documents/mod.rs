@@ -1,15 +1,24 @@
 //! Documents users send (Bot API `Document`), for the `list_files` and
-//! `read_file` tools: downloaded at intake with `getFile` and
-//! `{api_url}/file/bot<token>/<file_path>`, outside any database
-//! transaction and under `DOCUMENT_DOWNLOAD_TIMEOUT_S`, capped at
-//! `DOCUMENT_MAX_BYTES`; their text (UTF-8, or a PDF's text layer) is stored
-//! in `documents`, the bytes are not. A file that cannot be kept (too large,
-//! not text, no text) is refused with a notice to the user and nothing is
-//! stored.
-//!
-//! Steps: [`seen`] (a redelivered update is not downloaded again) →
-//! [`fetch`] (download and extract) → [`store`] inside the intake
-//! transaction → [`user_turn`], the text of the job's user turn.
+//! `read_file` tools. Intake only records that a document arrived (a job of
+//! kind `document`, holding the `Document` as sent) and acks: nothing slow
+//! or dangerous runs in an intake shard. The job then, under its lease,
+//! [`prepare`]s the document: checks the sender's credit and quota,
+//! downloads it with `getFile` and `{api_url}/file/bot<token>/<file_path>`
+//! (under `DOCUMENT_DOWNLOAD_TIMEOUT_S`, capped at `DOCUMENT_MAX_BYTES`),
+//! extracts its text (UTF-8 here; a PDF only in the sandboxed child process
+//! of [`sandbox`]), stores the text in `documents` (never the bytes) and
+//! turns itself into an ordinary chat job whose user turn points to the
+//! file. A file that cannot be kept is refused once, permanently, with a
+//! notice ("I could not read this PDF: …"); only network failures of the
+//! download are retried (as attempts of the job).
+
+mod extract;
+mod job;
+mod sandbox;
+
+pub use extract::{child_main, extract_pdf, ChildReport, ExtractLimits};
+pub use job::{document_content, prepare, Prepared};
+pub use sandbox::{Refusal, Sandbox};
 
 use crate::context::WorkerContext;
 use shared::telegram::bot::FileError;
@@ -118,32 +127,13 @@ fn kind_of(file_name: &str, mime_type: Option<&str>) -> Kind {
     }
 }
 
-/// True when the update was taken in before (it is a redelivery: intake
-/// resumes its job and must not download the file again).
-///
-/// # Errors
-/// Database errors.
-pub async fn seen(ctx: &WorkerContext, update_id: i64) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_updates WHERE update_id = $1)")
-        .bind(update_id)
-        .fetch_one(&ctx.db)
-        .await
-}
-
-/// Downloads `doc` and extracts its text, all under
-/// `DOCUMENT_DOWNLOAD_TIMEOUT_S`.
+/// Downloads `doc` (under `DOCUMENT_DOWNLOAD_TIMEOUT_S`) and extracts its
+/// text (a PDF in the sandbox, under its own limits).
 ///
 /// # Errors
 /// Transient failures, worth retrying later: network errors, 5xx and 429
-/// answers, the timeout. Everything permanent is [`Fetched::Rejected`].
+/// answers, the download timeout. Everything permanent is [`Fetched::Rejected`].
 pub async fn fetch(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, TelegramError> {
-    let limit = Duration::from_secs(ctx.settings.document_download_timeout_s);
-    tokio::time::timeout(limit, fetch_within(ctx, doc)).await.unwrap_or_else(|_| {
-        Err(TelegramError::Transport(format!("the document download took longer than {} s", limit.as_secs())))
-    })
-}
-
-async fn fetch_within(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, TelegramError> {
     let cap = ctx.settings.document_max_bytes;
     let name = display_name(doc);
     let kind = kind_of(&name, doc.mime_type.as_deref());
@@ -153,31 +143,35 @@ async fn fetch_within(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, Te
     if kind == Kind::Unsupported {
         return Ok(Fetched::Rejected(unsupported(&name)));
     }
-    let info = match ctx.telegram.get_file(&doc.file_id).await {
-        Ok(info) => info,
-        Err(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_))) => return Err(e),
-        Err(TelegramError::Api(d)) if d.contains("file is too big") => {
-            return Ok(Fetched::Rejected(too_large(&name, None, cap)));
+    let limit = Duration::from_secs(ctx.settings.document_download_timeout_s);
+    let bytes = match tokio::time::timeout(limit, download(ctx, doc, &name, cap)).await {
+        Ok(Ok(Ok(bytes))) => bytes,
+        Ok(Ok(Err(notice))) => return Ok(Fetched::Rejected(notice)),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(TelegramError::Transport(format!(
+                "the document download took longer than {} s",
+                limit.as_secs()
+            )))
         }
-        Err(e) => return Ok(Fetched::Rejected(refused(&name, &e))),
-    };
-    if let Some(size) = info.file_size.filter(|&s| s > cap) {
-        return Ok(Fetched::Rejected(too_large(&name, Some(size), cap)));
-    }
-    let Some(path) = info.file_path else {
-        return Ok(Fetched::Rejected(format!("Telegram did not let me download {name}, so I could not read it.")));
-    };
-    let bytes = match ctx.telegram.download_file(&path, cap).await {
-        Ok(bytes) => bytes,
-        Err(FileError::TooLarge(_)) => return Ok(Fetched::Rejected(too_large(&name, None, cap))),
-        Err(FileError::Telegram(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_)))) => return Err(e),
-        Err(FileError::Telegram(e)) => return Ok(Fetched::Rejected(refused(&name, &e))),
     };
     let size_bytes = bytes.len() as u64;
-    let (extraction, text) = match extract(kind, bytes, &name).await {
+    let sandbox = Sandbox {
+        program: ctx.extractor.clone(),
+        limits: ctx.settings.extract_limits(),
+        wall_clock: Duration::from_secs(ctx.settings.document_extract_timeout_s),
+    };
+    let (extraction, text) = match extract(&sandbox, kind, bytes, &name).await {
         Ok(x) => x,
         Err(notice) => return Ok(Fetched::Rejected(notice)),
     };
+    let chars = text.chars().count() as u64;
+    if chars > ctx.settings.document_max_chars {
+        return Ok(Fetched::Rejected(format!(
+            "I could not keep {name}: it has {chars} characters of text, more than the {} I keep for one file.",
+            ctx.settings.document_max_chars
+        )));
+    }
     Ok(Fetched::Ready(NewDocument {
         file_unique_id: doc.file_unique_id.clone(),
         file_name: name,
@@ -188,14 +182,41 @@ async fn fetch_within(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, Te
     }))
 }
 
-/// The text of a file: text kinds decoded, PDFs read on a blocking thread
-/// (a panic of the PDF parser is a refusal, not a crash). A PDF that takes
-/// longer than the download timeout is given up on by [`fetch`]; its thread
-/// finishes on its own.
+/// `getFile` and the download: the bytes, a notice (permanent), or a
+/// transient error.
+async fn download(
+    ctx: &WorkerContext,
+    doc: &Document,
+    name: &str,
+    cap: u64,
+) -> Result<Result<Vec<u8>, String>, TelegramError> {
+    let info = match ctx.telegram.get_file(&doc.file_id).await {
+        Ok(info) => info,
+        Err(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_))) => return Err(e),
+        Err(TelegramError::Api(d)) if d.contains("file is too big") => return Ok(Err(too_large(name, None, cap))),
+        Err(e) => return Ok(Err(refused(name, &e))),
+    };
+    if let Some(size) = info.file_size.filter(|&s| s > cap) {
+        return Ok(Err(too_large(name, Some(size), cap)));
+    }
+    let Some(path) = info.file_path else {
+        return Ok(Err(format!("Telegram did not let me download {name}, so I could not read it.")));
+    };
+    match ctx.telegram.download_file(&path, cap).await {
+        Ok(bytes) => Ok(Ok(bytes)),
+        Err(FileError::TooLarge(_)) => Ok(Err(too_large(name, None, cap))),
+        Err(FileError::Telegram(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_)))) => Err(e),
+        Err(FileError::Telegram(e)) => Ok(Err(refused(name, &e))),
+    }
+}
+
+/// The text of a file: text kinds decoded here, PDFs read by the sandboxed
+/// child process (a crash, a loop or a bomb is a refusal, never a crash of
+/// the worker).
 ///
 /// # Errors
 /// A notice for the user about `name`.
-async fn extract(kind: Kind, bytes: Vec<u8>, name: &str) -> Result<(Extraction, String), String> {
+async fn extract(sandbox: &Sandbox, kind: Kind, bytes: Vec<u8>, name: &str) -> Result<(Extraction, String), String> {
     let is_pdf = kind == Kind::Pdf || (kind == Kind::Sniff && bytes.starts_with(b"%PDF-"));
     if !is_pdf {
         let looks_textual = !bytes.contains(&0) && std::str::from_utf8(&bytes).is_ok();
@@ -204,11 +225,8 @@ async fn extract(kind: Kind, bytes: Vec<u8>, name: &str) -> Result<(Extraction, 
         }
         return Ok((Extraction::Text, clean(&String::from_utf8_lossy(&bytes))));
     }
-    let parsed = tokio::task::spawn_blocking(move || pdf_extract::extract_text_from_mem(&bytes)).await;
-    let unreadable =
-        || format!("I could not read the text of {name}: the PDF seems damaged or uses features I do not support.");
-    match parsed {
-        Ok(Ok(text)) => {
+    match sandbox.extract(bytes).await {
+        Ok((text, _pages)) => {
             let text = clean(&text);
             if text.trim().is_empty() {
                 Err(format!("I found no text in {name} (a scanned PDF has none), so I did not keep it."))
@@ -216,15 +234,7 @@ async fn extract(kind: Kind, bytes: Vec<u8>, name: &str) -> Result<(Extraction, 
                 Ok((Extraction::Pdf, text))
             }
         }
-        Ok(Err(e)) => {
-            tracing::info!(error.message = %e, "a PDF could not be read");
-            Err(unreadable())
-        }
-        Err(e) => {
-            // The parser panicked (it has many `unwrap`s on malformed input).
-            tracing::warn!(error.message = %e, "the PDF reader failed");
-            Err(unreadable())
-        }
+        Err(Refusal(why)) => Err(format!("I could not read this PDF ({name}): {why}.")),
     }
 }
 
@@ -323,14 +333,6 @@ pub fn user_turn(id: i64, doc: &NewDocument, caption: Option<&str>) -> String {
     turn
 }
 
-/// Tells the user why their file was not kept (best effort: a failure is
-/// logged; the update is not retried for it).
-pub async fn notify(ctx: &WorkerContext, chat_id: i64, notice: &str) {
-    if let Err(e) = crate::delivery::send_text(ctx, chat_id, notice, &[]).await {
-        tracing::warn!(error.message = %e, "could not tell the user why their document was refused");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,20 +350,30 @@ mod tests {
         assert_eq!(kind_of("blob", None), Kind::Sniff);
     }
 
-    #[tokio::test]
-    async fn text_is_decoded_lossily_and_binaries_of_unknown_kind_are_refused() {
-        let (x, text) = extract(Kind::Text, b"\xef\xbb\xbfhi \xff there\0!".to_vec(), "a").await.unwrap();
-        assert_eq!((x, text.as_str()), (Extraction::Text, "hi \u{fffd} there!"));
-        let (x, text) = extract(Kind::Sniff, "plain ünïcode".as_bytes().to_vec(), "a").await.unwrap();
-        assert_eq!((x, text.as_str()), (Extraction::Text, "plain ünïcode"));
-        let png = vec![0x89, b'P', b'N', b'G', 0, 0];
-        assert!(extract(Kind::Sniff, png, "a.bin").await.unwrap_err().contains("could not use a.bin"));
+    /// A sandbox whose program does not exist: PDFs are refused, text never reaches it.
+    fn no_sandbox() -> Sandbox {
+        Sandbox {
+            program: "/nonexistent/worker".into(),
+            limits: ExtractLimits::default(),
+            wall_clock: std::time::Duration::from_secs(1),
+        }
     }
 
     #[tokio::test]
-    async fn a_broken_pdf_is_refused_with_a_reason() {
-        let err = extract(Kind::Pdf, b"%PDF-1.4 not really".to_vec(), "x.pdf").await.unwrap_err();
-        assert!(err.contains("could not read the text of x.pdf"), "{err}");
+    async fn text_is_decoded_lossily_and_binaries_of_unknown_kind_are_refused() {
+        let sb = no_sandbox();
+        let (x, text) = extract(&sb, Kind::Text, b"\xef\xbb\xbfhi \xff there\0!".to_vec(), "a").await.unwrap();
+        assert_eq!((x, text.as_str()), (Extraction::Text, "hi \u{fffd} there!"));
+        let (x, text) = extract(&sb, Kind::Sniff, "plain ünïcode".as_bytes().to_vec(), "a").await.unwrap();
+        assert_eq!((x, text.as_str()), (Extraction::Text, "plain ünïcode"));
+        let png = vec![0x89, b'P', b'N', b'G', 0, 0];
+        assert!(extract(&sb, Kind::Sniff, png, "a.bin").await.unwrap_err().contains("could not use a.bin"));
+    }
+
+    #[tokio::test]
+    async fn a_pdf_the_sandbox_cannot_read_is_refused_with_a_reason() {
+        let err = extract(&no_sandbox(), Kind::Pdf, b"%PDF-1.4 not really".to_vec(), "x.pdf").await.unwrap_err();
+        assert!(err.starts_with("I could not read this PDF (x.pdf): the PDF reader could not be started"), "{err}");
     }
 
     #[test]
