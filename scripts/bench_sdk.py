@@ -47,7 +47,7 @@ def streams(fixtures: Path) -> list[bytes]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fixtures", default="../shared/fixtures", type=Path)
+    ap.add_argument("--fixtures", default="fixtures", type=Path)
     ap.add_argument("--mb", default=5.0, type=float, help="megabytes of SSE to accumulate")
     args = ap.parse_args()
 

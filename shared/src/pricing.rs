@@ -189,7 +189,7 @@ mod tests {
     use super::*;
 
     fn fixture_table() -> PriceTable {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/prices.toml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/prices.toml");
         PriceTable::load(Path::new(path)).unwrap()
     }
 

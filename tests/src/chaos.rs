@@ -50,7 +50,7 @@ const FAILURE_NOTICES: [&str; 3] = ["Sorry,", "(Claude is unavailable", "Your ba
 pub struct ChaosConfig {
     /// Folder of the fleet's binaries.
     pub bin_dir: PathBuf,
-    /// `../shared/fixtures`.
+    /// `fixtures/` (the repo copy of `../shared/fixtures`).
     pub fixtures: PathBuf,
     /// PostgreSQL and RabbitMQ.
     pub services: Services,

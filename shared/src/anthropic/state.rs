@@ -307,7 +307,7 @@ mod tests {
     use crate::anthropic::events::parse_event;
 
     fn replay(name: &str) -> MessageState {
-        let path = format!("{}/../../shared/fixtures/anthropic/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/../fixtures/anthropic/{name}", env!("CARGO_MANIFEST_DIR"));
         let body = std::fs::read_to_string(path).unwrap();
         let mut state = MessageState::default();
         for chunk in body.split("\n\n") {

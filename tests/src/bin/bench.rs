@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 #[command(name = "bench", about = "Benchmarks of the fleet beside same-run baselines.", args_override_self = true)]
 pub struct Args {
     /// Fixtures folder.
-    #[arg(long, default_value = "../shared/fixtures")]
+    #[arg(long, default_value = "fixtures")]
     pub fixtures: PathBuf,
     /// Write the rows as JSON here.
     #[arg(long)]

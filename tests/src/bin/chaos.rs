@@ -32,7 +32,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Fixtures folder.
-    #[arg(long, env = "DEMO_FIXTURES", default_value = "../shared/fixtures")]
+    #[arg(long, env = "DEMO_FIXTURES", default_value = "fixtures")]
     fixtures: PathBuf,
     /// PostgreSQL admin URL.
     #[arg(long, env = "DEMO_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 #[command(name = "demo", about = "Plays the fixture scenarios through the real fleet and checks them.")]
 struct Args {
     /// Fixtures folder (with scenarios/, telegram/, anthropic/, prices.toml).
-    #[arg(long, env = "DEMO_FIXTURES", default_value = "../shared/fixtures")]
+    #[arg(long, env = "DEMO_FIXTURES", default_value = "fixtures")]
     fixtures: PathBuf,
     /// Only scenarios of this area (fleet, tools, lifecycle, telegram).
     #[arg(long)]

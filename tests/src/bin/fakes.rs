@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, env = "FAKE_BOT_USERNAME", default_value = "fleet_test_bot")]
     bot_username: String,
     /// The fixtures folder.
-    #[arg(long, env = "FAKE_FIXTURES", default_value = "../shared/fixtures")]
+    #[arg(long, env = "FAKE_FIXTURES", default_value = "fixtures")]
     fixtures: PathBuf,
     /// SSE file (relative to the fixtures folder) answered to every call.
     #[arg(long, env = "FAKE_DEFAULT_SSE", default_value = "anthropic/text_capital.sse")]

@@ -547,7 +547,7 @@ pub fn calls_to_chat(calls: &[TgCall], chat: i64) -> impl Iterator<Item = &TgCal
     })
 }
 
-/// Default fixtures folder: `../shared/fixtures` from the project root.
+/// Default fixtures folder: `fixtures` from the project root (the repo copy of `../shared/fixtures`).
 pub fn default_fixtures() -> PathBuf {
-    Path::new("../shared/fixtures").to_path_buf()
+    Path::new("fixtures").to_path_buf()
 }

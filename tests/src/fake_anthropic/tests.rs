@@ -12,7 +12,7 @@ use super::*;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
 }
 
 async fn start() -> FakeAnthropic {

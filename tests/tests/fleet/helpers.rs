@@ -49,7 +49,7 @@ pub fn init_logs() {
 
 /// The shared fixtures folder.
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"))
 }
 
 /// A fixture's path, `rel` relative to the fixtures folder.

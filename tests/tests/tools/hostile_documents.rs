@@ -273,3 +273,37 @@ async fn a_pre_checkout_is_answered_within_two_seconds_while_a_shard_is_busy() -
     ensure!(waited < Duration::from_secs(2), "the pre-checkout query waited {waited:?}");
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_update_returned_five_times_is_dead_lettered_with_a_notice_not_taken_in() -> Result<()> {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let fleet = fleet().await?;
+    let topology = shared::amqp::Topology::new(fleet.broker.prefix());
+    let update = message(910_000_041, "I killed four workers");
+    let mut headers = FieldTable::default();
+    // What a quorum queue writes after four returns of the delivery.
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(worker::sequencer::POISON_DELIVERIES));
+    let props = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+    fleet
+        .broker
+        .channel()
+        .basic_publish(
+            topology.updates_exchange().as_str().into(),
+            topology.update_routing_key(Some(ADA)).as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&update)?,
+            props,
+        )
+        .await?
+        .await?;
+    let notice = fleet.wait_for_message(ADA, "could not read your last message").await?;
+    assert_eq!(notice, worker::sequencer::NOT_TAKEN_NOTICE);
+    wait_until("the update to be dead-lettered", WAIT, || async {
+        Ok(fleet.broker.message_count(&topology.updates_dead_queue()).await? == 1)
+    })
+    .await?;
+    assert_eq!(fleet.db.count("SELECT count(*) FROM processed_updates").await?, 0, "never taken in");
+    assert_eq!(fleet.anthropic.call_count(), 0);
+    fleet.cleanup().await
+}

@@ -1,4 +1,4 @@
-//! Fixtures (read-only, `../shared/fixtures`) and updates derived from them.
+//! Fixtures (`fixtures/`, the repo copy of `../shared/fixtures`) and updates derived from them.
 
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 /// The shared fixtures folder.
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"))
 }
 
 /// A fixture's bytes.
