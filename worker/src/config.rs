@@ -94,6 +94,10 @@ pub struct Settings {
     /// the built `worker`.
     #[arg(long, env = "DOCUMENT_EXTRACTOR")]
     pub document_extractor: Option<PathBuf>,
+    /// PDF extractions (sandbox children) running at once in one worker;
+    /// more wait their turn (each child may use `DOCUMENT_EXTRACT_MEMORY_MIB`).
+    #[arg(long, env = "DOCUMENT_EXTRACT_CONCURRENCY", default_value_t = 2)]
+    pub document_extract_concurrency: u16,
     /// Most documents stored per user (a further one is refused).
     #[arg(long, env = "DOCUMENT_QUOTA_FILES", default_value_t = 50)]
     pub document_quota_files: u64,
@@ -200,6 +204,9 @@ impl Settings {
                         DOCUMENT_EXTRACT_TIMEOUT_S and DOCUMENT_QUOTA_FILES must be positive"
                     .into(),
             );
+        }
+        if self.document_extract_concurrency == 0 {
+            return Err("DOCUMENT_EXTRACT_CONCURRENCY must be positive".into());
         }
         if self.document_extract_memory_mib < 64 {
             return Err("DOCUMENT_EXTRACT_MEMORY_MIB must be at least 64".into());

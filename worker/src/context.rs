@@ -50,6 +50,8 @@ pub struct WorkerContext {
     /// The program run as the PDF sandbox (`<it> extract-document`): this
     /// worker binary (tests may point it elsewhere).
     pub extractor: std::path::PathBuf,
+    /// Permits for sandbox children (`DOCUMENT_EXTRACT_CONCURRENCY`).
+    pub extract_slots: Arc<tokio::sync::Semaphore>,
     /// The bot's @username, from settings or getMe (read when first needed).
     bot_username: Arc<OnceCell<String>>,
 }
@@ -87,6 +89,7 @@ impl WorkerContext {
             .clone()
             .or_else(|| std::env::current_exe().ok())
             .unwrap_or_else(|| std::path::PathBuf::from("worker"));
+        let settings_extract_slots = settings.document_extract_concurrency;
         let job_slots = Arc::new(tokio::sync::Semaphore::new(usize::from(settings.prefetch)));
         Self {
             db,
@@ -107,6 +110,7 @@ impl WorkerContext {
             packs: Arc::new(packs),
             tools: Arc::new(tools),
             extractor,
+            extract_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(settings_extract_slots))),
             bot_username: username,
         }
     }

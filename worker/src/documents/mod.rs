@@ -161,6 +161,9 @@ pub async fn fetch(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, Teleg
         limits: ctx.settings.extract_limits(),
         wall_clock: Duration::from_secs(ctx.settings.document_extract_timeout_s),
     };
+    // At most DOCUMENT_EXTRACT_CONCURRENCY children at once; a closed
+    // semaphore (never closed here) would only skip the wait.
+    let _slot = ctx.extract_slots.acquire().await.ok();
     let (extraction, text) = match extract(&sandbox, kind, bytes, &name).await {
         Ok(x) => x,
         Err(notice) => return Ok(Fetched::Rejected(notice)),
