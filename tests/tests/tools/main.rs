@@ -16,6 +16,7 @@
 //! - [`truncated`]: a tool input cut off mid-stream is never executed.
 //! - [`thinking`]: the thinking block goes back byte for byte with the tool result.
 //! - [`documents`]: text and PDF documents, the size cap, redelivery.
+//! - [`count_tokens`]: a token count that never answers ends within its timeout.
 
 #[path = "../fleet"]
 mod fleet_suite {
@@ -24,6 +25,7 @@ mod fleet_suite {
 }
 use fleet_suite::helpers;
 
+mod count_tokens;
 mod dedup;
 mod documents;
 mod harness;
