@@ -16,6 +16,7 @@
 //! - [`truncated`]: a tool input cut off mid-stream is never executed.
 //! - [`thinking`]: the thinking block goes back byte for byte with the tool result.
 //! - [`documents`]: text and PDF documents, the size cap, redelivery.
+//! - [`groups`]: files and notes scoped to (user, chat); who may `/stop` and `/new` in a group.
 //! - [`count_tokens`]: a token count that never answers ends within its timeout.
 
 #[path = "../fleet"]
@@ -28,6 +29,7 @@ use fleet_suite::helpers;
 mod count_tokens;
 mod dedup;
 mod documents;
+mod groups;
 mod harness;
 mod isolation;
 mod limits;
