@@ -74,10 +74,23 @@ pub enum Command {
     },
     /// Refund a Telegram Stars payment (`refundStarPayment`) and book the
     /// correcting entry (user → payments). Safe to repeat.
+    /// A payment recorded in the bot database's `payment_anomalies` (it
+    /// credited nothing) is refunded without a ledger entry and marked refunded.
     RefundStars {
         /// `telegram_payment_charge_id` of the payment.
         #[arg(long)]
         charge: String,
+        /// PostgreSQL URL of the bot database, to find a payment that
+        /// credited nothing (`payment_anomalies`).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        bot_database_url: Option<String>,
+    },
+    /// List the Stars payments that credited nothing (`payment_anomalies` of
+    /// the bot database), oldest open first.
+    PaymentAnomalies {
+        /// PostgreSQL URL of the bot database.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        bot_database_url: String,
     },
     /// Dead-lettered billing events: list them, or re-publish them after the cause is fixed.
     DeadLetters {

@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`config`]: settings and subcommands (`--help`).
+//! - [`anomalies`]: Stars payments that credited nothing (bot database), for
+//!   `payment-anomalies` and `refund-stars`.
 //! - [`ledger`]: postings of each event kind, applied in one transaction.
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
 //! - [`finance`]: dead letters, reconciliation, explain, refunds.
@@ -12,6 +14,7 @@
 //!   reconciliation.
 //! - [`startup`]: building and running the app, and the CLI commands.
 
+pub mod anomalies;
 pub mod config;
 pub mod consumer;
 pub mod finance;

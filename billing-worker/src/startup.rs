@@ -42,9 +42,17 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             let what = if applied == Applied::Applied { "granted" } else { "already granted (same idempotency key)" };
             report(&format!("{what}: user {user} balance {balance} USD"));
         }
-        Command::RefundStars { charge } => {
-            let line = refund_stars(&settings, &db, &charge).await?;
+        Command::RefundStars { charge, bot_database_url } => {
+            let bot = match bot_database_url.filter(|u| !u.is_empty()) {
+                Some(url) => Some(shared::db::pool(&url, 2, Duration::from_secs(5)).context("DATABASE_URL")?),
+                None => None,
+            };
+            let line = refund_stars(&settings, &db, bot.as_ref(), &charge).await?;
             report(&line);
+        }
+        Command::PaymentAnomalies { bot_database_url } => {
+            let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
+            report(&crate::anomalies::list(&bot).await?);
         }
         Command::DeadLetters { action } => match action {
             DeadLetterAction::List => report(&finance::list_dead_letters(&db).await?),
@@ -133,13 +141,32 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
 
 /// Refunds a Stars payment: Telegram first (the money), then the correcting
 /// entry, each idempotent, so a repeat after a failure in between completes it.
-async fn refund_stars(settings: &Settings, db: &sqlx::PgPool, charge: &str) -> anyhow::Result<String> {
+/// A payment that credited nothing (`payment_anomalies` of `bot`) is refunded
+/// without a ledger entry.
+async fn refund_stars(
+    settings: &Settings,
+    db: &sqlx::PgPool,
+    bot_db: Option<&sqlx::PgPool>,
+    charge: &str,
+) -> anyhow::Result<String> {
     use shared::contracts::{refund_event_id, top_up_event_id};
     let paid: Option<serde_json::Value> = sqlx::query_scalar("SELECT payload FROM applied_events WHERE event_id = $1")
         .bind(top_up_event_id(charge))
         .fetch_optional(db)
         .await?;
-    let Some(paid) = paid else { anyhow::bail!("no applied Stars payment with charge id {charge}") };
+    let Some(paid) = paid else {
+        let Some(bot_db) = bot_db else {
+            anyhow::bail!(
+                "no applied Stars payment with charge id {charge} (set DATABASE_URL to look in payment_anomalies)"
+            )
+        };
+        let Some(user) = crate::anomalies::open_payer(bot_db, charge).await? else {
+            anyhow::bail!("no applied Stars payment and no open payment anomaly with charge id {charge}")
+        };
+        refund_at_telegram(settings, user, charge).await?;
+        crate::anomalies::mark_refunded(bot_db, charge).await?;
+        return Ok(format!("refunded: charge {charge}, user {user}, nothing had been credited"));
+    };
     let user = paid.get("user_id").and_then(serde_json::Value::as_i64).context("payment without user_id")?;
     let credit: Decimal = paid.get("credit").and_then(serde_json::Value::as_str).unwrap_or("0").parse()?;
     let refund_id = refund_event_id(charge);
@@ -150,20 +177,7 @@ async fn refund_stars(settings: &Settings, db: &sqlx::PgPool, charge: &str) -> a
     if done.is_some() {
         return Ok(format!("already refunded: charge {charge}"));
     }
-    if settings.bot_token.is_empty() {
-        anyhow::bail!("TELEGRAM_BOT_TOKEN must be set to refund");
-    }
-    let bot =
-        shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
-    let refunded = bot
-        .call(shared::telegram::bot::RefundStarPayment { user_id: user, telegram_payment_charge_id: charge.to_owned() })
-        .await;
-    match refunded {
-        Ok(_) => {}
-        Err(shared::telegram::TelegramError::Api(d)) if d.contains("CHARGE_ALREADY_REFUNDED") => {}
-        Err(e) => anyhow::bail!("refundStarPayment failed: {e}"),
-    }
+    refund_at_telegram(settings, user, charge).await?;
     let postings = [ledger::Posting {
         debit: ledger::user_account(user),
         credit: "system:payments".into(),
@@ -180,6 +194,24 @@ async fn refund_stars(settings: &Settings, db: &sqlx::PgPool, charge: &str) -> a
     ledger::apply_postings(&mut tx, refund_id, "stars_refund.v1", &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
+}
+
+/// `refundStarPayment` (idempotent: an already refunded charge counts as done).
+async fn refund_at_telegram(settings: &Settings, user: i64, charge: &str) -> anyhow::Result<()> {
+    if settings.bot_token.is_empty() {
+        anyhow::bail!("TELEGRAM_BOT_TOKEN must be set to refund");
+    }
+    let bot =
+        shared::telegram::BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
+    let refunded = bot
+        .call(shared::telegram::bot::RefundStarPayment { user_id: user, telegram_payment_charge_id: charge.to_owned() })
+        .await;
+    match refunded {
+        Ok(_) => Ok(()),
+        Err(shared::telegram::TelegramError::Api(d)) if d.contains("CHARGE_ALREADY_REFUNDED") => Ok(()),
+        Err(e) => anyhow::bail!("refundStarPayment failed: {e}"),
+    }
 }
 
 /// Voids expired holds every minute until `shutdown`.

@@ -200,6 +200,11 @@ pub enum ControlMessage {
         chat_id: i64,
         /// The `/stop` update.
         update_id: i64,
+        /// Only this job (a group member stopping their own answer);
+        /// absent: whatever runs in the chat. Absent in messages of older
+        /// workers, which keeps them valid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<uuid::Uuid>,
     },
 }
 

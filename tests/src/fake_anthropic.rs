@@ -175,6 +175,8 @@ struct Script {
     default: Option<ScriptedResponse>,
     /// What `count_tokens` answers.
     count_tokens: u64,
+    /// `count_tokens` records the call and never answers (a stalled endpoint).
+    count_tokens_stalled: bool,
     /// Every message call, in arrival order.
     calls: Vec<RecordedCall>,
     /// Bodies of the token-counting calls, in arrival order.
@@ -275,6 +277,12 @@ impl FakeAnthropic {
     /// Sets what `POST /v1/messages/count_tokens` answers as `input_tokens`.
     pub fn set_count_tokens(&self, input_tokens: u64) {
         self.shared.lock().count_tokens = input_tokens;
+    }
+
+    /// Makes `POST /v1/messages/count_tokens` record each call and then never
+    /// answer (the connection stays open), or answer again.
+    pub fn set_count_tokens_stalled(&self, stalled: bool) {
+        self.shared.lock().count_tokens_stalled = stalled;
     }
 
     /// Every message call so far, in arrival order.

@@ -246,6 +246,12 @@ impl FakeTelegram {
         self.shared.lock().add_file(file_id, bytes.into())
     }
 
+    /// Makes `getChatMember` answer `status` (`administrator`, `creator`,
+    /// `member`, …) for `user_id` in `chat_id`; unset members are `member`.
+    pub fn set_member_status(&self, chat_id: i64, user_id: i64, status: &str) {
+        self.shared.lock().set_member_status(chat_id, user_id, status);
+    }
+
     /// Every call so far, in the order answered.
     pub fn calls(&self) -> Vec<TgCall> {
         self.shared.lock().calls.clone()

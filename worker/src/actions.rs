@@ -53,6 +53,24 @@ pub async fn perform(ctx: &WorkerContext, action: Action) -> Settle {
             let _ = crate::delivery::send_text(ctx, chat_id, &text, &[]).await;
             Settle::Ack
         }
+        Action::StopRefused { chat_id, callback_id } => {
+            let text = "Only the person who asked, or a group administrator, can stop this answer.";
+            match callback_id {
+                Some(id) => {
+                    let _ = ctx.telegram.answer_callback_query(&id, Some(text)).await;
+                }
+                None => {
+                    let _ = crate::delivery::send_text(ctx, chat_id, text, &[]).await;
+                }
+            }
+            Settle::Ack
+        }
+        Action::PaymentAnomaly { chat_id } => {
+            let text = "Your payment could not be credited automatically. It has been recorded and will be \
+                        reviewed; if it is not credited, it will be refunded.";
+            let _ = crate::delivery::send_text(ctx, chat_id, text, &[]).await;
+            Settle::Ack
+        }
         Action::Migrate { from, to } => match crate::chats::migrate(&ctx.db, from, to).await {
             Ok(()) => Settle::Ack,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! Chat identity changes: a group that becomes a supergroup gets a new id
-//! (`migrate_to_chat_id`, Bot API "Message"). Its history, jobs and settings
-//! move to the new id so the conversation continues there.
+//! (`migrate_to_chat_id`, Bot API "Message"). Its history, jobs, settings,
+//! and the files and notes its members sent or remembered there move to the
+//! new id so the conversation (and the tools' view of it) continues there.
 
 use sqlx::PgPool;
 
@@ -27,6 +28,17 @@ pub async fn migrate(db: &PgPool, from: i64, to: i64) -> Result<(), sqlx::Error>
             .execute(&mut *tx)
             .await?;
         sqlx::query("UPDATE jobs SET chat_id = $2 WHERE chat_id = $1").bind(from).bind(to).execute(&mut *tx).await?;
+        // Files and notes are scoped to (user, chat): they follow the group.
+        sqlx::query("UPDATE documents SET chat_id = $2 WHERE chat_id = $1")
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE user_notes SET chat_id = $2 WHERE chat_id = $1")
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     tracing::info!(from, to, "chat migrated to a supergroup");

@@ -13,6 +13,9 @@ pub fn is_known(command: &str) -> bool {
 
 const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/stop — stop the answer being written\n/balance — show your credit\n/usage — your recent charges\n/buy — buy credit with Telegram Stars\n/help — this help";
 
+/// Answer to `/new` in a group from a member who is not an administrator.
+pub const NEW_NEEDS_ADMIN: &str = "Only a group administrator can start a new conversation here.";
+
 /// The user's balance in USD (credits − debits on their ledger account); zero
 /// when they have no account yet.
 ///
@@ -38,6 +41,11 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
                 "Hello, {}! Welcome — I'm a bot that lets you chat with Claude.\n\n{HELP}",
                 name.unwrap_or_default()
             )
+        }
+        // In a group the conversation is everyone's: only an administrator
+        // forgets it (a private chat's id is its user's id, Bot API "Chat").
+        "new" if job.chat_id != job.user_id && !crate::admins::is_admin(ctx, job.chat_id, job.user_id).await => {
+            NEW_NEEDS_ADMIN.to_owned()
         }
         "new" => {
             sqlx::query("UPDATE chats SET conversation_epoch = conversation_epoch + 1 WHERE chat_id = $1")

@@ -54,6 +54,11 @@ pub struct Settings {
     /// Longest silence of a stream (no event at all, pings included), seconds.
     #[arg(long, env = "IDLE_TIMEOUT_S", default_value_t = 60)]
     pub idle_timeout_s: u64,
+    /// Longest token-counting call (`count_tokens`, made for every answer cut
+    /// short), seconds; on timeout the output the stream reported is billed,
+    /// marked as estimated.
+    #[arg(long, env = "COUNT_TOKENS_TIMEOUT_S", default_value_t = 10)]
+    pub count_tokens_timeout_s: u64,
     /// Continuations after `max_tokens`.
     #[arg(long, env = "MAX_CONTINUATIONS", default_value_t = 2)]
     pub max_continuations: u32,

@@ -229,11 +229,11 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
             Settle::Ack
         }
         IntakeOutcome::Job(_) | IntakeOutcome::Queued(_) => Settle::Ack,
-        IntakeOutcome::Stop { chat_id, update_id, running, callback_id } => {
+        IntakeOutcome::Stop { chat_id, job_id, update_id, running, callback_id } => {
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.
-            let here = ctx.running.cancel_chat(chat_id, update_id, CancelReason::Stop);
-            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id).await {
+            let here = ctx.running.cancel_chat(chat_id, update_id, job_id, CancelReason::Stop);
+            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id, job_id).await {
                 tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
                 return Settle::Delay;
             }

@@ -90,12 +90,15 @@ impl RunningJobs {
         Registration { jobs: self.clone(), chat_id, job_id }
     }
 
-    /// Cancels the chat's job if it runs here and came from an update
-    /// older than `stop_update_id` (a `/stop` redelivered late never stops
-    /// a message sent after it); true when one was cancelled.
-    pub fn cancel_chat(&self, chat_id: i64, stop_update_id: i64, reason: CancelReason) -> bool {
+    /// Cancels the chat's job if it runs here, came from an update older
+    /// than `stop_update_id` (a `/stop` redelivered late never stops a
+    /// message sent after it) and, when `only` is given, is that job (a group
+    /// member stops only their own answer); true when one was cancelled.
+    pub fn cancel_chat(&self, chat_id: i64, stop_update_id: i64, only: Option<Uuid>, reason: CancelReason) -> bool {
         let found = self.inner.lock().ok().and_then(|m| {
-            m.get(&chat_id).filter(|(_, update_id, _)| *update_id < stop_update_id).map(|(_, _, c)| c.clone())
+            m.get(&chat_id)
+                .filter(|(job_id, update_id, _)| *update_id < stop_update_id && only.is_none_or(|j| j == *job_id))
+                .map(|(_, _, c)| c.clone())
         });
         match found {
             Some(c) => {
@@ -130,8 +133,13 @@ impl RunningJobs {
 ///
 /// # Errors
 /// Broker errors: the caller retries the `/stop` update.
-pub async fn publish_stop(ctx: &WorkerContext, chat_id: i64, update_id: i64) -> Result<(), amqp::BrokerError> {
-    let body = serde_json::to_vec(&ControlMessage::Stop { chat_id, update_id }).unwrap_or_default();
+pub async fn publish_stop(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    update_id: i64,
+    job_id: Option<Uuid>,
+) -> Result<(), amqp::BrokerError> {
+    let body = serde_json::to_vec(&ControlMessage::Stop { chat_id, update_id, job_id }).unwrap_or_default();
     let exchange = ctx.topology.control_exchange();
     // A fanout with no bound queue would return the message; a worker is
     // always bound (this one), so mandatory publishing is fine.
@@ -195,8 +203,8 @@ async fn listen(
             None => return Err(amqp::BrokerError::Nacked),
         };
         match serde_json::from_slice::<ControlMessage>(&d.data) {
-            Ok(ControlMessage::Stop { chat_id, update_id }) => {
-                let here = ctx.running.cancel_chat(chat_id, update_id, CancelReason::Stop);
+            Ok(ControlMessage::Stop { chat_id, update_id, job_id }) => {
+                let here = ctx.running.cancel_chat(chat_id, update_id, job_id, CancelReason::Stop);
                 tracing::info!(chat_id, update_id, cancelled_here = here, "stop received");
             }
             Err(e) => tracing::warn!(error.message = %e, "unknown control message ignored"),
@@ -214,10 +222,12 @@ mod tests {
         let jobs = RunningJobs::default();
         let cancel = JobCancel::default();
         let _registration = jobs.register(1, Uuid::nil(), 10, cancel.clone());
-        assert!(!jobs.cancel_chat(1, 9, CancelReason::Stop), "a /stop sent before the message never stops it");
+        assert!(!jobs.cancel_chat(1, 9, None, CancelReason::Stop), "a /stop sent before the message never stops it");
         assert!(cancel.reason().is_none());
-        assert!(!jobs.cancel_chat(2, 11, CancelReason::Stop), "another chat");
-        assert!(jobs.cancel_chat(1, 11, CancelReason::Stop));
+        assert!(!jobs.cancel_chat(2, 11, None, CancelReason::Stop), "another chat");
+        assert!(!jobs.cancel_chat(1, 11, Some(Uuid::max()), CancelReason::Stop), "another member's job");
+        assert!(cancel.reason().is_none());
+        assert!(jobs.cancel_chat(1, 11, Some(Uuid::nil()), CancelReason::Stop));
         assert_eq!(cancel.reason(), Some(CancelReason::Stop));
     }
 }

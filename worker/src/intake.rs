@@ -57,6 +57,9 @@ pub enum IntakeOutcome {
     Stop {
         /// The chat.
         chat_id: i64,
+        /// Only this job (a group member stopping their own answer); `None`
+        /// stops whatever runs (a private chat, or a group's administrator).
+        job_id: Option<Uuid>,
         /// The `/stop` update.
         update_id: i64,
         /// A job of the chat was running when it arrived.
@@ -103,6 +106,19 @@ pub enum Action {
         /// USD credited.
         credit: rust_decimal::Decimal,
     },
+    /// A payment failed [`payments::check`]: nothing was credited; tell the payer.
+    PaymentAnomaly {
+        /// Chat of the payment.
+        chat_id: i64,
+    },
+    /// A group member asked to stop an answer that is not theirs, without
+    /// being an administrator: nothing stops; tell them.
+    StopRefused {
+        /// The group.
+        chat_id: i64,
+        /// The Stop button's query to answer, if it was the button.
+        callback_id: Option<String>,
+    },
     /// The group became a supergroup.
     Migrate {
         /// Old chat id.
@@ -116,7 +132,7 @@ pub enum Action {
 /// downloaded, or refused, at this point).
 enum Plan {
     Ignore(String),
-    Stop(i64, Option<String>),
+    Stop { chat_id: i64, callback_id: Option<String>, job_id: Option<Uuid> },
     Act(Action),
     Payment {
         msg: Message,
@@ -139,10 +155,20 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     let msg = match incoming {
         Incoming::Ignored { kind } => return Ok(Plan::Ignore(kind)),
         Incoming::MyChatMember(m) => return Ok(Plan::Membership(m)),
-        Incoming::CallbackQuery(q) => return Ok(callback_plan(ctx, q)),
+        Incoming::CallbackQuery(q) => {
+            if let (Some("stop"), Some(m)) = (q.data.as_deref(), q.message.as_ref()) {
+                let private = m.chat.kind == "private";
+                return stop_plan(ctx, m.chat.id, private, q.from.id, Some(q.id.clone())).await;
+            }
+            return Ok(callback_plan(ctx, q));
+        }
         Incoming::PreCheckoutQuery(q) => {
-            let verdict =
-                payments::check(&q.invoice_payload, q.from.id, &q.currency, q.total_amount, &ctx.packs).map(|_| ());
+            let verdict = payments::check(&q.invoice_payload, q.from.id, &q.currency, q.total_amount, &ctx.packs)
+                .map(|_| ())
+                .map_err(|refusal| {
+                    tracing::warn!(reason = refusal.code(), payload = %q.invoice_payload, "pre-checkout refused");
+                    refusal.message().to_owned()
+                });
             return Ok(Plan::Act(Action::PreCheckout { id: q.id, verdict }));
         }
         Incoming::Message(m) => *m,
@@ -187,7 +213,7 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     };
     if let Some(command) = msg.command() {
         if command == "stop" {
-            return Ok(Plan::Stop(msg.chat.id, None));
+            return stop_plan(ctx, msg.chat.id, msg.is_private(), from.id, None).await;
         }
         if crate::commands::is_known(&command) {
             return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
@@ -208,7 +234,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     let plan = plan(ctx, incoming).await?;
     let outcome_label = match &plan {
         Plan::Ignore(_) => "ignored",
-        Plan::Stop(..) => "stop",
+        Plan::Stop { .. } => "stop",
         Plan::Act(_) => "action",
         Plan::Payment { .. } => "payment",
         Plan::Membership(_) => "membership",
@@ -227,10 +253,10 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     .fetch_one(&mut *tx)
     .await?;
     if !inserted {
-        if let Plan::Stop(chat_id, callback_id) = plan {
+        if let Plan::Stop { chat_id, callback_id, job_id } = plan {
             // Stopping again is harmless; the first attempt may not have been broadcast.
             tx.commit().await?;
-            return Ok(IntakeOutcome::Stop { chat_id, update_id, running: true, callback_id });
+            return Ok(IntakeOutcome::Stop { chat_id, job_id, update_id, running: true, callback_id });
         }
         if let Plan::Act(action @ Action::Migrate { .. }) = plan {
             // Idempotent, and a failed first attempt asked for this retry.
@@ -253,16 +279,19 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     }
     let outcome = match plan {
         Plan::Ignore(why) => IntakeOutcome::Ignored(why),
-        Plan::Stop(chat_id, callback_id) => {
-            let marked =
-                sqlx::query("UPDATE jobs SET cancel_requested_at = now() WHERE chat_id = $1 AND status = 'running'")
-                    .bind(chat_id)
-                    .execute(&mut *tx)
-                    .await?;
-            IntakeOutcome::Stop { chat_id, update_id, running: marked.rows_affected() > 0, callback_id }
+        Plan::Stop { chat_id, callback_id, job_id } => {
+            let marked = sqlx::query(
+                "UPDATE jobs SET cancel_requested_at = now()
+                  WHERE chat_id = $1 AND status = 'running' AND ($2::uuid IS NULL OR job_id = $2)",
+            )
+            .bind(chat_id)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            IntakeOutcome::Stop { chat_id, job_id, update_id, running: marked.rows_affected() > 0, callback_id }
         }
         Plan::Act(action) => IntakeOutcome::Action(action),
-        Plan::Payment { msg, payment } => record_payment(&mut tx, &msg, &payment).await?,
+        Plan::Payment { msg, payment } => record_payment(&mut tx, &msg, &payment, &ctx.packs).await?,
         Plan::Membership(m) => {
             let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
             upsert_user(&mut tx, &m.from).await?;
@@ -337,14 +366,39 @@ async fn create_job(
     Ok(if behind { IntakeOutcome::Queued(job) } else { IntakeOutcome::Job(job) })
 }
 
+/// Who may stop what: in a private chat, the chat's answer; in a group, the
+/// asker stops their own answer, an administrator (`getChatMember`) any
+/// answer, and anyone else is refused with a short notice.
+async fn stop_plan(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    private: bool,
+    by: i64,
+    callback_id: Option<String>,
+) -> Result<Plan, IntakeError> {
+    if private {
+        return Ok(Plan::Stop { chat_id, callback_id, job_id: None });
+    }
+    let running: Option<(Uuid, i64)> =
+        sqlx::query_as("SELECT job_id, user_id FROM jobs WHERE chat_id = $1 AND status = 'running' LIMIT 1")
+            .bind(chat_id)
+            .fetch_optional(&ctx.db)
+            .await?;
+    Ok(match running {
+        // Nothing runs: the usual "nothing is being generated" answer.
+        None => Plan::Stop { chat_id, callback_id, job_id: None },
+        Some((job_id, asker)) if asker == by => Plan::Stop { chat_id, callback_id, job_id: Some(job_id) },
+        Some(_) if crate::admins::is_admin(ctx, chat_id, by).await => Plan::Stop { chat_id, callback_id, job_id: None },
+        Some(_) => {
+            tracing::info!(chat_id, user_id = by, "stop refused: not the asker nor an administrator");
+            Plan::Act(Action::StopRefused { chat_id, callback_id })
+        }
+    })
+}
+
 fn callback_plan(ctx: &WorkerContext, q: CallbackQuery) -> Plan {
     let data = q.data.clone().unwrap_or_default();
     let chat = q.message.as_ref().map(|m| m.chat.id);
-    if data == "stop" {
-        if let Some(chat_id) = chat {
-            return Plan::Stop(chat_id, Some(q.id));
-        }
-    }
     if let (Some(stars), Some(chat_id)) = (data.strip_prefix("buy:").and_then(|s| s.parse::<i64>().ok()), chat) {
         if let Some(pack) = ctx.packs.iter().find(|p| p.stars == stars) {
             return Plan::Act(Action::Invoice { chat_id, user_id: q.from.id, pack: *pack, callback_id: q.id });
@@ -354,37 +408,57 @@ fn callback_plan(ctx: &WorkerContext, q: CallbackQuery) -> Plan {
 }
 
 /// Writes the credit of a successful Stars payment to the outbox, keyed by
-/// the charge id (a payment delivered twice credits once).
+/// the charge id (a payment delivered twice credits once). The credit is the
+/// pack's USD of the server-side table, after [`payments::check`]; a payment
+/// that fails it credits nothing and is recorded once in `payment_anomalies`.
 async fn record_payment(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     msg: &Message,
     payment: &SuccessfulPayment,
+    packs: &[Pack],
 ) -> Result<IntakeOutcome, IntakeError> {
     let Some(from) = msg.from.as_ref() else {
         return Ok(IntakeOutcome::Ignored("payment without payer".into()));
     };
-    // The pack was checked at pre-checkout; the credit is what the invoice said.
-    let parts: Vec<&str> = payment.invoice_payload.split(':').collect();
-    let credit = match parts.as_slice() {
-        ["stars", "v1", _, _, usd] => usd.parse::<rust_decimal::Decimal>().ok(),
-        _ => None,
-    };
-    let Some(credit) = credit.filter(|c| *c > rust_decimal::Decimal::ZERO) else {
-        tracing::error!(charge = %payment.telegram_payment_charge_id, "payment with an unknown payload: refund it by hand");
-        return Ok(IntakeOutcome::Ignored("payment with an unknown payload".into()));
-    };
     upsert_user(tx, from).await?;
+    let charge = &payment.telegram_payment_charge_id;
+    let pack = match payments::check(&payment.invoice_payload, from.id, &payment.currency, payment.total_amount, packs)
+    {
+        Ok(pack) => pack,
+        Err(refusal) => {
+            let recorded = sqlx::query(
+                "INSERT INTO payment_anomalies
+                     (telegram_payment_charge_id, user_id, chat_id, invoice_payload, currency, total_amount, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (telegram_payment_charge_id) DO NOTHING",
+            )
+            .bind(charge)
+            .bind(from.id)
+            .bind(msg.chat.id)
+            .bind(&payment.invoice_payload)
+            .bind(&payment.currency)
+            .bind(payment.total_amount)
+            .bind(refusal.code())
+            .execute(&mut **tx)
+            .await?;
+            tracing::error!(
+                charge = %charge, user_id = from.id, payload = %payment.invoice_payload, currency = %payment.currency,
+                total_amount = payment.total_amount, reason = refusal.code(), first = recorded.rows_affected() == 1,
+                "payment credited nothing: recorded in payment_anomalies (refund with billing-worker refund-stars)"
+            );
+            return Ok(IntakeOutcome::Action(Action::PaymentAnomaly { chat_id: msg.chat.id }));
+        }
+    };
     let event = BillingEvent::TopUp(TopUp {
-        event_id: top_up_event_id(&payment.telegram_payment_charge_id),
+        event_id: top_up_event_id(charge),
         user_id: from.id,
         chat_id: msg.chat.id,
-        stars: payment.total_amount,
-        credit: shared::money::Usd(credit),
-        telegram_payment_charge_id: payment.telegram_payment_charge_id.clone(),
+        stars: pack.stars,
+        credit: shared::money::Usd(pack.usd),
+        telegram_payment_charge_id: charge.clone(),
         occurred_at: chrono::Utc::now(),
     });
     crate::outbox::write(tx, &event, None).await?;
-    Ok(IntakeOutcome::Action(Action::Paid { chat_id: msg.chat.id, credit }))
+    Ok(IntakeOutcome::Action(Action::Paid { chat_id: msg.chat.id, credit: pack.usd }))
 }
 
 async fn upsert_user(

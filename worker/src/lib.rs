@@ -13,6 +13,7 @@
 //! - [`lease`]: claim, heartbeat and fenced writes of a running job.
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
 //! - [`actions`]: immediate actions (buttons, payments, migrations) outside jobs.
+//! - [`admins`]: whether a user administers a group (`getChatMember`, with a timeout).
 //! - [`commands`]: `/start`, `/help`, `/new`, `/balance`, `/buy`.
 //! - [`payments`]: Telegram Stars packs, invoices and their checks.
 //! - [`chats`]: moving a chat when a group becomes a supergroup.
@@ -26,6 +27,7 @@
 //! - [`startup`]: building and running the app.
 
 pub mod actions;
+pub mod admins;
 pub mod chats;
 pub mod commands;
 pub mod config;

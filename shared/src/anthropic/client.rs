@@ -33,6 +33,9 @@ pub enum ApiError {
     /// An event that is not valid JSON of the stream format.
     #[error("anthropic stream decode error: {0}")]
     Decode(String),
+    /// No complete answer within the call's deadline.
+    #[error("anthropic call took longer than {0:?}")]
+    TimedOut(Duration),
 }
 
 impl ApiError {
@@ -41,7 +44,7 @@ impl ApiError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Http { status, .. } => matches!(status, 408 | 409 | 429 | 500..=599),
-            Self::Transport(_) => true,
+            Self::Transport(_) | Self::TimedOut(_) => true,
             Self::Decode(_) => false,
         }
     }
@@ -129,16 +132,21 @@ impl AnthropicClient {
     }
 
     /// Counts the input tokens of `body` (`POST /v1/messages/count_tokens`;
-    /// docs: "Token counting"). Used to bill output of a call cut short.
+    /// docs: "Token counting"). Used to bill output of a call cut short. The
+    /// whole call (connect, answer, body) ends within `timeout`.
     ///
     /// # Errors
-    /// As [`AnthropicClient::stream`], or `Decode` when `input_tokens` is missing.
-    pub async fn count_tokens(&self, body: &Value) -> Result<u64, ApiError> {
-        let response = self.post("/v1/messages/count_tokens", body).await?;
-        let v: Value = response.json().await.map_err(|e| self.transport(e))?;
-        v.get("input_tokens")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| ApiError::Decode("count_tokens answer without input_tokens".into()))
+    /// As [`AnthropicClient::stream`], `Decode` when `input_tokens` is
+    /// missing, `TimedOut` when no answer came within `timeout`.
+    pub async fn count_tokens(&self, body: &Value, timeout: Duration) -> Result<u64, ApiError> {
+        let call = async {
+            let response = self.post("/v1/messages/count_tokens", body).await?;
+            let v: Value = response.json().await.map_err(|e| self.transport(e))?;
+            v.get("input_tokens")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| ApiError::Decode("count_tokens answer without input_tokens".into()))
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or(Err(ApiError::TimedOut(timeout)))
     }
 }
 

@@ -50,6 +50,16 @@ impl StopReason {
     }
 }
 
+/// Highest content block `index` accepted in a stream. Real messages have a
+/// handful of blocks (text, thinking, a few tool calls); the API documents no
+/// limit, so this is a bound of our own: a larger index is a stream error,
+/// never an allocation of that many blocks (issue 13).
+pub const MAX_BLOCK_INDEX: usize = 1_024;
+
+/// The `error` type set on [`MessageState::error`] when the stream itself is
+/// malformed beyond tolerance (not an error event of the API).
+pub const INVALID_STREAM: &str = "invalid_stream";
+
 /// One content block being assembled.
 #[derive(Clone, Debug, Default)]
 struct Block {
@@ -98,8 +108,10 @@ pub enum Applied {
 }
 
 impl MessageState {
-    /// Applies one event. Never fails: malformed sequences (a delta for a
-    /// block that never started) are tolerated and reported as `Unknown`.
+    /// Applies one event. Never panics: malformed sequences (a delta for a
+    /// block that never started) are tolerated and reported as `Unknown`; a
+    /// block index above [`MAX_BLOCK_INDEX`] sets [`MessageState::error`]
+    /// (type [`INVALID_STREAM`]), which ends the call as failed.
     pub fn apply(&mut self, event: StreamEvent) -> Applied {
         match event {
             StreamEvent::MessageStart { message } => {
@@ -108,6 +120,13 @@ impl MessageState {
                 self.model = Some(message.model);
                 self.usage = message.usage;
                 Applied::Quiet
+            }
+            StreamEvent::ContentBlockStart { index, .. } if index > MAX_BLOCK_INDEX => {
+                self.error = Some(ErrorBody {
+                    kind: INVALID_STREAM.to_owned(),
+                    message: format!("content block index {index} is above the bound of {MAX_BLOCK_INDEX}"),
+                });
+                Applied::Unknown("block index above the bound")
             }
             StreamEvent::ContentBlockStart { index, content_block } => {
                 if self.blocks.len() <= index {
@@ -418,6 +437,30 @@ mod tests {
         );
         assert_eq!(s.text(), "hi");
         assert_eq!(s.content_blocks().len(), 1);
+    }
+
+    #[test]
+    fn a_block_index_of_four_billion_is_a_stream_error_not_an_allocation() {
+        let mut s = MessageState::default();
+        let applied = s.apply(
+            parse_event(
+                r#"{"type":"content_block_start","index":4000000000,"content_block":{"type":"text","text":""}}"#,
+            )
+            .unwrap(),
+        );
+        assert_eq!(applied, Applied::Unknown("block index above the bound"));
+        assert_eq!(s.error.as_ref().map(|e| e.kind.as_str()), Some(INVALID_STREAM));
+        assert!(s.content_blocks().is_empty(), "no block was allocated");
+        assert!(s.blocks.capacity() <= MAX_BLOCK_INDEX + 1);
+        // The bound itself is still accepted.
+        let mut at_bound = MessageState::default();
+        at_bound.apply(
+            parse_event(&format!(
+                r#"{{"type":"content_block_start","index":{MAX_BLOCK_INDEX},"content_block":{{"type":"text","text":""}}}}"#
+            ))
+            .unwrap(),
+        );
+        assert!(at_bound.error.is_none());
     }
 
     #[test]

@@ -206,6 +206,30 @@ payload!(DeleteMessage, "deleteMessage", Value);
 pub struct GetMe {}
 payload!(GetMe, "getMe", Me);
 
+/// `getChatMember` (Bot API, "getChatMember"): a user's membership of a chat.
+#[derive(Debug, Clone, Serialize)]
+pub struct GetChatMember {
+    /// The group or supergroup.
+    pub chat_id: i64,
+    /// The user.
+    pub user_id: i64,
+}
+payload!(GetChatMember, "getChatMember", ChatMember);
+
+/// `ChatMember` (the field we keep).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ChatMember {
+    /// `creator`, `administrator`, `member`, `restricted`, `left` or `kicked`.
+    pub status: String,
+}
+
+impl ChatMember {
+    /// The owner or an administrator of the chat.
+    pub fn is_admin(&self) -> bool {
+        matches!(self.status.as_str(), "creator" | "administrator")
+    }
+}
+
 /// `getFile`: prepares a file for download (the link lives at least an hour).
 #[derive(Debug, Clone, Serialize)]
 pub struct GetFile {

@@ -180,12 +180,16 @@ pub(super) async fn count_tokens(State(shared): State<Arc<Shared>>, headers: Hea
     if let Some(error) = request.rejection() {
         return error.into_response(request_id);
     }
-    let input_tokens = {
+    let (input_tokens, stalled) = {
         let mut script = shared.lock();
         script.count_tokens_calls.push(request.body.unwrap_or(Value::Null));
-        script.count_tokens
+        (script.count_tokens, script.count_tokens_stalled)
     };
     shared.notify();
+    if stalled {
+        // Never answers: the client's deadline must end the call.
+        std::future::pending::<()>().await;
+    }
     ([("request-id", request_id)], Json(json!({ "input_tokens": input_tokens }))).into_response()
 }
 

@@ -103,6 +103,9 @@ pub(super) struct BotState {
     files: HashMap<String, usize>,
     /// `file_path` → the bytes served at `/file/bot{TOKEN}/{file_path}`.
     file_bytes: HashMap<String, bytes::Bytes>,
+    /// `(chat_id, user_id)` → `getChatMember` status set by the test
+    /// (`administrator`, `creator`, …); anyone else is a `member`.
+    member_status: HashMap<(i64, i64), String>,
 }
 
 impl BotState {
@@ -119,7 +122,21 @@ impl BotState {
             webhook_url: None,
             files: HashMap::new(),
             file_bytes: HashMap::new(),
+            member_status: HashMap::new(),
         }
+    }
+
+    /// Sets what `getChatMember` answers for `user_id` in `chat_id`.
+    pub(super) fn set_member_status(&mut self, chat_id: i64, user_id: i64, status: &str) {
+        self.member_status.insert((chat_id, user_id), status.to_owned());
+    }
+
+    /// `getChatMember`: a `ChatMember` with the status set by the test, else `member`.
+    fn get_chat_member(&self, params: &Params) -> Result<Value, ApiError> {
+        let chat_id = params.chat_id()?;
+        let user_id = params.required_int("user_id", "Bad Request: user_id is required")?;
+        let status = self.member_status.get(&(chat_id, user_id)).map_or("member", String::as_str);
+        Ok(json!({ "status": status, "user": { "id": user_id, "is_bot": false, "first_name": "Member" } }))
     }
 
     /// Registers `bytes` as the content of `file_id`; gives its `file_path`.
@@ -237,6 +254,7 @@ impl BotState {
             "sendInvoice" => self.send_invoice(params, call_index).map(Success::from),
             "answerPreCheckoutQuery" => answer_pre_checkout_query(params).map(Success::from),
             "refundStarPayment" => refund_star_payment(params).map(Success::from),
+            "getChatMember" => self.get_chat_member(params).map(Success::from),
             _ => Err(ApiError::new(404, "Not Found: method not found")),
         }
     }

@@ -18,6 +18,8 @@
 //! - [`documents`]: text and PDF documents, the size cap, redelivery.
 //! - [`hostile_documents`]: PDFs built to crash, hang or flood the reader;
 //!   documents and pre-checkouts never stall an intake shard.
+//! - [`groups`]: files and notes scoped to (user, chat); who may `/stop` and `/new` in a group.
+//! - [`count_tokens`]: a token count that never answers ends within its timeout.
 
 #[path = "../fleet"]
 mod fleet_suite {
@@ -26,8 +28,10 @@ mod fleet_suite {
 }
 use fleet_suite::helpers;
 
+mod count_tokens;
 mod dedup;
 mod documents;
+mod groups;
 mod harness;
 mod hostile_documents;
 mod isolation;

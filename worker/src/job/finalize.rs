@@ -47,10 +47,16 @@ async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<Billi
                     "model": call.request.get("model").cloned().unwrap_or(Value::Null),
                     "messages": [{ "role": "user", "content": text }],
                 });
-                match ctx.anthropic.count_tokens(&body).await {
+                // Bounded: a count that never answers must not hold the job
+                // (its lease is renewed meanwhile, so nothing else would end it).
+                let limit = std::time::Duration::from_secs(ctx.settings.count_tokens_timeout_s);
+                match ctx.anthropic.count_tokens(&body, limit).await {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::warn!(error.message = %e, "count_tokens failed; billing the output reported so far");
+                        let reason =
+                            if matches!(e, shared::anthropic::ApiError::TimedOut(_)) { "timeout" } else { "error" };
+                        metrics::counter!("fleet_count_tokens_fallbacks_total", "reason" => reason).increment(1);
+                        tracing::warn!(error.message = %e, reason, "count_tokens failed; billing the output the stream reported, as an estimate");
                         tokens.output
                     }
                 }

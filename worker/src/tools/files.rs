@@ -1,6 +1,7 @@
 //! `list_files` and `read_file`: the documents the user sent (stored by
 //! [`crate::documents`] at intake), read in slices of characters so that a
-//! long file never floods the context. A user sees only their own files.
+//! long file never floods the context. A user sees only their own files, and
+//! only those sent in the job's chat (a group never sees a private file).
 
 use serde_json::{json, Value};
 use sqlx::PgConnection;
@@ -23,16 +24,17 @@ struct Listed {
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The user's files, newest first.
+/// The user's files sent in `chat_id`, newest first.
 ///
 /// # Errors
 /// The database error, as a message for the model.
-pub async fn list(conn: &mut PgConnection, user_id: i64) -> Result<String, String> {
+pub async fn list(conn: &mut PgConnection, user_id: i64, chat_id: i64) -> Result<String, String> {
     let rows: Vec<Listed> = sqlx::query_as(
         "SELECT id, file_name, mime_type, size_bytes, char_length(text)::bigint AS chars, created_at
-           FROM documents WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+           FROM documents WHERE user_id = $1 AND chat_id = $2 ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
+    .bind(chat_id)
     .bind(MAX_LISTED)
     .fetch_all(conn)
     .await
@@ -51,9 +53,9 @@ pub async fn list(conn: &mut PgConnection, user_id: i64) -> Result<String, Strin
 /// total and where to continue (`next_offset`, `null` at the end).
 ///
 /// # Errors
-/// A message for the model: no such file (of this user), an offset past the
-/// end, or the database error.
-pub async fn read(conn: &mut PgConnection, user_id: i64, input: &Value) -> Result<String, String> {
+/// A message for the model: no such file (of this user, sent in this chat),
+/// an offset past the end, or the database error.
+pub async fn read(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &Value) -> Result<String, String> {
     let id = integer(input, "id").ok_or("id must be the integer id of a file (see list_files)")?;
     let offset = integer(input, "offset").unwrap_or(0);
     let max_chars = integer(input, "max_chars").unwrap_or(DEFAULT_READ_CHARS);
@@ -62,17 +64,19 @@ pub async fn read(conn: &mut PgConnection, user_id: i64, input: &Value) -> Resul
     }
     let start = i32::try_from(offset + 1).map_err(|_| "offset is too large".to_owned())?;
     let row: Option<(String, i64, String)> = sqlx::query_as(
-        "SELECT file_name, char_length(text)::bigint, substr(text, $3, $4) FROM documents WHERE id = $1 AND user_id = $2",
+        "SELECT file_name, char_length(text)::bigint, substr(text, $4, $5) FROM documents
+          WHERE id = $1 AND user_id = $2 AND chat_id = $3",
     )
     .bind(id)
     .bind(user_id)
+    .bind(chat_id)
     .bind(start)
     .bind(i32::try_from(max_chars).unwrap_or(i32::MAX))
     .fetch_optional(conn)
     .await
     .map_err(|e| format!("could not read the file: {e}"))?;
     let Some((name, total, text)) = row else {
-        return Err(format!("there is no file with id {id}: list_files shows the user's files"));
+        return Err(format!("there is no file with id {id} in this chat: list_files shows the user's files here"));
     };
     if offset > total {
         return Err(format!("offset {offset} is past the end of {name} ({total} characters)"));

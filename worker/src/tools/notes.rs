@@ -1,5 +1,7 @@
-//! `remember` and `recall`: per-user notes in PostgreSQL. They run inside the
-//! tool's own transaction, so a failed call leaves no row behind.
+//! `remember` and `recall`: notes per user and chat in PostgreSQL (a note
+//! remembered in a group is recalled only in that group, one remembered in
+//! private only in private). They run inside the tool's own transaction, so
+//! a failed call leaves no row behind.
 
 use serde_json::{json, Value};
 use sqlx::PgConnection;
@@ -7,11 +9,11 @@ use sqlx::PgConnection;
 /// Longest note, characters.
 pub const MAX_NOTE_CHARS: usize = 2_000;
 
-/// Stores a note for `user_id`.
+/// Stores a note for `user_id` in `chat_id`.
 ///
 /// # Errors
 /// A message for the model, or the database error.
-pub async fn remember(conn: &mut PgConnection, user_id: i64, input: &Value) -> Result<String, String> {
+pub async fn remember(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &Value) -> Result<String, String> {
     let note = input.get("note").and_then(Value::as_str).map(str::trim).unwrap_or_default();
     if note.is_empty() {
         return Err("the note is empty".into());
@@ -19,26 +21,30 @@ pub async fn remember(conn: &mut PgConnection, user_id: i64, input: &Value) -> R
     if note.chars().count() > MAX_NOTE_CHARS {
         return Err(format!("the note is longer than {MAX_NOTE_CHARS} characters"));
     }
-    let id: i64 = sqlx::query_scalar("INSERT INTO user_notes (user_id, note) VALUES ($1, $2) RETURNING id")
-        .bind(user_id)
-        .bind(note)
-        .fetch_one(conn)
-        .await
-        .map_err(|e| format!("could not store the note: {e}"))?;
+    let id: i64 =
+        sqlx::query_scalar("INSERT INTO user_notes (user_id, chat_id, note) VALUES ($1, $2, $3) RETURNING id")
+            .bind(user_id)
+            .bind(chat_id)
+            .bind(note)
+            .fetch_one(conn)
+            .await
+            .map_err(|e| format!("could not store the note: {e}"))?;
     Ok(json!({ "stored": true, "note_id": id }).to_string())
 }
 
-/// Returns the user's notes, newest first, optionally filtered by `query`.
+/// Returns the user's notes of `chat_id`, newest first, optionally filtered by `query`.
 ///
 /// # Errors
 /// The database error, as a message.
-pub async fn recall(conn: &mut PgConnection, user_id: i64, input: &Value) -> Result<String, String> {
+pub async fn recall(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &Value) -> Result<String, String> {
     let query = input.get("query").and_then(Value::as_str).unwrap_or_default();
     let notes: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT note, created_at FROM user_notes WHERE user_id = $1 AND ($2 = '' OR note ILIKE '%' || $2 || '%')
+        "SELECT note, created_at FROM user_notes
+          WHERE user_id = $1 AND chat_id = $2 AND ($3 = '' OR note ILIKE '%' || $3 || '%')
           ORDER BY id DESC LIMIT 50",
     )
     .bind(user_id)
+    .bind(chat_id)
     .bind(query)
     .fetch_all(conn)
     .await

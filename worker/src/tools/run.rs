@@ -133,7 +133,7 @@ async fn run_checked(
     }
     let ran = tokio::select! {
         () = cancel.cancelled() => Ran::CutOff("cancelled: the user stopped the answer".to_owned()),
-        r = tokio::time::timeout(timeout, execute(&mut tx, job.user_id, name, input)) => match r {
+        r = tokio::time::timeout(timeout, execute(&mut tx, job, name, input)) => match r {
             Ok(r) => Ran::Finished(r),
             Err(_) => Ran::CutOff(format!("the tool did not finish within {} s", timeout.as_secs())),
         },
@@ -262,14 +262,20 @@ fn elapsed_ms(started: Instant) -> i32 {
     i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX)
 }
 
-async fn execute(tx: &mut PgConnection, user_id: i64, name: &str, input: &Value) -> Result<String, String> {
+/// Runs one tool for the job's asker. Notes and files are scoped to the
+/// asker *and* the job's chat (issue 13): in a group a tool sees only what
+/// the asker sent or remembered in that group, in a private chat only what
+/// was sent or remembered there, so a group's shared history never carries
+/// a member's private files or notes.
+async fn execute(tx: &mut PgConnection, job: &JobRow, name: &str, input: &Value) -> Result<String, String> {
+    let (user_id, chat_id) = (job.user_id, job.chat_id);
     match name {
         "calculator" => calculator::evaluate(input.get("expression").and_then(Value::as_str).unwrap_or_default()),
         "current_time" => clock::now(input),
-        "remember" => notes::remember(tx, user_id, input).await,
-        "recall" => notes::recall(tx, user_id, input).await,
-        "list_files" => files::list(tx, user_id).await,
-        "read_file" => files::read(tx, user_id, input).await,
+        "remember" => notes::remember(tx, user_id, chat_id, input).await,
+        "recall" => notes::recall(tx, user_id, chat_id, input).await,
+        "list_files" => files::list(tx, user_id, chat_id).await,
+        "read_file" => files::read(tx, user_id, chat_id, input).await,
         other => Err(format!("unknown tool {other:?}")),
     }
 }
