@@ -29,7 +29,10 @@ pub async fn migrate(db: &PgPool, from: i64, to: i64) -> Result<(), sqlx::Error>
             .await?;
         sqlx::query("UPDATE jobs SET chat_id = $2 WHERE chat_id = $1").bind(from).bind(to).execute(&mut *tx).await?;
         // Files and notes are scoped to (user, chat): they follow the group.
-        sqlx::query("UPDATE documents SET chat_id = $2 WHERE chat_id = $1")
+        sqlx::query(
+            "UPDATE documents d SET chat_id = $2 WHERE chat_id = $1 AND NOT EXISTS (
+                 SELECT 1 FROM documents n WHERE n.chat_id = $2 AND n.user_id = d.user_id AND n.file_unique_id = d.file_unique_id)",
+        )
             .bind(from)
             .bind(to)
             .execute(&mut *tx)

@@ -132,7 +132,11 @@ pub enum Action {
 /// downloaded, or refused, at this point).
 enum Plan {
     Ignore(String),
-    Stop { chat_id: i64, callback_id: Option<String>, job_id: Option<Uuid> },
+    Stop {
+        chat_id: i64,
+        callback_id: Option<String>,
+        job_id: Option<Uuid>,
+    },
     Act(Action),
     Payment {
         msg: Message,

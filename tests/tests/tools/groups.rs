@@ -150,3 +150,27 @@ async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_adm
     ensure!(epoch == 2, "the conversation epoch is {epoch} (it starts at 1)");
     fleet.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_file_sent_privately_and_in_a_group_is_kept_in_both_chats() -> Result<()> {
+    let fleet = Fleet::spawn(&[]).await?;
+    fleet.grant(ADA, "5.00").await?;
+    let file = b"shared notes".to_vec();
+    fleet.telegram.add_file("BQADboth", file);
+    fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Kept."))));
+    let document = json!({"file_id": "BQADboth", "file_unique_id": "AgADboth", "file_name": "notes.txt",
+        "mime_type": "text/plain"});
+    fleet.post(&document_message(900_013_301, document.clone(), Some("Keep this"))).await?;
+    fleet.wait_for_message(ADA, "Kept.").await?;
+    let mut in_group = document_message(900_013_302, document, Some("@fleet_test_bot keep this for the team"));
+    in_group["message"]["chat"] = json!({ "id": GROUP, "title": "Team", "type": "group" });
+    in_group["message"]["caption_entities"] = json!([{ "type": "mention", "offset": 0, "length": 15 }]);
+    fleet.post(&in_group).await?;
+    fleet.wait_for_message(GROUP, "Kept.").await?;
+    let chats: Vec<i64> = sqlx::query_scalar("SELECT chat_id FROM documents WHERE user_id = $1 ORDER BY chat_id")
+        .bind(ADA)
+        .fetch_all(&fleet.db.pool)
+        .await?;
+    ensure!(chats == vec![GROUP, ADA], "documents by chat: {chats:?}");
+    fleet.cleanup().await
+}

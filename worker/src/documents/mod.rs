@@ -292,8 +292,9 @@ fn refused(name: &str, e: &TelegramError) -> String {
     format!("Telegram did not let me download {name}, so I could not read it.")
 }
 
-/// Stores the document for `user_id` (inside the intake transaction) and
-/// returns its id; the same file sent again keeps its id and gets the new name.
+/// Stores the document for `user_id` in `chat_id` and returns its id; the
+/// same file sent again in the same chat keeps its id and gets the new name
+/// (in another chat it is another row: tools see a chat's own files only).
 ///
 /// # Errors
 /// Database errors.
@@ -306,7 +307,7 @@ pub async fn store(
     sqlx::query_scalar(
         "INSERT INTO documents (user_id, chat_id, file_unique_id, file_name, mime_type, size_bytes, extraction, text)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (user_id, file_unique_id) DO UPDATE SET file_name = EXCLUDED.file_name, chat_id = EXCLUDED.chat_id
+         ON CONFLICT (user_id, chat_id, file_unique_id) DO UPDATE SET file_name = EXCLUDED.file_name
          RETURNING id",
     )
     .bind(user_id)
