@@ -1,6 +1,12 @@
 //! Billing-worker settings and subcommands.
 
 use shared::config::{BrokerArgs, LogArgs};
+use shared::config_source::{self as source, SourceError};
+use shared::secret::Secret;
+
+/// Flags that would carry a secret, refused (`ps` shows them), with the variable to use.
+const SECRET_FLAGS: [(&str, &str); 2] =
+    [("bot-token", "TELEGRAM_BOT_TOKEN"), ("anthropic-admin-key", "ANTHROPIC_ADMIN_API_KEY")];
 
 /// Everything the billing-worker needs.
 #[derive(Clone, Debug, clap::Parser)]
@@ -20,14 +26,22 @@ pub struct Settings {
     /// Largest number of pooled connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
-    /// Bot token (for refund-stars).
-    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
-    pub bot_token: shared::secret::Secret,
+    /// Bot token (refund-stars; notices of dead-lettered charges):
+    /// TELEGRAM_BOT_TOKEN or TELEGRAM_BOT_TOKEN_FILE only, never a flag.
+    /// Optional for `run` (without it users get no such notices).
+    #[arg(skip)]
+    pub bot_token: Secret,
+    /// Anthropic Admin API key (`sk-ant-admin…`) with which `reconcile`
+    /// fetches the provider's usage report (GET
+    /// /v1/organizations/usage_report/messages); ANTHROPIC_ADMIN_API_KEY or
+    /// ANTHROPIC_ADMIN_API_KEY_FILE only. When unset, the comparison is skipped.
+    #[arg(skip)]
+    pub anthropic_admin_key: Option<Secret>,
     /// Bot API base URL (for refund-stars).
     #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
     pub telegram_api_url: String,
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
-    #[arg(long, env = "ADMIN_BIND", default_value = "0.0.0.0:9092")]
+    #[arg(long, env = "ADMIN_BIND", default_value = "127.0.0.1:9092")]
     pub admin_bind: std::net::SocketAddr,
     /// Backoff between ledger attempts, ms, one per retry step (5 steps);
     /// after the last step an event is dead-lettered.
@@ -117,11 +131,6 @@ pub enum Command {
         /// table, csv or json.
         #[arg(long, default_value = "table")]
         format: String,
-        /// Anthropic Admin API key (`sk-ant-admin…`) to fetch the provider's
-        /// usage report (GET /v1/organizations/usage_report/messages); when
-        /// unset, the provider comparison is skipped.
-        #[arg(long, env = "ANTHROPIC_ADMIN_API_KEY", hide_env_values = true)]
-        anthropic_admin_key: Option<shared::secret::Secret>,
         /// Base URL of the Anthropic API (for the usage report).
         #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
         anthropic_base_url: String,
@@ -164,4 +173,52 @@ pub enum DeadLetterAction {
         #[arg(long)]
         all: bool,
     },
+}
+
+impl Settings {
+    /// Reads flags and environment, then the secrets from the environment or
+    /// their `*_FILE`, and the database and broker URLs from `*_FILE` when set
+    /// (a secret, or a URL with a password, given as a flag is refused).
+    ///
+    /// # Errors
+    /// A secret flag, or an unreadable or doubly set secret; clap's own
+    /// errors (and `--help`) exit the process as `Parser::parse` does.
+    pub fn load() -> Result<Self, SourceError> {
+        Self::load_from(std::env::args_os().collect(), &source::ProcessEnv)
+    }
+
+    /// [`Settings::load`] with the arguments and environment given.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_from(args: Vec<std::ffi::OsString>, env: &impl source::Env) -> Result<Self, SourceError> {
+        source::reject_flags(&args, &SECRET_FLAGS)?;
+        let matches = <Self as clap::CommandFactory>::command().get_matches_from(args);
+        let mut s = <Self as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        source::url(env, &matches, "amqp_url", "AMQP_URL", &mut s.broker.amqp_url)?;
+        source::url(env, &matches, "billing_database_url", "BILLING_DATABASE_URL", &mut s.billing_database_url)?;
+        if let (Some(Command::Reconcile { bot_database_url, .. }), Some(("reconcile", sub))) =
+            (s.command.as_mut(), matches.subcommand())
+        {
+            source::url(env, sub, "bot_database_url", "DATABASE_URL", bot_database_url)?;
+        }
+        s.bot_token = source::secret(env, "TELEGRAM_BOT_TOKEN")?.unwrap_or_default();
+        s.anthropic_admin_key = source::secret(env, "ANTHROPIC_ADMIN_API_KEY")?.filter(|k| !k.is_empty());
+        Ok(s)
+    }
+
+    /// Checks the secrets that are set: a placeholder is refused even where
+    /// the secret is optional.
+    ///
+    /// # Errors
+    /// A message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.bot_token.is_empty() {
+            source::check("TELEGRAM_BOT_TOKEN", &self.bot_token, 8).map_err(|e| e.to_string())?;
+        }
+        if let Some(key) = &self.anthropic_admin_key {
+            source::check("ANTHROPIC_ADMIN_API_KEY", key, 8).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }

@@ -1,12 +1,11 @@
 //! `billing-worker`: see the crate docs. Thin: parse settings, init tracing, run.
 
 use billing_worker::Settings;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::parse();
+    let settings = Settings::load()?;
     shared::telemetry::init(settings.log.log_format);
     let shutdown = CancellationToken::new();
     shared::shutdown::on_signal(shutdown.clone());

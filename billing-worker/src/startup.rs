@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// # Errors
 /// Start-up failures and CLI errors, with context.
 pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    settings.validate().map_err(anyhow::Error::msg)?;
     let db =
         shared::db::pool(&settings.billing_database_url, settings.database_max_connections, Duration::from_secs(5))
             .context("BILLING_DATABASE_URL")?;
@@ -69,11 +70,11 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 report(&format!("redriven: {n} event(s)"));
             }
         },
-        Command::Reconcile { bot_database_url, from, to, format, anthropic_admin_key, anthropic_base_url } => {
+        Command::Reconcile { bot_database_url, from, to, format, anthropic_base_url } => {
             let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
             let today = chrono::Utc::now().date_naive();
             let (from, to) = (from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today));
-            let provider = match anthropic_admin_key.filter(|key| !key.is_empty()) {
+            let provider = match settings.anthropic_admin_key.clone() {
                 Some(key) => Some(
                     crate::provider::UsageReportClient::new(&anthropic_base_url, key, Duration::from_secs(60))
                         .context("building the usage report client")?,

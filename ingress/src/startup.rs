@@ -3,14 +3,16 @@
 //! Shutdown phases:
 //! 1. the token is cancelled (SIGTERM / ctrl-c in `main`);
 //! 2. the HTTP server stops accepting and finishes in-flight requests
-//!    (each waits for its confirm) — or the polling loop returns between batches;
+//!    (each waits for its confirm) — or the polling loop returns between
+//!    batches; the admin server stops;
 //! 3. `run_until_stopped` returns; the broker connection closes on drop.
 
 use crate::config::{Mode, Settings};
-use crate::webhook::{router, WebState};
+use crate::webhook::{admin_router, router, WebState};
 use anyhow::Context;
 use shared::amqp::{BrokerError, ConfirmPublisher, Outgoing, Topology};
 use shared::telegram::{BotApi, RoutingInfo};
+use std::future::IntoFuture as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -78,6 +80,8 @@ impl Forwarder {
 /// A built ingress, ready to run.
 pub struct App {
     listener: TcpListener,
+    /// The admin listener (`/metrics`), apart from the public one.
+    admin: TcpListener,
     settings: Settings,
     forwarder: Arc<Forwarder>,
 }
@@ -92,6 +96,9 @@ impl App {
         settings.validate().map_err(anyhow::Error::msg)?;
         let _ = shared::admin::metrics_handle();
         let listener = TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
+        let admin = TcpListener::bind(settings.admin_bind)
+            .await
+            .with_context(|| format!("ADMIN_BIND: cannot bind {}", settings.admin_bind))?;
         let forwarder = Arc::new(Forwarder::new(
             &settings.broker.amqp_url,
             &settings.broker.amqp_prefix,
@@ -100,12 +107,17 @@ impl App {
         if let Err(e) = forwarder.ensure_ready().await {
             tracing::warn!(error.message = %e, "broker not reachable at start; answering 503 until it is");
         }
-        Ok(Self { listener, settings, forwarder })
+        Ok(Self { listener, admin, settings, forwarder })
     }
 
     /// The bound port (tests bind port 0).
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The bound port of the admin server (`/metrics`).
+    pub fn admin_port(&self) -> u16 {
+        self.admin.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
     /// Serves until `shutdown` is cancelled.
@@ -114,25 +126,37 @@ impl App {
     /// A server or Bot API client error.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let state = WebState { forwarder: self.forwarder.clone(), secret: self.settings.webhook_secret.clone() };
-        let app = router(state, self.settings.max_body_bytes);
+        let app = router(state.clone(), self.settings.max_body_bytes);
+        // A child token: the admin server also stops when the public one fails.
+        let admin_stop = shutdown.child_token();
+        let admin_stopped = admin_stop.clone();
+        let admin = tokio::spawn(
+            axum::serve(self.admin, admin_router(state))
+                .with_graceful_shutdown(async move { admin_stopped.cancelled().await })
+                .into_future(),
+        );
         let server_stop = shutdown.clone();
         let server =
             axum::serve(self.listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await });
         tracing::info!(mode = ?self.settings.mode, "ingress running");
-        match self.settings.mode {
-            Mode::Webhook => server.await.context("http server")?,
-            Mode::Polling => {
-                let bot = BotApi::new(
-                    &self.settings.telegram_api_url,
-                    self.settings.bot_token.clone(),
-                    Duration::from_secs(u64::from(self.settings.poll_timeout_s) + 10),
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let poll = crate::polling::run(bot, &self.forwarder, self.settings.poll_timeout_s, shutdown.clone());
-                let (served, ()) = tokio::join!(server, poll);
-                served.context("http server")?;
-            }
-        }
-        Ok(())
+        let served = match self.settings.mode {
+            Mode::Webhook => server.await.context("http server"),
+            Mode::Polling => match BotApi::new(
+                &self.settings.telegram_api_url,
+                self.settings.bot_token.clone(),
+                Duration::from_secs(u64::from(self.settings.poll_timeout_s) + 10),
+            ) {
+                Ok(bot) => {
+                    let poll =
+                        crate::polling::run(bot, &self.forwarder, self.settings.poll_timeout_s, shutdown.clone());
+                    let (served, ()) = tokio::join!(server, poll);
+                    served.context("http server")
+                }
+                Err(e) => Err(anyhow::anyhow!("TELEGRAM_API_URL: {e}")),
+            },
+        };
+        admin_stop.cancel();
+        admin.await.context("admin server task")?.context("admin server")?;
+        served
     }
 }

@@ -1,6 +1,7 @@
 //! `POST /telegram/webhook` (Bot API "setWebhook": Telegram sends the
 //! `secret_token` back in `X-Telegram-Bot-Api-Secret-Token` and retries any
-//! non-2xx answer), plus `/healthz` and `/readyz`.
+//! non-2xx answer), plus `/healthz` and `/readyz`; `/metrics` is served only
+//! by [`admin_router`], on the admin address (never the public port).
 
 use crate::startup::Forwarder;
 use axum::body::Bytes;
@@ -25,7 +26,7 @@ pub struct WebState {
     pub secret: Secret,
 }
 
-/// The router: webhook, health and readiness.
+/// The public router: webhook, health and readiness (no metrics).
 pub fn router(state: WebState, max_body_bytes: usize) -> Router {
     Router::new()
         .route(
@@ -34,8 +35,16 @@ pub fn router(state: WebState, max_body_bytes: usize) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(shared::admin::metrics_text))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// The admin router (`ADMIN_BIND`): health, readiness and `/metrics`.
+pub fn admin_router(state: WebState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(shared::admin::metrics_text))
         .with_state(state)
 }
 

@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: settings shared by every binary (clap + environment).
+//! - [`config_source`]: secrets from the environment or `*_FILE`, never flags; placeholder checks.
 //! - [`secret`]: a wrapper that keeps tokens and keys out of logs.
 //! - [`money`]: `Usd`, an exact Decimal amount of US dollars.
 //! - [`pricing`]: the price table (`prices.toml` format) and the cost of a call.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod amqp;
 pub mod anthropic;
 pub mod config;
+pub mod config_source;
 pub mod contracts;
 pub mod db;
 pub mod money;

@@ -517,8 +517,8 @@ async fn check(
     // 5. Reconcile passes.
     let today = chrono::Utc::now().date_naive().to_string();
     let out = tokio::process::Command::new(cfg.bin_dir.join("billing-worker"))
-        .env("DATABASE_URL", &dbs.bot_url)
-        .env("BILLING_DATABASE_URL", &dbs.billing_url)
+        .env("DATABASE_URL", crate::fleet::as_role(&dbs.bot_url, crate::fleet::BILLING_ROLE)?)
+        .env("BILLING_DATABASE_URL", crate::fleet::as_role(&dbs.billing_url, crate::fleet::BILLING_ROLE)?)
         .env("LOG_FORMAT", "json")
         .args(["reconcile", "--from", &today, "--to", &today])
         .output()

@@ -39,6 +39,27 @@ pub struct Databases {
     admin_url: String,
 }
 
+/// The database role of the worker, made by the migrations (docs/operations.md).
+pub const WORKER_ROLE: &str = "fleet_worker";
+/// The database role of the billing-worker, made by the migrations.
+pub const BILLING_ROLE: &str = "fleet_billing";
+
+/// `url` with its user replaced by `role` (one of the roles above) and the
+/// role's password from `FLEET_WORKER_DB_PASSWORD` or
+/// `FLEET_BILLING_DB_PASSWORD` when set (the compose demo); without one, as
+/// locally, PostgreSQL must trust the connection.
+///
+/// # Errors
+/// A URL that does not parse or cannot carry a user.
+pub fn as_role(url: &str, role: &str) -> anyhow::Result<String> {
+    let mut parsed = reqwest::Url::parse(url).context("postgres URL")?;
+    let password_var = if role == WORKER_ROLE { "FLEET_WORKER_DB_PASSWORD" } else { "FLEET_BILLING_DB_PASSWORD" };
+    let password = std::env::var(password_var).ok().filter(|p| !p.is_empty());
+    parsed.set_username(role).map_err(|()| anyhow::anyhow!("cannot set the user of {url}"))?;
+    parsed.set_password(password.as_deref()).map_err(|()| anyhow::anyhow!("cannot set the password of {url}"))?;
+    Ok(parsed.to_string())
+}
+
 fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
     let mut parsed = reqwest::Url::parse(url).context("postgres URL")?;
     parsed.set_path(&format!("/{db}"));
@@ -111,9 +132,9 @@ pub struct FleetConfig {
     pub services: Services,
     /// Broker prefix.
     pub prefix: String,
-    /// Bot database URL.
+    /// Bot database URL (the owner's: processes connect as their roles, see [`as_role`]).
     pub bot_db_url: String,
-    /// Billing database URL.
+    /// Billing database URL (the owner's).
     pub billing_db_url: String,
     /// Fake (or real) Bot API URL.
     pub telegram_api_url: String,
@@ -222,6 +243,7 @@ impl Fleet {
         let mut specs = Vec::new();
         let mut env = common();
         env.push(("INGRESS_BIND".into(), format!("127.0.0.1:{ingress_port}")));
+        env.push(("ADMIN_BIND".into(), "127.0.0.1:0".into()));
         env.push(("TELEGRAM_WEBHOOK_SECRET".into(), cfg.webhook_secret.clone()));
         specs.push(("ingress".to_owned(), ProcessSpec { program: cfg.bin_dir.join("ingress"), env }));
         for i in 0..cfg.workers {
@@ -229,8 +251,8 @@ impl Fleet {
             let mut env = common();
             let path = |p: &Path| p.to_string_lossy().into_owned();
             env.extend([
-                ("DATABASE_URL".into(), cfg.bot_db_url.clone()),
-                ("BILLING_DATABASE_URL".into(), cfg.billing_db_url.clone()),
+                ("DATABASE_URL".into(), as_role(&cfg.bot_db_url, WORKER_ROLE)?),
+                ("BILLING_DATABASE_URL".into(), as_role(&cfg.billing_db_url, WORKER_ROLE)?),
                 ("TELEGRAM_BOT_TOKEN".into(), cfg.bot_token.clone()),
                 ("TELEGRAM_API_URL".into(), cfg.telegram_api_url.clone()),
                 ("ANTHROPIC_API_KEY".into(), "demo-key".into()),
@@ -246,7 +268,7 @@ impl Fleet {
         for i in 0..billing_workers.max(1) {
             let name = if billing_workers <= 1 { "billing-worker".to_owned() } else { format!("billing-worker-{i}") };
             let mut env = common();
-            env.push(("BILLING_DATABASE_URL".into(), cfg.billing_db_url.clone()));
+            env.push(("BILLING_DATABASE_URL".into(), as_role(&cfg.billing_db_url, BILLING_ROLE)?));
             env.push(("ADMIN_BIND".into(), "127.0.0.1:0".into()));
             specs.push((name, ProcessSpec { program: cfg.bin_dir.join("billing-worker"), env }));
         }

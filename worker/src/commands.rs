@@ -82,11 +82,9 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
 /// with the model, tokens by class and whether output was estimated.
 async fn usage(ctx: &WorkerContext, user_id: i64) -> Result<String, sqlx::Error> {
     type Row = (chrono::DateTime<chrono::Utc>, String, Decimal, bool, Option<String>, Option<Value>, String);
+    // Through `fleet_user_entries`: the worker's role cannot read the ledger tables.
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT e.created_at, e.kind, e.amount, e.estimated, e.memo, a.payload->'tokens', e.credit_account
-           FROM ledger_entries e JOIN applied_events a USING (event_id)
-          WHERE e.user_id = $1 AND e.kind IN ('usage_charge', 'tool_charge', 'top_up', 'grant', 'refund')
-          ORDER BY e.entry_id DESC LIMIT 10",
+        "SELECT created_at, kind, amount, estimated, memo, tokens, credit_account FROM fleet_user_entries($1, 10)",
     )
     .bind(user_id)
     .fetch_all(&ctx.billing_db)

@@ -1,8 +1,13 @@
 //! Worker settings: flags or environment variables (DESIGN §8).
 
 use shared::config::{BrokerArgs, DatabaseArgs, LogArgs};
+use shared::config_source::{self as source, SourceError};
 use shared::secret::Secret;
 use std::path::PathBuf;
+
+/// Flags that would carry a secret, refused (`ps` shows them), with the variable to use.
+const SECRET_FLAGS: [(&str, &str); 2] =
+    [("bot-token", "TELEGRAM_BOT_TOKEN"), ("anthropic-api-key", "ANTHROPIC_API_KEY")];
 
 /// Everything the worker needs.
 #[derive(Clone, Debug, clap::Parser)]
@@ -14,8 +19,9 @@ pub struct Settings {
     /// `migrate` applies the bot and billing migrations and exits.
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Bot token.
-    #[arg(long, env = "TELEGRAM_BOT_TOKEN", default_value = "", hide_env_values = true)]
+    /// Bot token: TELEGRAM_BOT_TOKEN or TELEGRAM_BOT_TOKEN_FILE only, never
+    /// a flag (see [`Settings::load`]).
+    #[arg(skip)]
     pub bot_token: Secret,
     /// Bot API base URL.
     #[arg(long, env = "TELEGRAM_API_URL", default_value = "https://api.telegram.org")]
@@ -23,8 +29,8 @@ pub struct Settings {
     /// The bot's @username (without @); read with getMe when empty.
     #[arg(long, env = "TELEGRAM_BOT_USERNAME", default_value = "")]
     pub bot_username: String,
-    /// Anthropic API key.
-    #[arg(long, env = "ANTHROPIC_API_KEY", default_value = "", hide_env_values = true)]
+    /// Anthropic API key: ANTHROPIC_API_KEY or ANTHROPIC_API_KEY_FILE only.
+    #[arg(skip)]
     pub anthropic_api_key: Secret,
     /// Messages API base URL.
     #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
@@ -140,7 +146,7 @@ pub struct Settings {
     #[arg(long, env = "PACE_BOT_MS", default_value_t = 34)]
     pub pace_bot_ms: u64,
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
-    #[arg(long, env = "ADMIN_BIND", default_value = "0.0.0.0:9091")]
+    #[arg(long, env = "ADMIN_BIND", default_value = "127.0.0.1:9091")]
     pub admin_bind: std::net::SocketAddr,
     /// Id of this worker in leases (default: host-pid).
     #[arg(long, env = "WORKER_ID")]
@@ -164,17 +170,42 @@ pub enum Command {
 }
 
 impl Settings {
+    /// Reads flags and environment, then the secrets from the environment or
+    /// their `*_FILE`, and the database and broker URLs from `*_FILE` when set
+    /// (a secret, or a URL with a password, given as a flag is refused).
+    ///
+    /// # Errors
+    /// A secret flag, or an unreadable or doubly set secret; clap's own
+    /// errors (and `--help`) exit the process as `Parser::parse` does.
+    pub fn load() -> Result<Self, SourceError> {
+        Self::load_from(std::env::args_os().collect(), &source::ProcessEnv)
+    }
+
+    /// [`Settings::load`] with the arguments and environment given.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load_from(args: Vec<std::ffi::OsString>, env: &impl source::Env) -> Result<Self, SourceError> {
+        source::reject_flags(&args, &SECRET_FLAGS)?;
+        let matches = <Self as clap::CommandFactory>::command().get_matches_from(args);
+        let mut s = <Self as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        source::url(env, &matches, "amqp_url", "AMQP_URL", &mut s.broker.amqp_url)?;
+        source::url(env, &matches, "database_url", "DATABASE_URL", &mut s.db.database_url)?;
+        let mut billing = s.db.billing_database_url.clone().unwrap_or_default();
+        source::url(env, &matches, "billing_database_url", "BILLING_DATABASE_URL", &mut billing)?;
+        s.db.billing_database_url = Some(billing).filter(|url| !url.is_empty());
+        s.bot_token = source::secret(env, "TELEGRAM_BOT_TOKEN")?.unwrap_or_default();
+        s.anthropic_api_key = source::secret(env, "ANTHROPIC_API_KEY")?.unwrap_or_default();
+        Ok(s)
+    }
+
     /// Checks what clap cannot, naming the bad setting.
     ///
     /// # Errors
     /// A message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        if self.bot_token.is_empty() {
-            return Err("TELEGRAM_BOT_TOKEN must be set".into());
-        }
-        if self.anthropic_api_key.is_empty() {
-            return Err("ANTHROPIC_API_KEY must be set".into());
-        }
+        source::check("TELEGRAM_BOT_TOKEN", &self.bot_token, 8).map_err(|e| e.to_string())?;
+        source::check("ANTHROPIC_API_KEY", &self.anthropic_api_key, 8).map_err(|e| e.to_string())?;
         if self.visibility_timeout_s < 3 {
             return Err("VISIBILITY_TIMEOUT_S must be at least 3".into());
         }

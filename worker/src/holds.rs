@@ -38,51 +38,31 @@ pub fn hold_amount(ctx: &WorkerContext, request: &Value) -> Decimal {
 /// Places (or re-activates) the job's hold if the available balance covers
 /// it. `Ok(false)`: it does not; nothing was reserved.
 ///
+/// Runs as the billing database's `fleet_place_hold` function: the worker's
+/// role may not touch the billing tables itself (issue 13, least privilege).
+///
 /// # Errors
 /// Database errors (billing database).
 pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result<bool, sqlx::Error> {
-    let mut tx = ctx.billing_db.begin().await?;
-    // The account row lock serialises the holds of one user.
-    let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
-        .bind(job.user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let held: Decimal = sqlx::query_scalar(
-        "SELECT COALESCE(sum(amount), 0) FROM holds WHERE user_id = $1 AND status = 'active' AND job_id <> $2",
-    )
-    .bind(job.user_id)
-    .bind(job.job_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let available = balance.unwrap_or_default() - held;
-    if balance.is_none() || available <= Decimal::ZERO || available < amount {
-        tracing::info!(%available, hold = %amount, "balance does not cover the hold");
-        return Ok(false);
-    }
     let lifetime =
         Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
-    sqlx::query(
-        "INSERT INTO holds (job_id, user_id, amount, status, expires_at) VALUES ($1, $2, $3, 'active', now() + make_interval(secs => $4))
-         ON CONFLICT (job_id) DO UPDATE SET amount = EXCLUDED.amount, status = 'active', expires_at = EXCLUDED.expires_at, updated_at = now()
-         WHERE holds.status <> 'settled'",
-    )
-    .bind(job.job_id)
-    .bind(job.user_id)
-    .bind(amount)
-    .bind(lifetime.as_secs_f64())
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(true)
+    let (placed, available): (bool, Decimal) =
+        sqlx::query_as("SELECT placed, available FROM fleet_place_hold($1, $2, $3, $4)")
+            .bind(job.job_id)
+            .bind(job.user_id)
+            .bind(amount)
+            .bind(lifetime.as_secs_f64())
+            .fetch_one(&ctx.billing_db)
+            .await?;
+    if !placed {
+        tracing::info!(%available, hold = %amount, "balance does not cover the hold");
+    }
+    Ok(placed)
 }
 
 /// Voids the job's hold (failure, hand-back); harmless when there is none.
 pub async fn void(ctx: &WorkerContext, job_id: Uuid) {
-    let r =
-        sqlx::query("UPDATE holds SET status = 'voided', updated_at = now() WHERE job_id = $1 AND status = 'active'")
-            .bind(job_id)
-            .execute(&ctx.billing_db)
-            .await;
+    let r = sqlx::query("SELECT fleet_void_hold($1)").bind(job_id).execute(&ctx.billing_db).await;
     if let Err(e) = r {
         // The billing-worker's sweeper voids it when it expires.
         tracing::warn!(error.message = %e, "could not void the hold");
@@ -94,11 +74,5 @@ pub async fn void(ctx: &WorkerContext, job_id: Uuid) {
 /// # Errors
 /// Database errors (billing database).
 pub async fn available(ctx: &WorkerContext, user_id: i64) -> Result<Decimal, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE((SELECT balance FROM accounts WHERE user_id = $1), 0)
-              - COALESCE((SELECT sum(amount) FROM holds WHERE user_id = $1 AND status = 'active'), 0)",
-    )
-    .bind(user_id)
-    .fetch_one(&ctx.billing_db)
-    .await
+    sqlx::query_scalar("SELECT fleet_available_balance($1)").bind(user_id).fetch_one(&ctx.billing_db).await
 }

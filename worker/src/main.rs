@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         let args = ExtractArgs::parse_from(std::env::args_os().skip(1));
         std::process::exit(worker::documents::child_main(&args.limits));
     }
-    let settings = Settings::parse();
+    let settings = Settings::load()?;
     shared::telemetry::init(settings.log.log_format);
     let shutdown = CancellationToken::new();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {

@@ -294,7 +294,7 @@ impl Run<'_> {
 
     async fn grant(&self, user: &str, usd: &str) -> anyhow::Result<()> {
         let out = tokio::process::Command::new(self.cfg.bin_dir.join("billing-worker"))
-            .env("BILLING_DATABASE_URL", &self.dbs.billing_url)
+            .env("BILLING_DATABASE_URL", crate::fleet::as_role(&self.dbs.billing_url, crate::fleet::BILLING_ROLE)?)
             .env("LOG_FORMAT", "json")
             .args(["grant", "--user", user, "--usd", usd, "--idempotency-key", &format!("setup-{user}")])
             .output()

@@ -21,6 +21,14 @@ pub struct BillingWorker {
 impl BillingWorker {
     /// Starts one with `extra` flags (e.g. `--retry-delays-ms 50,50,50,50,50`).
     pub fn start(broker: &Broker, db_url: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_notifying(broker, db_url, None, extra)
+    }
+
+    /// As [`BillingWorker::start`], with a bot token (as if from
+    /// TELEGRAM_BOT_TOKEN) for the notices to users.
+    pub fn start_notifying(broker: &Broker, db_url: &str, bot_token: Option<&str>, extra: &[&str]) -> Result<Self> {
+        // As its own role, as in production.
+        let db_url = &fleet_tests::fleet::as_role(db_url, fleet_tests::fleet::BILLING_ROLE)?;
         let mut args = vec![
             "billing-worker",
             "--billing-database-url",
@@ -33,7 +41,8 @@ impl BillingWorker {
         args.extend(["--amqp-url", &broker.url, "--amqp-prefix", broker.prefix()]);
         args.extend(extra);
         args.push("run");
-        let settings = billing_worker::Settings::try_parse_from(args)?;
+        let mut settings = billing_worker::Settings::try_parse_from(args)?;
+        settings.bot_token = bot_token.map(shared::secret::Secret::new).unwrap_or_default();
         let token = CancellationToken::new();
         let handle = tokio::spawn(billing_worker::startup::main_with(settings, token.clone()));
         Ok(Self { token, handle })
@@ -102,9 +111,17 @@ pub async fn grant(pool: &sqlx::PgPool, user: i64, usd: &str) -> Result<()> {
 pub const ADMIN_KEY: &str = "sk-ant-admin-test";
 
 /// Runs the `billing-worker reconcile` command as from the command line, on
-/// the test database (bot and billing in one) for `[from, to]`, with `extra`
-/// flags (`--anthropic-admin-key …`). `Err` is a non-zero exit.
-pub async fn reconcile_cli(db_url: &str, from: chrono::NaiveDate, to: chrono::NaiveDate, extra: &[&str]) -> Result<()> {
+/// the test database (bot and billing in one, as the billing-worker's role)
+/// for `[from, to]`, with `admin_key` as if from ANTHROPIC_ADMIN_API_KEY and
+/// `extra` flags (`--anthropic-base-url …`). `Err` is a non-zero exit.
+pub async fn reconcile_cli(
+    db_url: &str,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    admin_key: Option<&str>,
+    extra: &[&str],
+) -> Result<()> {
+    let db_url = &fleet_tests::fleet::as_role(db_url, fleet_tests::fleet::BILLING_ROLE)?;
     let (from, to) = (from.to_string(), to.to_string());
     let mut args = vec![
         "billing-worker",
@@ -121,7 +138,8 @@ pub async fn reconcile_cli(db_url: &str, from: chrono::NaiveDate, to: chrono::Na
         &to,
     ];
     args.extend(extra);
-    let settings = billing_worker::Settings::try_parse_from(args)?;
+    let mut settings = billing_worker::Settings::try_parse_from(args)?;
+    settings.anthropic_admin_key = admin_key.map(shared::secret::Secret::new);
     billing_worker::startup::main_with(settings, CancellationToken::new()).await
 }
 

@@ -31,10 +31,11 @@ async fn an_event_that_always_fails_is_dead_lettered_recorded_told_and_redriven_
         .execute(&db.pool)
         .await?;
     let api = telegram.api_url();
-    let worker = BillingWorker::start(
+    let worker = BillingWorker::start_notifying(
         &broker,
         &db.url,
-        &["--retry-delays-ms", "50,50,50,50,50", "--bot-token", BOT_TOKEN, "--telegram-api-url", &api],
+        Some(BOT_TOKEN),
+        &["--retry-delays-ms", "50,50,50,50,50", "--telegram-api-url", &api],
     )?;
     publish(&broker, &[bad.clone(), good.clone()]).await?;
     let pool = db.pool.clone();

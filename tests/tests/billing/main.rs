@@ -1,6 +1,6 @@
 //! Billing that finance can audit: outages retried and applied once, dead
 //! letters recorded, told and redriven, exact totals under duplicates,
-//! holds against overspending, reconciliation.
+//! holds against overspending, reconciliation, least-privilege database roles.
 
 #[path = "../fleet/helpers.rs"]
 #[allow(dead_code, unused_imports)]
@@ -13,4 +13,5 @@ mod dead_letters;
 mod holds;
 mod outage;
 mod reconcile;
+mod roles;
 mod volume;

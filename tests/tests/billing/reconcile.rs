@@ -130,11 +130,11 @@ async fn reconcile_compares_every_call_with_the_provider_report_and_passes_when_
     // The command itself passes in every format.
     let base = app.anthropic.base_url();
     for format in ["table", "csv", "json"] {
-        let flags = ["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &base, "--format", format];
-        reconcile_cli(&app.db.url, from, today, &flags).await?;
+        let flags = ["--anthropic-base-url", &base, "--format", format];
+        reconcile_cli(&app.db.url, from, today, Some(ADMIN_KEY), &flags).await?;
     }
     // Without a key: skipped, and as before.
-    reconcile_cli(&app.db.url, from, today, &["--anthropic-admin-key="]).await?;
+    reconcile_cli(&app.db.url, from, today, None, &[]).await?;
     let skipped = reconcile(&app.db.pool, &app.db.pool, from, today).await?;
     assert!(skipped.clean());
     let table = render(&skipped, "table");
@@ -164,8 +164,8 @@ async fn reconcile_fails_naming_the_day_model_and_class_of_usage_the_provider_re
     assert_eq!(json["provider"]["tokens"][&key]["variance"], 500);
 
     let base = app.anthropic.base_url();
-    let flags = ["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &base];
-    let exit = reconcile_cli(&app.db.url, today, today, &flags).await;
+    let flags = ["--anthropic-base-url", &base];
+    let exit = reconcile_cli(&app.db.url, today, today, Some(ADMIN_KEY), &flags).await;
     let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(
         error.contains(&key) && error.contains("+500"),
@@ -182,17 +182,14 @@ async fn reconcile_fails_when_the_provider_report_cannot_be_fetched() -> anyhow:
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", closed.local_addr()?);
     drop(closed);
-    let exit =
-        reconcile_cli(&db.url, today, today, &["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &url]).await;
+    let exit = reconcile_cli(&db.url, today, today, Some(ADMIN_KEY), &["--anthropic-base-url", &url]).await;
     let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(error.contains("usage report"), "{error:?}");
     assert!(!error.contains(ADMIN_KEY), "{error:?}");
     // An HTTP error (a wrong base path: 404) is an error too.
     let fake = fleet_tests::fake_anthropic::FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
     let wrong = format!("{}/nope", fake.base_url());
-    let exit =
-        reconcile_cli(&db.url, today, today, &["--anthropic-admin-key", ADMIN_KEY, "--anthropic-base-url", &wrong])
-            .await;
+    let exit = reconcile_cli(&db.url, today, today, Some(ADMIN_KEY), &["--anthropic-base-url", &wrong]).await;
     let error = exit.err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(error.contains("HTTP 404"), "{error:?}");
     fake.shutdown().await;

@@ -16,7 +16,10 @@ mod spawn;
 
 pub use broker::Broker;
 pub use db::TestDb;
-pub use spawn::{http_client, post_webhook, spawn_app, spawn_billing_worker, spawn_ingress, stop, Running, TestApp};
+pub use spawn::{
+    http_client, post_webhook, spawn_app, spawn_billing_worker, spawn_ingress, spawn_ingress_with_admin, stop,
+    with_worker_secrets, Running, TestApp,
+};
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -2,8 +2,8 @@
 //! `updates` queue verbatim only when it answers 200.
 
 use crate::helpers::{
-    fixture_bytes, http_client, init_logs, post_webhook, spawn_ingress, stop, within, Broker, INGRESS_MAX_BODY,
-    WEBHOOK_SECRET,
+    fixture_bytes, http_client, init_logs, post_webhook, spawn_ingress, spawn_ingress_with_admin, stop, within, Broker,
+    INGRESS_MAX_BODY, WEBHOOK_SECRET,
 };
 use anyhow::{Context as _, Result};
 use lapin::types::{FieldTable, ShortString};
@@ -44,6 +44,29 @@ impl Harness {
         stop("ingress", self.ingress).await?;
         self.broker.cleanup().await
     }
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_address_and_not_on_the_webhook_port() -> Result<()> {
+    init_logs();
+    let broker = Broker::new().await?;
+    let (ports, token, handle) = spawn_ingress_with_admin(broker.prefix(), &broker.url).await?;
+    let http = http_client()?;
+    // Traffic first, so the counters have something to say.
+    let body = fixture_bytes("telegram/ada_capital.json")?;
+    assert_eq!(post_webhook(&http, ports.public, Some(WEBHOOK_SECRET), body).await?, StatusCode::OK);
+    let public = http.get(format!("http://127.0.0.1:{}/metrics", ports.public)).send().await?;
+    assert_eq!(public.status(), StatusCode::NOT_FOUND, "no /metrics on the public port");
+    let admin = http.get(format!("http://127.0.0.1:{}/metrics", ports.admin)).send().await?;
+    assert_eq!(admin.status(), StatusCode::OK);
+    let text = admin.text().await?;
+    assert!(text.contains("fleet_updates_published_total"), "{text}");
+    for path in ["/healthz", "/readyz"] {
+        let r = http.get(format!("http://127.0.0.1:{}{path}", ports.admin)).send().await?;
+        assert_eq!(r.status(), StatusCode::OK, "{path} on the admin port");
+    }
+    stop("ingress", (token, handle)).await?;
+    broker.cleanup().await
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@
 mod bad_input;
 mod billing;
 mod dedup;
+#[allow(dead_code, unused_imports)]
 mod helpers;
 mod ingress;
 mod split;

@@ -3,7 +3,7 @@
 
 use crate::helpers::{
     fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
-    BOT_TOKEN, BOT_USERNAME, WAIT,
+    BOT_USERNAME, WAIT,
 };
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
@@ -116,24 +116,21 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
     let broker = Broker::new().await?;
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
     let prices = fixture("prices.toml");
-    let settings = worker::Settings::try_parse_from([
+    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
+    let settings = crate::helpers::with_worker_secrets(worker::Settings::try_parse_from([
         "worker",
-        "--bot-token",
-        BOT_TOKEN,
         "--telegram-api-url",
         &telegram.api_url(),
         "--bot-username",
         BOT_USERNAME,
-        "--anthropic-api-key",
-        "test-key",
         "--anthropic-base-url",
         &anthropic.base_url(),
         "--prices-file",
         prices.to_str().unwrap_or_default(),
         "--database-url",
-        &db.url,
+        &worker_url,
         "--billing-database-url",
-        &db.url,
+        &worker_url,
         "--amqp-url",
         &broker.url,
         "--amqp-prefix",
@@ -149,7 +146,7 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         // Short leases: heartbeats every second, the reaper every 1.5 s.
         "--visibility-timeout-s",
         "3",
-    ])?;
+    ])?);
     let app = worker::App::build(settings).await?;
     let admin = app.admin_port();
     let worker_token = CancellationToken::new();

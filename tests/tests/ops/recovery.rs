@@ -5,8 +5,7 @@
 //! the path is back, and answers the next update.
 
 use crate::helpers::{
-    fixture, fixture_bytes, post_webhook, spawn_ingress, stop, wait_until, Broker, TestDb, BOT_TOKEN, BOT_USERNAME,
-    WAIT,
+    fixture, fixture_bytes, post_webhook, spawn_ingress, stop, wait_until, Broker, TestDb, BOT_USERNAME, WAIT,
 };
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
@@ -108,24 +107,21 @@ async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconne
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
     let via_proxy = format!("amqp://guest:guest@127.0.0.1:{proxy_port}/%2f?heartbeat=1");
     let prices = fixture("prices.toml");
-    let settings = worker::Settings::try_parse_from([
+    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
+    let settings = crate::helpers::with_worker_secrets(worker::Settings::try_parse_from([
         "worker",
-        "--bot-token",
-        BOT_TOKEN,
         "--telegram-api-url",
         &telegram.api_url(),
         "--bot-username",
         BOT_USERNAME,
-        "--anthropic-api-key",
-        "test-key",
         "--anthropic-base-url",
         &anthropic.base_url(),
         "--prices-file",
         prices.to_str().unwrap_or_default(),
         "--database-url",
-        &db.url,
+        &worker_url,
         "--billing-database-url",
-        &db.url,
+        &worker_url,
         "--amqp-url",
         &via_proxy,
         "--amqp-prefix",
@@ -136,7 +132,7 @@ async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconne
         "0",
         "--pace-bot-ms",
         "0",
-    ])?;
+    ])?);
     let app = worker::App::build(settings).await?;
     let admin = app.admin_port();
     let token = CancellationToken::new();

@@ -34,16 +34,14 @@ fn worker_settings(
     let prices = fixture("prices.toml");
     let prices = prices.to_str().context("fixtures path is not UTF-8")?;
     let amqp = amqp_url();
+    // The worker connects as its own role, as in production.
+    let database_url = &fleet_tests::fleet::as_role(database_url, fleet_tests::fleet::WORKER_ROLE)?;
     let mut args: Vec<String> = [
         "worker",
-        "--bot-token",
-        BOT_TOKEN,
         "--telegram-api-url",
         telegram_api_url,
         "--bot-username",
         crate::helpers::BOT_USERNAME,
-        "--anthropic-api-key",
-        "sk-ant-test-key",
         "--anthropic-base-url",
         anthropic_base_url,
         "--prices-file",
@@ -79,7 +77,10 @@ fn worker_settings(
     for (flag, value) in extra {
         args.extend([format!("--{flag}"), (*value).to_owned()]);
     }
-    Ok(worker::Settings::try_parse_from(args)?)
+    let mut settings = worker::Settings::try_parse_from(args)?;
+    settings.bot_token = shared::secret::Secret::new(BOT_TOKEN);
+    settings.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
+    Ok(settings)
 }
 
 /// A chat job of Ada's, claimed (status `running`, epoch 1) on a database of

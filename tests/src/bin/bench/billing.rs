@@ -95,6 +95,7 @@ async fn applied(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
 /// Starts a billing-worker on `prefix` and times it from its start until
 /// all `n` queued events are applied; its events/s.
 async fn worker_rate(args: &Args, db_url: &str, pool: &sqlx::PgPool, prefix: &str, n: usize) -> anyhow::Result<f64> {
+    let db_url = &fleet_tests::fleet::as_role(db_url, fleet_tests::fleet::BILLING_ROLE)?;
     let settings = billing_worker::Settings::try_parse_from([
         "billing-worker",
         "--billing-database-url",

@@ -43,17 +43,19 @@ pub async fn bench_ingress(args: &Args) -> anyhow::Result<Vec<Row>> {
 
 async fn measure(args: &Args, prefix: &str) -> anyhow::Result<Vec<Row>> {
     use clap::Parser as _;
-    let settings = ingress::Settings::try_parse_from([
+    let mut settings = ingress::Settings::try_parse_from([
         "ingress",
         "--bind",
         "127.0.0.1:0",
-        "--webhook-secret",
-        SECRET,
+        "--admin-bind",
+        "127.0.0.1:0",
         "--amqp-url",
         &args.amqp_url,
         "--amqp-prefix",
         prefix,
     ])?;
+    // Secrets never come from flags.
+    settings.webhook_secret = shared::secret::Secret::new(SECRET);
     let app = ingress::App::build(settings).await?;
     let port = app.port();
     let token = tokio_util::sync::CancellationToken::new();

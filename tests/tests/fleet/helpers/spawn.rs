@@ -32,15 +32,32 @@ pub async fn stop(name: &str, (token, handle): Running) -> Result<()> {
 /// Builds the ingress (webhook mode, `127.0.0.1:0`, [`WEBHOOK_SECRET`],
 /// [`INGRESS_MAX_BODY`]) and runs it on a task. Returns the bound port.
 pub async fn spawn_ingress(prefix: &str, amqp_url: &str) -> Result<(u16, CancellationToken, JoinHandle<Result<()>>)> {
+    let (ports, token, handle) = spawn_ingress_with_admin(prefix, amqp_url).await?;
+    Ok((ports.public, token, handle))
+}
+
+/// The two ports of an in-process ingress.
+pub struct IngressPorts {
+    /// The webhook port.
+    pub public: u16,
+    /// The admin port (`/metrics`).
+    pub admin: u16,
+}
+
+/// As [`spawn_ingress`], also returning the admin port.
+pub async fn spawn_ingress_with_admin(
+    prefix: &str,
+    amqp_url: &str,
+) -> Result<(IngressPorts, CancellationToken, JoinHandle<Result<()>>)> {
     let max_body = INGRESS_MAX_BODY.to_string();
-    let settings = ingress::Settings::try_parse_from([
+    let mut settings = ingress::Settings::try_parse_from([
         "ingress",
         "--mode",
         "webhook",
         "--bind",
         "127.0.0.1:0",
-        "--webhook-secret",
-        WEBHOOK_SECRET,
+        "--admin-bind",
+        "127.0.0.1:0",
         "--max-body-bytes",
         &max_body,
         "--confirm-timeout-s",
@@ -50,11 +67,13 @@ pub async fn spawn_ingress(prefix: &str, amqp_url: &str) -> Result<(u16, Cancell
         "--amqp-prefix",
         prefix,
     ])?;
+    // Secrets never come from flags: set as `Settings::load` would from the environment.
+    settings.webhook_secret = shared::secret::Secret::new(WEBHOOK_SECRET);
     let app = within("building the ingress", ingress::App::build(settings)).await??;
-    let port = app.port();
+    let ports = IngressPorts { public: app.port(), admin: app.admin_port() };
     let token = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-    Ok((port, token, handle))
+    Ok((ports, token, handle))
 }
 
 /// Where a worker finds its dependencies.
@@ -63,7 +82,8 @@ pub struct WorkerDeps<'a> {
     pub prefix: &'a str,
     /// Broker URL.
     pub amqp_url: &'a str,
-    /// The test database (bot and billing).
+    /// The test database (bot and billing); the worker connects to it as
+    /// its own role ([`fleet_tests::fleet::WORKER_ROLE`]).
     pub database_url: &'a str,
     /// The fake Bot API.
     pub telegram_api_url: &'a str,
@@ -86,18 +106,15 @@ fn push_known_flags<C: clap::CommandFactory>(args: &mut Vec<String>, flags: &[(&
 /// Builds a worker (fixture prices, no pacing of Bot API calls, progress
 /// every 200 ms) and runs it on a task.
 pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
+    let database_url = &fleet_tests::fleet::as_role(deps.database_url, fleet_tests::fleet::WORKER_ROLE)?;
     let prices = fixture("prices.toml");
     let prices = prices.to_str().context("fixtures path is not UTF-8")?;
     let mut args: Vec<String> = [
         "worker",
-        "--bot-token",
-        BOT_TOKEN,
         "--telegram-api-url",
         deps.telegram_api_url,
         "--bot-username",
         BOT_USERNAME,
-        "--anthropic-api-key",
-        "sk-ant-test-key",
         "--anthropic-base-url",
         deps.anthropic_base_url,
         "--prices-file",
@@ -105,9 +122,9 @@ pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
         "--worker-id",
         "fleet-test-worker",
         "--database-url",
-        deps.database_url,
+        database_url,
         "--billing-database-url",
-        deps.database_url,
+        database_url,
         "--database-max-connections",
         "4",
         "--amqp-url",
@@ -130,15 +147,25 @@ pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
     );
     // PDFs are read by `worker extract-document`, not by this test binary.
     args.extend(["--document-extractor".to_owned(), fleet_tests::worker_binary().to_string_lossy().into_owned()]);
-    let settings = worker::Settings::try_parse_from(args)?;
+    let settings = with_worker_secrets(worker::Settings::try_parse_from(args)?);
     let app = within("building the worker", worker::App::build(settings)).await??;
     let token = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(token.clone()));
     Ok((token, handle))
 }
 
-/// Runs the billing-worker (the `run` command) on a task.
+/// `settings` with the test bot token and API key (secrets never come from
+/// flags; `Settings::load` reads them from the environment).
+pub fn with_worker_secrets(mut settings: worker::Settings) -> worker::Settings {
+    settings.bot_token = shared::secret::Secret::new(BOT_TOKEN);
+    settings.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
+    settings
+}
+
+/// Runs the billing-worker (the `run` command) on a task, connected to
+/// `database_url` as its own role ([`fleet_tests::fleet::BILLING_ROLE`]).
 pub fn spawn_billing_worker(prefix: &str, amqp_url: &str, database_url: &str) -> Result<Running> {
+    let database_url = &fleet_tests::fleet::as_role(database_url, fleet_tests::fleet::BILLING_ROLE)?;
     let settings = billing_worker::Settings::try_parse_from([
         "billing-worker",
         "--billing-database-url",
