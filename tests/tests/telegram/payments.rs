@@ -137,12 +137,11 @@ async fn the_forged_payload_credits_nothing_leaves_one_anomaly_and_is_refunded_w
     );
 
     // Finance refunds it with the existing command.
-    let settings = billing_worker::Settings::try_parse_from([
+    // Secrets never come as flags: the token is set as `Settings::load` would from the environment.
+    let mut settings = billing_worker::Settings::try_parse_from([
         "billing-worker",
         "--billing-database-url",
         &app.db.url,
-        "--bot-token",
-        BOT_TOKEN,
         "--telegram-api-url",
         &app.telegram.api_url(),
         "refund-stars",
@@ -151,6 +150,7 @@ async fn the_forged_payload_credits_nothing_leaves_one_anomaly_and_is_refunded_w
         "--bot-database-url",
         &app.db.url,
     ])?;
+    settings.bot_token = shared::secret::Secret::new(BOT_TOKEN);
     billing_worker::startup::main_with(settings, tokio_util::sync::CancellationToken::new()).await?;
     let refunds: Vec<i64> = app
         .telegram
