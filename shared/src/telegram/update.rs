@@ -282,8 +282,16 @@ impl Message {
     /// True when the text (or a document's caption) mentions `@username`
     /// (case-insensitive).
     pub fn mentions(&self, username: &str) -> bool {
-        let needle = format!("@{}", username.to_lowercase());
-        self.text.as_deref().or(self.caption.as_deref()).is_some_and(|t| t.to_lowercase().contains(&needle))
+        let Some(text) = self.text.as_deref().or(self.caption.as_deref()) else { return false };
+        // A mention is `@` and a whole username (Telegram usernames are
+        // `[A-Za-z0-9_]`, matched case-insensitively): `@fleet_bot_staging`
+        // is another bot, not a mention of `@fleet_bot`. Commands addressed
+        // to the bot (`/start@fleet_bot`) count.
+        let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        text.split('@').skip(1).any(|rest| {
+            let name: &str = rest.split(|c: char| !is_name_char(c)).next().unwrap_or_default();
+            !name.is_empty() && name.eq_ignore_ascii_case(username)
+        })
     }
 
     /// True in private chats.
@@ -320,6 +328,7 @@ mod tests {
         let Incoming::Message(m) = inc else { panic!("not a message") };
         assert_eq!(m.command().as_deref(), Some("start"));
         assert!(m.mentions("Fleet_Bot"));
+        assert!(!m.mentions("fleet"), "a prefix of the username is not a mention");
     }
 
     #[test]
@@ -391,5 +400,20 @@ mod tests {
     fn a_chat_id_beyond_i64_routes_as_no_chat_not_a_wrapped_id() {
         let r = RoutingInfo::from_bytes(br#"{"update_id":1,"message":{"chat":{"id":18446744073709551615}}}"#).unwrap();
         assert_eq!(r.chat_id, None);
+    }
+
+    #[test]
+    fn a_mention_is_a_whole_username_never_a_prefix_of_another() {
+        let msg = |text: &str| -> Message {
+            let body = serde_json::json!({"update_id": 1, "message": {"message_id": 1, "chat": {"id": -5, "type": "group"}, "text": text}});
+            let (_, inc) = Incoming::parse(body.to_string().as_bytes()).unwrap();
+            let Incoming::Message(m) = inc else { panic!("not a message") };
+            *m
+        };
+        assert!(!msg("@fleet_test_bot_staging what is the deploy status?").mentions("fleet_test_bot"));
+        assert!(msg("@Fleet_Test_Bot what does a pilot do?").mentions("fleet_test_bot"));
+        assert!(msg("ask @fleet_test_bot, please").mentions("fleet_test_bot"));
+        assert!(!msg("mail me at x@fleet_test_botnet.org").mentions("fleet_test_bot"));
+        assert!(!msg("@").mentions("fleet_test_bot"));
     }
 }
