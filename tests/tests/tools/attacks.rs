@@ -7,7 +7,8 @@
 //! passes is a regression test for an attack that is handled.
 //!
 //! # Layout
-//! - group addressing: mentions and commands meant for someone else;
+//! - group addressing: mentions and commands meant for someone else; a
+//!   member's tool results replayed in another member's request;
 //!   updates without a human sender.
 //! - documents: the per-user quota under concurrency; the decompression
 //!   cap against filter chains and corrupt checksums.
@@ -155,6 +156,43 @@ async fn updates_without_a_human_sender_are_ignored_and_charge_nobody() -> Resul
         sqlx::query_scalar("SELECT user_id FROM users ORDER BY user_id").fetch_all(&fleet.db.pool).await?;
     ensure!(users == vec![BOB], "users recorded: {users:?}");
     fleet.cleanup().await
+}
+
+/// Attack (privacy and cost): in a group, Ada sends a file and has Claude
+/// read it; then Bob asks anything. The `read_file` result (the file's text,
+/// up to 20,000 characters a call) is stored in the group's conversation and
+/// replayed in Bob's request: Bob pays its input tokens on every later
+/// question, and can have Claude quote Ada's file although "files are seen
+/// only by the member who sent them" (README, groups). Correct: a member's
+/// tool results are not replayed in another member's requests (or the
+/// promise and the billing are documented as they are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_file_read_in_a_group_is_not_replayed_in_another_members_request() -> Result<()> {
+    const SECRET: &str = "ADA-GROUP-FILE salary table: Ada 9000, Carl 7000";
+    let fleet = Fleet::spawn(&[]).await?;
+    fleet.grant(ADA, "5.00").await?;
+    fleet.grant(BOB, "5.00").await?;
+    fleet.telegram.add_file("BQADgrp", SECRET.as_bytes().to_vec());
+    fleet.anthropic.push([
+        ScriptedResponse::from_sse(sse::tool_turn(&[("toolu_ada_read", "read_file", json!({"id": 1}))])),
+        ScriptedResponse::from_sse(sse::text_turn("Ada's file is summarised.")),
+        ScriptedResponse::from_sse(sse::text_turn("Bob is answered.")),
+    ]);
+    fleet.anthropic.set_default(None);
+    let doc = json!({"file_id": "BQADgrp", "file_unique_id": "u-grp", "file_name": "salaries.txt",
+        "mime_type": "text/plain"});
+    let mut update = document_message(900_014_601, doc, Some(&format!("@{BOT_USERNAME} summarise")));
+    update["message"]["chat"] = json!({ "id": GROUP, "title": "Team", "type": "group" });
+    fleet.post(&update).await?;
+    fleet.wait_for_message(GROUP, "Ada's file is summarised").await?;
+    let ada_read = fleet.anthropic.calls().get(1).map(|c| c.body.to_string()).unwrap_or_default();
+    ensure!(ada_read.contains("ADA-GROUP-FILE"), "Ada's own read did not carry her file: {ada_read}");
+    fleet.post(&group_message(900_014_602, GROUP, BOB, "Bob", &format!("@{BOT_USERNAME} what's new?"))).await?;
+    fleet.wait_for_message(GROUP, "Bob is answered").await?;
+    let bob = fleet.anthropic.calls().last().map(|c| c.body.to_string()).unwrap_or_default();
+    fleet.cleanup().await?;
+    ensure!(!bob.contains("ADA-GROUP-FILE"), "Bob's request (billed to Bob) carries Ada's file text: {bob}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
