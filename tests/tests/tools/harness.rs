@@ -71,9 +71,12 @@ fn worker_settings(
             args.extend([format!("--{flag}"), value.to_owned()]);
         }
     }
-    // PDFs are read by `worker extract-document`, not by this test binary.
-    let extractor = fleet_tests::worker_binary();
-    args.extend(["--document-extractor".to_owned(), extractor.to_string_lossy().into_owned()]);
+    // PDFs are read by `worker extract-document`, not by this test binary
+    // (unless the test names another extractor).
+    if !extra.iter().any(|(flag, _)| *flag == "document-extractor") {
+        let extractor = fleet_tests::worker_binary();
+        args.extend(["--document-extractor".to_owned(), extractor.to_string_lossy().into_owned()]);
+    }
     for (flag, value) in extra {
         args.extend([format!("--{flag}"), (*value).to_owned()]);
     }

@@ -20,6 +20,8 @@
 //!   documents and pre-checkouts never stall an intake shard.
 //! - [`groups`]: files and notes scoped to (user, chat); who may `/stop` and `/new` in a group.
 //! - [`count_tokens`]: a token count that never answers ends within its timeout.
+//! - [`attacks`]: a hostile user's and a careless operator's attacks beyond
+//!   the ones above (failing tests are bugs still there).
 
 #[path = "../fleet"]
 mod fleet_suite {
@@ -28,6 +30,7 @@ mod fleet_suite {
 }
 use fleet_suite::helpers;
 
+mod attacks;
 mod count_tokens;
 mod dedup;
 mod documents;
