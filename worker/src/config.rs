@@ -250,7 +250,40 @@ impl Settings {
         if self.prefetch == 0 {
             return Err("PREFETCH must be positive".into());
         }
-        Ok(())
+        self.check_upper_bounds()
+    }
+
+    /// Upper bounds: every setting used in arithmetic (hold sizes and
+    /// lifetimes, `setrlimit`, deadlines) stays far from overflow, and no
+    /// limit is so large that it is no limit at all.
+    fn check_upper_bounds(&self) -> Result<(), String> {
+        let bounds: [(&str, u64, u64); 17] = [
+            ("VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 3_600),
+            ("STREAM_DEADLINE_S", self.stream_deadline_s, 3_600),
+            ("IDLE_TIMEOUT_S", self.idle_timeout_s, 3_600),
+            ("COUNT_TOKENS_TIMEOUT_S", self.count_tokens_timeout_s, 300),
+            ("MAX_CONTINUATIONS", u64::from(self.max_continuations), 20),
+            ("MAX_TOOL_ROUNDS", u64::from(self.max_tool_rounds), 50),
+            ("MAX_ATTEMPTS", u64::try_from(self.max_attempts).unwrap_or(u64::MAX), 100),
+            ("ANTHROPIC_MAX_TOKENS", u64::from(self.max_tokens), 1_000_000),
+            ("TOOL_TIMEOUT_S", self.tool_timeout_s, 3_600),
+            ("DOCUMENT_DOWNLOAD_TIMEOUT_S", self.document_download_timeout_s, 3_600),
+            ("DOCUMENT_MAX_CHARS", self.document_max_chars, 100_000_000),
+            ("DOCUMENT_MAX_PAGES", self.document_max_pages, 1_000_000),
+            ("DOCUMENT_MAX_DECOMPRESSED_MIB", self.document_max_decompressed_mib, 16_384),
+            ("DOCUMENT_EXTRACT_CPU_S", self.document_extract_cpu_s, 3_600),
+            ("DOCUMENT_EXTRACT_MEMORY_MIB", self.document_extract_memory_mib, 65_536),
+            ("DOCUMENT_EXTRACT_TIMEOUT_S", self.document_extract_timeout_s, 3_600),
+            (
+                "PACE_PRIVATE_MS, PACE_GROUP_MS or PACE_BOT_MS",
+                self.pace_group_ms.max(self.pace_private_ms).max(self.pace_bot_ms),
+                600_000,
+            ),
+        ];
+        match bounds.iter().find(|(_, value, max)| value > max) {
+            Some((name, value, max)) => Err(format!("{name} is {value}: at most {max}")),
+            None => Ok(()),
+        }
     }
 
     /// The limits of one sandboxed PDF extraction.

@@ -192,6 +192,11 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     if from.is_bot {
         return Ok(Plan::Ignore("message from a bot".into()));
     }
+    if from.id == TELEGRAM_SERVICE_USER {
+        // A channel post forwarded automatically into its linked group: no
+        // person asked, nobody is to be charged.
+        return Ok(Plan::Ignore("automatic forward from a channel".into()));
+    }
     if msg.text.is_none() && msg.document.is_none() {
         return Ok(Plan::Ignore("message without text".into()));
     }
@@ -215,6 +220,12 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     let Some(text) = msg.text.clone() else {
         return Ok(Plan::Ignore("message without text".into()));
     };
+    if let Some(target) = msg.command_target() {
+        let me = ctx.bot_username().await?;
+        if !target.eq_ignore_ascii_case(me) {
+            return Ok(Plan::Ignore("command addressed to another bot".into()));
+        }
+    }
     if let Some(command) = msg.command() {
         if command == "stop" {
             return stop_plan(ctx, msg.chat.id, msg.is_private(), from.id, None).await;
@@ -226,6 +237,10 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
     let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
     Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
 }
+
+/// The user id Telegram sends automatic forwards from a linked channel as
+/// (`777000`, "Telegram"; Bot API `Message.is_automatic_forward`).
+const TELEGRAM_SERVICE_USER: i64 = 777_000;
 
 /// Takes one raw update in.
 ///

@@ -271,12 +271,26 @@ impl Message {
     /// The bot command this message starts with (`/start@bot args` → `start`),
     /// from its `bot_command` entity at offset 0.
     pub fn command(&self) -> Option<String> {
+        let cmd = self.command_entity()?;
+        Some(cmd.split('@').next().unwrap_or(&cmd).to_lowercase())
+    }
+
+    /// The bot a command is addressed to (`/new@other_bot` → `other_bot`),
+    /// `None` for a bare command (Bot API, "Commands": in groups a command
+    /// may name its bot after `@`; another bot's command is not ours).
+    pub fn command_target(&self) -> Option<String> {
+        let cmd = self.command_entity()?;
+        cmd.split_once('@').map(|(_, bot)| bot.to_owned())
+    }
+
+    /// The text of the `bot_command` entity at offset 0, without the `/`
+    /// (entity lengths are UTF-16 code units).
+    fn command_entity(&self) -> Option<String> {
         let text = self.text.as_deref()?;
         let entity = self.entities.iter().find(|e| e.kind == "bot_command" && e.offset == 0)?;
         let units: Vec<u16> = text.encode_utf16().take(entity.length).collect();
         let cmd = String::from_utf16_lossy(&units);
-        let cmd = cmd.trim_start_matches('/');
-        Some(cmd.split('@').next().unwrap_or(cmd).to_lowercase())
+        Some(cmd.trim_start_matches('/').to_owned())
     }
 
     /// True when the text (or a document's caption) mentions `@username`
@@ -327,6 +341,7 @@ mod tests {
         let (_, inc) = Incoming::parse(br#"{"update_id":1,"message":{"message_id":1,"chat":{"id":1,"type":"private"},"text":"/Start@fleet_bot hi","entities":[{"type":"bot_command","offset":0,"length":16}]}}"#).unwrap();
         let Incoming::Message(m) = inc else { panic!("not a message") };
         assert_eq!(m.command().as_deref(), Some("start"));
+        assert_eq!(m.command_target().as_deref(), Some("fleet_bot"));
         assert!(m.mentions("Fleet_Bot"));
         assert!(!m.mentions("fleet"), "a prefix of the username is not a mention");
     }

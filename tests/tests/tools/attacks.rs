@@ -65,11 +65,10 @@ fn replying_to_the_bot(mut update: Value, chat: i64) -> Value {
 async fn a_mention_of_another_account_whose_name_starts_with_the_bots_is_not_for_the_bot() -> Result<()> {
     let fleet = Fleet::spawn(&[]).await?;
     fleet.grant(BOB, "5.00").await?;
-    fleet.anthropic.push([
-        ScriptedResponse::from_sse(sse::text_turn("WRONGLY ANSWERED")),
-        ScriptedResponse::from_sse(sse::text_turn("Answered the real mention.")),
-    ]);
-    fleet.anthropic.set_default(None);
+    // One scripted answer: if the first message were taken for a mention it
+    // would use it up, and the real mention would find none (two calls).
+    fleet.anthropic.push([ScriptedResponse::from_sse(sse::text_turn("Answered the real mention."))]);
+    fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("WRONGLY ANSWERED"))));
 
     let fan = format!("@{BOT_USERNAME}_fan are you coming tonight?");
     let mut update = group_message(900_014_001, GROUP, BOB, "Bob", &fan);
@@ -539,4 +538,26 @@ async fn an_extractor_that_does_not_exist_refuses_pdfs_with_a_notice_and_text_st
     fleet.wait_for_message(ADA, "Read the text file").await?;
     ensure!(fleet.db.count("SELECT count(*) FROM documents").await? == 1, "the text file was not kept");
     fleet.cleanup().await
+}
+
+/// Attack: a channel post mentioning the bot, forwarded automatically into
+/// the channel's linked group, arrives "from" Telegram's service account
+/// (777000, `is_bot: false`). No person asked: it is ignored, nobody is
+/// charged, and the next real mention is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_forward_from_a_linked_channel_is_not_a_request() -> Result<()> {
+    let fleet = Fleet::spawn(&[]).await?;
+    fleet.grant(BOB, "5.00").await?;
+    fleet.grant(777_000, "5.00").await?;
+    fleet.anthropic.push([ScriptedResponse::from_sse(sse::text_turn("Answered Bob."))]);
+    fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("WRONGLY ANSWERED"))));
+    let mut forward = group_message(900_014_701, GROUP, 777_000, "Telegram", &format!("@{BOT_USERNAME} news!"));
+    forward["message"]["is_automatic_forward"] = json!(true);
+    fleet.post(&forward).await?;
+    fleet.post(&group_message(900_014_702, GROUP, BOB, "Bob", &format!("@{BOT_USERNAME} hello"))).await?;
+    fleet.wait_for_message(GROUP, "Answered Bob").await?;
+    let calls = fleet.anthropic.call_count();
+    fleet.cleanup().await?;
+    ensure!(calls == 1, "{calls} Claude calls: the automatic forward was taken as a request");
+    Ok(())
 }

@@ -116,7 +116,8 @@ fn limit_self(limits: &ExtractLimits) -> std::io::Result<()> {
     let memory = limits.memory_mib.saturating_mul(1024 * 1024);
     // Soft CPU limit: SIGXCPU (default action: terminate); the hard limit
     // one second later is SIGKILL.
-    rlimit::setrlimit(Resource::CPU, limits.cpu_s.max(1), limits.cpu_s.max(1) + 1)?;
+    let cpu = limits.cpu_s.max(1);
+    rlimit::setrlimit(Resource::CPU, cpu, cpu.saturating_add(1))?;
     rlimit::setrlimit(Resource::AS, memory, memory)?;
     rlimit::setrlimit(Resource::FSIZE, 0, 0)?;
     rlimit::setrlimit(Resource::CORE, 0, 0)?;
@@ -155,27 +156,52 @@ pub fn extract_pdf(pdf: &[u8], limits: &ExtractLimits) -> ChildReport {
     }
 }
 
-/// Decompresses every Flate stream into nothing, counting, and stops at
-/// `max` bytes in total: a Flate bomb is refused before the text is read.
+/// Measures what every stream expands to, and stops at `max` bytes in
+/// total: a bomb is refused before the text is read. A chain of Flate
+/// filters (`[/FlateDecode /FlateDecode]`) is inflated layer after layer in
+/// a stream, counting, never held; any other filter chain (LZW, ASCII85, …)
+/// is decoded by the parser's own decoder, whose memory the child's
+/// `RLIMIT_AS` bounds. A corrupt stream counts what it inflated before the
+/// error (the parser keeps that much too).
 fn check_decompressed(doc: &pdf_extract::Document, max: u64) -> Result<(), String> {
     let mut total: u64 = 0;
     for object in doc.objects.values() {
         let pdf_extract::Object::Stream(stream) = object else { continue };
-        let flate = stream.filters().map(|f| f.iter().any(|f| *f == b"FlateDecode")).unwrap_or(false);
-        if !flate {
-            total = total.saturating_add(stream.content.len() as u64);
+        let filters: Vec<Vec<u8>> =
+            stream.filters().map(|f| f.iter().map(|f| f.to_vec()).collect()).unwrap_or_default();
+        let budget = max.saturating_sub(total).saturating_add(1);
+        let size = if filters.is_empty() {
+            stream.content.len() as u64
+        } else if filters.iter().all(|f| f.as_slice() == b"FlateDecode") {
+            let mut reader: Box<dyn Read + '_> = Box::new(stream.content.as_slice());
+            for _ in &filters {
+                reader = Box::new(flate2::read::ZlibDecoder::new(reader));
+            }
+            count_until_error(reader.take(budget))
         } else {
-            let budget = max.saturating_sub(total).saturating_add(1);
-            let mut decoder = flate2::read::ZlibDecoder::new(stream.content.as_slice()).take(budget);
-            // A corrupt stream counts what it yielded; the parser decides later.
-            let n = std::io::copy(&mut decoder, &mut std::io::sink()).unwrap_or(0);
-            total = total.saturating_add(n);
-        }
+            match stream.decompressed_content() {
+                Ok(content) => content.len() as u64,
+                Err(_) => stream.content.len() as u64,
+            }
+        };
+        total = total.saturating_add(size);
         if total > max {
             return Err(format!("it expands to more than {} MB of data, the most I read", max / (1024 * 1024)));
         }
     }
     Ok(())
+}
+
+/// Bytes a reader yields before its end or its first error.
+fn count_until_error(mut reader: impl Read) -> u64 {
+    let mut buf = [0u8; 64 * 1024];
+    let mut n: u64 = 0;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n = n.saturating_add(k as u64),
+        }
+    }
 }
 
 /// A UTF-8 sink that keeps at most `max_chars` characters, then refuses

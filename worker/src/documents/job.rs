@@ -108,6 +108,24 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &Lease) -> Result
         return Ok(Prepared::Refused(quota_notice(&name, files, chars, quota_files, quota_chars)));
     }
     let mut tx = ctx.db.begin().await?;
+    // The quota again, under a per-user lock: two documents of one user read
+    // at once in two chats cannot both pass the check made before reading.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fleet.documents.' || $1::text, 0))")
+        .bind(job.user_id)
+        .execute(&mut *tx)
+        .await?;
+    let (files, chars): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(char_length(text)), 0)::bigint FROM documents
+          WHERE user_id = $1 AND NOT (chat_id = $2 AND file_unique_id = $3)",
+    )
+    .bind(job.user_id)
+    .bind(job.chat_id)
+    .bind(&new.file_unique_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if files >= quota_files || chars.saturating_add(new_chars) > quota_chars {
+        return Ok(Prepared::Refused(quota_notice(&name, files, chars, quota_files, quota_chars)));
+    }
     let id = store(&mut tx, job.user_id, job.chat_id, &new).await?;
     let mut text = user_turn(id, &new, caption.as_deref());
     if let Some(sender) = sender {

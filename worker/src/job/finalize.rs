@@ -125,6 +125,15 @@ pub async fn finalize(
     .bind(&job.user_content)
     .execute(&mut *tx)
     .await?;
+    // In a group the stored history is replayed to every member: one
+    // member's file and note results are stored withheld.
+    let shared_turns;
+    let turns = if job.is_private() {
+        turns
+    } else {
+        shared_turns = super::privacy::withhold_private_tool_results(turns);
+        shared_turns.as_slice()
+    };
     for (i, (role, blocks)) in turns.iter().enumerate() {
         if blocks.is_empty() {
             continue;

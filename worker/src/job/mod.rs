@@ -7,6 +7,7 @@
 //! boundary by the consumer, and the lease expiry is the backstop for a crash.
 
 mod finalize;
+mod privacy;
 mod repair;
 mod request;
 mod stream;

@@ -62,7 +62,7 @@ pub async fn read(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &V
     if offset < 0 || !(1..=MAX_READ_CHARS).contains(&max_chars) {
         return Err(format!("offset must be at least 0 and max_chars between 1 and {MAX_READ_CHARS}"));
     }
-    let start = i32::try_from(offset + 1).map_err(|_| "offset is too large".to_owned())?;
+    let start = offset.checked_add(1).and_then(|s| i32::try_from(s).ok()).ok_or("offset is too large")?;
     let row: Option<(String, i64, String)> = sqlx::query_as(
         "SELECT file_name, char_length(text)::bigint, substr(text, $4, $5) FROM documents
           WHERE id = $1 AND user_id = $2 AND chat_id = $3",
