@@ -344,7 +344,11 @@ impl BotApi {
             ) => TelegramError::Forbidden(e.to_string()),
             RequestError::Api(api) => {
                 let text = scrub(&api.to_string(), &self.token);
-                if text.contains("Forbidden") {
+                if is_server_error(&text) {
+                    // 5xx (Bot API: "error_code … 5xx"): Telegram's side
+                    // failed; worth retrying like a network error.
+                    TelegramError::Transport(text)
+                } else if text.contains("Forbidden") {
                     TelegramError::Forbidden(text)
                 } else if text.contains("can't parse entities") {
                     TelegramError::BadEntities(text)
@@ -527,8 +531,27 @@ fn file_url(mut base: reqwest::Url, token: &str, file_path: &str) -> Option<reqw
     Some(base)
 }
 
+/// The description of a Bot API answer with a 5xx `error_code` (teloxide
+/// keeps the description only): the reason phrases of RFC 9110 §15.6.
+fn is_server_error(description: &str) -> bool {
+    let d = description.to_ascii_lowercase();
+    ["internal server error", "bad gateway", "service unavailable", "gateway timeout", "gateway time-out"]
+        .iter()
+        .any(|p| d.contains(p))
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn five_hundreds_are_told_apart_by_their_reason_phrase() {
+        assert!(is_server_error("Bad Gateway"));
+        assert!(is_server_error("Internal Server Error: restart"));
+        assert!(is_server_error("Gateway Time-out"));
+        assert!(!is_server_error("Bad Request: chat not found"));
+        assert!(!is_server_error("Forbidden: bot was blocked by the user"));
+    }
+
     use super::*;
 
     #[test]

@@ -115,6 +115,9 @@ pub fn to_entities(markdown: &str) -> Formatted {
         match event {
             Event::Start(tag) => match tag {
                 Tag::Paragraph => b.block(!b.lists.is_empty()),
+                // A line of tag-like text (`<details> is an HTML tag`) is an
+                // HTML block to CommonMark: a block of its own, shown literally.
+                Tag::HtmlBlock => b.block(!b.lists.is_empty()),
                 Tag::Heading { .. } => {
                     b.block(false);
                     b.open("bold", None, None);
@@ -383,5 +386,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_line_that_looks_like_html_is_its_own_paragraph_shown_literally() {
+        let f = to_entities("for errors.\n\n<details> is an HTML tag; shown literally.\n\nFor numbers, a<b and b>c.");
+        assert_eq!(f.text, "for errors.\n\n<details> is an HTML tag; shown literally.\n\nFor numbers, a<b and b>c.");
     }
 }

@@ -148,6 +148,13 @@ async fn stream_once(
                 if let ApiError::Http { retry_after_s: Some(s), .. } = &e {
                     wait = wait.max(Duration::from_secs(*s));
                 }
+                if Instant::now() + wait >= deadline {
+                    // A retry-after past the deadline (429 with `retry-after:
+                    // 3600`): the user is told now, not in an hour.
+                    tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API retry would pass the stream deadline; giving up");
+                    record.end = CallEnd::Failed(format!("{e} (retry after {} s, past the deadline)", wait.as_secs()));
+                    return record;
+                }
                 let status = match &e {
                     ApiError::Http { status, .. } => status.to_string(),
                     _ => "transport".to_owned(),
@@ -156,6 +163,7 @@ async fn stream_once(
                 tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API call failed; retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
+                    _ = tokio::time::sleep_until(deadline) => { record.end = CallEnd::Deadline; return record; }
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
