@@ -19,8 +19,8 @@ pub use stream::{stream_reply, CallEnd, CallRecord};
 use crate::context::WorkerContext;
 use crate::control::{CancelReason, JobCancel};
 use crate::delivery::{send_text, DeliveryError};
-use crate::lease::{self, Lease};
 use crate::progress::Progress;
+use crate::store::jobs::ClaimedJob;
 use shared::anthropic::StopReason;
 
 /// How a job ended.
@@ -76,7 +76,7 @@ pub const TIMEOUT_NOTICE: &str = "(The answer took too long and was cut short: t
 pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please try again in a moment.)";
 
 /// Runs a claimed job to its end and releases (or hands back) the lease.
-pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
+pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
     let (status, outcome, error) = match &result {
         Ok(label) => ("done", *label, None),
@@ -89,9 +89,9 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             // attempt not counted, and is retried after a delay; if even the
             // hand-back fails, the lease expires and the reaper republishes it.
             tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
-            return match lease::hand_back(&ctx.db, &lease, true).await {
+            return match lease.hand_back(&ctx.db, true).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::RetryLater
                 }
                 Ok(false) => JobOutcome::LeaseLost,
@@ -99,10 +99,10 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             };
         }
         Err(JobError::Transient(e)) => {
-            tracing::warn!(error.message = %e, attempt = lease.attempts, "job interrupted by a transient error; handing it back");
-            return match lease::hand_back(&ctx.db, &lease, false).await {
+            tracing::warn!(error.message = %e, attempt = lease.attempts(), "job interrupted by a transient error; handing it back");
+            return match lease.hand_back(&ctx.db, false).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::RetryLater
                 }
                 Ok(false) => JobOutcome::LeaseLost,
@@ -110,9 +110,9 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             };
         }
         Err(JobError::Shutdown) => {
-            return match lease::hand_back(&ctx.db, &lease, false).await {
+            return match lease.hand_back(&ctx.db, false).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::HandedBack
                 }
                 Ok(false) => JobOutcome::LeaseLost,
@@ -123,7 +123,7 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     };
     if let Some(err) = &error {
         tracing::error!(error.message = %err, "job failed");
-        if let Ok(job) = load(ctx, lease.job_id).await {
+        if let Ok(job) = load(ctx, lease.job_id()).await {
             let text = if matches!(result, Err(JobError::Invalid(_))) {
                 "Sorry, this conversation's stored state is damaged. Send /new to start a new conversation."
             } else {
@@ -132,13 +132,13 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             let _ = send_text(ctx, job.chat_id, text, &[]).await;
         }
     }
-    match lease::finish(&ctx.db, &lease, status, outcome, error.as_deref()).await {
+    match lease.finish(&ctx.db, status, outcome, error.as_deref()).await {
         Ok(true) => match error {
             None => JobOutcome::Done(outcome),
             Some(e) => {
                 // Nothing was charged on a failure: the reservation goes.
                 // Only after the fenced finish, so a newer holder's hold is safe.
-                crate::holds::void(ctx, lease.job_id).await;
+                crate::holds::void(ctx, lease.job_id()).await;
                 JobOutcome::Failed(e)
             }
         },
@@ -151,8 +151,8 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     }
 }
 
-async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Result<&'static str, JobError> {
-    let job = load(ctx, lease.job_id).await?;
+async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) -> Result<&'static str, JobError> {
+    let job = load(ctx, lease.job_id()).await?;
     if !job.reply_message_ids.is_empty() {
         // An earlier attempt delivered the answer and died before finishing:
         // finish without sending anything again (P1).
@@ -311,7 +311,7 @@ impl Answer {
 async fn generate(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     request: &mut serde_json::Value,
     cancel: &JobCancel,
     progress: &Progress,
@@ -421,7 +421,13 @@ async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError>
     Ok(())
 }
 
-async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, reuse: &[i64]) -> Result<(), JobError> {
+async fn deliver(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    lease: &ClaimedJob,
+    text: &str,
+    reuse: &[i64],
+) -> Result<(), JobError> {
     match crate::delivery::send_fenced(ctx, job.chat_id, text, reuse, Some(lease)).await {
         Ok(ids) => {
             // The user has the answer now: recording that must not fail on a
@@ -431,15 +437,7 @@ async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, r
             let started = tokio::time::Instant::now();
             let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
             loop {
-                let recorded = sqlx::query(
-                    "UPDATE jobs SET reply_message_ids = reply_message_ids || $2
-                      WHERE job_id = $1 AND status = 'running' AND lease_epoch = $3",
-                )
-                .bind(job.job_id)
-                .bind(&ids)
-                .bind(lease.epoch)
-                .execute(&ctx.db)
-                .await;
+                let recorded = lease.record_reply(&ctx.db, &ids).await;
                 match recorded {
                     Ok(_) => return Ok(()),
                     Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {
