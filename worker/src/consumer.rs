@@ -9,7 +9,7 @@ use crate::control::{CancelReason, JobCancel};
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use crate::job::{self, JobOutcome};
 use crate::lease;
-use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob};
+use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob, Outcome};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
@@ -265,7 +265,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: ClaimedJob, _shutdown
     metrics::gauge!("fleet_leases_active").decrement(1.0);
     metrics::histogram!("fleet_job_duration_seconds").record(started.elapsed().as_secs_f64());
     let label = match &outcome {
-        Ok(JobOutcome::Done(l)) => *l,
+        Ok(JobOutcome::Done(l)) => l.as_str(),
         Ok(JobOutcome::Failed(_)) => "failed",
         Ok(JobOutcome::LeaseLost) => "lease_lost",
         Ok(JobOutcome::HandedBack) => "handed_back",
@@ -279,7 +279,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: ClaimedJob, _shutdown
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     match outcome {
-        Ok(JobOutcome::Done(label)) => tracing::info!(outcome = label, "job done"),
+        Ok(JobOutcome::Done(outcome)) => tracing::info!(outcome = outcome.as_str(), "job done"),
         Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
         Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
         Ok(JobOutcome::RetryLater) => {
@@ -301,7 +301,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: ClaimedJob, _shutdown
         Err(join) => {
             // A panic inside the job: release the lease and tell the user (P3).
             tracing::error!(error.message = %join, "job panicked");
-            let _ = l.finish(&ctx.db, "failed", "panic", Some("the job panicked")).await;
+            let _ = l.finish(&ctx.db, Outcome::Panic, Some("the job panicked")).await;
             let _ = crate::delivery::send_text(
                 ctx,
                 job.chat_id,

@@ -5,6 +5,7 @@
 
 use crate::context::WorkerContext;
 use crate::payments::{self, Pack};
+use crate::store::jobs::JobKind;
 use serde_json::{json, Value};
 use shared::contracts::{top_up_event_id, BillingEvent, TopUp};
 use shared::telegram::update::{CallbackQuery, ChatMemberUpdated, Message, SuccessfulPayment};
@@ -144,7 +145,7 @@ enum Plan {
     },
     Job {
         msg: Message,
-        kind: &'static str,
+        kind: JobKind,
         content: Value,
     },
     /// A document: recorded as a `document` job, read later by the job.
@@ -220,11 +221,11 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             return stop_plan(ctx, msg.chat.id, msg.is_private(), from.id, None).await;
         }
         if crate::commands::is_known(&command) {
-            return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
+            return Ok(Plan::Job { msg, kind: JobKind::Command, content: json!({ "command": command }) });
         }
     }
     let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
-    Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
+    Ok(Plan::Job { msg, kind: JobKind::Chat, content: json!([{ "type": "text", "text": text }]) })
 }
 
 /// Takes one raw update in.
@@ -314,7 +315,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             let from = upsert_sender(&mut tx, &msg).await?;
             let sender = (!msg.is_private()).then_some(from.first_name.as_str());
             let content = crate::documents::document_content(&doc, msg.caption.as_deref(), sender);
-            create_job(&mut tx, &msg, from.id, update_id, "document", &content).await?
+            create_job(&mut tx, &msg, from.id, update_id, JobKind::Document, &content).await?
         }
     };
     tx.commit().await?;
@@ -342,7 +343,7 @@ async fn create_job(
     msg: &Message,
     user_id: i64,
     update_id: i64,
-    kind: &'static str,
+    kind: JobKind,
     content: &Value,
 ) -> Result<IntakeOutcome, IntakeError> {
     let job_id = Uuid::now_v7();

@@ -20,14 +20,14 @@ use crate::context::WorkerContext;
 use crate::control::{CancelReason, JobCancel};
 use crate::delivery::{send_text, DeliveryError};
 use crate::progress::Progress;
-use crate::store::jobs::ClaimedJob;
+use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
 use shared::anthropic::StopReason;
 
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
-    /// Finished; the label says how (`answered`, `no_balance`, `command`, …).
-    Done(&'static str),
+    /// Finished; the outcome says how (answered, no balance, a command, …).
+    Done(Outcome),
     /// Failed with a reason (the user was told).
     Failed(String),
     /// The lease was lost: another worker owns the job now; nothing more was written.
@@ -78,8 +78,8 @@ pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please t
 /// Runs a claimed job to its end and releases (or hands back) the lease.
 pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
-    let (status, outcome, error) = match &result {
-        Ok(label) => ("done", *label, None),
+    let (outcome, error) = match &result {
+        Ok(outcome) => (*outcome, None),
         // The hold belongs to the new holder now: left alone.
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
         Err(JobError::Db(e)) if shared::db::is_transient(e) => {
@@ -119,7 +119,7 @@ pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> J
                 Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
             };
         }
-        Err(e) => ("failed", "error", Some(e.to_string())),
+        Err(e) => (Outcome::Error, Some(e.to_string())),
     };
     if let Some(err) = &error {
         tracing::error!(error.message = %err, "job failed");
@@ -132,7 +132,7 @@ pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> J
             let _ = send_text(ctx, job.chat_id, text, &[]).await;
         }
     }
-    match lease.finish(&ctx.db, status, outcome, error.as_deref()).await {
+    match lease.finish(&ctx.db, outcome, error.as_deref()).await {
         Ok(true) => match error {
             None => JobOutcome::Done(outcome),
             Some(e) => {
@@ -151,28 +151,28 @@ pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> J
     }
 }
 
-async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) -> Result<&'static str, JobError> {
+async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) -> Result<Outcome, JobError> {
     let job = load(ctx, lease.job_id()).await?;
     if !job.reply_message_ids.is_empty() {
         // An earlier attempt delivered the answer and died before finishing:
         // finish without sending anything again (P1).
-        return Ok("answered");
+        return Ok(Outcome::Answered);
     }
-    let job = if job.kind == "document" {
+    let job = if job.kind == JobKind::Document {
         match crate::documents::prepare(ctx, &job, lease).await? {
             crate::documents::Prepared::Ready(job) => *job,
             crate::documents::Prepared::Refused(notice) => {
                 deliver(ctx, &job, lease, &notice, &[]).await?;
-                return Ok("document_refused");
+                return Ok(Outcome::DocumentRefused);
             }
         }
     } else {
         job
     };
-    if job.kind == "command" {
+    if job.kind == JobKind::Command {
         let reply = crate::commands::run(ctx, &job).await?;
         deliver(ctx, &job, lease, &reply, &[]).await?;
-        return Ok("command");
+        return Ok(Outcome::Command);
     }
     if job.answer_stored {
         // An earlier attempt stored the answer (and its charges) and died
@@ -185,13 +185,13 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
         if !text.trim().is_empty() {
             deliver(ctx, &job, lease, &text, &[]).await?;
         }
-        return Ok("answered");
+        return Ok(Outcome::Answered);
     }
     let mut request = build_request(ctx, &job).await?;
     let hold = crate::holds::hold_amount(ctx, &request);
     if !crate::holds::place(ctx, &job, hold).await? {
         deliver(ctx, &job, lease, TOP_UP_NOTICE, &[]).await?;
-        return Ok("no_balance");
+        return Ok(Outcome::NoBalance);
     }
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id(), cancel.clone());
     let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
@@ -246,10 +246,10 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
     if cancel.reason() == Some(CancelReason::Blocked) {
         // 403: nothing more is sent; usage incurred so far is billed above.
         mark_blocked(ctx, job.user_id).await?;
-        return Ok("user_blocked");
+        return Ok(Outcome::UserBlocked);
     }
     deliver(ctx, &job, lease, &reply, &progress_message).await?;
-    Ok("answered")
+    Ok(Outcome::Answered)
 }
 
 /// The result of the generation step.

@@ -21,6 +21,69 @@ macro_rules! fence {
     };
 }
 
+text_enum! {
+    /// `jobs.status` (the schema's CHECK list).
+    pub enum JobStatus in "jobs.status" {
+        /// Waiting for a claim.
+        Queued = "queued",
+        /// Claimed: under a lease.
+        Running = "running",
+        /// Finished (answered, refused, a command, …: see [`Outcome`]).
+        Done = "done",
+        /// Finished with an error, a panic or its attempts used up.
+        Failed = "failed",
+        /// Cancelled before it ran.
+        Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// `jobs.kind` (the schema's CHECK list).
+    pub enum JobKind in "jobs.kind" {
+        /// A message for Claude.
+        Chat = "chat",
+        /// A bot command (`/balance`, …).
+        Command = "command",
+        /// A document to read first; it becomes a `chat` job.
+        Document = "document",
+    }
+}
+
+text_enum! {
+    /// `jobs.outcome`: how a finished job ended (no CHECK in the schema;
+    /// these are every value the worker writes).
+    pub enum Outcome in "jobs.outcome" {
+        /// The answer was delivered (or stored and delivered by a later attempt).
+        Answered = "answered",
+        /// A command was answered.
+        Command = "command",
+        /// The balance could not pay for an answer: the top-up notice was sent.
+        NoBalance = "no_balance",
+        /// A document was refused with a notice.
+        DocumentRefused = "document_refused",
+        /// The user blocked the bot (403) while the answer was made.
+        UserBlocked = "user_blocked",
+        /// A step failed; the user was told.
+        Error = "error",
+        /// The job panicked; the user was told.
+        Panic = "panic",
+        /// The job used up its attempts.
+        AttemptsExhausted = "attempts_exhausted",
+    }
+}
+
+impl Outcome {
+    /// The terminal status a job with this outcome gets.
+    pub fn status(self) -> JobStatus {
+        match self {
+            Self::Error | Self::Panic | Self::AttemptsExhausted => JobStatus::Failed,
+            Self::Answered | Self::Command | Self::NoBalance | Self::DocumentRefused | Self::UserBlocked => {
+                JobStatus::Done
+            }
+        }
+    }
+}
+
 /// A job claimed by this worker: the handle to its fenced writes.
 ///
 /// Only [`claim`] makes one, so a write through it always carries the epoch
@@ -74,13 +137,15 @@ pub async fn claim(
     max_attempts: i32,
 ) -> Result<Claim, sqlx::Error> {
     let exhausted = sqlx::query(
-        "UPDATE jobs SET status = 'failed', outcome = 'attempts_exhausted', lease_owner = NULL,
+        "UPDATE jobs SET status = $3, outcome = $4, lease_owner = NULL,
                 lease_expires_at = NULL, finished_at = now()
           WHERE job_id = $1 AND attempts >= $2
             AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
     )
     .bind(job_id)
     .bind(max_attempts)
+    .bind(Outcome::AttemptsExhausted.status())
+    .bind(Outcome::AttemptsExhausted)
     .execute(db)
     .await?;
     if exhausted.rows_affected() == 1 {
@@ -162,17 +227,16 @@ impl ClaimedJob {
         })
     }
 
-    /// Ends the job: terminal `status` and `outcome`, `error` as its
-    /// `last_error`, lease cleared. `Ok(false)`: the lease was lost and
-    /// nothing was written.
+    /// Ends the job: `outcome` and its terminal status ([`Outcome::status`]),
+    /// `error` as its `last_error`, lease cleared. `Ok(false)`: the lease was
+    /// lost and nothing was written.
     ///
     /// # Errors
     /// Database errors.
     pub async fn finish<'e>(
         &self,
         db: impl PgExecutor<'e>,
-        status: &str,
-        outcome: &str,
+        outcome: Outcome,
         error: Option<&str>,
     ) -> Result<bool, sqlx::Error> {
         let r = sqlx::query(concat!(
@@ -183,7 +247,7 @@ impl ClaimedJob {
         ))
         .bind(self.job_id)
         .bind(self.epoch)
-        .bind(status)
+        .bind(outcome.status())
         .bind(outcome)
         .bind(error)
         .execute(db)
@@ -300,13 +364,14 @@ impl ClaimedJob {
         user_content: &serde_json::Value,
     ) -> Result<bool, sqlx::Error> {
         let r = sqlx::query(concat!(
-            "UPDATE jobs SET kind = 'chat', user_content = $3
+            "UPDATE jobs SET kind = $4, user_content = $3
               WHERE ",
             fence!()
         ))
         .bind(self.job_id)
         .bind(self.epoch)
         .bind(user_content)
+        .bind(JobKind::Chat)
         .execute(tx)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -379,4 +444,59 @@ pub async fn due_for_reaping(tx: &mut PgConnection, visibility_s: f64) -> Result
 pub async fn mark_reaped(tx: &mut PgConnection, job_ids: &[Uuid]) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)").bind(job_ids).execute(tx).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values of the last `CHECK (<column> IN (…))` of the bot
+    /// migrations, in order: the constraint as the database has it.
+    fn check_list(column: &str) -> Vec<String> {
+        let migrator = sqlx::migrate!("../migrations/bot");
+        let schema: String = migrator.iter().map(|m| m.sql.to_string()).collect::<Vec<_>>().join("\n");
+        let opening = format!("CHECK ({column} IN (");
+        let Some(start) = schema.rfind(&opening) else { panic!("no {opening} in the bot migrations") };
+        let list = &schema[start + opening.len()..];
+        let Some(end) = list.find(')') else { panic!("{opening} is not closed") };
+        list[..end].split(',').map(|v| v.trim().trim_matches('\'').to_owned()).collect()
+    }
+
+    fn strings<T: Copy + ToString>(all: &[T]) -> Vec<String> {
+        all.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn job_statuses_are_the_schemas_check_list() {
+        assert_eq!(strings(JobStatus::ALL), check_list("status"));
+    }
+
+    #[test]
+    fn job_kinds_are_the_schemas_check_list() {
+        assert_eq!(strings(JobKind::ALL), check_list("kind"));
+    }
+
+    #[test]
+    fn every_value_parses_back_and_unknown_ones_are_refused() {
+        for s in JobStatus::ALL {
+            assert_eq!(s.as_str().parse::<JobStatus>(), Ok(*s));
+        }
+        for k in JobKind::ALL {
+            assert_eq!(k.as_str().parse::<JobKind>(), Ok(*k));
+        }
+        for o in Outcome::ALL {
+            assert_eq!(o.as_str().parse::<Outcome>(), Ok(*o));
+        }
+        assert_eq!(
+            "Chat".parse::<JobKind>(),
+            Err(crate::store::UnknownValue { column: "jobs.kind", value: "Chat".into() })
+        );
+    }
+
+    #[test]
+    fn only_errors_panics_and_exhausted_attempts_fail_a_job() {
+        let failed: Vec<Outcome> = Outcome::ALL.iter().copied().filter(|o| o.status() == JobStatus::Failed).collect();
+        assert_eq!(failed, [Outcome::Error, Outcome::Panic, Outcome::AttemptsExhausted]);
+        assert!(Outcome::ALL.iter().all(|o| matches!(o.status(), JobStatus::Done | JobStatus::Failed)));
+    }
 }
