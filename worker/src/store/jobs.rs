@@ -446,6 +446,103 @@ pub async fn mark_reaped(tx: &mut PgConnection, job_ids: &[Uuid]) -> Result<(), 
     Ok(())
 }
 
+/// A job to create at intake (queued).
+#[derive(Debug)]
+pub struct NewJob<'a> {
+    /// The chat it answers in.
+    pub chat_id: i64,
+    /// Who asked.
+    pub user_id: i64,
+    /// The update it comes from (unique per job).
+    pub update_id: i64,
+    /// What it is.
+    pub kind: JobKind,
+    /// The user's turn, `{"command": …}` or the document (see `jobs.user_content`).
+    pub user_content: &'a serde_json::Value,
+    /// The Telegram message it answers.
+    pub telegram_message_id: i64,
+}
+
+/// Creates a queued job; its id (uuid v7).
+///
+/// # Errors
+/// Database errors.
+pub async fn create(tx: &mut PgConnection, job: &NewJob<'_>) -> Result<Uuid, sqlx::Error> {
+    let job_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
+    )
+    .bind(job_id)
+    .bind(job.chat_id)
+    .bind(job.user_id)
+    .bind(job.update_id)
+    .bind(job.kind)
+    .bind(job.user_content)
+    .bind(job.telegram_message_id)
+    .execute(tx)
+    .await?;
+    Ok(job_id)
+}
+
+/// True when another job of the chat is queued or running: `job_id` waits
+/// behind it.
+///
+/// # Errors
+/// Database errors.
+pub async fn waits_behind(tx: &mut PgConnection, chat_id: i64, job_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE chat_id = $1 AND job_id <> $2 AND status IN ('queued', 'running'))",
+    )
+    .bind(chat_id)
+    .bind(job_id)
+    .fetch_one(tx)
+    .await
+}
+
+/// The job of update `update_id` if nobody holds it (queued, or its lease
+/// expired): `(job_id, chat_id, user_id)`, to resume on a redelivery.
+///
+/// # Errors
+/// Database errors.
+pub async fn resumable(tx: &mut PgConnection, update_id: i64) -> Result<Option<(Uuid, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT job_id, chat_id, user_id FROM jobs WHERE update_id = $1
+           AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
+    )
+    .bind(update_id)
+    .fetch_optional(tx)
+    .await
+}
+
+/// Marks `/stop` on the chat's running job (only `job_id`'s, when given);
+/// the holder sees it at its next heartbeat. True when a job was marked.
+///
+/// # Errors
+/// Database errors.
+pub async fn request_stop(tx: &mut PgConnection, chat_id: i64, job_id: Option<Uuid>) -> Result<bool, sqlx::Error> {
+    let marked = sqlx::query(
+        "UPDATE jobs SET cancel_requested_at = now()
+          WHERE chat_id = $1 AND status = 'running' AND ($2::uuid IS NULL OR job_id = $2)",
+    )
+    .bind(chat_id)
+    .bind(job_id)
+    .execute(tx)
+    .await?;
+    Ok(marked.rows_affected() > 0)
+}
+
+/// The chat's running job, if any: `(job_id, user_id)`.
+///
+/// # Errors
+/// Database errors.
+pub async fn running_in_chat<'e>(db: impl PgExecutor<'e>, chat_id: i64) -> Result<Option<(Uuid, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT job_id, user_id FROM jobs WHERE chat_id = $1 AND status = 'running' LIMIT 1")
+        .bind(chat_id)
+        .fetch_optional(db)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,9 @@
 //! table at a time. The bottom layer: it imports nothing of the pipeline.
 //!
 //! - [`jobs`]: claims, the lease fence and every fenced write of a running
-//!   job ([`jobs::ClaimedJob`]), and the reaper's queries.
+//!   job ([`jobs::ClaimedJob`]), job creation and `/stop` marks at intake,
+//!   and the reaper's queries.
+//! - [`updates`]: `processed_updates` (dedup of Telegram updates).
 
 /// A value read from a TEXT column that is not one of its enum's values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,3 +89,4 @@ macro_rules! text_enum {
 }
 
 pub mod jobs;
+pub mod updates;
