@@ -1,5 +1,5 @@
 //! The `updates` consumer. Each delivery is taken in (`intake`), its job
-//! claimed (`lease::claim`), and the outcome mapped to exactly one broker
+//! claimed (`store::jobs::claim`), and the outcome mapped to exactly one broker
 //! action in [`settle`]: ack, delay (publish to a retry queue, then ack),
 //! or dead-letter. The delivery is acked as soon as the claim commits: from
 //! then on the job row holds the work (DESIGN §5.6).
@@ -8,7 +8,8 @@ use crate::context::WorkerContext;
 use crate::control::{CancelReason, JobCancel};
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use crate::job::{self, JobOutcome};
-use crate::lease::{self, Claim};
+use crate::lease;
+use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob, Outcome};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
@@ -187,9 +188,9 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     let Ok(_slot) = ctx.job_slots.clone().try_acquire_owned() else {
         return Settle::Delay;
     };
-    match lease::claim(&ctx.db, &job, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
+    match store_jobs::claim(&ctx.db, job.job_id, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
         Ok(Claim::Claimed(l)) => {
-            span.record("lease_epoch", l.epoch);
+            span.record("lease_epoch", l.epoch());
             // The job row holds the work from now on.
             settle(ctx, delivery, Settle::Ack).await;
             run_claimed(ctx, &job, l, shutdown).await;
@@ -248,7 +249,7 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
     }
 }
 
-async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdown: &CancellationToken) {
+async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: ClaimedJob, _shutdown: &CancellationToken) {
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
     let cancel = JobCancel::default();
     let _registration = ctx.running.register(job.chat_id, job.job_id, job.update_id, cancel.clone());
@@ -264,7 +265,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
     metrics::gauge!("fleet_leases_active").decrement(1.0);
     metrics::histogram!("fleet_job_duration_seconds").record(started.elapsed().as_secs_f64());
     let label = match &outcome {
-        Ok(JobOutcome::Done(l)) => *l,
+        Ok(JobOutcome::Done(l)) => l.as_str(),
         Ok(JobOutcome::Failed(_)) => "failed",
         Ok(JobOutcome::LeaseLost) => "lease_lost",
         Ok(JobOutcome::HandedBack) => "handed_back",
@@ -278,7 +279,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
     match outcome {
-        Ok(JobOutcome::Done(label)) => tracing::info!(outcome = label, "job done"),
+        Ok(JobOutcome::Done(outcome)) => tracing::info!(outcome = outcome.as_str(), "job done"),
         Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
         Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
         Ok(JobOutcome::RetryLater) => {
@@ -300,7 +301,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: lease::Lease, _shutdo
         Err(join) => {
             // A panic inside the job: release the lease and tell the user (P3).
             tracing::error!(error.message = %join, "job panicked");
-            let _ = lease::finish(&ctx.db, &l, "failed", "panic", Some("the job panicked")).await;
+            let _ = l.finish(&ctx.db, Outcome::Panic, Some("the job panicked")).await;
             let _ = crate::delivery::send_text(
                 ctx,
                 job.chat_id,

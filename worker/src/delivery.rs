@@ -66,7 +66,7 @@ pub async fn send_fenced(
     chat_id: i64,
     markdown: &str,
     reuse: &[i64],
-    lease: Option<&crate::lease::Lease>,
+    lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
     let out = Outgoing { ctx, lease };
     let mut ids = Vec::new();
@@ -95,7 +95,7 @@ pub async fn send_fenced(
 /// Bot API calls of one delivery, fenced on the job's lease when there is one.
 struct Outgoing<'a> {
     ctx: &'a WorkerContext,
-    lease: Option<&'a crate::lease::Lease>,
+    lease: Option<&'a crate::store::jobs::ClaimedJob>,
 }
 
 impl Outgoing<'_> {
@@ -103,8 +103,8 @@ impl Outgoing<'_> {
     async fn fence(&self) -> Result<(), TelegramError> {
         let Some(lease) = self.lease else { return Ok(()) };
         let visibility = std::time::Duration::from_secs(self.ctx.settings.visibility_timeout_s);
-        match crate::lease::heartbeat(&self.ctx.db, lease, visibility).await {
-            Ok(crate::lease::Beat::Lost) => Err(TelegramError::Aborted("the job's lease was lost".into())),
+        match lease.heartbeat(&self.ctx.db, visibility).await {
+            Ok(crate::store::jobs::Beat::Lost) => Err(TelegramError::Aborted("the job's lease was lost".into())),
             Ok(_) => Ok(()),
             // Not known to be lost: the pacer retries the call (and this check).
             Err(e) => Err(TelegramError::Transport(format!("lease check failed: {e}"))),

@@ -5,6 +5,7 @@
 
 use crate::context::WorkerContext;
 use crate::payments::{self, Pack};
+use crate::store::jobs::{JobKind, NewJob};
 use serde_json::{json, Value};
 use shared::contracts::{top_up_event_id, BillingEvent, TopUp};
 use shared::telegram::update::{CallbackQuery, ChatMemberUpdated, Message, SuccessfulPayment};
@@ -144,7 +145,7 @@ enum Plan {
     },
     Job {
         msg: Message,
-        kind: &'static str,
+        kind: JobKind,
         content: Value,
     },
     /// A document: recorded as a `document` job, read later by the job.
@@ -231,11 +232,11 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
             return stop_plan(ctx, msg.chat.id, msg.is_private(), from.id, None).await;
         }
         if crate::commands::is_known(&command) {
-            return Ok(Plan::Job { msg, kind: "command", content: json!({ "command": command }) });
+            return Ok(Plan::Job { msg, kind: JobKind::Command, content: json!({ "command": command }) });
         }
     }
     let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
-    Ok(Plan::Job { msg, kind: "chat", content: json!([{ "type": "text", "text": text }]) })
+    Ok(Plan::Job { msg, kind: JobKind::Chat, content: json!([{ "type": "text", "text": text }]) })
 }
 
 /// The user id Telegram sends automatic forwards from a linked channel as
@@ -260,17 +261,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         Plan::Job { .. } | Plan::Document { .. } => "job",
     };
     let mut tx = ctx.db.begin().await?;
-    let inserted: bool = sqlx::query_scalar(
-        "INSERT INTO processed_updates (update_id, kind, chat_id, outcome) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (update_id) DO UPDATE SET deliveries = processed_updates.deliveries + 1
-         RETURNING (xmax = 0)",
-    )
-    .bind(update_id)
-    .bind(&info.kind)
-    .bind(info.chat_id)
-    .bind(outcome_label)
-    .fetch_one(&mut *tx)
-    .await?;
+    let inserted = crate::store::updates::record(&mut tx, update_id, &info.kind, info.chat_id, outcome_label).await?;
     if !inserted {
         if let Plan::Stop { chat_id, callback_id, job_id } = plan {
             // Stopping again is harmless; the first attempt may not have been broadcast.
@@ -283,13 +274,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             return Ok(IntakeOutcome::Action(action));
         }
         // A redelivery: resume the job if nobody holds it, else drop.
-        let pending: Option<(Uuid, i64, i64)> = sqlx::query_as(
-            "SELECT job_id, chat_id, user_id FROM jobs WHERE update_id = $1
-               AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
-        )
-        .bind(update_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let pending = crate::store::jobs::resumable(&mut tx, update_id).await?;
         tx.commit().await?;
         return Ok(match pending {
             Some((job_id, chat_id, user_id)) => IntakeOutcome::Job(JobRef { job_id, chat_id, user_id, update_id }),
@@ -299,15 +284,8 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
     let outcome = match plan {
         Plan::Ignore(why) => IntakeOutcome::Ignored(why),
         Plan::Stop { chat_id, callback_id, job_id } => {
-            let marked = sqlx::query(
-                "UPDATE jobs SET cancel_requested_at = now()
-                  WHERE chat_id = $1 AND status = 'running' AND ($2::uuid IS NULL OR job_id = $2)",
-            )
-            .bind(chat_id)
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
-            IntakeOutcome::Stop { chat_id, job_id, update_id, running: marked.rows_affected() > 0, callback_id }
+            let running = crate::store::jobs::request_stop(&mut tx, chat_id, job_id).await?;
+            IntakeOutcome::Stop { chat_id, job_id, update_id, running, callback_id }
         }
         Plan::Act(action) => IntakeOutcome::Action(action),
         Plan::Payment { msg, payment } => record_payment(&mut tx, &msg, &payment, &ctx.packs).await?,
@@ -329,7 +307,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
             let from = upsert_sender(&mut tx, &msg).await?;
             let sender = (!msg.is_private()).then_some(from.first_name.as_str());
             let content = crate::documents::document_content(&doc, msg.caption.as_deref(), sender);
-            create_job(&mut tx, &msg, from.id, update_id, "document", &content).await?
+            create_job(&mut tx, &msg, from.id, update_id, JobKind::Document, &content).await?
         }
     };
     tx.commit().await?;
@@ -357,30 +335,19 @@ async fn create_job(
     msg: &Message,
     user_id: i64,
     update_id: i64,
-    kind: &'static str,
+    kind: JobKind,
     content: &Value,
 ) -> Result<IntakeOutcome, IntakeError> {
-    let job_id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
-    )
-    .bind(job_id)
-    .bind(msg.chat.id)
-    .bind(user_id)
-    .bind(update_id)
-    .bind(kind)
-    .bind(content)
-    .bind(msg.message_id)
-    .execute(&mut **tx)
-    .await?;
-    let behind: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE chat_id = $1 AND job_id <> $2 AND status IN ('queued', 'running'))",
-    )
-    .bind(msg.chat.id)
-    .bind(job_id)
-    .fetch_one(&mut **tx)
-    .await?;
+    let new = NewJob {
+        chat_id: msg.chat.id,
+        user_id,
+        update_id,
+        kind,
+        user_content: content,
+        telegram_message_id: msg.message_id,
+    };
+    let job_id = crate::store::jobs::create(tx, &new).await?;
+    let behind = crate::store::jobs::waits_behind(tx, msg.chat.id, job_id).await?;
     let job = JobRef { job_id, chat_id: msg.chat.id, user_id, update_id };
     Ok(if behind { IntakeOutcome::Queued(job) } else { IntakeOutcome::Job(job) })
 }
@@ -398,11 +365,7 @@ async fn stop_plan(
     if private {
         return Ok(Plan::Stop { chat_id, callback_id, job_id: None });
     }
-    let running: Option<(Uuid, i64)> =
-        sqlx::query_as("SELECT job_id, user_id FROM jobs WHERE chat_id = $1 AND status = 'running' LIMIT 1")
-            .bind(chat_id)
-            .fetch_optional(&ctx.db)
-            .await?;
+    let running = crate::store::jobs::running_in_chat(&ctx.db, chat_id).await?;
     Ok(match running {
         // Nothing runs: the usual "nothing is being generated" answer.
         None => Plan::Stop { chat_id, callback_id, job_id: None },

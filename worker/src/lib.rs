@@ -10,7 +10,8 @@
 //! - [`control`]: `/stop` across hosts (control fanout) and the registry of running jobs.
 //! - [`holds`]: two-phase spending: holds on the balance before Claude is called.
 //! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
-//! - [`lease`]: claim, heartbeat and fenced writes of a running job.
+//! - [`lease`]: the heartbeat loop that keeps a claimed job's lease alive.
+//! - [`store`]: the bot-database statements: claims and the fenced writes of a running job ([`store::jobs::ClaimedJob`]).
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
 //! - [`actions`]: immediate actions (buttons, payments, migrations) outside jobs.
 //! - [`admins`]: whether a user administers a group (`getChatMember`, with a timeout).
@@ -47,6 +48,7 @@ pub mod progress;
 pub mod reaper;
 pub mod sequencer;
 pub mod startup;
+pub mod store;
 pub mod tools;
 
 pub use config::Settings;

@@ -8,7 +8,6 @@ use crate::consumer::republish_job;
 use crate::context::WorkerContext;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// Republishes the jobs due now; returns how many.
 ///
@@ -17,16 +16,7 @@ use uuid::Uuid;
 pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
     let visibility = ctx.settings.visibility_timeout_s as f64;
     let mut tx = ctx.db.begin().await?;
-    let due: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT job_id, update_id FROM jobs
-          WHERE ((status = 'running' AND lease_expires_at < now())
-                 OR (status = 'queued' AND created_at < now() - make_interval(secs => $1 * 2)))
-            AND (reaped_at IS NULL OR reaped_at < now() - make_interval(secs => $1))
-          ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(visibility)
-    .fetch_all(&mut *tx)
-    .await?;
+    let due = crate::store::jobs::due_for_reaping(&mut tx, visibility).await?;
     let mut done = Vec::new();
     for (job_id, update_id) in &due {
         match republish_job(ctx, *update_id).await {
@@ -37,7 +27,7 @@ pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
             }
         }
     }
-    sqlx::query("UPDATE jobs SET reaped_at = now() WHERE job_id = ANY($1)").bind(&done).execute(&mut *tx).await?;
+    crate::store::jobs::mark_reaped(&mut tx, &done).await?;
     tx.commit().await?;
     metrics::counter!("fleet_reaper_rescues_total").increment(done.len() as u64);
     if !done.is_empty() {

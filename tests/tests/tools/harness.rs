@@ -12,9 +12,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use worker::intake::JobRef;
 use worker::job::{JobError, JobRow};
-use worker::lease::{Claim, Lease};
+use worker::store::jobs::{Claim, ClaimedJob as Lease};
 use worker::tools::{ToolOutcome, ToolUse};
 
 /// Ada: user and private chat of the tests.
@@ -127,8 +126,8 @@ impl ClaimedJob {
         .bind(ADA)
         .execute(&db.pool)
         .await?;
-        let job_ref = JobRef { job_id, chat_id: ADA, user_id: ADA, update_id: 1 };
-        let claim = worker::lease::claim(&db.pool, &job_ref, "tools-test-worker", Duration::from_secs(60), 3).await?;
+        let claim =
+            worker::store::jobs::claim(&db.pool, job_id, "tools-test-worker", Duration::from_secs(60), 3).await?;
         let Claim::Claimed(lease) = claim else { bail!("the job was not claimed: {claim:?}") };
         let job = worker::job::load(app.context(), job_id).await?;
         Ok(Self { db, app, job, lease })

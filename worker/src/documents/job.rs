@@ -6,7 +6,7 @@
 use super::{fetch, store, user_turn, Fetched};
 use crate::context::WorkerContext;
 use crate::job::{JobError, JobRow};
-use crate::lease::Lease;
+use crate::store::jobs::ClaimedJob;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::telegram::update::Document;
@@ -59,7 +59,7 @@ fn parse_content(content: &Value) -> Result<(Document, Option<String>, Option<St
 /// `LeaseLost` when a fenced write matched nothing; `Transient` for a
 /// download that failed on the network (the attempt is retried);
 /// database errors; `Invalid` for a job row that does not parse.
-pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &Lease) -> Result<Prepared, JobError> {
+pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> Result<Prepared, JobError> {
     let (doc, caption, sender) =
         parse_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {}: {e}", job.job_id)))?;
     let name = super::display_name(&doc);
@@ -67,7 +67,7 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &Lease) -> Result
         .bind(job.job_id)
         .fetch_one(&ctx.db)
         .await?;
-    if started.is_some_and(|e| e < lease.epoch) {
+    if started.is_some_and(|e| e < lease.epoch()) {
         // An earlier attempt began reading this document and never came
         // back (its worker died): it is not tried again (poison).
         tracing::error!(started_epoch = ?started, "a document's earlier reading never finished; refused as poison");
@@ -89,12 +89,12 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &Lease) -> Result
     if files >= quota_files || chars >= quota_chars {
         return Ok(Prepared::Refused(quota_notice(&name, files, chars, quota_files, quota_chars)));
     }
-    mark_started(ctx, job, lease, Some(lease.epoch)).await?;
+    mark_started(ctx, lease, true).await?;
     let fetched = match fetch(ctx, &doc).await {
         Ok(f) => f,
         Err(e @ (TelegramError::Transport(_) | TelegramError::RetryAfter(_))) => {
             // Not a crash: the marker goes, the attempt is retried later.
-            mark_started(ctx, job, lease, None).await?;
+            mark_started(ctx, lease, false).await?;
             return Err(JobError::Transient(format!("downloading the document: {e}")));
         }
         Err(e) => return Ok(Prepared::Refused(super::refused(&name, &e))),
@@ -132,16 +132,7 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &Lease) -> Result
         text = format!("{sender}: {text}");
     }
     let content = json!([{ "type": "text", "text": text }]);
-    let updated = sqlx::query(
-        "UPDATE jobs SET kind = 'chat', user_content = $3
-          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
-    )
-    .bind(job.job_id)
-    .bind(lease.epoch)
-    .bind(&content)
-    .execute(&mut *tx)
-    .await?;
-    if updated.rows_affected() != 1 {
+    if !lease.document_to_chat(&mut tx, &content).await? {
         return Err(JobError::LeaseLost);
     }
     tx.commit().await?;
@@ -157,16 +148,8 @@ async fn stored_totals(ctx: &WorkerContext, user_id: i64) -> Result<(i64, i64), 
         .await
 }
 
-async fn mark_started(ctx: &WorkerContext, job: &JobRow, lease: &Lease, epoch: Option<i64>) -> Result<(), JobError> {
-    let marked = sqlx::query(
-        "UPDATE jobs SET document_started_epoch = $3 WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
-    )
-    .bind(job.job_id)
-    .bind(lease.epoch)
-    .bind(epoch)
-    .execute(&ctx.db)
-    .await?;
-    if marked.rows_affected() == 1 {
+async fn mark_started(ctx: &WorkerContext, lease: &ClaimedJob, started: bool) -> Result<(), JobError> {
+    if lease.mark_document_started(&ctx.db, started).await? {
         Ok(())
     } else {
         Err(JobError::LeaseLost)

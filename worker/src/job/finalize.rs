@@ -4,7 +4,7 @@
 
 use super::{CallEnd, CallRecord, JobError, JobRow};
 use crate::context::WorkerContext;
-use crate::lease::Lease;
+use crate::store::jobs::ClaimedJob;
 use chrono::Utc;
 use serde_json::{json, Value};
 use shared::contracts::{
@@ -76,7 +76,7 @@ async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<Billi
 pub async fn finalize(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     calls: &[CallRecord],
     turns: &[(&'static str, Vec<Value>)],
     partial: bool,
@@ -94,27 +94,11 @@ pub async fn finalize(
         priced.push((call, model, billing, price));
     }
     let mut tx = ctx.db.begin().await?;
-    let fenced = sqlx::query(
-        "UPDATE jobs SET answer_stored_at = now(), stored_reply = $3
-          WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 AND answer_stored_at IS NULL",
-    )
-    .bind(lease.job_id)
-    .bind(lease.epoch)
-    .bind(reply)
-    .execute(&mut *tx)
-    .await?;
-    if fenced.rows_affected() != 1 {
+    if !lease.store_answer(&mut tx, reply).await? {
         drop(tx);
         // A retry after a commit whose answer was lost (the connection
         // died during COMMIT): stored already, by this very lease.
-        let stored: Option<bool> = sqlx::query_scalar(
-            "SELECT answer_stored_at IS NOT NULL FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2",
-        )
-        .bind(lease.job_id)
-        .bind(lease.epoch)
-        .fetch_optional(&ctx.db)
-        .await?;
-        return if stored == Some(true) { Ok(()) } else { Err(JobError::LeaseLost) };
+        return if lease.answer_stored(&ctx.db).await? { Ok(()) } else { Err(JobError::LeaseLost) };
     }
     sqlx::query(
         "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)",
@@ -181,7 +165,7 @@ pub async fn finalize(
 async fn write_call(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     call: &CallRecord,
     model: String,
     billing: Option<Billing>,
@@ -206,7 +190,7 @@ async fn write_call(
     )
     .bind(job.job_id)
     .bind(call.seq)
-    .bind(lease.epoch)
+    .bind(lease.epoch())
     .bind(&call.request_id)
     .bind(&call.state.message_id)
     .bind(&model)
@@ -232,10 +216,10 @@ async fn write_call(
         // Every call the provider served is in the ledger, charged to nobody.
         let Some(price) = price else { return Ok(()) };
         let event = BillingEvent::UsageCharge(UsageCharge {
-            event_id: abandoned_usage_event_id(job.job_id, lease.epoch, call.seq),
+            event_id: abandoned_usage_event_id(job.job_id, lease.epoch(), call.seq),
             job_id: job.job_id,
             update_id: job.update_id,
-            lease_epoch: lease.epoch,
+            lease_epoch: lease.epoch(),
             api_call_seq: call.seq,
             user_id: job.user_id,
             chat_id: job.chat_id,
@@ -273,7 +257,7 @@ async fn write_call(
         event_id: usage_event_id(job.job_id, call.seq),
         job_id: job.job_id,
         update_id: job.update_id,
-        lease_epoch: lease.epoch,
+        lease_epoch: lease.epoch(),
         api_call_seq: call.seq,
         user_id: job.user_id,
         chat_id: job.chat_id,
@@ -299,7 +283,7 @@ async fn write_call(
 /// no state of the job, only adds finance records no other attempt writes.
 /// Best effort: a failure is logged (the reconcile against the provider's
 /// usage report shows what is missing).
-pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Lease, calls: &[CallRecord]) {
+pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob, calls: &[CallRecord]) {
     let result = async {
         let mut priced = Vec::new();
         for call in calls.iter().filter(|c| c.state.started) {

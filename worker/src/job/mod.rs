@@ -20,15 +20,15 @@ pub use stream::{stream_reply, CallEnd, CallRecord};
 use crate::context::WorkerContext;
 use crate::control::{CancelReason, JobCancel};
 use crate::delivery::{send_text, DeliveryError};
-use crate::lease::{self, Lease};
 use crate::progress::Progress;
+use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
 use shared::anthropic::StopReason;
 
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
-    /// Finished; the label says how (`answered`, `no_balance`, `command`, …).
-    Done(&'static str),
+    /// Finished; the outcome says how (answered, no balance, a command, …).
+    Done(Outcome),
     /// Failed with a reason (the user was told).
     Failed(String),
     /// The lease was lost: another worker owns the job now; nothing more was written.
@@ -77,10 +77,10 @@ pub const TIMEOUT_NOTICE: &str = "(The answer took too long and was cut short: t
 pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please try again in a moment.)";
 
 /// Runs a claimed job to its end and releases (or hands back) the lease.
-pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOutcome {
+pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> JobOutcome {
     let result = run_steps(ctx, &lease, &cancel).await;
-    let (status, outcome, error) = match &result {
-        Ok(label) => ("done", *label, None),
+    let (outcome, error) = match &result {
+        Ok(outcome) => (*outcome, None),
         // The hold belongs to the new holder now: left alone.
         Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
         Err(JobError::Db(e)) if shared::db::is_transient(e) => {
@@ -90,9 +90,9 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             // attempt not counted, and is retried after a delay; if even the
             // hand-back fails, the lease expires and the reaper republishes it.
             tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
-            return match lease::hand_back(&ctx.db, &lease, true).await {
+            return match lease.hand_back(&ctx.db, true).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::RetryLater
                 }
                 Ok(false) => JobOutcome::LeaseLost,
@@ -100,10 +100,10 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             };
         }
         Err(JobError::Transient(e)) => {
-            tracing::warn!(error.message = %e, attempt = lease.attempts, "job interrupted by a transient error; handing it back");
-            return match lease::hand_back(&ctx.db, &lease, false).await {
+            tracing::warn!(error.message = %e, attempt = lease.attempts(), "job interrupted by a transient error; handing it back");
+            return match lease.hand_back(&ctx.db, false).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::RetryLater
                 }
                 Ok(false) => JobOutcome::LeaseLost,
@@ -111,20 +111,20 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             };
         }
         Err(JobError::Shutdown) => {
-            return match lease::hand_back(&ctx.db, &lease, false).await {
+            return match lease.hand_back(&ctx.db, false).await {
                 Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id).await;
+                    crate::holds::void(ctx, lease.job_id()).await;
                     JobOutcome::HandedBack
                 }
                 Ok(false) => JobOutcome::LeaseLost,
                 Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
             };
         }
-        Err(e) => ("failed", "error", Some(e.to_string())),
+        Err(e) => (Outcome::Error, Some(e.to_string())),
     };
     if let Some(err) = &error {
         tracing::error!(error.message = %err, "job failed");
-        if let Ok(job) = load(ctx, lease.job_id).await {
+        if let Ok(job) = load(ctx, lease.job_id()).await {
             let text = if matches!(result, Err(JobError::Invalid(_))) {
                 "Sorry, this conversation's stored state is damaged. Send /new to start a new conversation."
             } else {
@@ -133,13 +133,13 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
             let _ = send_text(ctx, job.chat_id, text, &[]).await;
         }
     }
-    match lease::finish(&ctx.db, &lease, status, outcome, error.as_deref()).await {
+    match lease.finish(&ctx.db, outcome, error.as_deref()).await {
         Ok(true) => match error {
             None => JobOutcome::Done(outcome),
             Some(e) => {
                 // Nothing was charged on a failure: the reservation goes.
                 // Only after the fenced finish, so a newer holder's hold is safe.
-                crate::holds::void(ctx, lease.job_id).await;
+                crate::holds::void(ctx, lease.job_id()).await;
                 JobOutcome::Failed(e)
             }
         },
@@ -152,28 +152,28 @@ pub async fn run(ctx: &WorkerContext, lease: Lease, cancel: JobCancel) -> JobOut
     }
 }
 
-async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Result<&'static str, JobError> {
-    let job = load(ctx, lease.job_id).await?;
+async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) -> Result<Outcome, JobError> {
+    let job = load(ctx, lease.job_id()).await?;
     if !job.reply_message_ids.is_empty() {
         // An earlier attempt delivered the answer and died before finishing:
         // finish without sending anything again (P1).
-        return Ok("answered");
+        return Ok(Outcome::Answered);
     }
-    let job = if job.kind == "document" {
+    let job = if job.kind == JobKind::Document {
         match crate::documents::prepare(ctx, &job, lease).await? {
             crate::documents::Prepared::Ready(job) => *job,
             crate::documents::Prepared::Refused(notice) => {
                 deliver(ctx, &job, lease, &notice, &[]).await?;
-                return Ok("document_refused");
+                return Ok(Outcome::DocumentRefused);
             }
         }
     } else {
         job
     };
-    if job.kind == "command" {
+    if job.kind == JobKind::Command {
         let reply = crate::commands::run(ctx, &job).await?;
         deliver(ctx, &job, lease, &reply, &[]).await?;
-        return Ok("command");
+        return Ok(Outcome::Command);
     }
     if job.answer_stored {
         // An earlier attempt stored the answer (and its charges) and died
@@ -186,13 +186,13 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
         if !text.trim().is_empty() {
             deliver(ctx, &job, lease, &text, &[]).await?;
         }
-        return Ok("answered");
+        return Ok(Outcome::Answered);
     }
     let mut request = build_request(ctx, &job).await?;
     let hold = crate::holds::hold_amount(ctx, &request);
     if !crate::holds::place(ctx, &job, hold).await? {
         deliver(ctx, &job, lease, TOP_UP_NOTICE, &[]).await?;
-        return Ok("no_balance");
+        return Ok(Outcome::NoBalance);
     }
     let progress = Progress::start(ctx, job.chat_id, job.is_private(), job.draft_id(), cancel.clone());
     let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
@@ -247,10 +247,10 @@ async fn run_steps(ctx: &WorkerContext, lease: &Lease, cancel: &JobCancel) -> Re
     if cancel.reason() == Some(CancelReason::Blocked) {
         // 403: nothing more is sent; usage incurred so far is billed above.
         mark_blocked(ctx, job.user_id).await?;
-        return Ok("user_blocked");
+        return Ok(Outcome::UserBlocked);
     }
     deliver(ctx, &job, lease, &reply, &progress_message).await?;
-    Ok("answered")
+    Ok(Outcome::Answered)
 }
 
 /// The result of the generation step.
@@ -312,7 +312,7 @@ impl Answer {
 async fn generate(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     request: &mut serde_json::Value,
     cancel: &JobCancel,
     progress: &Progress,
@@ -422,7 +422,13 @@ async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError>
     Ok(())
 }
 
-async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, reuse: &[i64]) -> Result<(), JobError> {
+async fn deliver(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    lease: &ClaimedJob,
+    text: &str,
+    reuse: &[i64],
+) -> Result<(), JobError> {
     match crate::delivery::send_fenced(ctx, job.chat_id, text, reuse, Some(lease)).await {
         Ok(ids) => {
             // The user has the answer now: recording that must not fail on a
@@ -432,15 +438,7 @@ async fn deliver(ctx: &WorkerContext, job: &JobRow, lease: &Lease, text: &str, r
             let started = tokio::time::Instant::now();
             let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
             loop {
-                let recorded = sqlx::query(
-                    "UPDATE jobs SET reply_message_ids = reply_message_ids || $2
-                      WHERE job_id = $1 AND status = 'running' AND lease_epoch = $3",
-                )
-                .bind(job.job_id)
-                .bind(&ids)
-                .bind(lease.epoch)
-                .execute(&ctx.db)
-                .await;
+                let recorded = lease.record_reply(&ctx.db, &ids).await;
                 match recorded {
                     Ok(_) => return Ok(()),
                     Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {

@@ -17,8 +17,8 @@ pub struct JobRow {
     pub user_id: i64,
     /// Source update.
     pub update_id: i64,
-    /// `chat` or `command`.
-    pub kind: String,
+    /// `chat`, `command` or `document`.
+    pub kind: crate::store::jobs::JobKind,
     /// The user's turn (content blocks) or `{"command": …}`.
     pub user_content: Value,
     /// `private`, `group`, `supergroup`.

@@ -21,7 +21,7 @@
 use super::{calculator, clock, files, notes, ToolOutcome};
 use crate::context::WorkerContext;
 use crate::job::{JobError, JobRow};
-use crate::lease::Lease;
+use crate::store::jobs::ClaimedJob;
 use chrono::Utc;
 use serde_json::Value;
 use shared::contracts::{tool_event_id, BillingEvent, ToolCharge};
@@ -45,7 +45,7 @@ const SERVER_GRACE_MS: u64 = 1_000;
 pub async fn run_tools(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     uses: Vec<ToolUse>,
     cancel: &CancellationToken,
 ) -> Result<Vec<ToolOutcome>, JobError> {
@@ -64,7 +64,7 @@ enum Ran {
 async fn run_one(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     (id, name, input): ToolUse,
     cancel: &CancellationToken,
 ) -> Result<ToolOutcome, JobError> {
@@ -92,7 +92,7 @@ async fn run_one(
 async fn run_checked(
     ctx: &WorkerContext,
     job: &JobRow,
-    lease: &Lease,
+    lease: &ClaimedJob,
     id: &str,
     name: &str,
     input: &Value,
@@ -103,18 +103,9 @@ async fn run_checked(
     let mut tx = conn.begin().await?;
     let timeout = Duration::from_secs(ctx.settings.tool_timeout_s);
     let server_timeout = format!("{}ms", timeout.as_millis() + u128::from(SERVER_GRACE_MS));
-    let (pid, live): (i32, bool) = sqlx::query_as(
-        "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2)
-           FROM set_config('statement_timeout', $3, true)",
-    )
-    .bind(lease.job_id)
-    .bind(lease.epoch)
-    .bind(&server_timeout)
-    .fetch_one(&mut *tx)
-    .await?;
-    if !live {
+    let Some(pid) = lease.begin_tool(&mut tx, &server_timeout).await? else {
         return Err(JobError::LeaseLost);
-    }
+    };
     let claimed = sqlx::query(
         "INSERT INTO tool_calls (job_id, tool_use_id, name, input) VALUES ($1, $2, $3, $4)
          ON CONFLICT (job_id, tool_use_id) DO NOTHING",
@@ -162,14 +153,7 @@ async fn run_checked(
                 crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
             }
             // Fence: the tool's writes commit only under the live lease.
-            let held: Option<i64> = sqlx::query_scalar(
-                "SELECT lease_epoch FROM jobs WHERE job_id = $1 AND status = 'running' AND lease_epoch = $2 FOR SHARE",
-            )
-            .bind(lease.job_id)
-            .bind(lease.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.is_none() {
+            if !lease.fence(&mut tx).await? {
                 return Err(JobError::LeaseLost);
             }
             tx.commit().await?;
