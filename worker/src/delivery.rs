@@ -68,7 +68,22 @@ pub async fn send_fenced(
     reuse: &[i64],
     lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
-    let out = Outgoing { ctx, lease };
+    send_fenced_in(ctx, chat_id, None, markdown, reuse, lease).await
+}
+
+/// As [`send_fenced`], into forum topic `thread` (`None`: the chat itself).
+///
+/// # Errors
+/// [`DeliveryError`], `LeaseLost` included.
+pub async fn send_fenced_in(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    thread: Option<i64>,
+    markdown: &str,
+    reuse: &[i64],
+    lease: Option<&crate::store::jobs::ClaimedJob>,
+) -> Result<Vec<i64>, DeliveryError> {
+    let out = Outgoing { ctx, lease, thread };
     let mut ids = Vec::new();
     let parts = render(markdown);
     for (i, part) in parts.iter().enumerate() {
@@ -96,6 +111,8 @@ pub async fn send_fenced(
 struct Outgoing<'a> {
     ctx: &'a WorkerContext,
     lease: Option<&'a crate::store::jobs::ClaimedJob>,
+    /// Forum topic of new messages (edits keep their message's topic).
+    thread: Option<i64>,
 }
 
 impl Outgoing<'_> {
@@ -121,7 +138,7 @@ impl Outgoing<'_> {
             .pacer
             .call(chat_id, || async {
                 self.fence().await?;
-                self.ctx.telegram.send_message(chat_id, text, entities.clone()).await
+                self.ctx.telegram.send_message_in(chat_id, self.thread, text, entities.clone()).await
             })
             .await
             .map(|m| m.message_id)
@@ -182,5 +199,5 @@ impl Outgoing<'_> {
 /// # Errors
 /// The classified error ("not modified" is success).
 pub async fn edit(ctx: &WorkerContext, chat_id: i64, message_id: i64, part: &Formatted) -> Result<(), TelegramError> {
-    Outgoing { ctx, lease: None }.edit(chat_id, message_id, part).await
+    Outgoing { ctx, lease: None, thread: None }.edit(chat_id, message_id, part).await
 }

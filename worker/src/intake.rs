@@ -345,6 +345,7 @@ async fn create_job(
         kind,
         user_content: content,
         telegram_message_id: msg.message_id,
+        message_thread_id: msg.topic(),
     };
     let job_id = crate::store::jobs::create(tx, &new).await?;
     let behind = crate::store::jobs::waits_behind(tx, msg.chat.id, job_id).await?;

@@ -22,10 +22,17 @@ pub struct Progress {
 
 impl Progress {
     /// Starts showing progress in `chat_id`.
-    pub fn start(ctx: &WorkerContext, chat_id: i64, private: bool, draft_id: i64, job: JobCancel) -> Self {
+    pub fn start(
+        ctx: &WorkerContext,
+        chat_id: i64,
+        thread: Option<i64>,
+        private: bool,
+        draft_id: i64,
+        job: JobCancel,
+    ) -> Self {
         let (tx, rx) = watch::channel(String::new());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(show(ctx.clone(), chat_id, private, draft_id, rx, stop.clone(), job));
+        let task = tokio::spawn(show(ctx.clone(), chat_id, thread, private, draft_id, rx, stop.clone(), job));
         Self { text: tx, stop, task }
     }
 
@@ -41,9 +48,11 @@ impl Progress {
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "one task's whole state, passed once at spawn")]
 async fn show(
     ctx: WorkerContext,
     chat_id: i64,
+    thread: Option<i64>,
     private: bool,
     draft_id: i64,
     mut rx: watch::Receiver<String>,
@@ -57,7 +66,7 @@ async fn show(
     let mut drafts = private;
     let typing = tokio::select! {
         _ = stop.cancelled() => return messages,
-        r = ctx.pacer.call_action(chat_id, || ctx.telegram.send_typing(chat_id)) => r,
+        r = ctx.pacer.call_action(chat_id, || ctx.telegram.send_typing_in(chat_id, thread)) => r,
     };
     if let Err(TelegramError::Forbidden(_)) = typing {
         job.cancel(CancelReason::Blocked);
@@ -82,12 +91,12 @@ async fn show(
         let mut sent = if drafts {
             ctx.telegram.send_message_draft(chat_id, draft_id, &current.text, current.entities_json()).await
         } else {
-            update_group(&ctx, chat_id, &mut messages, &parts).await
+            update_group(&ctx, chat_id, thread, &mut messages, &parts).await
         };
         if drafts && matches!(sent, Err(TelegramError::Api(_))) {
             tracing::info!("drafts refused; editing one message in place instead");
             drafts = false;
-            sent = update_group(&ctx, chat_id, &mut messages, &parts).await;
+            sent = update_group(&ctx, chat_id, thread, &mut messages, &parts).await;
         }
         match sent {
             Ok(()) | Err(TelegramError::NotModified) => last_sent = current.text.clone(),
@@ -108,6 +117,7 @@ async fn show(
 async fn update_group(
     ctx: &WorkerContext,
     chat_id: i64,
+    thread: Option<i64>,
     messages: &mut Vec<i64>,
     parts: &[shared::telegram::Formatted],
 ) -> Result<(), TelegramError> {
@@ -119,7 +129,7 @@ async fn update_group(
             }
         }
         let part = &parts[index];
-        let m = ctx.telegram.send_message(chat_id, &part.text, part.entities_json()).await?;
+        let m = ctx.telegram.send_message_in(chat_id, thread, &part.text, part.entities_json()).await?;
         messages.push(m.message_id);
         if index + 1 < parts.len() {
             continue;

@@ -85,6 +85,9 @@ macro_rules! payload {
 pub struct SendMessage {
     /// Target chat.
     pub chat_id: i64,
+    /// The forum topic to send into (forum supergroups only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_thread_id: Option<i64>,
     /// 1–4,096 UTF-16 code units.
     pub text: String,
     /// `MessageEntity` objects (offsets in UTF-16 code units); never `parse_mode`.
@@ -134,6 +137,9 @@ payload!(SendMessageDraft, "sendMessageDraft", Value);
 pub struct SendChatAction {
     /// Target chat.
     pub chat_id: i64,
+    /// The forum topic the action is shown in (forum supergroups only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_thread_id: Option<i64>,
     /// `typing`.
     pub action: &'static str,
 }
@@ -380,8 +386,29 @@ impl BotApi {
         text: &str,
         entities: Option<Vec<Value>>,
     ) -> Result<SentMessage, TelegramError> {
-        self.call(SendMessage { chat_id, text: text.to_owned(), entities, reply_parameters: None, reply_markup: None })
-            .await
+        self.send_message_in(chat_id, None, text, entities).await
+    }
+
+    /// `sendMessage` into forum topic `thread` (`None`: the chat itself).
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_message_in(
+        &self,
+        chat_id: i64,
+        thread: Option<i64>,
+        text: &str,
+        entities: Option<Vec<Value>>,
+    ) -> Result<SentMessage, TelegramError> {
+        self.call(SendMessage {
+            chat_id,
+            message_thread_id: thread,
+            text: text.to_owned(),
+            entities,
+            reply_parameters: None,
+            reply_markup: None,
+        })
+        .await
     }
 
     /// `editMessageText`; "message is not modified" is reported as
@@ -435,6 +462,7 @@ impl BotApi {
     ) -> Result<SentMessage, TelegramError> {
         self.call(SendMessage {
             chat_id,
+            message_thread_id: None,
             text: text.to_owned(),
             entities: None,
             reply_parameters: None,
@@ -456,7 +484,15 @@ impl BotApi {
     /// # Errors
     /// A classified [`TelegramError`].
     pub async fn send_typing(&self, chat_id: i64) -> Result<(), TelegramError> {
-        self.call(SendChatAction { chat_id, action: "typing" }).await.map(|_| ())
+        self.send_typing_in(chat_id, None).await
+    }
+
+    /// `sendChatAction` with `typing` in forum topic `thread`.
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn send_typing_in(&self, chat_id: i64, thread: Option<i64>) -> Result<(), TelegramError> {
+        self.call(SendChatAction { chat_id, message_thread_id: thread, action: "typing" }).await.map(|_| ())
     }
 
     /// `getFile`: the file's size and download path.

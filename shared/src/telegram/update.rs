@@ -105,6 +105,12 @@ pub struct Message {
     /// Entities of the text.
     #[serde(default)]
     pub entities: Vec<Entity>,
+    /// The message thread (forum topic, or a reply thread) it belongs to.
+    #[serde(default)]
+    pub message_thread_id: Option<i64>,
+    /// True for a message sent to a forum topic.
+    #[serde(default)]
+    pub is_topic_message: bool,
     /// The message this one replies to.
     #[serde(default)]
     pub reply_to_message: Option<Box<Message>>,
@@ -306,6 +312,12 @@ impl Message {
             let name: &str = rest.split(|c: char| !is_name_char(c)).next().unwrap_or_default();
             !name.is_empty() && name.eq_ignore_ascii_case(username)
         })
+    }
+
+    /// The forum topic to answer in: `message_thread_id` of a topic message
+    /// (Bot API: "for forum supergroups only"), `None` elsewhere.
+    pub fn topic(&self) -> Option<i64> {
+        self.message_thread_id.filter(|_| self.is_topic_message)
     }
 
     /// True in private chats.

@@ -146,6 +146,35 @@ pub fn step_checks(
                     if bad.is_empty() { "all parts balanced".to_owned() } else { format!("unbalanced parts {bad:?}") },
                 );
             }
+            "bot_calls_carry" => {
+                // Every call of the step that sends into a chat (`send*`:
+                // the methods that take `message_thread_id`) carries each
+                // listed parameter with the listed value.
+                let sends: Vec<_> = my_telegram.iter().filter(|c| c.method.starts_with("send")).collect();
+                for (param, want) in value.as_table().into_iter().flatten() {
+                    let want = toml_to_json(want);
+                    let missing: Vec<String> = sends
+                        .iter()
+                        .filter(|c| c.params.get(param.as_str()).map(param_value) != Some(want.clone()))
+                        .map(|c| {
+                            format!("{} ({})", c.method, c.params.get(param.as_str()).cloned().unwrap_or_default())
+                        })
+                        .collect();
+                    push(
+                        out,
+                        n,
+                        k,
+                        !sends.is_empty() && missing.is_empty(),
+                        if sends.is_empty() {
+                            "no send call".to_owned()
+                        } else if missing.is_empty() {
+                            format!("{} send calls carry {param} = {want}", sends.len())
+                        } else {
+                            format!("{param} = {want} missing in {missing:?}")
+                        },
+                    );
+                }
+            }
             "no_parse_mode" => {
                 let used =
                     my_telegram.iter().filter(|c| c.params.get("parse_mode").is_some_and(|p| !p.is_null())).count();
@@ -319,5 +348,25 @@ mod tests {
         assert!(concat_equals(&parts, "Hello world.\n\nSecond para."));
         assert!(!concat_equals(&parts, "Hello world.\n\nSecond  para."));
         assert!(!concat_equals(&parts[..1], "Hello world.\n\nSecond para."));
+    }
+}
+
+/// A scenario value as JSON (integers, strings, booleans, floats).
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::Integer(i) => serde_json::json!(i),
+        toml::Value::String(s) => serde_json::json!(s),
+        toml::Value::Boolean(b) => serde_json::json!(b),
+        toml::Value::Float(f) => serde_json::json!(f),
+        other => serde_json::json!(other.to_string()),
+    }
+}
+
+/// A recorded Bot API parameter as JSON: form-encoded calls record numbers
+/// as strings, so a numeric string is read as its number.
+fn param_value(v: &serde_json::Value) -> serde_json::Value {
+    match v.as_str().and_then(|s| s.parse::<i64>().ok()) {
+        Some(i) => serde_json::json!(i),
+        None => v.clone(),
     }
 }

@@ -25,6 +25,8 @@ pub struct JobRow {
     pub chat_kind: String,
     /// Current conversation of the chat.
     pub conversation_epoch: i32,
+    /// The forum topic to answer in (`jobs.message_thread_id`).
+    pub message_thread_id: Option<i64>,
     /// Telegram messages already sent for this job (by an earlier attempt).
     pub reply_message_ids: Vec<i64>,
     /// True once an attempt's `finalize` committed the answer.
@@ -52,7 +54,7 @@ impl JobRow {
 /// Database errors (`RowNotFound` for an unknown id).
 pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError> {
     Ok(sqlx::query_as(
-        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch,
+        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch, j.message_thread_id,
                 j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
            FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
     )

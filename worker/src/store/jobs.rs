@@ -461,6 +461,8 @@ pub struct NewJob<'a> {
     pub user_content: &'a serde_json::Value,
     /// The Telegram message it answers.
     pub telegram_message_id: i64,
+    /// The forum topic it was asked in (answered there).
+    pub message_thread_id: Option<i64>,
 }
 
 /// Creates a queued job; its id (uuid v7).
@@ -470,8 +472,8 @@ pub struct NewJob<'a> {
 pub async fn create(tx: &mut PgConnection, job: &NewJob<'_>) -> Result<Uuid, sqlx::Error> {
     let job_id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued')",
+        "INSERT INTO jobs (job_id, chat_id, user_id, update_id, kind, user_content, telegram_message_id, message_thread_id, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')",
     )
     .bind(job_id)
     .bind(job.chat_id)
@@ -480,6 +482,7 @@ pub async fn create(tx: &mut PgConnection, job: &NewJob<'_>) -> Result<Uuid, sql
     .bind(job.kind)
     .bind(job.user_content)
     .bind(job.telegram_message_id)
+    .bind(job.message_thread_id)
     .execute(tx)
     .await?;
     Ok(job_id)
