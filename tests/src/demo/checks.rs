@@ -338,19 +338,6 @@ pub async fn final_checks(expect: &toml::Table, billing: &PgPool, out: &mut Vec<
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn concat_ignores_whitespace_only_at_boundaries() {
-        let parts = vec!["Hello world.".to_owned(), "Second para.".to_owned()];
-        assert!(concat_equals(&parts, "Hello world.\n\nSecond para."));
-        assert!(!concat_equals(&parts, "Hello world.\n\nSecond  para."));
-        assert!(!concat_equals(&parts[..1], "Hello world.\n\nSecond para."));
-    }
-}
-
 /// A scenario value as JSON (integers, strings, booleans, floats).
 fn toml_to_json(v: &toml::Value) -> serde_json::Value {
     match v {
@@ -368,5 +355,18 @@ fn param_value(v: &serde_json::Value) -> serde_json::Value {
     match v.as_str().and_then(|s| s.parse::<i64>().ok()) {
         Some(i) => serde_json::json!(i),
         None => v.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concat_ignores_whitespace_only_at_boundaries() {
+        let parts = vec!["Hello world.".to_owned(), "Second para.".to_owned()];
+        assert!(concat_equals(&parts, "Hello world.\n\nSecond para."));
+        assert!(!concat_equals(&parts, "Hello world.\n\nSecond  para."));
+        assert!(!concat_equals(&parts[..1], "Hello world.\n\nSecond para."));
     }
 }
