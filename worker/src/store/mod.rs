@@ -3,8 +3,11 @@
 //!
 //! - [`jobs`]: claims, the lease fence and every fenced write of a running
 //!   job ([`jobs::ClaimedJob`]), job creation and `/stop` marks at intake,
-//!   and the reaper's queries.
+//!   the reaper's queries, and [`jobs::load`] of a job with its chat.
 //! - [`updates`]: `processed_updates` (dedup of Telegram updates).
+//! - [`conversation`]: `messages`, the stored conversation of each chat.
+//! - [`calls`]: `api_calls` and `tool_calls`.
+//! - [`outbox`]: `billing_outbox`, written with what it charges for, and relayed.
 
 /// A value read from a TEXT column that is not one of its enum's values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,5 +91,8 @@ macro_rules! text_enum {
     };
 }
 
+pub mod calls;
+pub mod conversation;
 pub mod jobs;
+pub mod outbox;
 pub mod updates;
