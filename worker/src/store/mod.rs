@@ -8,6 +8,12 @@
 //! - [`conversation`]: `messages`, the stored conversation of each chat.
 //! - [`calls`]: `api_calls` and `tool_calls`.
 //! - [`outbox`]: `billing_outbox`, written with what it charges for, and relayed.
+//! - [`pacing`]: `telegram_pacing`, the Bot API slots shared by every host.
+//! - [`documents`]: `documents`, the files users sent, and their quota.
+//! - [`notes`]: `user_notes`, the `remember` tool's notes.
+//!
+//! The billing database is not here: its statements belong to the billing
+//! crate (issue 14, slice 3).
 
 /// A value read from a TEXT column that is not one of its enum's values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +99,10 @@ macro_rules! text_enum {
 
 pub mod calls;
 pub mod conversation;
+pub mod documents;
 pub mod jobs;
+pub mod notes;
 pub mod outbox;
+pub mod pacing;
 pub mod updates;
+
