@@ -11,6 +11,8 @@
 //! - [`pacing`]: `telegram_pacing`, the Bot API slots shared by every host.
 //! - [`documents`]: `documents`, the files users sent, and their quota.
 //! - [`notes`]: `user_notes`, the `remember` tool's notes.
+//! - [`chats`]: `users` and `chats`, and a group's move to a supergroup.
+//! - [`payments`]: `payment_anomalies`, payments that credited nothing.
 //!
 //! The billing database is not here: its statements belong to the billing
 //! crate (issue 14, slice 3).
@@ -98,11 +100,13 @@ macro_rules! text_enum {
 }
 
 pub mod calls;
+pub mod chats;
 pub mod conversation;
 pub mod documents;
 pub mod jobs;
 pub mod notes;
 pub mod outbox;
 pub mod pacing;
+pub mod payments;
 pub mod updates;
 
