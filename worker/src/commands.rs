@@ -33,10 +33,7 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
     let command = job.user_content.get("command").and_then(Value::as_str).unwrap_or_default();
     Ok(match command {
         "start" => {
-            let name: Option<String> = sqlx::query_scalar("SELECT first_name FROM users WHERE user_id = $1")
-                .bind(job.user_id)
-                .fetch_optional(&ctx.db)
-                .await?;
+            let name = crate::store::chats::first_name(&ctx.db, job.user_id).await?;
             format!(
                 "Hello, {}! Welcome — I'm a bot that lets you chat with Claude.\n\n{HELP}",
                 name.unwrap_or_default()
@@ -48,10 +45,7 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
             NEW_NEEDS_ADMIN.to_owned()
         }
         "new" => {
-            sqlx::query("UPDATE chats SET conversation_epoch = conversation_epoch + 1 WHERE chat_id = $1")
-                .bind(job.chat_id)
-                .execute(&ctx.db)
-                .await?;
+            crate::store::chats::new_conversation(&ctx.db, job.chat_id).await?;
             "Started a new conversation: earlier messages are forgotten.".to_owned()
         }
         "balance" => {

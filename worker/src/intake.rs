@@ -5,7 +5,9 @@
 
 use crate::context::WorkerContext;
 use crate::payments::{self, Pack};
+use crate::store::chats::UserRow;
 use crate::store::jobs::{JobKind, NewJob};
+use crate::store::payments::PaymentAnomaly;
 use serde_json::{json, Value};
 use shared::contracts::{top_up_event_id, BillingEvent, TopUp};
 use shared::telegram::update::{CallbackQuery, ChatMemberUpdated, Message, SuccessfulPayment};
@@ -292,11 +294,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         Plan::Membership(m) => {
             let blocked = matches!(m.new_chat_member.status.as_str(), "kicked" | "left");
             upsert_user(&mut tx, &m.from).await?;
-            sqlx::query("UPDATE users SET blocked_at = CASE WHEN $2 THEN now() ELSE NULL END, updated_at = now() WHERE user_id = $1")
-                .bind(m.from.id)
-                .bind(blocked)
-                .execute(&mut *tx)
-                .await?;
+            crate::store::chats::set_blocked(&mut *tx, m.from.id, blocked).await?;
             IntakeOutcome::Ignored(format!("membership changed to {}", m.new_chat_member.status))
         }
         Plan::Job { msg, kind, content } => {
@@ -321,11 +319,7 @@ async fn upsert_sender<'m>(
 ) -> Result<&'m shared::telegram::update::User, IntakeError> {
     let from = msg.from.as_ref().ok_or(UpdateError::NoUpdateId)?;
     upsert_user(tx, from).await?;
-    sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, $2) ON CONFLICT (chat_id) DO NOTHING")
-        .bind(msg.chat.id)
-        .bind(&msg.chat.kind)
-        .execute(&mut **tx)
-        .await?;
+    crate::store::chats::insert_chat(tx, msg.chat.id, &msg.chat.kind).await?;
     Ok(from)
 }
 
@@ -409,23 +403,19 @@ async fn record_payment(
     {
         Ok(pack) => pack,
         Err(refusal) => {
-            let recorded = sqlx::query(
-                "INSERT INTO payment_anomalies
-                     (telegram_payment_charge_id, user_id, chat_id, invoice_payload, currency, total_amount, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (telegram_payment_charge_id) DO NOTHING",
-            )
-            .bind(charge)
-            .bind(from.id)
-            .bind(msg.chat.id)
-            .bind(&payment.invoice_payload)
-            .bind(&payment.currency)
-            .bind(payment.total_amount)
-            .bind(refusal.code())
-            .execute(&mut **tx)
-            .await?;
+            let anomaly = PaymentAnomaly {
+                telegram_payment_charge_id: charge,
+                user_id: from.id,
+                chat_id: msg.chat.id,
+                invoice_payload: &payment.invoice_payload,
+                currency: &payment.currency,
+                total_amount: payment.total_amount,
+                reason: refusal.code(),
+            };
+            let first = crate::store::payments::record_anomaly(tx, &anomaly).await?;
             tracing::error!(
                 charge = %charge, user_id = from.id, payload = %payment.invoice_payload, currency = %payment.currency,
-                total_amount = payment.total_amount, reason = refusal.code(), first = recorded.rows_affected() == 1,
+                total_amount = payment.total_amount, reason = refusal.code(), first,
                 "payment credited nothing: recorded in payment_anomalies (refund with billing-worker refund-stars)"
             );
             return Ok(IntakeOutcome::Action(Action::PaymentAnomaly { chat_id: msg.chat.id }));
@@ -448,16 +438,11 @@ async fn upsert_user(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     user: &shared::telegram::update::User,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO users (user_id, first_name, username, language_code) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (user_id) DO UPDATE SET first_name = EXCLUDED.first_name, username = EXCLUDED.username,
-             language_code = COALESCE(EXCLUDED.language_code, users.language_code), blocked_at = NULL, updated_at = now()",
-    )
-    .bind(user.id)
-    .bind(&user.first_name)
-    .bind(&user.username)
-    .bind(&user.language_code)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let row = UserRow {
+        user_id: user.id,
+        first_name: &user.first_name,
+        username: user.username.as_deref(),
+        language_code: user.language_code.as_deref(),
+    };
+    crate::store::chats::upsert_user(tx, &row).await
 }

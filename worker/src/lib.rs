@@ -11,7 +11,8 @@
 //! - [`holds`]: two-phase spending: holds on the balance before Claude is called.
 //! - [`intake`]: one transaction per update: dedup, upsert user and chat, create the job.
 //! - [`lease`]: the heartbeat loop that keeps a claimed job's lease alive.
-//! - [`store`]: the bot-database statements: claims and the fenced writes of a running job ([`store::jobs::ClaimedJob`]).
+//! - [`store`]: every statement on the bot database (jobs, updates, conversation, calls, outbox, pacing,
+//!   documents, notes, chats, payments); claims and the fenced writes of a running job ([`store::jobs::ClaimedJob`]).
 //! - [`job`]: the pipeline of one job (`load` → `build_request` → `stream_reply` → `finalize` → `deliver`).
 //! - [`actions`]: immediate actions (buttons, payments, migrations) outside jobs.
 //! - [`admins`]: whether a user administers a group (`getChatMember`, with a timeout).

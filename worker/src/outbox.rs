@@ -5,35 +5,12 @@
 //! again, which the ledger's unique event id makes harmless.
 
 use crate::context::WorkerContext;
-use serde_json::Value;
+use crate::store::outbox as store;
 use shared::amqp::{Outgoing, BILLING_ROUTING_KEY};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-/// Writes `event` to the outbox inside the caller's transaction (the one
-/// that commits what the event charges for). Writing the same event id again
-/// does nothing.
-///
-/// # Errors
-/// Database errors.
-pub async fn write(
-    conn: &mut sqlx::PgConnection,
-    event: &shared::contracts::BillingEvent,
-    job_id: Option<Uuid>,
-) -> Result<(), sqlx::Error> {
-    let payload = serde_json::to_value(event)
-        .map_err(|e| sqlx::Error::Protocol(format!("billing event does not serialize: {e}")))?;
-    sqlx::query(
-        "INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.event_id())
-    .bind(job_id)
-    .bind(payload)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+pub use crate::store::outbox::write;
 
 /// Events relayed per transaction.
 const BATCH: i64 = 100;
@@ -44,22 +21,11 @@ const BATCH: i64 = 100;
 /// Database errors; a publish failure ends the batch early (the rest stays
 /// unpublished and is retried).
 pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
-    let (backlog, age): (i64, f64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))), 0)::float8
-           FROM billing_outbox WHERE published_at IS NULL",
-    )
-    .fetch_one(&ctx.db)
-    .await?;
+    let (backlog, age) = store::backlog(&ctx.db).await?;
     metrics::gauge!("fleet_outbox_backlog").set(backlog as f64);
     metrics::gauge!("fleet_outbox_oldest_age_seconds").set(age);
     let mut tx = ctx.db.begin().await?;
-    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
-        "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
-          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = store::take_unpublished(&mut tx, BATCH).await?;
     let exchange = ctx.topology.billing_exchange();
     let mut published = Vec::with_capacity(rows.len());
     for (event_id, payload) in &rows {
@@ -84,10 +50,7 @@ pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
             }
         }
     }
-    sqlx::query("UPDATE billing_outbox SET published_at = now() WHERE event_id = ANY($1)")
-        .bind(&published)
-        .execute(&mut *tx)
-        .await?;
+    store::mark_published(&mut tx, &published).await?;
     tx.commit().await?;
     metrics::counter!("fleet_outbox_published_total").increment(published.len() as u64);
     Ok(published.len())

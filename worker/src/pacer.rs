@@ -40,31 +40,12 @@ impl Pacer {
     }
 
     async fn reserve(&self, scope: &str, interval: Duration) -> Result<Duration, sqlx::Error> {
-        sqlx::query("INSERT INTO telegram_pacing (scope) VALUES ($1) ON CONFLICT (scope) DO NOTHING")
-            .bind(scope)
-            .execute(&self.db)
-            .await?;
-        let wait: f64 = sqlx::query_scalar(
-            "UPDATE telegram_pacing SET next_free = GREATEST(now(), next_free, paused_until) + make_interval(secs => $2)
-              WHERE scope = $1
-              RETURNING GREATEST(0, EXTRACT(EPOCH FROM (next_free - make_interval(secs => $2) - now())))::float8",
-        )
-        .bind(scope)
-        .bind(interval.as_secs_f64())
-        .fetch_one(&self.db)
-        .await?;
-        Ok(Duration::from_secs_f64(wait.max(0.0)))
+        crate::store::pacing::reserve(&self.db, scope, interval).await
     }
 
     /// How long the chat is still paused by a 429.
     async fn pause_left(&self, scope: &str) -> Result<Duration, sqlx::Error> {
-        let wait: Option<f64> = sqlx::query_scalar(
-            "SELECT GREATEST(0, EXTRACT(EPOCH FROM (paused_until - now())))::float8 FROM telegram_pacing WHERE scope = $1",
-        )
-        .bind(scope)
-        .fetch_optional(&self.db)
-        .await?;
-        Ok(Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0)))
+        crate::store::pacing::pause_left(&self.db, scope).await
     }
 
     /// Waits for this chat's and the bot's next slot. If the database is
@@ -101,14 +82,7 @@ impl Pacer {
 
     /// Pauses the chat for every host until `retry_after` from now.
     pub async fn pause(&self, chat_id: i64, retry_after: Duration) {
-        let r = sqlx::query(
-            "INSERT INTO telegram_pacing (scope, paused_until) VALUES ($1, now() + make_interval(secs => $2))
-             ON CONFLICT (scope) DO UPDATE SET paused_until = GREATEST(telegram_pacing.paused_until, EXCLUDED.paused_until)",
-        )
-        .bind(format!("chat:{chat_id}"))
-        .bind(retry_after.as_secs_f64())
-        .execute(&self.db)
-        .await;
+        let r = crate::store::pacing::pause(&self.db, &format!("chat:{chat_id}"), retry_after).await;
         if let Err(e) = r {
             tracing::warn!(error.message = %e, "could not record the pause; waiting locally");
             tokio::time::sleep(retry_after).await;

@@ -63,10 +63,7 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> R
     let (doc, caption, sender) =
         parse_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {}: {e}", job.job_id)))?;
     let name = super::display_name(&doc);
-    let started: Option<i64> = sqlx::query_scalar("SELECT document_started_epoch FROM jobs WHERE job_id = $1")
-        .bind(job.job_id)
-        .fetch_one(&ctx.db)
-        .await?;
+    let started = crate::store::documents::started_epoch(&ctx.db, job.job_id).await?;
     if started.is_some_and(|e| e < lease.epoch()) {
         // An earlier attempt began reading this document and never came
         // back (its worker died): it is not tried again (poison).
@@ -110,19 +107,9 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> R
     let mut tx = ctx.db.begin().await?;
     // The quota again, under a per-user lock: two documents of one user read
     // at once in two chats cannot both pass the check made before reading.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fleet.documents.' || $1::text, 0))")
-        .bind(job.user_id)
-        .execute(&mut *tx)
-        .await?;
-    let (files, chars): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(char_length(text)), 0)::bigint FROM documents
-          WHERE user_id = $1 AND NOT (chat_id = $2 AND file_unique_id = $3)",
-    )
-    .bind(job.user_id)
-    .bind(job.chat_id)
-    .bind(&new.file_unique_id)
-    .fetch_one(&mut *tx)
-    .await?;
+    crate::store::documents::lock_quota(&mut tx, job.user_id).await?;
+    let (files, chars) =
+        crate::store::documents::totals_without(&mut tx, job.user_id, job.chat_id, &new.file_unique_id).await?;
     if files >= quota_files || chars.saturating_add(new_chars) > quota_chars {
         return Ok(Prepared::Refused(quota_notice(&name, files, chars, quota_files, quota_chars)));
     }
@@ -142,10 +129,7 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> R
 
 /// Documents and characters the user has stored.
 async fn stored_totals(ctx: &WorkerContext, user_id: i64) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as("SELECT count(*), COALESCE(sum(char_length(text)), 0)::bigint FROM documents WHERE user_id = $1")
-        .bind(user_id)
-        .fetch_one(&ctx.db)
-        .await
+    crate::store::documents::totals(&ctx.db, user_id).await
 }
 
 async fn mark_started(ctx: &WorkerContext, lease: &ClaimedJob, started: bool) -> Result<(), JobError> {

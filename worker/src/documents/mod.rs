@@ -304,22 +304,15 @@ pub async fn store(
     chat_id: i64,
     doc: &NewDocument,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO documents (user_id, chat_id, file_unique_id, file_name, mime_type, size_bytes, extraction, text)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (user_id, chat_id, file_unique_id) DO UPDATE SET file_name = EXCLUDED.file_name
-         RETURNING id",
-    )
-    .bind(user_id)
-    .bind(chat_id)
-    .bind(&doc.file_unique_id)
-    .bind(&doc.file_name)
-    .bind(&doc.mime_type)
-    .bind(i64::try_from(doc.size_bytes).unwrap_or(i64::MAX))
-    .bind(doc.extraction.as_str())
-    .bind(&doc.text)
-    .fetch_one(tx)
-    .await
+    let row = crate::store::documents::NewDocumentRow {
+        file_unique_id: &doc.file_unique_id,
+        file_name: &doc.file_name,
+        mime_type: doc.mime_type.as_deref(),
+        size_bytes: i64::try_from(doc.size_bytes).unwrap_or(i64::MAX),
+        extraction: doc.extraction.as_str(),
+        text: &doc.text,
+    };
+    crate::store::documents::insert(tx, user_id, chat_id, &row).await
 }
 
 /// The user's turn for a stored document: where it is, then the caption.

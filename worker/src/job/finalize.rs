@@ -4,6 +4,8 @@
 
 use super::{CallEnd, CallRecord, JobError, JobRow};
 use crate::context::WorkerContext;
+use crate::store::calls::{self, ApiCall};
+use crate::store::conversation::{self, TurnOf};
 use crate::store::jobs::ClaimedJob;
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -100,15 +102,8 @@ pub async fn finalize(
         // died during COMMIT): stored already, by this very lease.
         return if lease.answer_stored(&ctx.db).await? { Ok(()) } else { Err(JobError::LeaseLost) };
     }
-    sqlx::query(
-        "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content) VALUES ($1, $2, $3, 'user', $4)",
-    )
-    .bind(job.chat_id)
-    .bind(job.conversation_epoch)
-    .bind(job.job_id)
-    .bind(&job.user_content)
-    .execute(&mut *tx)
-    .await?;
+    let of = TurnOf { chat_id: job.chat_id, conversation_epoch: job.conversation_epoch, job_id: job.job_id };
+    conversation::append_user_turn(&mut tx, of, &job.user_content).await?;
     // In a group the stored history is replayed to every member: one
     // member's file and note results are stored withheld.
     let shared_turns;
@@ -122,31 +117,15 @@ pub async fn finalize(
         if blocks.is_empty() {
             continue;
         }
-        sqlx::query(
-            "INSERT INTO messages (chat_id, conversation_epoch, job_id, role, content, partial) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(job.chat_id)
-        .bind(job.conversation_epoch)
-        .bind(job.job_id)
-        .bind(role)
-        .bind(Value::Array(blocks.clone()))
-        .bind(partial && i + 1 == turns.len())
-        .execute(&mut *tx)
-        .await?;
+        conversation::append_turn(&mut tx, of, role, &Value::Array(blocks.clone()), partial && i + 1 == turns.len())
+            .await?;
     }
     for (call, model, billing, price) in priced {
         write_call(&mut tx, job, lease, call, model, billing, price, false).await?;
     }
     // After the charges, in the same transaction: settles the job's hold.
     // Tool charges were written when their tools committed; usage charges above.
-    let charge_event_ids: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT event_id FROM billing_outbox
-          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1')
-            AND (payload->>'abandoned') IS DISTINCT FROM 'true' ORDER BY event_id",
-    )
-    .bind(job.job_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let charge_event_ids = crate::store::outbox::charge_event_ids(&mut tx, job.job_id).await?;
     let release = BillingEvent::HoldRelease(HoldRelease {
         event_id: hold_release_event_id(job.job_id),
         job_id: job.job_id,
@@ -181,33 +160,22 @@ async fn write_call(
         Some(p) => (p.provider_cost, Default::default()),
         None => Default::default(),
     };
-    let inserted = sqlx::query(
-        "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
-             input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
-             provider_cost, user_charge, estimated, abandoned)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)
-         ON CONFLICT (job_id, lease_epoch, seq) DO NOTHING",
-    )
-    .bind(job.job_id)
-    .bind(call.seq)
-    .bind(lease.epoch())
-    .bind(&call.request_id)
-    .bind(&call.state.message_id)
-    .bind(&model)
-    .bind(call.state.stop_reason.as_ref().map(|s| s.as_str().to_owned()))
-    .bind(i64::try_from(tokens.input).unwrap_or(i64::MAX))
-    .bind(i64::try_from(tokens.output).unwrap_or(i64::MAX))
-    .bind(i64::try_from(tokens.cache_write_5m).unwrap_or(i64::MAX))
-    .bind(i64::try_from(tokens.cache_write_1h).unwrap_or(i64::MAX))
-    .bind(i64::try_from(tokens.cache_read).unwrap_or(i64::MAX))
-    .bind(i64::try_from(tokens.web_search_requests).unwrap_or(i64::MAX))
-    .bind(cost.0)
-    .bind(charge.0)
-    .bind(estimated)
-    .bind(abandoned)
-    .execute(&mut **tx)
-    .await?;
-    if abandoned && inserted.rows_affected() == 0 {
+    let row = ApiCall {
+        job_id: job.job_id,
+        seq: call.seq,
+        lease_epoch: lease.epoch(),
+        request_id: call.request_id.as_deref(),
+        anthropic_message_id: call.state.message_id.as_deref(),
+        model: &model,
+        stop_reason: call.state.stop_reason.as_ref().map(|s| s.as_str()),
+        tokens: &tokens,
+        provider_cost: cost.0,
+        user_charge: charge.0,
+        estimated,
+        abandoned,
+    };
+    let inserted = calls::insert_api_call(tx, &row).await?;
+    if abandoned && !inserted {
         // Recorded already under this epoch (a finalize whose commit
         // looked failed had in fact succeeded): nothing more to record.
         return Ok(());

@@ -419,8 +419,7 @@ async fn generate(
 }
 
 async fn mark_blocked(ctx: &WorkerContext, user_id: i64) -> Result<(), JobError> {
-    sqlx::query("UPDATE users SET blocked_at = now() WHERE user_id = $1").bind(user_id).execute(&ctx.db).await?;
-    Ok(())
+    Ok(crate::store::chats::mark_blocked(&ctx.db, user_id).await?)
 }
 
 async fn deliver(

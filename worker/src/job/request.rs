@@ -6,61 +6,14 @@ use crate::context::WorkerContext;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-/// A job with what the pipeline needs of its chat.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct JobRow {
-    /// The job.
-    pub job_id: Uuid,
-    /// Its chat.
-    pub chat_id: i64,
-    /// Who asked.
-    pub user_id: i64,
-    /// Source update.
-    pub update_id: i64,
-    /// `chat`, `command` or `document`.
-    pub kind: crate::store::jobs::JobKind,
-    /// The user's turn (content blocks) or `{"command": …}`.
-    pub user_content: Value,
-    /// `private`, `group`, `supergroup`.
-    pub chat_kind: String,
-    /// Current conversation of the chat.
-    pub conversation_epoch: i32,
-    /// The forum topic to answer in (`jobs.message_thread_id`).
-    pub message_thread_id: Option<i64>,
-    /// Telegram messages already sent for this job (by an earlier attempt).
-    pub reply_message_ids: Vec<i64>,
-    /// True once an attempt's `finalize` committed the answer.
-    pub answer_stored: bool,
-    /// The reply that attempt stored, to deliver as is.
-    pub stored_reply: Option<String>,
-}
-
-impl JobRow {
-    /// True in private chats (drafts allowed).
-    pub fn is_private(&self) -> bool {
-        self.chat_kind == "private"
-    }
-
-    /// A non-zero draft id, stable for the job (Bot API 9.3 `sendMessageDraft`).
-    pub fn draft_id(&self) -> i64 {
-        let bits = (self.job_id.as_u128() & 0x7fff_ffff_ffff_ffff) as i64;
-        bits | 1
-    }
-}
+pub use crate::store::jobs::JobRow;
 
 /// Loads the job.
 ///
 /// # Errors
 /// Database errors (`RowNotFound` for an unknown id).
 pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError> {
-    Ok(sqlx::query_as(
-        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch, j.message_thread_id,
-                j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
-           FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
-    )
-    .bind(job_id)
-    .fetch_one(&ctx.db)
-    .await?)
+    Ok(crate::store::jobs::load(&ctx.db, job_id).await?)
 }
 
 /// The answer text stored by an earlier attempt of this job, if any.
@@ -68,12 +21,7 @@ pub async fn load(ctx: &WorkerContext, job_id: Uuid) -> Result<JobRow, JobError>
 /// # Errors
 /// Database errors.
 pub async fn stored_answer(ctx: &WorkerContext, job: &JobRow) -> Result<Option<String>, JobError> {
-    let content: Option<Value> = sqlx::query_scalar(
-        "SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' ORDER BY id DESC LIMIT 1",
-    )
-    .bind(job.job_id)
-    .fetch_optional(&ctx.db)
-    .await?;
+    let content = crate::store::conversation::last_answer(&ctx.db, job.job_id).await?;
     Ok(content.map(|c| text_of(&c)))
 }
 
@@ -119,13 +67,7 @@ pub fn validate_content(content: &Value) -> Result<(), String> {
 /// # Errors
 /// Database errors, or `Invalid` when the job's own user turn is invalid.
 pub async fn build_request(ctx: &WorkerContext, job: &JobRow) -> Result<Value, JobError> {
-    let rows: Vec<(i64, String, Value)> = sqlx::query_as(
-        "SELECT id, role, content FROM messages WHERE chat_id = $1 AND conversation_epoch = $2 ORDER BY id",
-    )
-    .bind(job.chat_id)
-    .bind(job.conversation_epoch)
-    .fetch_all(&ctx.db)
-    .await?;
+    let rows = crate::store::conversation::history(&ctx.db, job.chat_id, job.conversation_epoch).await?;
     validate_content(&job.user_content).map_err(|e| JobError::Invalid(format!("job {} user turn: {e}", job.job_id)))?;
     let mut history: Vec<(i64, String, Value)> = rows;
     history.push((0, "user".to_owned(), job.user_content.clone()));

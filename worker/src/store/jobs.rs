@@ -546,6 +546,63 @@ pub async fn running_in_chat<'e>(db: impl PgExecutor<'e>, chat_id: i64) -> Resul
         .await
 }
 
+/// A job with what the pipeline needs of its chat.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its chat.
+    pub chat_id: i64,
+    /// Who asked.
+    pub user_id: i64,
+    /// Source update.
+    pub update_id: i64,
+    /// `chat`, `command` or `document`.
+    pub kind: JobKind,
+    /// The user's turn (content blocks) or `{"command": …}`.
+    pub user_content: serde_json::Value,
+    /// `private`, `group`, `supergroup`.
+    pub chat_kind: String,
+    /// Current conversation of the chat.
+    pub conversation_epoch: i32,
+    /// The forum topic to answer in (`jobs.message_thread_id`).
+    pub message_thread_id: Option<i64>,
+    /// Telegram messages already sent for this job (by an earlier attempt).
+    pub reply_message_ids: Vec<i64>,
+    /// True once an attempt's `finalize` committed the answer.
+    pub answer_stored: bool,
+    /// The reply that attempt stored, to deliver as is.
+    pub stored_reply: Option<String>,
+}
+
+impl JobRow {
+    /// True in private chats (drafts allowed).
+    pub fn is_private(&self) -> bool {
+        self.chat_kind == "private"
+    }
+
+    /// A non-zero draft id, stable for the job (Bot API 9.3 `sendMessageDraft`).
+    pub fn draft_id(&self) -> i64 {
+        let bits = (self.job_id.as_u128() & 0x7fff_ffff_ffff_ffff) as i64;
+        bits | 1
+    }
+}
+
+/// Loads job `job_id` with its chat's kind and conversation.
+///
+/// # Errors
+/// Database errors (`RowNotFound` for an unknown id).
+pub async fn load<'e>(db: impl PgExecutor<'e>, job_id: Uuid) -> Result<JobRow, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch, j.message_thread_id,
+                j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
+           FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(db)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! long file never floods the context. A user sees only their own files, and
 //! only those sent in the job's chat (a group never sees a private file).
 
+use crate::store::documents;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 
@@ -13,32 +14,14 @@ pub const MAX_READ_CHARS: i64 = 20_000;
 /// Most files `list_files` lists.
 const MAX_LISTED: i64 = 50;
 
-/// One row of `list_files`.
-#[derive(sqlx::FromRow)]
-struct Listed {
-    id: i64,
-    file_name: String,
-    mime_type: Option<String>,
-    size_bytes: i64,
-    chars: i64,
-    created_at: chrono::DateTime<chrono::Utc>,
-}
-
 /// The user's files sent in `chat_id`, newest first.
 ///
 /// # Errors
 /// The database error, as a message for the model.
 pub async fn list(conn: &mut PgConnection, user_id: i64, chat_id: i64) -> Result<String, String> {
-    let rows: Vec<Listed> = sqlx::query_as(
-        "SELECT id, file_name, mime_type, size_bytes, char_length(text)::bigint AS chars, created_at
-           FROM documents WHERE user_id = $1 AND chat_id = $2 ORDER BY id DESC LIMIT $3",
-    )
-    .bind(user_id)
-    .bind(chat_id)
-    .bind(MAX_LISTED)
-    .fetch_all(conn)
-    .await
-    .map_err(|e| format!("could not list the files: {e}"))?;
+    let rows = documents::list(conn, user_id, chat_id, MAX_LISTED)
+        .await
+        .map_err(|e| format!("could not list the files: {e}"))?;
     let files: Vec<Value> = rows
         .into_iter()
         .map(|f| {
@@ -63,18 +46,10 @@ pub async fn read(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &V
         return Err(format!("offset must be at least 0 and max_chars between 1 and {MAX_READ_CHARS}"));
     }
     let start = offset.checked_add(1).and_then(|s| i32::try_from(s).ok()).ok_or("offset is too large")?;
-    let row: Option<(String, i64, String)> = sqlx::query_as(
-        "SELECT file_name, char_length(text)::bigint, substr(text, $4, $5) FROM documents
-          WHERE id = $1 AND user_id = $2 AND chat_id = $3",
-    )
-    .bind(id)
-    .bind(user_id)
-    .bind(chat_id)
-    .bind(start)
-    .bind(i32::try_from(max_chars).unwrap_or(i32::MAX))
-    .fetch_optional(conn)
-    .await
-    .map_err(|e| format!("could not read the file: {e}"))?;
+    let len = i32::try_from(max_chars).unwrap_or(i32::MAX);
+    let row = documents::read_slice(conn, id, user_id, chat_id, start, len)
+        .await
+        .map_err(|e| format!("could not read the file: {e}"))?;
     let Some((name, total, text)) = row else {
         return Err(format!("there is no file with id {id} in this chat: list_files shows the user's files here"));
     };

@@ -21,14 +21,9 @@ pub async fn remember(conn: &mut PgConnection, user_id: i64, chat_id: i64, input
     if note.chars().count() > MAX_NOTE_CHARS {
         return Err(format!("the note is longer than {MAX_NOTE_CHARS} characters"));
     }
-    let id: i64 =
-        sqlx::query_scalar("INSERT INTO user_notes (user_id, chat_id, note) VALUES ($1, $2, $3) RETURNING id")
-            .bind(user_id)
-            .bind(chat_id)
-            .bind(note)
-            .fetch_one(conn)
-            .await
-            .map_err(|e| format!("could not store the note: {e}"))?;
+    let id = crate::store::notes::insert(conn, user_id, chat_id, note)
+        .await
+        .map_err(|e| format!("could not store the note: {e}"))?;
     Ok(json!({ "stored": true, "note_id": id }).to_string())
 }
 
@@ -38,17 +33,9 @@ pub async fn remember(conn: &mut PgConnection, user_id: i64, chat_id: i64, input
 /// The database error, as a message.
 pub async fn recall(conn: &mut PgConnection, user_id: i64, chat_id: i64, input: &Value) -> Result<String, String> {
     let query = input.get("query").and_then(Value::as_str).unwrap_or_default();
-    let notes: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT note, created_at FROM user_notes
-          WHERE user_id = $1 AND chat_id = $2 AND ($3 = '' OR note ILIKE '%' || $3 || '%')
-          ORDER BY id DESC LIMIT 50",
-    )
-    .bind(user_id)
-    .bind(chat_id)
-    .bind(query)
-    .fetch_all(conn)
-    .await
-    .map_err(|e| format!("could not read notes: {e}"))?;
+    let notes = crate::store::notes::recall(conn, user_id, chat_id, query)
+        .await
+        .map_err(|e| format!("could not read notes: {e}"))?;
     let list: Vec<Value> = notes.into_iter().map(|(n, at)| json!({ "note": n, "saved_at": at.to_rfc3339() })).collect();
     Ok(json!({ "notes": list }).to_string())
 }

@@ -21,6 +21,7 @@
 use super::{calculator, clock, files, notes, ToolOutcome};
 use crate::context::WorkerContext;
 use crate::job::{JobError, JobRow};
+use crate::store::calls::{self, FailedToolCall};
 use crate::store::jobs::ClaimedJob;
 use chrono::Utc;
 use serde_json::Value;
@@ -106,17 +107,7 @@ async fn run_checked(
     let Some(pid) = lease.begin_tool(&mut tx, &server_timeout).await? else {
         return Err(JobError::LeaseLost);
     };
-    let claimed = sqlx::query(
-        "INSERT INTO tool_calls (job_id, tool_use_id, name, input) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (job_id, tool_use_id) DO NOTHING",
-    )
-    .bind(job.job_id)
-    .bind(id)
-    .bind(name)
-    .bind(input)
-    .execute(&mut *tx)
-    .await?;
-    if claimed.rows_affected() == 0 {
+    if !calls::begin_tool_call(&mut tx, job.job_id, id, name, input).await? {
         // The same id ran at the same time and committed: its result stands.
         tx.rollback().await?;
         let outcome = previous(&mut conn, job, id, name).await?;
@@ -132,13 +123,7 @@ async fn run_checked(
     match ran {
         Ran::Finished(Ok(output)) => {
             let price = ctx.prices.tool_price(name);
-            sqlx::query("UPDATE tool_calls SET output = $3, duration_ms = $4 WHERE job_id = $1 AND tool_use_id = $2")
-                .bind(job.job_id)
-                .bind(id)
-                .bind(Value::String(output.clone()))
-                .bind(elapsed_ms(started))
-                .execute(&mut *tx)
-                .await?;
+            calls::finish_tool_call(&mut tx, job.job_id, id, &output, elapsed_ms(started)).await?;
             if price.0 > rust_decimal::Decimal::ZERO {
                 let event = BillingEvent::ToolCharge(ToolCharge {
                     event_id: tool_event_id(job.job_id, id),
@@ -183,9 +168,7 @@ async fn run_checked(
 /// statement, the queued `ROLLBACK` undoes the transaction, and the
 /// connection is closed instead of being waited for or reused.
 async fn abandon(ctx: &WorkerContext, mut conn: PoolConnection<Postgres>, pid: i32) {
-    let cancelled: Result<bool, sqlx::Error> =
-        sqlx::query_scalar("SELECT pg_cancel_backend($1)").bind(pid).fetch_one(&ctx.db).await;
-    if let Err(e) = cancelled {
+    if let Err(e) = calls::cancel_backend(&ctx.db, pid).await {
         // The server-side statement_timeout ends it instead.
         tracing::warn!(error.message = %e, "could not cancel the statement of a cut-off tool");
     }
@@ -199,12 +182,7 @@ async fn previous(
     id: &str,
     name: &str,
 ) -> Result<Option<ToolOutcome>, JobError> {
-    let previous: Option<(Option<Value>, bool)> =
-        sqlx::query_as("SELECT output, is_error FROM tool_calls WHERE job_id = $1 AND tool_use_id = $2")
-            .bind(job.job_id)
-            .bind(id)
-            .fetch_optional(conn)
-            .await?;
+    let previous = calls::previous_tool_call(conn, job.job_id, id).await?;
     Ok(previous.map(|(output, is_error)| {
         tracing::info!(tool_use_id = %id, "tool_use id seen before in this job; not run again");
         let content = output.and_then(|o| o.as_str().map(str::to_owned)).unwrap_or_default();
@@ -227,19 +205,9 @@ async fn record_error(
     error: &str,
     started: Instant,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO tool_calls (job_id, tool_use_id, name, input, output, is_error, duration_ms)
-         VALUES ($1, $2, $3, $4, $5, true, $6) ON CONFLICT (job_id, tool_use_id) DO NOTHING",
-    )
-    .bind(job.job_id)
-    .bind(id)
-    .bind(name)
-    .bind(input)
-    .bind(Value::String(error.to_owned()))
-    .bind(elapsed_ms(started))
-    .execute(conn)
-    .await?;
-    Ok(())
+    let call =
+        FailedToolCall { job_id: job.job_id, tool_use_id: id, name, input, error, duration_ms: elapsed_ms(started) };
+    calls::record_failed_tool_call(conn, &call).await
 }
 
 fn elapsed_ms(started: Instant) -> i32 {

@@ -1,0 +1,87 @@
+//! `billing_outbox`: billing events written in the transaction that commits
+//! what they charge for, and the relay's reads and marks (DESIGN §5.4).
+
+use serde_json::Value;
+use shared::contracts::BillingEvent;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+/// Writes `event` to the outbox inside the caller's transaction (the one
+/// that commits what the event charges for). Writing the same event id again
+/// does nothing.
+///
+/// # Errors
+/// Database errors (an event that does not serialize is a `Protocol` error).
+pub async fn write(conn: &mut PgConnection, event: &BillingEvent, job_id: Option<Uuid>) -> Result<(), sqlx::Error> {
+    let payload = serde_json::to_value(event)
+        .map_err(|e| sqlx::Error::Protocol(format!("billing event does not serialize: {e}")))?;
+    sqlx::query(
+        "INSERT INTO billing_outbox (event_id, job_id, payload) VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id())
+    .bind(job_id)
+    .bind(payload)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The job's usage and tool charges in the outbox (not the provider-cost
+/// records of abandoned attempts), ordered by event id: what its hold
+/// release waits for.
+///
+/// # Errors
+/// Database errors.
+pub async fn charge_event_ids(tx: &mut PgConnection, job_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    // TODO(issue 14, slice 3): the serde tags below go when `billing_outbox`
+    // gets a `kind` column written from `BillingEvent::kind()`.
+    sqlx::query_scalar(
+        "SELECT event_id FROM billing_outbox
+          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1')
+            AND (payload->>'abandoned') IS DISTINCT FROM 'true' ORDER BY event_id",
+    )
+    .bind(job_id)
+    .fetch_all(tx)
+    .await
+}
+
+/// Unpublished events: how many, and the age of the oldest (seconds; 0
+/// when there is none).
+///
+/// # Errors
+/// Database errors.
+pub async fn backlog<'e>(db: impl PgExecutor<'e>) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM (now() - min(created_at))), 0)::float8
+           FROM billing_outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Takes up to `limit` unpublished events, oldest first, locked in `tx`
+/// (`SKIP LOCKED`: another relay takes the others): `(event_id, payload)`.
+///
+/// # Errors
+/// Database errors.
+pub async fn take_unpublished(tx: &mut PgConnection, limit: i64) -> Result<Vec<(Uuid, Value)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
+          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(tx)
+    .await
+}
+
+/// Marks the events published.
+///
+/// # Errors
+/// Database errors.
+pub async fn mark_published(tx: &mut PgConnection, event_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE billing_outbox SET published_at = now() WHERE event_id = ANY($1)")
+        .bind(event_ids)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
