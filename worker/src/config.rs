@@ -226,7 +226,7 @@ impl Settings {
         if self.tool_timeout_s == 0 {
             return Err("TOOL_TIMEOUT_S must be positive".into());
         }
-        if self.document_max_bytes == 0 || self.document_max_bytes > crate::documents::BOT_API_MAX_BYTES {
+        if self.document_max_bytes == 0 || self.document_max_bytes > shared::telegram::MAX_DOWNLOAD_BYTES {
             return Err("DOCUMENT_MAX_BYTES must be between 1 and 20971520 (the Bot API's download limit)".into());
         }
         if self.document_download_timeout_s == 0 {
@@ -283,18 +283,6 @@ impl Settings {
         match bounds.iter().find(|(_, value, max)| value > max) {
             Some((name, value, max)) => Err(format!("{name} is {value}: at most {max}")),
             None => Ok(()),
-        }
-    }
-
-    /// The limits of one sandboxed PDF extraction.
-    pub fn extract_limits(&self) -> crate::documents::ExtractLimits {
-        crate::documents::ExtractLimits {
-            max_chars: self.document_max_chars,
-            max_pages: self.document_max_pages,
-            max_decompressed_bytes: self.document_max_decompressed_mib.saturating_mul(1024 * 1024),
-            cpu_s: self.document_extract_cpu_s,
-            memory_mib: self.document_extract_memory_mib,
-            max_input_bytes: self.document_max_bytes,
         }
     }
 }

@@ -11,6 +11,10 @@ pub mod split;
 pub mod update;
 
 pub use bot::{BotApi, TelegramError};
+
+/// The largest file a bot may download through the public Bot API, bytes
+/// (Bot API, "getFile": "bots can download files of up to 20MB in size").
+pub const MAX_DOWNLOAD_BYTES: u64 = 20 * 1024 * 1024;
 pub use markdown::{split_formatted, to_entities, Entity, Formatted};
 pub use split::{split_message, utf16_len, MAX_MESSAGE_UTF16};
 pub use update::{Incoming, RoutingInfo, UpdateError};

@@ -27,7 +27,7 @@ use shared::telegram::TelegramError;
 use std::time::Duration;
 
 /// The largest file the public Bot API lets a bot download (20 MB).
-pub const BOT_API_MAX_BYTES: u64 = 20 * 1024 * 1024;
+pub const BOT_API_MAX_BYTES: u64 = shared::telegram::MAX_DOWNLOAD_BYTES;
 
 /// How a document's text was obtained (`documents.extraction`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,18 @@ fn kind_of(file_name: &str, mime_type: Option<&str>) -> Kind {
     }
 }
 
+/// The limits of one sandboxed PDF extraction, from the worker's settings.
+pub fn limits_of(settings: &crate::config::Settings) -> ExtractLimits {
+    ExtractLimits {
+        max_chars: settings.document_max_chars,
+        max_pages: settings.document_max_pages,
+        max_decompressed_bytes: settings.document_max_decompressed_mib.saturating_mul(1024 * 1024),
+        cpu_s: settings.document_extract_cpu_s,
+        memory_mib: settings.document_extract_memory_mib,
+        max_input_bytes: settings.document_max_bytes,
+    }
+}
+
 /// Downloads `doc` (under `DOCUMENT_DOWNLOAD_TIMEOUT_S`) and extracts its
 /// text (a PDF in the sandbox, under its own limits).
 ///
@@ -158,7 +170,7 @@ pub async fn fetch(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, Teleg
     let size_bytes = bytes.len() as u64;
     let sandbox = Sandbox {
         program: ctx.extractor.clone(),
-        limits: ctx.settings.extract_limits(),
+        limits: limits_of(&ctx.settings),
         wall_clock: Duration::from_secs(ctx.settings.document_extract_timeout_s),
     };
     // At most DOCUMENT_EXTRACT_CONCURRENCY children at once; a closed
