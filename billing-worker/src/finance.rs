@@ -5,6 +5,7 @@
 
 use crate::ledger::{self, Posting};
 use crate::provider::{ProviderTotals, UsageReportClient, TOKEN_CLASSES};
+use billing::{Account, EntryKind};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, Topology, BILLING_ROUTING_KEY};
@@ -494,7 +495,7 @@ fn signed(n: i128) -> String {
 /// `(entry_id, kind, debit, credit, amount, estimated, memo)`.
 type EntryRow = (i64, String, String, String, Decimal, bool, Option<String>);
 /// `(kind, debit account, amount, user, job)` of a charge's entries.
-type ChargeRow = (String, String, Decimal, Option<i64>, Option<Uuid>);
+type ChargeRow = (EntryKind, Account, Decimal, Option<i64>, Option<Uuid>);
 
 /// One charge's trace: the event, its entries and their accounts.
 ///
@@ -533,9 +534,10 @@ pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
 pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<String> {
     let rows: Vec<ChargeRow> = sqlx::query_as(
         "SELECT kind, debit_account, amount, user_id, job_id FROM ledger_entries
-          WHERE event_id = $1 AND kind IN ('usage_charge', 'tool_charge')",
+          WHERE event_id = $1 AND kind = ANY($2)",
     )
     .bind(event)
+    .bind([EntryKind::UsageCharge.as_str(), EntryKind::ToolCharge.as_str()])
     .fetch_all(db)
     .await?;
     let Some((_, account, _, user, job)) = rows.first().cloned() else {
@@ -543,7 +545,7 @@ pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<St
     };
     let amount: Decimal = rows.iter().map(|r| r.2).sum();
     let refund_id = Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, format!("refund:{event}").as_bytes());
-    let postings = [Posting { debit: "system:revenue".into(), credit: account, amount, kind: "refund" }];
+    let postings = [Posting { debit: Account::REVENUE, credit: account, amount, kind: EntryKind::Refund }];
     let meta = ledger::EntryMeta {
         user_id: user,
         job_id: job,

@@ -7,7 +7,8 @@
 //! - [`config`]: settings and subcommands (`--help`).
 //! - [`anomalies`]: Stars payments that credited nothing (bot database), for
 //!   `payment-anomalies` and `refund-stars`.
-//! - [`ledger`]: postings of each event kind, applied in one transaction.
+//! - [`ledger`]: the `billing` crate's ledger (re-exported): the billing
+//!   database's tables are written only by that crate.
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
 //! - [`finance`]: dead letters, reconciliation, explain, refunds.
 //! - [`provider`]: the provider's usage report (Anthropic Admin API), for
@@ -18,8 +19,8 @@ pub mod anomalies;
 pub mod config;
 pub mod consumer;
 pub mod finance;
-pub mod ledger;
 pub mod provider;
 pub mod startup;
 
+pub use billing::ledger;
 pub use config::Settings;

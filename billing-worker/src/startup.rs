@@ -181,9 +181,9 @@ async fn refund_stars(
     refund_at_telegram(settings, user, charge).await?;
     let postings = [ledger::Posting {
         debit: ledger::user_account(user),
-        credit: "system:payments".into(),
+        credit: billing::Account::PAYMENTS,
         amount: credit,
-        kind: "refund",
+        kind: billing::EntryKind::Refund,
     }];
     let meta = ledger::EntryMeta {
         user_id: Some(user),
@@ -218,7 +218,7 @@ async fn refund_at_telegram(settings: &Settings, user: i64, charge: &str) -> any
 /// Voids expired holds every minute until `shutdown`.
 async fn sweep_holds(db: sqlx::PgPool, shutdown: CancellationToken) {
     loop {
-        match ledger::sweep_expired_holds(&db).await {
+        match billing::holds::sweep_expired(&db).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(holds = n, "expired holds voided"),
             Err(e) => tracing::warn!(error.message = %e, "hold sweep failed"),

@@ -105,6 +105,21 @@ pub struct TopUp {
 }
 
 impl BillingEvent {
+    /// Every event's [`kind`](Self::kind), in declaration order.
+    pub const KINDS: [&'static str; 4] = ["usage_charge.v1", "tool_charge.v1", "top_up.v1", "hold_release.v1"];
+
+    /// The serde tag of the event (`"type"` in JSON, `applied_events.kind`
+    /// in the billing database): SQL binds this, never a literal tag.
+    pub fn kind(&self) -> &'static str {
+        let [usage, tool, top_up, release] = Self::KINDS;
+        match self {
+            Self::UsageCharge(_) => usage,
+            Self::ToolCharge(_) => tool,
+            Self::TopUp(_) => top_up,
+            Self::HoldRelease(_) => release,
+        }
+    }
+
     /// The idempotency key.
     pub fn event_id(&self) -> Uuid {
         match self {
@@ -234,8 +249,25 @@ mod tests {
         });
         let json = serde_json::to_value(&ev).unwrap();
         assert_eq!(json["type"], "tool_charge.v1");
+        assert_eq!(json["type"], ev.kind());
         assert_eq!(json["user_charge"], "0.0005");
         let back: BillingEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn the_kinds_are_exactly_the_serde_tags_of_billing_event() {
+        let source = include_str!("contracts.rs");
+        let start = source.find("pub enum BillingEvent").unwrap();
+        let body = &source[start..start + source[start..].find("\n}").unwrap()];
+        let tags: Vec<&str> = body.split("#[serde(rename = \"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        assert_eq!(tags, BillingEvent::KINDS);
+        let release = BillingEvent::HoldRelease(HoldRelease {
+            event_id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            user_id: 1,
+            charge_event_ids: Vec::new(),
+        });
+        assert_eq!(serde_json::to_value(&release).unwrap()["type"], release.kind());
     }
 }
