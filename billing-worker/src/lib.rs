@@ -9,6 +9,8 @@
 //!   `payment-anomalies` and `refund-stars`.
 //! - [`ledger`]: the `billing` crate's ledger (re-exported): the billing
 //!   database's tables are written only by that crate.
+//! - [`bot_db`]: the outbox and `api_calls` of the bot database, read for
+//!   reconciliation as typed events (no JSON path, no tag in SQL).
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
 //! - [`finance`]: dead letters, reconciliation, explain, refunds.
 //! - [`provider`]: the provider's usage report (Anthropic Admin API), for
@@ -16,6 +18,7 @@
 //! - [`startup`]: building and running the app, and the CLI commands.
 
 pub mod anomalies;
+pub mod bot_db;
 pub mod config;
 pub mod consumer;
 pub mod finance;

@@ -190,9 +190,9 @@ async fn refund_stars(
         memo: Some(format!("refund of Stars charge {charge}")),
         ..Default::default()
     };
-    let payload = serde_json::json!({ "type": "stars_refund.v1", "charge": charge, "user_id": user, "amount": credit.to_string() });
+    let payload = serde_json::json!({ "type": ledger::STARS_REFUND_KIND, "charge": charge, "user_id": user, "amount": credit.to_string() });
     let mut tx = db.begin().await?;
-    ledger::apply_postings(&mut tx, refund_id, "stars_refund.v1", &payload, &postings, &meta).await?;
+    ledger::apply_postings(&mut tx, refund_id, ledger::STARS_REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
 }

@@ -15,6 +15,13 @@ use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
+/// `applied_events.kind` of an operator's grant ([`grant`]).
+pub const GRANT_KIND: &str = "grant.v1";
+/// `applied_events.kind` of a charge refunded by finance.
+pub const REFUND_KIND: &str = "refund.v1";
+/// `applied_events.kind` of a Stars payment refunded at Telegram.
+pub const STARS_REFUND_KIND: &str = "stars_refund.v1";
+
 /// Ledger failures, classified for retry.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -466,12 +473,12 @@ pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -
     if amount <= Decimal::ZERO {
         return Err(LedgerError::Invalid("a grant must be positive".into()));
     }
-    let payload = serde_json::json!({ "type": "grant.v1", "user_id": user_id, "amount": amount.to_string() });
+    let payload = serde_json::json!({ "type": GRANT_KIND, "user_id": user_id, "amount": amount.to_string() });
     let postings =
         [Posting { debit: Account::PAYMENTS, credit: user_account(user_id), amount, kind: EntryKind::Grant }];
     let meta = EntryMeta { user_id: Some(user_id), memo: Some("grant".into()), ..Default::default() };
     let mut tx = db.begin().await?;
-    let applied = apply_postings(&mut tx, event_id, "grant.v1", &payload, &postings, &meta).await?;
+    let applied = apply_postings(&mut tx, event_id, GRANT_KIND, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         tx.commit().await?;
     }

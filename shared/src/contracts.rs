@@ -105,18 +105,25 @@ pub struct TopUp {
 }
 
 impl BillingEvent {
+    /// The [`kind`](Self::kind) of [`Self::UsageCharge`].
+    pub const USAGE_CHARGE: &'static str = "usage_charge.v1";
+    /// The [`kind`](Self::kind) of [`Self::ToolCharge`].
+    pub const TOOL_CHARGE: &'static str = "tool_charge.v1";
+    /// The [`kind`](Self::kind) of [`Self::TopUp`].
+    pub const TOP_UP: &'static str = "top_up.v1";
+    /// The [`kind`](Self::kind) of [`Self::HoldRelease`].
+    pub const HOLD_RELEASE: &'static str = "hold_release.v1";
     /// Every event's [`kind`](Self::kind), in declaration order.
-    pub const KINDS: [&'static str; 4] = ["usage_charge.v1", "tool_charge.v1", "top_up.v1", "hold_release.v1"];
+    pub const KINDS: [&'static str; 4] = [Self::USAGE_CHARGE, Self::TOOL_CHARGE, Self::TOP_UP, Self::HOLD_RELEASE];
 
     /// The serde tag of the event (`"type"` in JSON, `applied_events.kind`
     /// in the billing database): SQL binds this, never a literal tag.
     pub fn kind(&self) -> &'static str {
-        let [usage, tool, top_up, release] = Self::KINDS;
         match self {
-            Self::UsageCharge(_) => usage,
-            Self::ToolCharge(_) => tool,
-            Self::TopUp(_) => top_up,
-            Self::HoldRelease(_) => release,
+            Self::UsageCharge(_) => Self::USAGE_CHARGE,
+            Self::ToolCharge(_) => Self::TOOL_CHARGE,
+            Self::TopUp(_) => Self::TOP_UP,
+            Self::HoldRelease(_) => Self::HOLD_RELEASE,
         }
     }
 
