@@ -322,8 +322,10 @@ async fn notify_user(ctx: &BillingContext, payload: Option<&serde_json::Value>) 
     let (Some(bot), Some(p)) = (&ctx.telegram, payload) else { return };
     let Some(user) = p.get("user_id").and_then(serde_json::Value::as_i64) else { return };
     let what = match p.get("type").and_then(serde_json::Value::as_str) {
-        Some("top_up.v1") => "A top-up of yours could not be booked yet; it is pending review and will be credited.",
-        Some("hold_release.v1") => return,
+        Some(BillingEvent::TOP_UP) => {
+            "A top-up of yours could not be booked yet; it is pending review and will be credited."
+        }
+        Some(BillingEvent::HOLD_RELEASE) => return,
         _ => "A charge for one of your recent answers is pending review. You will not be charged twice.",
     };
     if let Err(e) = bot.send_message(user, what, None).await {

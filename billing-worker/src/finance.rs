@@ -3,11 +3,14 @@
 //! admin key, of our token counts against the provider's usage report), one
 //! charge's trace, and refunds as correcting entries (DESIGN §7a).
 
+use crate::bot_db::DailyTokens;
 use crate::ledger::{self, Posting};
-use crate::provider::{ProviderTotals, UsageReportClient, TOKEN_CLASSES};
+use crate::provider::{token_classes, ProviderTotals, UsageReportClient};
+use billing::{Account, EntryKind};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, Topology, BILLING_ROUTING_KEY};
+use shared::contracts::BillingEvent;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -220,36 +223,38 @@ pub async fn reconcile(
     to: chrono::NaiveDate,
 ) -> Result<Reconciliation, sqlx::Error> {
     let mut r = Reconciliation::default();
-    let outbox: Vec<(Uuid, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT event_id, payload, created_at FROM billing_outbox WHERE created_at::date BETWEEN $1 AND $2",
+    let outbox = crate::bot_db::outbox_between(bot, from, to).await?;
+    // The kinds bound from the type: a new event version is compared too.
+    let applied: Vec<(Uuid, Value)> = sqlx::query_as(
+        "SELECT event_id, payload FROM applied_events WHERE kind = ANY($3) AND applied_at::date BETWEEN $1 AND $2 + 1",
     )
     .bind(from)
     .bind(to)
-    .fetch_all(bot)
+    .bind(BillingEvent::KINDS)
+    .fetch_all(billing)
     .await?;
-    let applied: Vec<(Uuid, Value)> =
-        sqlx::query_as("SELECT event_id, payload FROM applied_events WHERE kind IN ('usage_charge.v1', 'tool_charge.v1', 'top_up.v1', 'hold_release.v1') AND applied_at::date BETWEEN $1 AND $2 + 1")
-            .bind(from)
-            .bind(to)
-            .fetch_all(billing)
-            .await?;
     let applied_ids: BTreeMap<Uuid, &Value> = applied.iter().map(|(id, p)| (*id, p)).collect();
-    let outbox_ids: BTreeMap<Uuid, &Value> = outbox.iter().map(|(id, p, _)| (*id, p)).collect();
-    for (id, payload, at) in &outbox {
-        let day = at.date_naive();
-        for (class, amount) in amounts(payload) {
-            let key = format!("{day} {} {class}", payload.get("model").and_then(Value::as_str).unwrap_or("-"));
+    let outbox_ids: BTreeMap<Uuid, &Value> = outbox.iter().map(|o| (o.event_id, &o.payload)).collect();
+    for o in &outbox {
+        let day = o.created_at.date_naive();
+        let model = match &o.event {
+            Some(BillingEvent::UsageCharge(c)) => c.model.as_str(),
+            _ => "-",
+        };
+        for (class, amount) in amounts(o.event.as_ref()) {
+            let key = format!("{day} {model} {class}");
             r.totals.entry(key.clone()).or_default().0 += amount;
-            if applied_ids.contains_key(id) {
+            if applied_ids.contains_key(&o.event_id) {
                 r.totals.entry(key).or_default().1 += amount;
             }
         }
-        if !applied_ids.contains_key(id) {
-            r.missing_in_ledger.push(drill_down(*id, payload));
+        if !applied_ids.contains_key(&o.event_id) {
+            r.missing_in_ledger.push(drill_down(o.event_id, &o.payload));
         }
     }
     for (id, payload) in &applied {
-        if !outbox_ids.contains_key(id) && payload.get("type").and_then(Value::as_str) != Some("top_up.v1") {
+        let top_up = payload.get("type").and_then(Value::as_str) == Some(BillingEvent::TOP_UP);
+        if !outbox_ids.contains_key(id) && !top_up {
             r.missing_in_outbox.push(drill_down(*id, payload));
         }
     }
@@ -337,40 +342,11 @@ pub async fn compare_provider(
     to: chrono::NaiveDate,
     provider: &ProviderTotals,
 ) -> Result<BTreeMap<String, TokenTotals>, sqlx::Error> {
-    /// `(day, model, input, output, cache_write_5m, cache_write_1h, cache_read, web_search_requests)`.
-    type Row = (chrono::NaiveDate, String, i64, i64, i64, i64, i64, i64);
-    let outbox: Vec<Row> = sqlx::query_as(
-        "SELECT (created_at AT TIME ZONE 'UTC')::date, COALESCE(payload->>'model', '-'),
-                COALESCE(sum((payload->'tokens'->>'input')::bigint), 0)::bigint,
-                COALESCE(sum((payload->'tokens'->>'output')::bigint), 0)::bigint,
-                COALESCE(sum((payload->'tokens'->>'cache_write_5m')::bigint), 0)::bigint,
-                COALESCE(sum((payload->'tokens'->>'cache_write_1h')::bigint), 0)::bigint,
-                COALESCE(sum((payload->'tokens'->>'cache_read')::bigint), 0)::bigint,
-                COALESCE(sum((payload->'tokens'->>'web_search_requests')::bigint), 0)::bigint
-           FROM billing_outbox
-          WHERE payload->>'type' = 'usage_charge.v1' AND (created_at AT TIME ZONE 'UTC')::date BETWEEN $1 AND $2
-          GROUP BY 1, 2",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_all(bot)
-    .await?;
-    let api_calls: Vec<Row> = sqlx::query_as(
-        "SELECT (created_at AT TIME ZONE 'UTC')::date, model,
-                sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(cache_write_5m)::bigint,
-                sum(cache_write_1h)::bigint, sum(cache_read)::bigint, sum(web_search_requests)::bigint
-           FROM api_calls
-          WHERE (created_at AT TIME ZONE 'UTC')::date BETWEEN $1 AND $2
-          GROUP BY 1, 2",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_all(bot)
-    .await?;
-    fn add_rows(tokens: &mut BTreeMap<String, TokenTotals>, rows: &[Row], add: impl Fn(&mut TokenTotals, u64)) {
-        for (day, model, input, output, w5m, w1h, read, search) in rows {
-            for (class, n) in TOKEN_CLASSES.iter().zip([input, output, w5m, w1h, read, search]) {
-                let n = u64::try_from(*n).unwrap_or(0);
+    let outbox = crate::bot_db::outbox_usage_tokens(bot, from, to).await?;
+    let api_calls = crate::bot_db::api_call_tokens(bot, from, to).await?;
+    fn add_rows(tokens: &mut BTreeMap<String, TokenTotals>, rows: &DailyTokens, add: impl Fn(&mut TokenTotals, u64)) {
+        for ((day, model), counts) in rows {
+            for (class, n) in token_classes(counts) {
                 if n > 0 {
                     add(tokens.entry(format!("{day} {model} {class}")).or_default(), n);
                 }
@@ -388,14 +364,16 @@ pub async fn compare_provider(
     Ok(tokens)
 }
 
-fn amounts(payload: &Value) -> Vec<(&'static str, Decimal)> {
-    let get =
-        |k: &str| payload.get(k).and_then(Value::as_str).and_then(|s| s.parse::<Decimal>().ok()).unwrap_or_default();
-    match payload.get("type").and_then(Value::as_str) {
-        Some("usage_charge.v1") => vec![("provider_cost", get("provider_cost")), ("user_charge", get("user_charge"))],
-        Some("tool_charge.v1") => vec![("tool_charge", get("user_charge"))],
-        Some("top_up.v1") => vec![("top_up", get("credit"))],
-        _ => Vec::new(),
+/// The USD amounts of an outbox event by class; none for a hold release or
+/// an event this build cannot decode.
+fn amounts(event: Option<&BillingEvent>) -> Vec<(&'static str, Decimal)> {
+    match event {
+        Some(BillingEvent::UsageCharge(c)) => {
+            vec![("provider_cost", c.provider_cost.0), ("user_charge", c.user_charge.0)]
+        }
+        Some(BillingEvent::ToolCharge(c)) => vec![("tool_charge", c.user_charge.0)],
+        Some(BillingEvent::TopUp(c)) => vec![("top_up", c.credit.0)],
+        Some(BillingEvent::HoldRelease(_)) | None => Vec::new(),
     }
 }
 
@@ -494,7 +472,7 @@ fn signed(n: i128) -> String {
 /// `(entry_id, kind, debit, credit, amount, estimated, memo)`.
 type EntryRow = (i64, String, String, String, Decimal, bool, Option<String>);
 /// `(kind, debit account, amount, user, job)` of a charge's entries.
-type ChargeRow = (String, String, Decimal, Option<i64>, Option<Uuid>);
+type ChargeRow = (EntryKind, Account, Decimal, Option<i64>, Option<Uuid>);
 
 /// One charge's trace: the event, its entries and their accounts.
 ///
@@ -533,9 +511,10 @@ pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
 pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<String> {
     let rows: Vec<ChargeRow> = sqlx::query_as(
         "SELECT kind, debit_account, amount, user_id, job_id FROM ledger_entries
-          WHERE event_id = $1 AND kind IN ('usage_charge', 'tool_charge')",
+          WHERE event_id = $1 AND kind = ANY($2)",
     )
     .bind(event)
+    .bind([EntryKind::UsageCharge.as_str(), EntryKind::ToolCharge.as_str()])
     .fetch_all(db)
     .await?;
     let Some((_, account, _, user, job)) = rows.first().cloned() else {
@@ -543,16 +522,17 @@ pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<St
     };
     let amount: Decimal = rows.iter().map(|r| r.2).sum();
     let refund_id = Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, format!("refund:{event}").as_bytes());
-    let postings = [Posting { debit: "system:revenue".into(), credit: account, amount, kind: "refund" }];
+    let postings = [Posting { debit: Account::REVENUE, credit: account, amount, kind: EntryKind::Refund }];
     let meta = ledger::EntryMeta {
         user_id: user,
         job_id: job,
         memo: Some(format!("refund of {event}: {reason}")),
         ..Default::default()
     };
-    let payload = json!({ "type": "refund.v1", "refunds": event, "reason": reason, "amount": amount.to_string() });
+    let payload =
+        json!({ "type": ledger::REFUND_KIND, "refunds": event, "reason": reason, "amount": amount.to_string() });
     let mut tx = db.begin().await?;
-    let applied = ledger::apply_postings(&mut tx, refund_id, "refund.v1", &payload, &postings, &meta).await?;
+    let applied = ledger::apply_postings(&mut tx, refund_id, ledger::REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(match applied {
         ledger::Applied::Applied => {

@@ -7,7 +7,10 @@
 //! - [`config`]: settings and subcommands (`--help`).
 //! - [`anomalies`]: Stars payments that credited nothing (bot database), for
 //!   `payment-anomalies` and `refund-stars`.
-//! - [`ledger`]: postings of each event kind, applied in one transaction.
+//! - [`ledger`]: the `billing` crate's ledger (re-exported): the billing
+//!   database's tables are written only by that crate.
+//! - [`bot_db`]: the outbox and `api_calls` of the bot database, read for
+//!   reconciliation as typed events (no JSON path, no tag in SQL).
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
 //! - [`finance`]: dead letters, reconciliation, explain, refunds.
 //! - [`provider`]: the provider's usage report (Anthropic Admin API), for
@@ -15,11 +18,12 @@
 //! - [`startup`]: building and running the app, and the CLI commands.
 
 pub mod anomalies;
+pub mod bot_db;
 pub mod config;
 pub mod consumer;
 pub mod finance;
-pub mod ledger;
 pub mod provider;
 pub mod startup;
 
+pub use billing::ledger;
 pub use config::Settings;

@@ -181,18 +181,18 @@ async fn refund_stars(
     refund_at_telegram(settings, user, charge).await?;
     let postings = [ledger::Posting {
         debit: ledger::user_account(user),
-        credit: "system:payments".into(),
+        credit: billing::Account::PAYMENTS,
         amount: credit,
-        kind: "refund",
+        kind: billing::EntryKind::Refund,
     }];
     let meta = ledger::EntryMeta {
         user_id: Some(user),
         memo: Some(format!("refund of Stars charge {charge}")),
         ..Default::default()
     };
-    let payload = serde_json::json!({ "type": "stars_refund.v1", "charge": charge, "user_id": user, "amount": credit.to_string() });
+    let payload = serde_json::json!({ "type": ledger::STARS_REFUND_KIND, "charge": charge, "user_id": user, "amount": credit.to_string() });
     let mut tx = db.begin().await?;
-    ledger::apply_postings(&mut tx, refund_id, "stars_refund.v1", &payload, &postings, &meta).await?;
+    ledger::apply_postings(&mut tx, refund_id, ledger::STARS_REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
 }
@@ -218,7 +218,7 @@ async fn refund_at_telegram(settings: &Settings, user: i64, charge: &str) -> any
 /// Voids expired holds every minute until `shutdown`.
 async fn sweep_holds(db: sqlx::PgPool, shutdown: CancellationToken) {
     loop {
-        match ledger::sweep_expired_holds(&db).await {
+        match billing::holds::sweep_expired(&db).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(holds = n, "expired holds voided"),
             Err(e) => tracing::warn!(error.message = %e, "hold sweep failed"),

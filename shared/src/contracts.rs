@@ -105,6 +105,28 @@ pub struct TopUp {
 }
 
 impl BillingEvent {
+    /// The [`kind`](Self::kind) of [`Self::UsageCharge`].
+    pub const USAGE_CHARGE: &'static str = "usage_charge.v1";
+    /// The [`kind`](Self::kind) of [`Self::ToolCharge`].
+    pub const TOOL_CHARGE: &'static str = "tool_charge.v1";
+    /// The [`kind`](Self::kind) of [`Self::TopUp`].
+    pub const TOP_UP: &'static str = "top_up.v1";
+    /// The [`kind`](Self::kind) of [`Self::HoldRelease`].
+    pub const HOLD_RELEASE: &'static str = "hold_release.v1";
+    /// Every event's [`kind`](Self::kind), in declaration order.
+    pub const KINDS: [&'static str; 4] = [Self::USAGE_CHARGE, Self::TOOL_CHARGE, Self::TOP_UP, Self::HOLD_RELEASE];
+
+    /// The serde tag of the event (`"type"` in JSON, `applied_events.kind`
+    /// in the billing database): SQL binds this, never a literal tag.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UsageCharge(_) => Self::USAGE_CHARGE,
+            Self::ToolCharge(_) => Self::TOOL_CHARGE,
+            Self::TopUp(_) => Self::TOP_UP,
+            Self::HoldRelease(_) => Self::HOLD_RELEASE,
+        }
+    }
+
     /// The idempotency key.
     pub fn event_id(&self) -> Uuid {
         match self {
@@ -234,8 +256,25 @@ mod tests {
         });
         let json = serde_json::to_value(&ev).unwrap();
         assert_eq!(json["type"], "tool_charge.v1");
+        assert_eq!(json["type"], ev.kind());
         assert_eq!(json["user_charge"], "0.0005");
         let back: BillingEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn the_kinds_are_exactly_the_serde_tags_of_billing_event() {
+        let source = include_str!("contracts.rs");
+        let start = source.find("pub enum BillingEvent").unwrap();
+        let body = &source[start..start + source[start..].find("\n}").unwrap()];
+        let tags: Vec<&str> = body.split("#[serde(rename = \"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        assert_eq!(tags, BillingEvent::KINDS);
+        let release = BillingEvent::HoldRelease(HoldRelease {
+            event_id: Uuid::nil(),
+            job_id: Uuid::nil(),
+            user_id: 1,
+            charge_event_ids: Vec::new(),
+        });
+        assert_eq!(serde_json::to_value(&release).unwrap()["type"], release.kind());
     }
 }

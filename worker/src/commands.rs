@@ -73,39 +73,35 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
 }
 
 /// "Why was I charged": the user's last ten ledger movements, newest first,
-/// with the model, tokens by class and whether output was estimated.
+/// with the model, tokens by class and whether output was estimated
+/// ([`billing::statement::recent`]).
 async fn usage(ctx: &WorkerContext, user_id: i64) -> Result<String, sqlx::Error> {
-    type Row = (chrono::DateTime<chrono::Utc>, String, Decimal, bool, Option<String>, Option<Value>, String);
-    // Through `fleet_user_entries`: the worker's role cannot read the ledger tables.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT created_at, kind, amount, estimated, memo, tokens, credit_account FROM fleet_user_entries($1, 10)",
-    )
-    .bind(user_id)
-    .fetch_all(&ctx.billing_db)
-    .await?;
-    if rows.is_empty() {
+    let entries = billing::statement::recent(&ctx.billing_db, user_id, 10).await?;
+    if entries.is_empty() {
         return Ok("No charges yet.".to_owned());
     }
     let mut out = String::from("Your recent charges and credits (USD):\n");
-    for (at, kind, amount, estimated, memo, tokens, credit) in rows {
-        let sign = if credit.starts_with("user:") { "+" } else { "−" };
-        let what = memo.unwrap_or_else(|| kind.clone());
-        let tokens = tokens
-            .and_then(|t| {
-                let n = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
-                (kind == "usage_charge").then(|| {
-                    format!(
-                        " — {} in, {} out, {} cache write, {} cache read",
-                        n("input"),
-                        n("output"),
-                        n("cache_write_5m") + n("cache_write_1h"),
-                        n("cache_read")
-                    )
-                })
+    for e in entries {
+        let sign = if e.is_credit() { "+" } else { "−" };
+        let what = e.memo.clone().unwrap_or_else(|| e.kind.to_string());
+        let tokens = e
+            .tokens
+            .map(|t| {
+                format!(
+                    " — {} in, {} out, {} cache write, {} cache read",
+                    t.input,
+                    t.output,
+                    t.cache_write_5m.saturating_add(t.cache_write_1h),
+                    t.cache_read
+                )
             })
             .unwrap_or_default();
-        let est = if estimated { " (output estimated: the answer was cut short)" } else { "" };
-        out.push_str(&format!("\n{} {sign}${} {what}{tokens}{est}", at.format("%Y-%m-%d %H:%M"), amount.normalize()));
+        let est = if e.estimated { " (output estimated: the answer was cut short)" } else { "" };
+        out.push_str(&format!(
+            "\n{} {sign}${} {what}{tokens}{est}",
+            e.at.format("%Y-%m-%d %H:%M"),
+            e.amount.normalize()
+        ));
     }
     Ok(out)
 }

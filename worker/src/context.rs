@@ -15,7 +15,7 @@ use tokio::sync::{Notify, OnceCell};
 pub struct WorkerContext {
     /// Bot database: jobs, conversations, outbox.
     pub db: PgPool,
-    /// Billing database: read for balances only (the ledger belongs to the billing-worker).
+    /// Billing database, used only through the `billing` crate (holds, balances, statements): it owns the tables.
     pub billing_db: PgPool,
     /// Messages API client.
     pub anthropic: AnthropicClient,

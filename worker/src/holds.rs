@@ -4,6 +4,9 @@
 //! ledger balance − active holds. The job's `hold_release` event, relayed
 //! after its charges, settles the hold in the billing-worker; a job that
 //! fails or is handed back voids it here; the billing-worker sweeps expired ones.
+//!
+//! The holds themselves belong to the `billing` crate ([`billing::holds`]):
+//! this module sizes them and calls its API.
 
 use crate::context::WorkerContext;
 use crate::job::JobRow;
@@ -38,32 +41,24 @@ pub fn hold_amount(ctx: &WorkerContext, request: &Value) -> Decimal {
 /// Places (or re-activates) the job's hold if the available balance covers
 /// it. `Ok(false)`: it does not; nothing was reserved.
 ///
-/// Runs as the billing database's `fleet_place_hold` function: the worker's
-/// role may not touch the billing tables itself (issue 13, least privilege).
+/// Through [`billing::holds::place`]: the worker's role may not touch the
+/// billing tables itself (issue 13, least privilege).
 ///
 /// # Errors
 /// Database errors (billing database).
 pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result<bool, sqlx::Error> {
     let lifetime =
         Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
-    let (placed, available): (bool, Decimal) =
-        sqlx::query_as("SELECT placed, available FROM fleet_place_hold($1, $2, $3, $4)")
-            .bind(job.job_id)
-            .bind(job.user_id)
-            .bind(amount)
-            .bind(lifetime.as_secs_f64())
-            .fetch_one(&ctx.billing_db)
-            .await?;
-    if !placed {
-        tracing::info!(%available, hold = %amount, "balance does not cover the hold");
+    let placement = billing::holds::place(&ctx.billing_db, job.job_id, job.user_id, amount, lifetime).await?;
+    if !placement.placed {
+        tracing::info!(available = %placement.available, hold = %amount, "balance does not cover the hold");
     }
-    Ok(placed)
+    Ok(placement.placed)
 }
 
 /// Voids the job's hold (failure, hand-back); harmless when there is none.
 pub async fn void(ctx: &WorkerContext, job_id: Uuid) {
-    let r = sqlx::query("SELECT fleet_void_hold($1)").bind(job_id).execute(&ctx.billing_db).await;
-    if let Err(e) = r {
+    if let Err(e) = billing::holds::void(&ctx.billing_db, job_id).await {
         // The billing-worker's sweeper voids it when it expires.
         tracing::warn!(error.message = %e, "could not void the hold");
     }
@@ -74,5 +69,62 @@ pub async fn void(ctx: &WorkerContext, job_id: Uuid) {
 /// # Errors
 /// Database errors (billing database).
 pub async fn available(ctx: &WorkerContext, user_id: i64) -> Result<Decimal, sqlx::Error> {
-    sqlx::query_scalar("SELECT fleet_available_balance($1)").bind(user_id).fetch_one(&ctx.billing_db).await
+    billing::holds::available(&ctx.billing_db, user_id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Issue 14: the billing database has one owner, the `billing` crate.
+    /// The needles are split so this file does not find itself.
+    #[test]
+    fn no_worker_source_runs_sql_on_the_billing_database() {
+        let query = concat!("sqlx", "::query");
+        let pool = concat!("billing", "_db");
+        let billing_sql = [
+            concat!("fleet_", "place_hold"),
+            concat!("fleet_", "void_hold"),
+            concat!("fleet_", "available_balance"),
+            concat!("fleet_", "user_entries"),
+            concat!("ledger", "_entries"),
+            concat!("applied", "_events"),
+            concat!("billing", "_failures"),
+            concat!("FROM ", "holds"),
+            concat!("UPDATE ", "holds"),
+            concat!("INTO ", "holds"),
+        ];
+        let mut files = Vec::new();
+        rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        assert!(files.len() > 20, "scanned {} files", files.len());
+        let mut found = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let at = format!("{}:{}", file.display(), i + 1);
+                if let Some(name) = billing_sql.iter().find(|n| line.contains(*n)) {
+                    found.push(format!("{at}: {name}"));
+                }
+                if line.contains(pool) {
+                    let near = &lines[i.saturating_sub(5)..(i + 6).min(lines.len())];
+                    if near.iter().any(|l| l.contains(query)) {
+                        found.push(format!("{at}: a query near the billing pool"));
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "billing-database SQL in the worker (call the billing crate):\n{}", found.join("\n"));
+    }
 }

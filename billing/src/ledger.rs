@@ -3,16 +3,24 @@
 //! event id is applied once or not at all. Balances are credit-normal
 //! (credits − debits) and move in the same transaction; their sum stays zero.
 //!
-//! Accounts: `user:<id>` (prepaid credit), `system:revenue`,
+//! Accounts ([`Account`]): `user:<id>` (prepaid credit), `system:revenue`,
 //! `system:provider_cost` (expense), `system:provider_payable` (owed to
 //! Anthropic), `system:payments` (source of grants).
 
+use crate::account::{Account, EntryKind};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::contracts::BillingEvent;
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
+
+/// `applied_events.kind` of an operator's grant ([`grant`]).
+pub const GRANT_KIND: &str = "grant.v1";
+/// `applied_events.kind` of a charge refunded by finance.
+pub const REFUND_KIND: &str = "refund.v1";
+/// `applied_events.kind` of a Stars payment refunded at Telegram.
+pub const STARS_REFUND_KIND: &str = "stars_refund.v1";
 
 /// Ledger failures, classified for retry.
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +63,13 @@ pub enum Applied {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Posting {
     /// Account debited.
-    pub debit: String,
+    pub debit: Account,
     /// Account credited.
-    pub credit: String,
+    pub credit: Account,
     /// USD, ≥ 0.
     pub amount: Decimal,
-    /// `usage_charge`, `provider_cost`, `tool_charge`, `grant`.
-    pub kind: &'static str,
+    /// What the entry records.
+    pub kind: EntryKind,
 }
 
 /// Context stored on every entry of an event, for drill-down.
@@ -79,9 +87,9 @@ pub struct EntryMeta {
     pub memo: Option<String>,
 }
 
-/// The account id of a user.
-pub fn user_account(user_id: i64) -> String {
-    format!("user:{user_id}")
+/// The account of a user.
+pub fn user_account(user_id: i64) -> Account {
+    Account::User(user_id)
 }
 
 /// The postings of a billing event.
@@ -93,10 +101,10 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
         BillingEvent::UsageCharge(c) => (
             {
                 let provider = Posting {
-                    debit: "system:provider_cost".into(),
-                    credit: "system:provider_payable".into(),
+                    debit: Account::PROVIDER_COST,
+                    credit: Account::PROVIDER_PAYABLE,
                     amount: c.provider_cost.0,
-                    kind: "provider_cost",
+                    kind: EntryKind::ProviderCost,
                 };
                 if c.abandoned {
                     // What the provider served an attempt that lost its lease: ours to bear.
@@ -104,9 +112,9 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
                 } else {
                     let user = Posting {
                         debit: user_account(c.user_id),
-                        credit: "system:revenue".into(),
+                        credit: Account::REVENUE,
                         amount: c.user_charge.0,
-                        kind: "usage_charge",
+                        kind: EntryKind::UsageCharge,
                     };
                     vec![user, provider]
                 }
@@ -121,10 +129,10 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
         ),
         BillingEvent::TopUp(c) => (
             vec![Posting {
-                debit: "system:payments".into(),
+                debit: Account::PAYMENTS,
                 credit: user_account(c.user_id),
                 amount: c.credit.0,
-                kind: "top_up",
+                kind: EntryKind::TopUp,
             }],
             EntryMeta {
                 user_id: Some(c.user_id),
@@ -138,9 +146,9 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
         BillingEvent::ToolCharge(c) => (
             vec![Posting {
                 debit: user_account(c.user_id),
-                credit: "system:revenue".into(),
+                credit: Account::REVENUE,
                 amount: c.user_charge.0,
-                kind: "tool_charge",
+                kind: EntryKind::ToolCharge,
             }],
             EntryMeta {
                 user_id: Some(c.user_id),
@@ -162,7 +170,8 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
 /// (`system:revenue`, …) in one order and never deadlock.
 #[derive(Debug, Default)]
 pub struct Deltas {
-    /// USD per account, credit-normal (credits − debits).
+    /// USD per account id (ordered as the stored strings, the order the
+    /// rows are locked in), credit-normal (credits − debits).
     balances: BTreeMap<String, Decimal>,
 }
 
@@ -174,9 +183,9 @@ impl Deltas {
     /// maximum): refused, never a panic.
     fn move_amount(&mut self, p: &Posting) -> Result<(), LedgerError> {
         let overflow = || LedgerError::Invalid(format!("amount {} overflows a balance", p.amount));
-        let debit = self.balances.entry(p.debit.clone()).or_default();
+        let debit = self.balances.entry(p.debit.to_string()).or_default();
         *debit = debit.checked_sub(p.amount).ok_or_else(overflow)?;
-        let credit = self.balances.entry(p.credit.clone()).or_default();
+        let credit = self.balances.entry(p.credit.to_string()).or_default();
         *credit = credit.checked_add(p.amount).ok_or_else(overflow)?;
         Ok(())
     }
@@ -232,7 +241,7 @@ pub async fn record_postings(
     if let Some(user) = meta.user_id {
         // ON CONFLICT DO NOTHING takes no row lock on an existing account.
         sqlx::query("INSERT INTO accounts (account_id, kind, user_id) VALUES ($1, 'user', $2) ON CONFLICT DO NOTHING")
-            .bind(user_account(user))
+            .bind(user_account(user).to_string())
             .bind(user)
             .execute(&mut **tx)
             .await?;
@@ -245,10 +254,10 @@ pub async fn record_postings(
         )
         .bind(event_id)
         .bind(i16::try_from(leg).unwrap_or(i16::MAX))
-        .bind(&p.debit)
-        .bind(&p.credit)
+        .bind(p.debit.to_string())
+        .bind(p.credit.to_string())
         .bind(p.amount)
-        .bind(p.kind)
+        .bind(p.kind.as_str())
         .bind(meta.user_id)
         .bind(meta.job_id)
         .bind(&meta.provider_request_id)
@@ -307,7 +316,7 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
         let (postings, meta) = postings(event)?;
         let payload = serde_json::to_value(event).map_err(|e| LedgerError::Invalid(e.to_string()))?;
         ids.push(event.event_id());
-        kinds.push(payload.get("type").and_then(Value::as_str).unwrap_or("unknown").to_owned());
+        kinds.push(event.kind().to_owned());
         payloads.push(payload);
         prepared.push((postings, meta));
     }
@@ -360,7 +369,7 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
     if !users.is_empty() {
         // In account order; ON CONFLICT DO NOTHING takes no row lock on an existing account.
         let users: Vec<i64> = users.into_iter().collect();
-        let accounts: Vec<String> = users.iter().map(|u| user_account(*u)).collect();
+        let accounts: Vec<String> = users.iter().map(|u| user_account(*u).to_string()).collect();
         sqlx::query(
             "INSERT INTO accounts (account_id, kind, user_id)
              SELECT a, 'user', u FROM unnest($1::text[], $2::bigint[]) AS t(a, u) ORDER BY a
@@ -418,10 +427,10 @@ impl LegColumns {
     fn push(&mut self, event_id: Uuid, leg: i16, p: &Posting, meta: &EntryMeta) {
         self.event_id.push(event_id);
         self.leg.push(leg);
-        self.debit.push(p.debit.clone());
-        self.credit.push(p.credit.clone());
+        self.debit.push(p.debit.to_string());
+        self.credit.push(p.credit.to_string());
         self.amount.push(p.amount);
-        self.kind.push(p.kind.to_owned());
+        self.kind.push(p.kind.as_str().to_owned());
         self.user_id.push(meta.user_id);
         self.job_id.push(meta.job_id);
         self.request_id.push(meta.provider_request_id.clone());
@@ -456,21 +465,7 @@ impl LegColumns {
     }
 }
 
-/// Voids holds whose job never released them (crashed, abandoned) once
-/// they expired; returns how many.
-///
-/// # Errors
-/// Database errors.
-pub async fn sweep_expired_holds(db: &PgPool) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE holds SET status = 'voided', updated_at = now() WHERE status = 'active' AND expires_at < now()",
-    )
-    .execute(db)
-    .await?;
-    Ok(r.rows_affected())
-}
-
-/// Credits `amount` USD to `user_id` from `system:payments`.
+/// Credits `amount` USD to `user_id` from [`Account::PAYMENTS`].
 ///
 /// # Errors
 /// `Invalid` for a non-positive amount; database errors.
@@ -478,11 +473,12 @@ pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -
     if amount <= Decimal::ZERO {
         return Err(LedgerError::Invalid("a grant must be positive".into()));
     }
-    let payload = serde_json::json!({ "type": "grant.v1", "user_id": user_id, "amount": amount.to_string() });
-    let postings = [Posting { debit: "system:payments".into(), credit: user_account(user_id), amount, kind: "grant" }];
+    let payload = serde_json::json!({ "type": GRANT_KIND, "user_id": user_id, "amount": amount.to_string() });
+    let postings =
+        [Posting { debit: Account::PAYMENTS, credit: user_account(user_id), amount, kind: EntryKind::Grant }];
     let meta = EntryMeta { user_id: Some(user_id), memo: Some("grant".into()), ..Default::default() };
     let mut tx = db.begin().await?;
-    let applied = apply_postings(&mut tx, event_id, "grant.v1", &payload, &postings, &meta).await?;
+    let applied = apply_postings(&mut tx, event_id, GRANT_KIND, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         tx.commit().await?;
     }
