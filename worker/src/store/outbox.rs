@@ -33,14 +33,15 @@ pub async fn write(conn: &mut PgConnection, event: &BillingEvent, job_id: Option
 /// # Errors
 /// Database errors.
 pub async fn charge_event_ids(tx: &mut PgConnection, job_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
-    // TODO(issue 14, slice 3): the serde tags below go when `billing_outbox`
-    // gets a `kind` column written from `BillingEvent::kind()`.
+    // The kinds come from the type (`BillingEvent::kind()`), never spelled in SQL.
+    let kinds = [shared::contracts::BillingEvent::USAGE_CHARGE, shared::contracts::BillingEvent::TOOL_CHARGE];
     sqlx::query_scalar(
         "SELECT event_id FROM billing_outbox
-          WHERE job_id = $1 AND payload->>'type' IN ('usage_charge.v1', 'tool_charge.v1')
+          WHERE job_id = $1 AND payload->>'type' = ANY($2)
             AND (payload->>'abandoned') IS DISTINCT FROM 'true' ORDER BY event_id",
     )
     .bind(job_id)
+    .bind(&kinds[..])
     .fetch_all(tx)
     .await
 }
