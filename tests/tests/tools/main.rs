@@ -31,6 +31,7 @@ mod fleet_suite {
 use fleet_suite::helpers;
 
 mod attacks;
+mod attacks2;
 mod count_tokens;
 mod dedup;
 mod documents;
