@@ -1,13 +1,21 @@
-//! A second attack pass (issue 13, verification): the operator's side
-//! (secret files, URLs as flags) and the ingress's public port (a wrong
-//! secret with a stalled body, a client that never finishes its headers).
+//! A second attack pass (issue 13, verification), on surfaces the first
+//! (`attacks`) did not cover: the operator's side (secret files, URLs as
+//! flags), the ingress's public port (a wrong secret with a stalled body, a
+//! client that never finishes its headers, huge headers), callback buttons,
+//! a thread id outside a forum topic, `/usage` and `/balance` in a group,
+//! and the sandbox child invoked directly. The billing database's
+//! functions are attacked in `billing::roles_attacks`.
 //!
 //! Each test is one attack. A test that fails shows a bug that is still
 //! there: its doc comment says what the correct behaviour is. A test that
 //! passes is a regression test for an attack that is handled.
 
-use crate::helpers::{spawn_ingress, stop, Broker, WEBHOOK_SECRET};
+use crate::harness::{message, sse, Fleet};
+use crate::helpers::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use anyhow::{ensure, Context as _, Result};
+use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::fake_telegram::BOT_USER_ID;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -256,5 +264,198 @@ async fn huge_headers_are_refused_and_the_ingress_keeps_serving() -> Result<()> 
         refused(&line) && refused(&line2) && health.as_deref().is_some_and(|l| l.contains("200")) && queued == 0,
         "huge header: {line:?}; 500 headers: {line2:?}; then /healthz: {health:?}; queued {queued}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Hostile users: callback queries, forum topics, /usage in a group
+// ---------------------------------------------------------------------------
+
+/// Bob: a member of the group.
+const BOB: i64 = 100_000_002;
+/// The group of these attacks.
+const GROUP: i64 = -100_800;
+
+/// A message of `user` in the group with `text`.
+fn group_message(update_id: i64, user: i64, name: &str, text: &str) -> Value {
+    let mut update = message(update_id, text);
+    update["message"]["from"] = json!({ "id": user, "is_bot": false, "first_name": name });
+    update["message"]["chat"] = json!({ "id": GROUP, "title": "Team", "type": "group" });
+    update
+}
+
+/// `user` presses a button with `data` under the bot's message 1 in the group.
+fn callback(update_id: i64, user: i64, data: &str) -> Value {
+    json!({ "update_id": update_id, "callback_query": {
+        "id": format!("cb-{update_id}"),
+        "from": { "id": user, "is_bot": false, "first_name": "Bob" },
+        "chat_instance": "42",
+        "data": data,
+        "message": {
+            "message_id": 1, "date": 1_764_460_700, "text": "Choose a pack of credit (paid in Telegram Stars):",
+            "from": { "id": BOT_USER_ID, "is_bot": true, "first_name": "Fleet", "username": BOT_USERNAME },
+            "chat": { "id": GROUP, "title": "Team", "type": "group" }
+        }
+    }})
+}
+
+/// Attack: Bob presses the `/buy` keyboard Ada asked for, and forges
+/// callback data with absurd numbers (past `i64`, negative, zero, not a
+/// pack, empty, trailing junk). Handled: every forged button is answered
+/// "expired" and sends no invoice; Bob's press of a real pack sends an
+/// invoice whose payload names Bob (the payer), not Ada, for the table's
+/// Stars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_buy_buttons_send_no_invoice_and_a_real_one_invoices_the_presser() -> Result<()> {
+    let fleet = Fleet::spawn(&[]).await?;
+    let forged = ["buy:99999999999999999999999", "buy:-500", "buy:0", "buy:7", "buy:", "buy:500:1", "buy:5e2", "buy"];
+    for (i, data) in forged.iter().enumerate() {
+        fleet.post(&callback(900_020_001 + i as i64, BOB, data)).await?;
+    }
+    fleet.post(&callback(900_020_100, BOB, "buy:500")).await?;
+    let invoiced = fleet.telegram.wait_for_call(|c| c.method == "sendInvoice", WAIT).await;
+    let expired = || {
+        fleet
+            .telegram
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == "answerCallbackQuery" && c.params.to_string().contains("expired"))
+            .count()
+    };
+    let answered = wait_until("the forged buttons answered", WAIT, || async { Ok(expired() >= forged.len()) }).await;
+    let invoices: Vec<Value> =
+        fleet.telegram.calls().into_iter().filter(|c| c.method == "sendInvoice").map(|c| c.params).collect();
+    let n_expired = expired();
+    fleet.cleanup().await?;
+    ensure!(invoiced && answered.is_ok(), "invoice sent: {invoiced}; forged buttons answered expired: {n_expired}");
+    ensure!(invoices.len() == 1, "one invoice expected, got {invoices:#?}");
+    let payload = invoices[0]["payload"].as_str().unwrap_or_default();
+    ensure!(
+        payload == format!("stars:v2:{BOB}:500") && invoices[0]["currency"] == "XTR",
+        "the invoice: {:#}",
+        invoices[0]
+    );
+    Ok(())
+}
+
+/// Attack: a group message (not a forum) that carries a `message_thread_id`
+/// without `is_topic_message` (a reply thread, or a forged field). Handled:
+/// the answer is sent to the chat without `message_thread_id` (Telegram
+/// would refuse a thread that is not a topic, and the answer would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_id_on_a_message_that_is_not_in_a_topic_is_not_used_for_the_answer() -> Result<()> {
+    let fleet = Fleet::spawn(&[]).await?;
+    fleet.grant(BOB, "5.00").await?;
+    fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Answered in the chat."))));
+    let mut update = group_message(900_021_001, BOB, "Bob", &format!("@{BOT_USERNAME} hello"));
+    update["message"]["message_thread_id"] = json!(77);
+    fleet.post(&update).await?;
+    fleet.wait_for_message(GROUP, "Answered in the chat").await?;
+    let threaded: Vec<Value> = fleet
+        .telegram
+        .calls()
+        .into_iter()
+        .filter(|c| c.params.get("message_thread_id").is_some_and(|t| !t.is_null()))
+        .map(|c| json!({ "method": c.method, "thread": c.params["message_thread_id"] }))
+        .collect();
+    fleet.cleanup().await?;
+    ensure!(threaded.is_empty(), "Bot API calls with a thread id for a non-topic message: {threaded:?}");
+    Ok(())
+}
+
+/// Attack (privacy): in a group, Bob sends `/usage` (or `/balance`). The
+/// answer — his balance, every charge of his private conversations, and the
+/// Telegram payment charge ids of his top-ups (top-up memos
+/// "… Stars, charge <id>") — is posted to the whole group. Correct: in a
+/// group these answers go to the member privately (or the bot says to ask
+/// in a private chat); nothing of one member's account is posted to the
+/// group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_balance_asked_in_a_group_are_not_posted_to_the_group() -> Result<()> {
+    let fleet = Fleet::spawn(&[]).await?;
+    fleet.grant(BOB, "5.00").await?;
+    fleet.anthropic.set_default(None);
+    for (id, command) in [(900_022_001, "/usage"), (900_022_002, "/balance")] {
+        let text = format!("{command}@{BOT_USERNAME}");
+        let mut update = group_message(id, BOB, "Bob", &text);
+        update["message"]["entities"] = json!([{ "type": "bot_command", "offset": 0, "length": text.len() }]);
+        fleet.post(&update).await?;
+    }
+    // Either answer, wherever it goes: the second command is answered after the first.
+    let answered = fleet
+        .telegram
+        .wait_for_call(
+            |c| c.method == "sendMessage" && c.params["text"].as_str().is_some_and(|t| t.contains("balance")),
+            WAIT,
+        )
+        .await;
+    let in_group: Vec<String> = fleet
+        .telegram
+        .messages()
+        .into_iter()
+        .filter(|m| m.chat_id == GROUP)
+        .map(|m| m.text)
+        .filter(|t| t.contains('$') || t.contains("charges"))
+        .collect();
+    fleet.cleanup().await?;
+    ensure!(answered, "neither /usage nor /balance was answered anywhere");
+    ensure!(in_group.is_empty(), "a member's account posted to the group: {in_group:#?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The sandbox child invoked directly
+// ---------------------------------------------------------------------------
+
+/// Odd invocations of `worker extract-document` (it is internal, but the
+/// binary is on every worker host): unknown flags, negative or overflowing
+/// numbers, limits of zero, no input. Handled: clap's usage error (exit 2)
+/// for bad arguments, a one-line JSON refusal for zero limits and empty
+/// input, never a panic or a hang.
+#[test]
+fn the_extractor_invoked_directly_with_odd_arguments_refuses_cleanly() -> Result<()> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let worker = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/worker"));
+    ensure!(worker.exists(), "build the binaries first (cargo build --bins)");
+    let run = |args: &[&str], input: &[u8]| -> Result<(Option<i32>, String, String)> {
+        let mut child = Command::new(&worker)
+            .arg("extract-document")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input);
+        }
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let mut wrong = Vec::new();
+    for args in [
+        &["--bogus"][..],
+        &["--cpu-s=-1"],
+        &["--max-chars=18446744073709551616"],
+        &["--memory-mib", "lots"],
+        &["--max-pages"],
+    ] {
+        let (code, _, err) = run(args, b"%PDF-1.4")?;
+        if code != Some(2) || err.contains("panicked") {
+            wrong.push(format!("{args:?}: exit {code:?}, {err}"));
+        }
+    }
+    for args in [&[][..], &["--max-input-bytes=0"], &["--max-pages=0"], &["--max-decompressed-bytes=0"]] {
+        let (code, out, err) = run(args, b"")?;
+        let report: Result<worker::documents::ChildReport, _> = serde_json::from_str(out.trim());
+        if code != Some(0) || !matches!(report, Ok(worker::documents::ChildReport::Refused { .. })) {
+            wrong.push(format!("{args:?} on empty input: exit {code:?}, {out:?}, {err}"));
+        }
+    }
+    ensure!(wrong.is_empty(), "the extractor mishandled:\n{}", wrong.join("\n"));
     Ok(())
 }
