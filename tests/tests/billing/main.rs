@@ -14,4 +14,5 @@ mod holds;
 mod outage;
 mod reconcile;
 mod roles;
+mod roles_attacks;
 mod volume;

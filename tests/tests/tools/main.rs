@@ -22,6 +22,8 @@
 //! - [`count_tokens`]: a token count that never answers ends within its timeout.
 //! - [`attacks`]: a hostile user's and a careless operator's attacks beyond
 //!   the ones above (failing tests are bugs still there).
+//! - [`attacks2`]: a second pass: secret files, the ingress's public port,
+//!   buy buttons, topics, `/usage` in a group, the sandbox child.
 
 #[path = "../fleet"]
 mod fleet_suite {
@@ -31,6 +33,7 @@ mod fleet_suite {
 use fleet_suite::helpers;
 
 mod attacks;
+mod attacks2;
 mod count_tokens;
 mod dedup;
 mod documents;
