@@ -31,7 +31,10 @@ pub fn router(state: WebState, max_body_bytes: usize) -> Router {
     Router::new()
         .route(
             "/telegram/webhook",
-            post(webhook).layer(axum::middleware::from_fn_with_state(max_body_bytes, read_body_within)),
+            post(webhook).layer(axum::middleware::from_fn_with_state(
+                BodyGate { max: max_body_bytes, secret: state.secret.clone() },
+                read_body_within,
+            )),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -53,16 +56,32 @@ pub fn admin_router(state: WebState) -> Router {
 /// holding a connection and a task forever.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Reads the whole body (at most `max` bytes, else 413) within
-/// [`BODY_READ_TIMEOUT`] (else 408) before the handler runs.
+/// What the body gate needs: the cap and the secret.
+#[derive(Clone)]
+struct BodyGate {
+    /// Largest body, bytes.
+    max: usize,
+    /// The webhook secret: a request without it is refused before its body is read.
+    secret: Secret,
+}
+
+/// Checks the secret header first (401 at once, the body never read: an
+/// unauthenticated client holds no buffer and no task), then reads the
+/// whole body (at most `max` bytes, else 413) within [`BODY_READ_TIMEOUT`]
+/// (else 408) before the handler runs.
 async fn read_body_within(
-    State(max): State<usize>,
+    State(gate): State<BodyGate>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    if !secret_matches(req.headers(), &gate.secret) {
+        metrics::counter!("fleet_updates_rejected_total", "reason" => "bad_secret").increment(1);
+        tracing::warn!(reason = "bad_secret", "webhook rejected before its body was read");
+        return (StatusCode::UNAUTHORIZED, "unauthorized").into_response();
+    }
     let (parts, body) = req.into_parts();
-    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, max)).await {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, gate.max)).await {
         Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
         Ok(Err(_)) => {
             metrics::counter!("fleet_updates_rejected_total", "reason" => "too_large").increment(1);

@@ -96,12 +96,25 @@ pub fn reject_flags(args: &[OsString], flags: &[(&str, &str)]) -> Result<(), Sou
     Ok(())
 }
 
+/// Largest secret file read, bytes: a token, key or URL is far smaller; a
+/// larger file (or `/dev/zero`) is refused, never read whole.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
 fn read_file(var: &str, path: &str) -> Result<String, SourceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SourceError::File {
-        var: var.to_owned(),
-        path: path.to_owned(),
-        source,
-    })?;
+    use std::io::Read as _;
+    let error = |source: std::io::Error| SourceError::File { var: var.to_owned(), path: path.to_owned(), source };
+    // Only a regular file (a symlink to one is fine): a FIFO nobody writes
+    // would block start-up for ever, a device could be endless.
+    let meta = std::fs::metadata(path).map_err(error)?;
+    if !meta.is_file() {
+        return Err(error(std::io::Error::other("not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).map_err(error)?.take(MAX_SECRET_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(error)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(error(std::io::Error::other(format!("larger than {MAX_SECRET_FILE_BYTES} bytes"))));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| error(std::io::Error::other("not UTF-8")))?;
     // Files written by `echo` or editors end with a newline.
     Ok(text.trim().to_owned())
 }
@@ -172,11 +185,21 @@ pub fn url(env: &impl Env, matches: &ArgMatches, id: &str, var: &str, value: &mu
     Ok(())
 }
 
-/// True when a URL has a non-empty password (`scheme://user:password@host`).
+/// True when a URL carries a non-empty password: in its userinfo
+/// (`scheme://user:password@host`) or as a `password=` query parameter
+/// (libpq's connection URIs accept one, and so does sqlx).
 pub fn has_password(url: &str) -> bool {
     let Some((_, rest)) = url.split_once("://") else { return false };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    authority.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':')).is_some_and(|(_, pw)| !pw.is_empty())
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .is_some_and(|(_, pw)| !pw.is_empty());
+    let query = rest.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or_default()).unwrap_or_default();
+    let in_query = query
+        .split('&')
+        .any(|pair| pair.split_once('=').is_some_and(|(k, v)| k.eq_ignore_ascii_case("password") && !v.is_empty()));
+    in_userinfo || in_query
 }
 
 #[cfg(test)]
@@ -248,6 +271,7 @@ mod tests {
         assert!(has_password("amqp://guest:guest@127.0.0.1:5672/%2f"));
         assert!(!has_password("postgres://postgres@127.0.0.1:5432/fleet"));
         assert!(!has_password("postgres://127.0.0.1/x?user=a"));
+        assert!(has_password("postgres://fleet_worker@db/fleet?sslmode=disable&password=hunter2"));
         assert!(!has_password("not a url"));
     }
 }

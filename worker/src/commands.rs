@@ -25,6 +25,10 @@ pub async fn available_balance(ctx: &WorkerContext, user_id: i64) -> Result<Deci
     crate::holds::available(ctx, user_id).await
 }
 
+/// The answer to `/balance` or `/usage` asked in a group.
+pub const ACCOUNT_IS_PRIVATE: &str =
+    "Ask me for /balance or /usage in a private chat: your account is not shown in a group.";
+
 /// Runs the command of `job` and returns the reply.
 ///
 /// # Errors
@@ -47,6 +51,10 @@ pub async fn run(ctx: &WorkerContext, job: &JobRow) -> Result<String, JobError> 
         "new" => {
             crate::store::chats::new_conversation(&ctx.db, job.chat_id).await?;
             "Started a new conversation: earlier messages are forgotten.".to_owned()
+        }
+        "balance" | "usage" if !job.is_private() => {
+            // A member's account is theirs: never posted to a group.
+            ACCOUNT_IS_PRIVATE.to_owned()
         }
         "balance" => {
             let balance = available_balance(ctx, job.user_id).await?;
