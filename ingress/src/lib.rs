@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod polling;
+pub mod serve;
 pub mod startup;
 pub mod webhook;
 

@@ -135,9 +135,9 @@ impl App {
                 .with_graceful_shutdown(async move { admin_stopped.cancelled().await })
                 .into_future(),
         );
-        let server_stop = shutdown.clone();
-        let server =
-            axum::serve(self.listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await });
+        // Not `axum::serve`: the public port needs a header read timeout and
+        // a connection limit (`crate::serve`).
+        let server = crate::serve::serve(self.listener, app, shutdown.clone());
         tracing::info!(mode = ?self.settings.mode, "ingress running");
         let served = match self.settings.mode {
             Mode::Webhook => server.await.context("http server"),
