@@ -17,7 +17,7 @@
 //!   spellings.
 //! - operator: absurd settings.
 
-use crate::harness::{document_message, message, sse, ClaimedJob, Fleet, ADA};
+use crate::harness::{document_message, message, pdf, sse, ClaimedJob, Fleet, ADA};
 use crate::helpers::{BOT_USERNAME, WAIT};
 use anyhow::{ensure, Context as _, Result};
 use clap::Parser as _;
@@ -198,33 +198,6 @@ async fn a_members_file_read_in_a_group_is_not_replayed_in_another_members_reque
 // Documents
 // ---------------------------------------------------------------------------
 
-/// A PDF of `objects` (object `n` is `objects[n - 1]`), with its
-/// cross-reference table (as in `hostile_documents`).
-fn pdf(objects: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, object) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend(format!("{} 0 obj\n", i + 1).bytes());
-        out.extend(object);
-        out.extend(b"\nendobj\n");
-    }
-    let xref = out.len();
-    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).bytes());
-    for offset in offsets {
-        out.extend(format!("{offset:010} 00000 n \n").bytes());
-    }
-    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).bytes());
-    out
-}
-
-fn stream(dict: &str, content: &[u8]) -> Vec<u8> {
-    let mut s = format!("<< {dict} /Length {} >>\nstream\n", content.len()).into_bytes();
-    s.extend(content);
-    s.extend(b"\nendstream");
-    s
-}
-
 fn zlib(bytes: &[u8]) -> Result<Vec<u8>> {
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
     z.write_all(bytes)?;
@@ -246,9 +219,9 @@ fn page_pdf(filter: &str, contents: &[Vec<u8>]) -> Vec<u8> {
         )
         .into_bytes(),
     ];
-    objects.extend(contents.iter().map(|c| stream(filter, c)));
+    objects.extend(contents.iter().map(|c| pdf::stream(filter, c)));
     objects.push(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec());
-    pdf(&objects)
+    pdf::document(&objects)
 }
 
 /// A content stream that shows `text` and is padded with `padding` bytes of

@@ -3,7 +3,7 @@
 //! `read_file` / `list_files` (scripted calls); a file over
 //! `DOCUMENT_MAX_BYTES` is refused with a notice and nothing is stored.
 
-use crate::harness::{document_message, sse, Fleet, ADA};
+use crate::harness::{document_message, pdf, sse, Fleet, ADA};
 use crate::helpers::{wait_until, BOT_TOKEN, WAIT};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
@@ -19,27 +19,14 @@ const CAP: &str = "4096";
 /// A one-page PDF whose text layer is `text` (Helvetica, no compression).
 fn minimal_pdf(text: &str) -> Vec<u8> {
     let content = format!("BT /F1 12 Tf 72 712 Td ({text}) Tj ET");
-    let objects = [
-        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
-        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
-            .to_owned(),
-        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_owned(),
-    ];
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, object) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend(format!("{} 0 obj\n{object}\nendobj\n", i + 1).bytes());
-    }
-    let xref = out.len();
-    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).bytes());
-    for offset in offsets {
-        out.extend(format!("{offset:010} 00000 n \n").bytes());
-    }
-    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).bytes());
-    out
+    pdf::document(&[
+        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_vec(),
+        pdf::stream("", content.as_bytes()),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec(),
+    ])
 }
 
 /// The `tool_result` blocks of a recorded request, by `tool_use_id`.

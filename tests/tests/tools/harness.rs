@@ -402,3 +402,38 @@ pub mod sse {
         body.matches("\n\n").count()
     }
 }
+
+/// Hand-written PDFs for the document tests (each input written by the
+/// test, no binary blobs).
+pub mod pdf {
+    /// A PDF of `objects` (object `n` is `objects[n - 1]`, written verbatim
+    /// between `n 0 obj` and `endobj`), with its cross-reference table;
+    /// object 1 is the catalog.
+    pub fn document(objects: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = b"%PDF-1.4\n".to_vec();
+        let mut offsets = Vec::new();
+        for (i, object) in objects.iter().enumerate() {
+            offsets.push(out.len());
+            out.extend(format!("{} 0 obj\n", i + 1).bytes());
+            out.extend(object);
+            out.extend(b"\nendobj\n");
+        }
+        let xref = out.len();
+        out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).bytes());
+        for offset in offsets {
+            out.extend(format!("{offset:010} 00000 n \n").bytes());
+        }
+        out.extend(
+            format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).bytes(),
+        );
+        out
+    }
+
+    /// A stream object: `<< dict /Length n >> stream … endstream`.
+    pub fn stream(dict: &str, content: &[u8]) -> Vec<u8> {
+        let mut s = format!("<< {dict} /Length {} >>\nstream\n", content.len()).into_bytes();
+        s.extend(content);
+        s.extend(b"\nendstream");
+        s
+    }
+}

@@ -6,7 +6,7 @@
 //! stall an intake shard, pre-checkout queries never wait behind chats, and
 //! a user without credit gets no document read.
 
-use crate::harness::{document_message, message, sse, Fleet, ADA};
+use crate::harness::{document_message, message, pdf, sse, Fleet, ADA};
 use crate::helpers::{wait_until, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
@@ -25,53 +25,26 @@ const LIMITS: [(&str, &str); 4] = [
     ("document-max-bytes", "1048576"),
 ];
 
-/// A PDF of `objects` (object `n` is `objects[n - 1]`, written verbatim
-/// between `n 0 obj` and `endobj`), with its cross-reference table.
-fn pdf(objects: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, object) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend(format!("{} 0 obj\n", i + 1).bytes());
-        out.extend(object);
-        out.extend(b"\nendobj\n");
-    }
-    let xref = out.len();
-    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).bytes());
-    for offset in offsets {
-        out.extend(format!("{offset:010} 00000 n \n").bytes());
-    }
-    out.extend(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).bytes());
-    out
-}
-
-fn stream(dict: &str, content: &[u8]) -> Vec<u8> {
-    let mut s = format!("<< {dict} /Length {} >>\nstream\n", content.len()).into_bytes();
-    s.extend(content);
-    s.extend(b"\nendstream");
-    s
-}
-
 /// One page whose content is `/X0 Do`, where `X0` is a Form XObject whose
 /// own content is `/X0 Do` and that has no `/Resources` of its own.
 fn recursive_form_pdf() -> Vec<u8> {
-    pdf(&[
+    pdf::document(&[
         b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /XObject << /X0 5 0 R >> >> >>"
             .to_vec(),
-        stream("", b"/X0 Do"),
-        stream("/Type /XObject /Subtype /Form /BBox [0 0 612 792]", b"/X0 Do"),
+        pdf::stream("", b"/X0 Do"),
+        pdf::stream("/Type /XObject /Subtype /Form /BBox [0 0 612 792]", b"/X0 Do"),
     ])
 }
 
 /// A page that lists itself as its `/Parent`, with nothing to inherit found.
 fn parent_cycle_pdf() -> Vec<u8> {
-    pdf(&[
+    pdf::document(&[
         b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
         b"<< /Type /Page /Parent 3 0 R /Contents 4 0 R >>".to_vec(),
-        stream("", b"BT /F1 12 Tf 72 712 Td (loop) Tj ET"),
+        pdf::stream("", b"BT /F1 12 Tf 72 712 Td (loop) Tj ET"),
     ])
 }
 
@@ -87,12 +60,12 @@ fn flate_text_bomb(runs: usize) -> Result<Vec<u8>> {
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
     z.write_all(&content)?;
     let compressed = z.finish()?;
-    Ok(pdf(&[
+    Ok(pdf::document(&[
         b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
             .to_vec(),
-        stream("/Filter /FlateDecode", &compressed),
+        pdf::stream("/Filter /FlateDecode", &compressed),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec(),
     ]))
 }
