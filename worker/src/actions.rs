@@ -2,9 +2,9 @@
 //! lease: answering buttons and pre-checkout queries (Telegram allows 10 s),
 //! sending Stars invoices, thanking for payments, moving migrated chats.
 
-use crate::consumer::Settle;
 use crate::context::WorkerContext;
 use crate::intake::Action;
+use crate::outcome::Settle;
 use serde_json::json;
 use shared::telegram::bot::{AnswerPreCheckoutQuery, SendInvoice};
 
@@ -50,7 +50,7 @@ pub async fn perform(ctx: &WorkerContext, action: Action) -> Settle {
         Action::Paid { chat_id, credit } => {
             ctx.outbox_notify.notify_one();
             let text = format!("Thank you! ${} of credit is on its way to your balance.", credit.normalize());
-            let _ = crate::delivery::send_text(ctx, chat_id, &text, &[]).await;
+            let _ = crate::telegram::delivery::send_text(ctx, chat_id, &text, &[]).await;
             Settle::Ack
         }
         Action::StopRefused { chat_id, callback_id } => {
@@ -60,15 +60,13 @@ pub async fn perform(ctx: &WorkerContext, action: Action) -> Settle {
                     let _ = ctx.telegram.answer_callback_query(&id, Some(text)).await;
                 }
                 None => {
-                    let _ = crate::delivery::send_text(ctx, chat_id, text, &[]).await;
+                    let _ = crate::telegram::delivery::send_text(ctx, chat_id, text, &[]).await;
                 }
             }
             Settle::Ack
         }
         Action::PaymentAnomaly { chat_id } => {
-            let text = "Your payment could not be credited automatically. It has been recorded and will be \
-                        reviewed; if it is not credited, it will be refunded.";
-            let _ = crate::delivery::send_text(ctx, chat_id, text, &[]).await;
+            let _ = crate::telegram::delivery::send_text(ctx, chat_id, crate::notices::PAYMENT_NOT_CREDITED, &[]).await;
             Settle::Ack
         }
         Action::Migrate { from, to } => match crate::chats::migrate(&ctx.db, from, to).await {

@@ -36,7 +36,7 @@ pub struct WorkerContext {
     /// Stars packs offered by `/buy`.
     pub packs: Arc<Vec<crate::payments::Pack>>,
     /// The fleet-wide pacer of Bot API calls.
-    pub pacer: crate::pacer::Pacer,
+    pub pacer: crate::telegram::pacer::Pacer,
     /// Tools offered to Claude.
     pub tools: Arc<crate::tools::Registry>,
     /// Slots of concurrently running jobs (`PREFETCH`).
@@ -46,7 +46,7 @@ pub struct WorkerContext {
     /// True while the intake shard consumer is connected and consuming (readiness).
     pub intake_consuming: Arc<std::sync::atomic::AtomicBool>,
     /// Jobs running in this process, by chat (for `/stop`).
-    pub running: crate::control::RunningJobs,
+    pub running: crate::cancel::RunningJobs,
     /// The program run as the PDF sandbox (`<it> extract-document`): this
     /// worker binary (tests may point it elsewhere).
     pub extractor: std::path::PathBuf,
@@ -76,7 +76,7 @@ impl WorkerContext {
         if !settings.bot_username.is_empty() {
             let _ = username.set(settings.bot_username.trim_start_matches('@').to_owned());
         }
-        let pacer = crate::pacer::Pacer::new(
+        let pacer = crate::telegram::pacer::Pacer::new(
             db.clone(),
             std::time::Duration::from_millis(settings.pace_private_ms),
             std::time::Duration::from_millis(settings.pace_group_ms),
@@ -102,7 +102,7 @@ impl WorkerContext {
             topology,
             worker_id: worker_id.into(),
             outbox_notify: Arc::new(Notify::new()),
-            running: crate::control::RunningJobs::default(),
+            running: crate::cancel::RunningJobs::default(),
             consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             intake_consuming: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             job_slots,

@@ -9,7 +9,6 @@
 //! this module sizes them and calls its API.
 
 use crate::context::WorkerContext;
-use crate::job::JobRow;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use std::time::Duration;
@@ -38,7 +37,7 @@ pub fn hold_amount(ctx: &WorkerContext, request: &Value) -> Decimal {
     (per_call * calls * ctx.prices.markup + tools).round_dp(6)
 }
 
-/// Places (or re-activates) the job's hold if the available balance covers
+/// Places (or re-activates) the hold of job `job_id` (user `user_id`, amount in USD) if the available balance covers
 /// it. `Ok(false)`: it does not; nothing was reserved.
 ///
 /// Through [`billing::holds::place`]: the worker's role may not touch the
@@ -46,10 +45,10 @@ pub fn hold_amount(ctx: &WorkerContext, request: &Value) -> Decimal {
 ///
 /// # Errors
 /// Database errors (billing database).
-pub async fn place(ctx: &WorkerContext, job: &JobRow, amount: Decimal) -> Result<bool, sqlx::Error> {
+pub async fn place(ctx: &WorkerContext, job_id: Uuid, user_id: i64, amount: Decimal) -> Result<bool, sqlx::Error> {
     let lifetime =
         Duration::from_secs(ctx.settings.stream_deadline_s * u64::from(2 + ctx.settings.max_continuations) + 600);
-    let placement = billing::holds::place(&ctx.billing_db, job.job_id, job.user_id, amount, lifetime).await?;
+    let placement = billing::holds::place(&ctx.billing_db, job_id, user_id, amount, lifetime).await?;
     if !placement.placed {
         tracing::info!(available = %placement.available, hold = %amount, "balance does not cover the hold");
     }

@@ -365,7 +365,9 @@ async fn stop_plan(
         // Nothing runs: the usual "nothing is being generated" answer.
         None => Plan::Stop { chat_id, callback_id, job_id: None },
         Some((job_id, asker)) if asker == by => Plan::Stop { chat_id, callback_id, job_id: Some(job_id) },
-        Some(_) if crate::admins::is_admin(ctx, chat_id, by).await => Plan::Stop { chat_id, callback_id, job_id: None },
+        Some(_) if crate::telegram::admins::is_admin(ctx, chat_id, by).await => {
+            Plan::Stop { chat_id, callback_id, job_id: None }
+        }
         Some(_) => {
             tracing::info!(chat_id, user_id = by, "stop refused: not the asker nor an administrator");
             Plan::Act(Action::StopRefused { chat_id, callback_id })
@@ -430,7 +432,7 @@ async fn record_payment(
         telegram_payment_charge_id: charge.clone(),
         occurred_at: chrono::Utc::now(),
     });
-    crate::outbox::write(tx, &event, None).await?;
+    crate::queues::relay::write(tx, &event, None).await?;
     Ok(IntakeOutcome::Action(Action::Paid { chat_id: msg.chat.id, credit: pack.usd }))
 }
 

@@ -3,7 +3,7 @@
 //! is requested. The claim and the fenced writes are in
 //! [`crate::store::jobs`].
 
-use crate::control::{CancelReason, JobCancel};
+use crate::cancel::{CancelReason, JobCancel};
 use crate::store::jobs::{Beat, ClaimedJob};
 use sqlx::PgPool;
 use std::time::Duration;

@@ -79,10 +79,10 @@ impl Refusal {
     /// The text shown to the user at pre-checkout.
     pub fn message(self) -> &'static str {
         match self {
-            Self::Malformed => "This invoice is not valid any more.",
-            Self::OtherPayer => "This invoice was made for someone else.",
-            Self::UnknownPack | Self::PriceMismatch => "This pack is no longer offered; send /buy again.",
-            Self::WrongCurrency | Self::WrongAmount => "The amount does not match the invoice.",
+            Self::Malformed => crate::notices::INVOICE_INVALID,
+            Self::OtherPayer => crate::notices::INVOICE_OTHER_PAYER,
+            Self::UnknownPack | Self::PriceMismatch => crate::notices::PACK_WITHDRAWN,
+            Self::WrongCurrency | Self::WrongAmount => crate::notices::AMOUNT_MISMATCH,
         }
     }
 }

@@ -85,15 +85,11 @@ impl App {
         };
         let admin = shared::admin::serve(self.admin, readiness, shutdown.clone());
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::sequencer::run(self.ctx.clone(), shutdown.clone()));
-        tasks.spawn(crate::consumer::run(self.ctx.clone(), shutdown.clone()));
-        tasks.spawn(crate::outbox::run(self.ctx.clone(), shutdown.clone()));
-        tasks.spawn(crate::reaper::run(self.ctx.clone(), shutdown.clone()));
-        tasks.spawn(crate::control::run(
-            self.ctx.clone(),
-            std::sync::Arc::new(tokio::sync::Notify::new()),
-            shutdown.clone(),
-        ));
+        tasks.spawn(crate::queues::shards::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::queues::work::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::queues::relay::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::queues::reaper::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(crate::queues::control::run(self.ctx.clone(), shutdown.clone()));
         while tasks.join_next().await.is_some() {}
         let _ = admin.await;
         Ok(())

@@ -151,7 +151,7 @@ async fn a_worker_terminated_mid_stream_hands_its_job_back_and_the_other_worker_
 }
 
 async fn terminated_mid_stream(t: &mut Lifecycle) -> Result<()> {
-    let grace = worker::consumer::SHUTDOWN_GRACE;
+    let grace = worker::queues::work::SHUTDOWN_GRACE;
     t.grant(CHI, "5.00").await?;
     // The first stream stalls (connection open) so it outlasts the shutdown grace.
     let stalled = ScriptedResponse { stall_after_events: Some(12), ..sse(ESSAY, 20)? };

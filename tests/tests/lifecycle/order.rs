@@ -47,7 +47,7 @@ async fn one_at_a_time(t: &Lifecycle) -> Result<()> {
 
     // The second message waited, and its user was told so, before its answer.
     let (notices, messages): (Vec<_>, Vec<_>) =
-        t.messages_to(ADA).into_iter().partition(|m| m.text == worker::sequencer::QUEUED_NOTICE);
+        t.messages_to(ADA).into_iter().partition(|m| m.text == worker::notices::QUEUED);
     ensure!(notices.len() == 1, "expected one queued notice, got {notices:?}");
     ensure!(
         messages.len() == 2 && notices[0].message_id < messages[1].message_id,

@@ -5,7 +5,7 @@ use fleet_tests::fake_telegram::{FakeTelegram, Fault, TgCall};
 use shared::secret::Secret;
 use shared::telegram::BotApi;
 use std::time::Duration;
-use worker::pacer::Pacer;
+use worker::telegram::pacer::Pacer;
 
 const CHAT: i64 = 100_000_001;
 

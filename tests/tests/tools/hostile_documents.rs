@@ -256,7 +256,7 @@ async fn a_raw_update_returned_five_times_is_dead_lettered_with_a_notice_not_tak
     let update = message(910_000_041, "I killed four workers");
     let mut headers = FieldTable::default();
     // What a quorum queue writes after four returns of the delivery.
-    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(worker::sequencer::POISON_DELIVERIES));
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(worker::queues::shards::POISON_DELIVERIES));
     let props = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers);
     fleet
         .broker
@@ -271,7 +271,7 @@ async fn a_raw_update_returned_five_times_is_dead_lettered_with_a_notice_not_tak
         .await?
         .await?;
     let notice = fleet.wait_for_message(ADA, "could not read your last message").await?;
-    assert_eq!(notice, worker::sequencer::NOT_TAKEN_NOTICE);
+    assert_eq!(notice, worker::notices::NOT_TAKEN);
     wait_until("the update to be dead-lettered", WAIT, || async {
         Ok(fleet.broker.message_count(&topology.updates_dead_queue()).await? == 1)
     })

@@ -5,8 +5,9 @@
 
 use super::{fetch, store, user_turn, Fetched};
 use crate::context::WorkerContext;
-use crate::job::{JobError, JobRow};
+use crate::job::JobError;
 use crate::store::jobs::ClaimedJob;
+use crate::store::jobs::JobRow;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::telegram::update::Document;
@@ -69,16 +70,11 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> R
         // back (its worker died): it is not tried again (poison).
         tracing::error!(started_epoch = ?started, "a document's earlier reading never finished; refused as poison");
         metrics::counter!("fleet_document_extractions_total", "result" => "poison").increment(1);
-        return Ok(Prepared::Refused(format!(
-            "I could not read {name}: reading it failed, and I will not try it again. Please send another file."
-        )));
+        return Ok(Prepared::Refused(crate::notices::document_poison(&name)));
     }
     let available = crate::holds::available(ctx, job.user_id).await?;
     if available <= Decimal::ZERO {
-        return Ok(Prepared::Refused(format!(
-            "I read documents only for users with credit, and your balance is ${}. Send /buy to top up, then send {name} again.",
-            available.max(Decimal::ZERO).round_dp(2)
-        )));
+        return Ok(Prepared::Refused(crate::notices::document_needs_credit(&name, available)));
     }
     let (files, chars) = stored_totals(ctx, job.user_id).await?;
     let quota_files = i64::try_from(ctx.settings.document_quota_files).unwrap_or(i64::MAX);
@@ -141,10 +137,7 @@ async fn mark_started(ctx: &WorkerContext, lease: &ClaimedJob, started: bool) ->
 }
 
 fn quota_notice(name: &str, files: i64, chars: i64, quota_files: i64, quota_chars: i64) -> String {
-    format!(
-        "I could not keep {name}: you have {files} stored files with {chars} characters of text, and I keep at most \
-         {quota_files} files or {quota_chars} characters per user."
-    )
+    crate::notices::document_over_quota(name, files, chars, quota_files, quota_chars)
 }
 
 #[cfg(test)]

@@ -182,10 +182,7 @@ pub async fn fetch(ctx: &WorkerContext, doc: &Document) -> Result<Fetched, Teleg
     };
     let chars = text.chars().count() as u64;
     if chars > ctx.settings.document_max_chars {
-        return Ok(Fetched::Rejected(format!(
-            "I could not keep {name}: it has {chars} characters of text, more than the {} I keep for one file.",
-            ctx.settings.document_max_chars
-        )));
+        return Ok(Fetched::Rejected(crate::notices::document_too_long(&name, chars, ctx.settings.document_max_chars)));
     }
     Ok(Fetched::Ready(NewDocument {
         file_unique_id: doc.file_unique_id.clone(),
@@ -244,12 +241,12 @@ async fn extract(sandbox: &Sandbox, kind: Kind, bytes: Vec<u8>, name: &str) -> R
         Ok((text, _pages)) => {
             let text = clean(&text);
             if text.trim().is_empty() {
-                Err(format!("I found no text in {name} (a scanned PDF has none), so I did not keep it."))
+                Err(crate::notices::document_no_text(name))
             } else {
                 Ok((Extraction::Pdf, text))
             }
         }
-        Err(Refusal(why)) => Err(format!("I could not read this PDF ({name}): {why}.")),
+        Err(Refusal(why)) => Err(crate::notices::document_unreadable(name, &why)),
     }
 }
 
@@ -288,15 +285,11 @@ fn size_text(bytes: u64) -> String {
 }
 
 fn too_large(name: &str, size: Option<u64>, cap: u64) -> String {
-    let size = size.map(|s| format!(" is {} and", size_text(s))).unwrap_or_default();
-    format!(
-        "{name}{size} is larger than the {} I can read, so I did not keep it. Please send a smaller file.",
-        size_text(cap)
-    )
+    crate::notices::document_too_large(name, size.map(size_text).as_deref(), &size_text(cap))
 }
 
 fn unsupported(name: &str) -> String {
-    format!("I can read text files and PDFs only, so I could not use {name}.")
+    crate::notices::document_unsupported(name)
 }
 
 fn refused(name: &str, e: &TelegramError) -> String {

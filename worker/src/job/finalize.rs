@@ -132,7 +132,7 @@ pub async fn finalize(
         user_id: job.user_id,
         charge_event_ids,
     });
-    crate::outbox::write(&mut tx, &release, Some(job.job_id)).await?;
+    crate::queues::relay::write(&mut tx, &release, Some(job.job_id)).await?;
     tx.commit().await?;
     ctx.outbox_notify.notify_one();
     Ok(())
@@ -202,7 +202,7 @@ async fn write_call(
             abandoned: true,
             occurred_at: Utc::now(),
         });
-        return crate::outbox::write(tx, &event, Some(job.job_id)).await.map_err(JobError::from);
+        return crate::queues::relay::write(tx, &event, Some(job.job_id)).await.map_err(JobError::from);
     }
     let Some(price) = price.filter(|_| charged) else { return Ok(()) };
     for (class, n) in [
@@ -240,7 +240,7 @@ async fn write_call(
         abandoned: false,
         occurred_at: Utc::now(),
     });
-    crate::outbox::write(tx, &event, Some(job.job_id)).await?;
+    crate::queues::relay::write(tx, &event, Some(job.job_id)).await?;
     Ok(())
 }
 

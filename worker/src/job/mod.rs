@@ -17,28 +17,14 @@ pub use repair::repair_history;
 pub use request::{build_request, load, validate_content, JobRow};
 pub use stream::{stream_reply, CallEnd, CallRecord};
 
+use crate::cancel::{CancelReason, JobCancel};
 use crate::context::WorkerContext;
-use crate::control::{CancelReason, JobCancel};
-use crate::delivery::{send_text, DeliveryError};
-use crate::progress::Progress;
+use crate::notices;
+use crate::outcome::JobEnd;
 use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
+use crate::telegram::delivery::DeliveryError;
+use crate::telegram::progress::Progress;
 use shared::anthropic::StopReason;
-
-/// How a job ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobOutcome {
-    /// Finished; the outcome says how (answered, no balance, a command, …).
-    Done(Outcome),
-    /// Failed with a reason (the user was told).
-    Failed(String),
-    /// The lease was lost: another worker owns the job now; nothing more was written.
-    LeaseLost,
-    /// Shutdown: the job was handed back (queued again) for another worker.
-    HandedBack,
-    /// Interrupted by a transient database error before anything was sent:
-    /// handed back (the attempt not counted), to be retried after a delay.
-    RetryLater,
-}
 
 /// Errors inside a job step.
 #[derive(Debug, thiserror::Error)]
@@ -64,90 +50,31 @@ pub enum JobError {
     Transient(String),
 }
 
-/// Notice for a user whose balance cannot pay for an answer.
-pub const TOP_UP_NOTICE: &str =
-    "Your balance is empty, so I can't ask Claude right now. Please top up your credit to continue.";
-/// Notice appended to an answer stopped by `/stop`.
-pub const STOPPED_NOTICE: &str = "(Stopped.)";
-/// Notice appended when the continuation limit is hit (P11).
-pub const LIMIT_NOTICE: &str = "(The answer reached its length limit and was cut off here.)";
-/// Notice appended when a stream timed out (P5).
-pub const TIMEOUT_NOTICE: &str = "(The answer took too long and was cut short: timed out.)";
-/// Notice when the Messages API failed after every retry.
-pub const UNAVAILABLE_NOTICE: &str = "(Claude is unavailable right now; please try again in a moment.)";
-
-/// Runs a claimed job to its end and releases (or hands back) the lease.
-pub async fn run(ctx: &WorkerContext, lease: ClaimedJob, cancel: JobCancel) -> JobOutcome {
-    let result = run_steps(ctx, &lease, &cancel).await;
-    let (outcome, error) = match &result {
-        Ok(outcome) => (*outcome, None),
+/// Runs a claimed job's attempt to its end and says how it ended. It
+/// performs no lease transition, broker action or failure notice itself:
+/// [`crate::outcome::plan`] maps the end to those, and the work queue
+/// applies the plan (a panic is mapped there, at the task boundary).
+pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> JobEnd {
+    match run_steps(ctx, lease, &cancel).await {
+        Ok(outcome) => JobEnd::Finished(outcome),
         // The hold belongs to the new holder now: left alone.
-        Err(JobError::LeaseLost) => return JobOutcome::LeaseLost,
-        Err(JobError::Db(e)) if shared::db::is_transient(e) => {
+        Err(JobError::LeaseLost) => JobEnd::LeaseLost,
+        Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
             // The database went away (a restart, a failover) before
             // anything was sent (a sent answer is never handed back, see
-            // `deliver`): not the user's failure. The job goes back, the
-            // attempt not counted, and is retried after a delay; if even the
-            // hand-back fails, the lease expires and the reaper republishes it.
+            // `deliver`): not the user's failure. If even the hand-back
+            // fails, the lease expires and the reaper republishes the job.
             tracing::warn!(error.message = %e, "job interrupted by a database error; handing it back");
-            return match lease.hand_back(&ctx.db, true).await {
-                Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id()).await;
-                    JobOutcome::RetryLater
-                }
-                Ok(false) => JobOutcome::LeaseLost,
-                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
-            };
+            JobEnd::DatabaseDown(e.to_string())
         }
         Err(JobError::Transient(e)) => {
             tracing::warn!(error.message = %e, attempt = lease.attempts(), "job interrupted by a transient error; handing it back");
-            return match lease.hand_back(&ctx.db, false).await {
-                Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id()).await;
-                    JobOutcome::RetryLater
-                }
-                Ok(false) => JobOutcome::LeaseLost,
-                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
-            };
+            JobEnd::Transient(e)
         }
-        Err(JobError::Shutdown) => {
-            return match lease.hand_back(&ctx.db, false).await {
-                Ok(true) => {
-                    crate::holds::void(ctx, lease.job_id()).await;
-                    JobOutcome::HandedBack
-                }
-                Ok(false) => JobOutcome::LeaseLost,
-                Err(e) => JobOutcome::Failed(format!("hand back failed (the lease will expire): {e}")),
-            };
-        }
-        Err(e) => (Outcome::Error, Some(e.to_string())),
-    };
-    if let Some(err) = &error {
-        tracing::error!(error.message = %err, "job failed");
-        if let Ok(job) = load(ctx, lease.job_id()).await {
-            let text = if matches!(result, Err(JobError::Invalid(_))) {
-                "Sorry, this conversation's stored state is damaged. Send /new to start a new conversation."
-            } else {
-                "Sorry, something went wrong while answering. Please try again."
-            };
-            let _ = send_text(ctx, job.chat_id, text, &[]).await;
-        }
-    }
-    match lease.finish(&ctx.db, outcome, error.as_deref()).await {
-        Ok(true) => match error {
-            None => JobOutcome::Done(outcome),
-            Some(e) => {
-                // Nothing was charged on a failure: the reservation goes.
-                // Only after the fenced finish, so a newer holder's hold is safe.
-                crate::holds::void(ctx, lease.job_id()).await;
-                JobOutcome::Failed(e)
-            }
-        },
-        Ok(false) => JobOutcome::LeaseLost,
+        Err(JobError::Shutdown) => JobEnd::Shutdown,
         Err(e) => {
-            // The lease will expire and the job will be retried.
-            tracing::error!(error.message = %e, "could not finish the job");
-            JobOutcome::Failed(e.to_string())
+            tracing::error!(error.message = %e, "job failed");
+            JobEnd::Failed { damaged: matches!(e, JobError::Invalid(_)), error: e.to_string() }
         }
     }
 }
@@ -190,8 +117,8 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
     }
     let mut request = build_request(ctx, &job).await?;
     let hold = crate::holds::hold_amount(ctx, &request);
-    if !crate::holds::place(ctx, &job, hold).await? {
-        deliver(ctx, &job, lease, TOP_UP_NOTICE, &[]).await?;
+    if !crate::holds::place(ctx, job.job_id, job.user_id, hold).await? {
+        deliver(ctx, &job, lease, notices::TOP_UP, &[]).await?;
         return Ok(Outcome::NoBalance);
     }
     let progress =
@@ -282,17 +209,16 @@ impl Answer {
     fn reply(&self) -> String {
         let mut reply = self.text.trim().to_owned();
         if !self.tool_charges.is_empty() {
-            let list: Vec<String> = self.tool_charges.iter().map(|(n, p)| format!("{n} ${}", p.normalize())).collect();
-            self.notices_push(&mut reply, &format!("(Tools used: {}.)", list.join(", ")));
+            self.notices_push(&mut reply, &notices::tools_used(&self.tool_charges));
         }
         for n in &self.notices {
             self.notices_push(&mut reply, n);
         }
         if reply.is_empty() {
             reply = if self.calls.iter().any(|c| c.state.stop_reason == Some(StopReason::Refusal)) {
-                "Claude declined to answer this request.".to_owned()
+                notices::DECLINED.to_owned()
             } else {
-                "(Claude returned an empty answer.)".to_owned()
+                notices::EMPTY_ANSWER.to_owned()
             };
         }
         reply
@@ -340,15 +266,13 @@ async fn generate(
                     return Ok(answer);
                 }
                 if tool_rounds >= ctx.settings.max_tool_rounds {
-                    answer
-                        .notices
-                        .push(format!("(Stopped after {tool_rounds} rounds of tool use: the limit for one answer.)"));
+                    answer.notices.push(notices::tool_round_limit(tool_rounds));
                     return Ok(answer);
                 }
                 tool_rounds += 1;
                 let outcomes = crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
                 if cancel.token().is_cancelled() {
-                    answer.notices.push(STOPPED_NOTICE.to_owned());
+                    answer.notices.push(notices::STOPPED.to_owned());
                     return Ok(answer);
                 }
                 for o in &outcomes {
@@ -370,7 +294,7 @@ async fn generate(
             }
             (CallEnd::Complete, Some(StopReason::MaxTokens)) => {
                 if continuations >= ctx.settings.max_continuations {
-                    answer.notices.push(LIMIT_NOTICE.to_owned());
+                    answer.notices.push(notices::LIMIT.to_owned());
                     return Ok(answer);
                 }
                 continuations += 1;
@@ -389,9 +313,7 @@ async fn generate(
                 request::append_turns(request, blocks, None);
             }
             (CallEnd::Complete, Some(StopReason::Other(reason))) if reason == "model_context_window_exceeded" => {
-                answer
-                    .notices
-                    .push("(This conversation is too long for the model. Send /new to start a new one.)".to_owned());
+                answer.notices.push(notices::CONTEXT_FULL.to_owned());
                 return Ok(answer);
             }
             (CallEnd::Complete, other) => {
@@ -402,16 +324,16 @@ async fn generate(
             }
             (CallEnd::Cancelled, _) => {
                 if cancel.reason() == Some(CancelReason::Stop) {
-                    answer.notices.push(STOPPED_NOTICE.to_owned());
+                    answer.notices.push(notices::STOPPED.to_owned());
                 }
                 return Ok(answer);
             }
             (CallEnd::IdleTimeout | CallEnd::Deadline, _) => {
-                answer.notices.push(TIMEOUT_NOTICE.to_owned());
+                answer.notices.push(notices::TIMEOUT.to_owned());
                 return Ok(answer);
             }
             (CallEnd::Failed(_), _) => {
-                answer.notices.push(UNAVAILABLE_NOTICE.to_owned());
+                answer.notices.push(notices::UNAVAILABLE.to_owned());
                 return Ok(answer);
             }
         }
@@ -429,7 +351,9 @@ async fn deliver(
     text: &str,
     reuse: &[i64],
 ) -> Result<(), JobError> {
-    match crate::delivery::send_fenced_in(ctx, job.chat_id, job.message_thread_id, text, reuse, Some(lease)).await {
+    match crate::telegram::delivery::send_fenced_in(ctx, job.chat_id, job.message_thread_id, text, reuse, Some(lease))
+        .await
+    {
         Ok(ids) => {
             // The user has the answer now: recording that must not fail on a
             // database blip (a later attempt would send it again), so it is

@@ -4,7 +4,7 @@
 //! takes effect inside an event, not only between events.
 
 use crate::context::WorkerContext;
-use crate::progress::Progress;
+use crate::telegram::progress::Progress;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use serde_json::Value;

@@ -20,9 +20,10 @@
 
 use super::{calculator, clock, files, notes, ToolOutcome};
 use crate::context::WorkerContext;
-use crate::job::{JobError, JobRow};
+use crate::job::JobError;
 use crate::store::calls::{self, FailedToolCall};
 use crate::store::jobs::ClaimedJob;
+use crate::store::jobs::JobRow;
 use chrono::Utc;
 use serde_json::Value;
 use shared::contracts::{tool_event_id, BillingEvent, ToolCharge};
@@ -135,7 +136,7 @@ async fn run_checked(
                     user_charge: price,
                     occurred_at: Utc::now(),
                 });
-                crate::outbox::write(&mut tx, &event, Some(job.job_id)).await?;
+                crate::queues::relay::write(&mut tx, &event, Some(job.job_id)).await?;
             }
             // Fence: the tool's writes commit only under the live lease.
             if !lease.fence(&mut tx).await? {

@@ -4,12 +4,14 @@
 //! or dead-letter. The delivery is acked as soon as the claim commits: from
 //! then on the job row holds the work (DESIGN §5.6).
 
+use crate::cancel::{CancelReason, JobCancel};
 use crate::context::WorkerContext;
-use crate::control::{CancelReason, JobCancel};
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
-use crate::job::{self, JobOutcome};
+use crate::job;
 use crate::lease;
-use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob, Outcome};
+pub use crate::outcome::Settle;
+use crate::outcome::{self, Disposition, JobEnd, Transition};
+use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
@@ -18,22 +20,8 @@ use shared::amqp::{self, attempt_of, Outgoing};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
-
-/// What to do with a delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
-    /// Done with it.
-    Ack,
-    /// Try again later through a delay queue.
-    Delay,
-    /// Poison: to `updates.dead`.
-    DeadLetter,
-    /// Back to its queue now (nack with requeue).
-    Requeue,
-    /// Already acked (after the claim committed); nothing more to send.
-    Settled,
-}
 
 /// Publishes a minimal update (`{"update_id": N}`) for a job to `updates`:
 /// intake sees a known update_id and resumes its job (used at hand-back and
@@ -133,9 +121,8 @@ async fn consume_loop(
         match delivery {
             Some(Ok(d)) => {
                 let ctx = ctx.clone();
-                let job_shutdown = shutdown.clone();
                 tasks.spawn(async move {
-                    handle(&ctx, d, job_shutdown).await;
+                    handle(&ctx, d).await;
                 });
             }
             Some(Err(e)) => return Err(e.into()),
@@ -144,8 +131,10 @@ async fn consume_loop(
     }
 }
 
-/// Handles one delivery end to end.
-pub async fn handle(ctx: &WorkerContext, delivery: Delivery, shutdown: CancellationToken) {
+/// Handles one delivery end to end: [`decide`] says what to do with it; a
+/// claimed job is acked (the job row holds the work from then on, DESIGN
+/// §5.6), run, and its end applied ([`apply`]).
+pub async fn handle(ctx: &WorkerContext, delivery: Delivery) {
     let span = tracing::info_span!(
         "update",
         update_id = tracing::field::Empty,
@@ -156,24 +145,46 @@ pub async fn handle(ctx: &WorkerContext, delivery: Delivery, shutdown: Cancellat
         anthropic_request_id = tracing::field::Empty
     );
     async move {
-        let decision = decide(ctx, &delivery, &shutdown).await;
-        settle(ctx, &delivery, decision).await;
+        match decide(ctx, &delivery).await {
+            Decision::Settle(decision) => settle(ctx, &delivery, decision).await,
+            Decision::Run { job, claimed, slot } => {
+                settle(ctx, &delivery, Settle::Ack).await;
+                let end = run_claimed(ctx, &job, claimed).await;
+                drop(slot);
+                apply(ctx, &job, claimed, end).await;
+            }
+        }
     }
     .instrument(span)
     .await
 }
 
-async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Settle {
+/// What [`decide`] returns: it performs nothing on the broker itself.
+enum Decision {
+    /// Settle the delivery so.
+    Settle(Settle),
+    /// A job was claimed: ack the delivery, run the job, apply its end.
+    Run {
+        /// The job.
+        job: JobRef,
+        /// Its lease.
+        claimed: ClaimedJob,
+        /// The job slot, held while the job runs.
+        slot: tokio::sync::OwnedSemaphorePermit,
+    },
+}
+
+async fn decide(ctx: &WorkerContext, delivery: &Delivery) -> Decision {
     let job = match intake(ctx, &delivery.data).await {
         Ok(IntakeOutcome::Job(job) | IntakeOutcome::Queued(job)) => job,
-        Ok(other) => return without_job(ctx, other).await,
+        Ok(other) => return Decision::Settle(without_job(ctx, other).await),
         Err(IntakeError::Poison(e)) => {
             tracing::error!(error.message = %e, "poison update");
-            return Settle::DeadLetter;
+            return Decision::Settle(Settle::DeadLetter);
         }
         Err(e) => {
             tracing::warn!(error.message = %e, "intake failed; retrying later");
-            return Settle::Delay;
+            return Decision::Settle(Settle::Delay);
         }
     };
     let span = tracing::Span::current();
@@ -185,32 +196,24 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery, shutdown: &Cancellatio
     // A job slot bounds the jobs running here; it is held until the job
     // ends. Without a free slot the delivery goes to a delay queue at once,
     // so unacked deliveries never fill the prefetch window (a /stop must get through).
-    let Ok(_slot) = ctx.job_slots.clone().try_acquire_owned() else {
-        return Settle::Delay;
+    let Ok(slot) = ctx.job_slots.clone().try_acquire_owned() else {
+        return Decision::Settle(Settle::Delay);
     };
     match store_jobs::claim(&ctx.db, job.job_id, &ctx.worker_id, visibility, ctx.settings.max_attempts).await {
-        Ok(Claim::Claimed(l)) => {
-            span.record("lease_epoch", l.epoch());
-            // The job row holds the work from now on.
-            settle(ctx, delivery, Settle::Ack).await;
-            run_claimed(ctx, &job, l, shutdown).await;
-            Settle::Settled
+        Ok(Claim::Claimed(claimed)) => {
+            span.record("lease_epoch", claimed.epoch());
+            Decision::Run { job, claimed, slot }
         }
-        Ok(Claim::ChatBusy) => Settle::Delay,
-        Ok(Claim::NotClaimable) => Settle::Ack,
-        Ok(Claim::AttemptsExhausted) => {
-            let _ = crate::delivery::send_text(
-                ctx,
-                job.chat_id,
-                "Sorry, I could not answer this message after several attempts.",
-                &[],
-            )
-            .await;
-            Settle::Ack
+        Ok(claim) => {
+            let (decision, notice) = outcome::on_claim(&claim);
+            if let Some(notice) = notice {
+                let _ = crate::telegram::delivery::send_text(ctx, job.chat_id, notice, &[]).await;
+            }
+            Decision::Settle(decision)
         }
         Err(e) => {
             tracing::warn!(error.message = %e, "claim failed; retrying later");
-            Settle::Delay
+            Decision::Settle(Settle::Delay)
         }
     }
 }
@@ -234,14 +237,16 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.
             let here = ctx.running.cancel_chat(chat_id, update_id, job_id, CancelReason::Stop);
-            if let Err(e) = crate::control::publish_stop(ctx, chat_id, update_id, job_id).await {
+            if let Err(e) = crate::queues::control::publish_stop(ctx, chat_id, update_id, job_id).await {
                 tracing::warn!(error.message = %e, "stop broadcast failed; retrying later");
                 return Settle::Delay;
             }
             if let Some(id) = callback_id {
                 let _ = ctx.telegram.answer_callback_query(&id, Some("Stopping…")).await;
             } else if !running && !here {
-                let _ = crate::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[]).await;
+                let _ =
+                    crate::telegram::delivery::send_text(ctx, chat_id, "Nothing is being generated right now.", &[])
+                        .await;
             }
             Settle::Ack
         }
@@ -249,67 +254,102 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
     }
 }
 
-async fn run_claimed(ctx: &WorkerContext, job: &JobRef, l: ClaimedJob, _shutdown: &CancellationToken) {
+/// Runs a claimed job with its heartbeat. Both are owned here: the job and
+/// the heartbeat are aborted when this future is dropped (shutdown's
+/// `abort_all`), never left running detached. A panic inside the job is
+/// caught at its task boundary and becomes [`JobEnd::Panicked`].
+async fn run_claimed(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob) -> JobEnd {
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
     let cancel = JobCancel::default();
     let _registration = ctx.running.register(job.chat_id, job.job_id, job.update_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
-    let heartbeat =
-        tokio::spawn(lease::keep_alive(ctx.db.clone(), l, visibility, stop_heartbeat.clone(), cancel.clone()));
+    let heartbeat = AbortOnDropHandle::new(tokio::spawn(lease::keep_alive(
+        ctx.db.clone(),
+        claimed,
+        visibility,
+        stop_heartbeat.clone(),
+        cancel.clone(),
+    )));
     let task_ctx = ctx.clone();
-    let task_cancel = cancel.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     metrics::gauge!("fleet_leases_active").increment(1.0);
-    let outcome = tokio::spawn(async move { job::run(&task_ctx, l, task_cancel).await }.instrument(span)).await;
+    let task = AbortOnDropHandle::new(tokio::spawn(
+        async move { job::run(&task_ctx, &claimed, cancel).await }.instrument(span),
+    ));
+    let end = match task.await {
+        Ok(end) => end,
+        Err(join) => {
+            tracing::error!(error.message = %join, "job panicked");
+            JobEnd::Panicked(format!("the job panicked: {join}"))
+        }
+    };
     metrics::gauge!("fleet_leases_active").decrement(1.0);
     metrics::histogram!("fleet_job_duration_seconds").record(started.elapsed().as_secs_f64());
-    let label = match &outcome {
-        Ok(JobOutcome::Done(l)) => l.as_str(),
-        Ok(JobOutcome::Failed(_)) => "failed",
-        Ok(JobOutcome::LeaseLost) => "lease_lost",
-        Ok(JobOutcome::HandedBack) => "handed_back",
-        Ok(JobOutcome::RetryLater) => "retry_later",
-        Err(_) => "panic",
-    };
-    metrics::counter!("fleet_jobs_total", "outcome" => label).increment(1);
-    if label == "lease_lost" {
-        metrics::counter!("fleet_lease_losses_total").increment(1);
-    }
     stop_heartbeat.cancel();
     let _ = heartbeat.await;
-    match outcome {
-        Ok(JobOutcome::Done(outcome)) => tracing::info!(outcome = outcome.as_str(), "job done"),
-        Ok(JobOutcome::Failed(e)) => tracing::warn!(error.message = %e, "job failed"),
-        Ok(JobOutcome::LeaseLost) => tracing::warn!("job abandoned: lease lost"),
-        Ok(JobOutcome::RetryLater) => {
+    end
+}
+
+/// Applies the end of an attempt as [`outcome::plan`] says: the fenced
+/// transition first; then, only when it was written (the lease was still
+/// ours), the hold, the notice and the broker action.
+async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobEnd) {
+    let plan = outcome::plan(&end);
+    metrics::counter!("fleet_jobs_total", "outcome" => plan.label).increment(1);
+    let error = match &end {
+        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) => Some(error.as_str()),
+        _ => None,
+    };
+    let written = match plan.transition {
+        Transition::Finish(outcome) => claimed.finish(&ctx.db, outcome, error).await,
+        Transition::HandBack { count_attempt } => claimed.hand_back(&ctx.db, !count_attempt).await,
+        Transition::Nothing => Ok(false),
+    };
+    let lost = match &written {
+        Ok(true) => false,
+        Ok(false) => true,
+        Err(e) => {
+            // The lease will expire and the reaper republishes the job.
+            tracing::error!(error.message = %e, "could not end the job; its lease will expire");
+            false
+        }
+    };
+    if lost {
+        metrics::counter!("fleet_lease_losses_total").increment(1);
+        tracing::warn!("job abandoned: lease lost");
+        return;
+    }
+    if plan.void_hold && written.is_ok() {
+        // Nothing was charged: the reservation goes. Only after the fenced
+        // transition, so a newer holder's hold is safe.
+        crate::holds::void(ctx, claimed.job_id()).await;
+    }
+    if let Some(notice) = plan.notice {
+        let _ = crate::telegram::delivery::send_text(ctx, job.chat_id, notice, &[]).await;
+    }
+    match plan.disposition {
+        Disposition::Done => match &end {
+            JobEnd::Finished(outcome) => tracing::info!(outcome = outcome.as_str(), "job done"),
+            _ => tracing::warn!(error.message = error.unwrap_or_default(), "job failed"),
+        },
+        Disposition::RepublishDelayed if written.is_ok() => {
             // Through the longest delay queue: the database gets time to return.
             let delay = ctx.topology.update_retry_delays_ms.iter().copied().max().unwrap_or(5_000);
             let queue = ctx.topology.updates_retry_queue(delay);
             if let Err(e) = republish_job_to(ctx, job.update_id, &queue).await {
                 tracing::warn!(error.message = %e, "delayed republish failed; the reaper will find the job");
             }
-            tracing::info!(delay_ms = delay, "job handed back after a database error; retried later");
+            tracing::info!(delay_ms = delay, "job handed back; retried later");
         }
-        Ok(JobOutcome::HandedBack) => {
-            // Make it visible again at once for another worker.
+        Disposition::RepublishNow if written.is_ok() => {
+            // Visible again at once for another worker.
             if let Err(e) = republish_job(ctx, job.update_id).await {
                 tracing::warn!(error.message = %e, "hand-back republish failed; the reaper will find the job");
             }
             tracing::info!("job handed back at shutdown");
         }
-        Err(join) => {
-            // A panic inside the job: release the lease and tell the user (P3).
-            tracing::error!(error.message = %join, "job panicked");
-            let _ = l.finish(&ctx.db, Outcome::Panic, Some("the job panicked")).await;
-            let _ = crate::delivery::send_text(
-                ctx,
-                job.chat_id,
-                "Sorry, something went wrong while answering. Please try again.",
-                &[],
-            )
-            .await;
-        }
+        Disposition::RepublishDelayed | Disposition::RepublishNow => {}
     }
 }
 
@@ -321,12 +361,10 @@ pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) 
         Settle::Ack => "ack",
         Settle::Delay => "delay",
         Settle::DeadLetter => "dead_letter",
-        Settle::Settled => "claimed",
         Settle::Requeue => "requeue",
     };
     metrics::counter!("fleet_updates_settled_total", "action" => label).increment(1);
     let result = match decision {
-        Settle::Settled => Ok(()),
         Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
         Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()),
         Settle::Requeue => {

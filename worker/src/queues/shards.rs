@@ -20,9 +20,9 @@
 //! after [`INTAKE_ATTEMPTS`] (minutes) is dead-lettered to `updates.dead`
 //! with a notice to the user, and the chat moves on.
 
-use crate::consumer::{self, Settle};
 use crate::context::WorkerContext;
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
+use crate::queues::work::{self, Settle};
 use futures_util::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicConsumeOptions;
@@ -49,10 +49,6 @@ const INTAKE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// return, [`amqp::delivery_count_of`]). Below the queue's own delivery
 /// limit, so the user is told and nothing is dropped silently.
 pub const POISON_DELIVERIES: i64 = 5;
-/// Told to a user whose message could not be taken in.
-pub const NOT_TAKEN_NOTICE: &str = "Sorry, I could not read your last message. Please send it again.";
-/// What the user reads when their message waits behind another answer.
-pub const QUEUED_NOTICE: &str = "⏳ Queued: I will answer this after the current reply.";
 
 /// Consumes every intake shard until `shutdown`, reconnecting with backoff.
 /// On shutdown it stops reading, lets the intakes in progress finish (they
@@ -169,25 +165,27 @@ async fn take_in(
             Taken::Outcome(IntakeOutcome::Job(job)) => hand_off(ctx, &job).await,
             Taken::Outcome(IntakeOutcome::Queued(job)) => {
                 let decision = hand_off(ctx, &job).await;
-                if let Err(e) = crate::delivery::send_text(ctx, job.chat_id, QUEUED_NOTICE, &[]).await {
+                if let Err(e) =
+                    crate::telegram::delivery::send_text(ctx, job.chat_id, crate::notices::QUEUED, &[]).await
+                {
                     tracing::warn!(error.message = %e, "queued notice not sent");
                 }
                 decision
             }
-            Taken::Outcome(other) => consumer::without_job(ctx, other).await,
+            Taken::Outcome(other) => work::without_job(ctx, other).await,
             Taken::Poison => Settle::DeadLetter,
             Taken::GiveUp => {
                 // Kept in `updates.dead` for inspection and redrive; the user is told.
                 if let Some(chat) =
                     shared::telegram::RoutingInfo::from_bytes(&delivery.data).ok().and_then(|r| r.chat_id)
                 {
-                    let _ = crate::delivery::send_text(ctx, chat, NOT_TAKEN_NOTICE, &[]).await;
+                    let _ = crate::telegram::delivery::send_text(ctx, chat, crate::notices::NOT_TAKEN, &[]).await;
                 }
                 Settle::DeadLetter
             }
             Taken::Shutdown => return,
         };
-        consumer::settle(ctx, &delivery, decision).await;
+        work::settle(ctx, &delivery, decision).await;
     }
     .instrument(span)
     .await;
@@ -244,7 +242,7 @@ async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown:
 async fn hand_off(ctx: &WorkerContext, job: &JobRef) -> Settle {
     let mut wait = Duration::from_millis(100);
     for _ in 0..5 {
-        match consumer::republish_job(ctx, job.update_id).await {
+        match work::republish_job(ctx, job.update_id).await {
             Ok(()) => return Settle::Ack,
             Err(e) => {
                 tracing::warn!(error.message = %e, "job hand-off failed; retrying");

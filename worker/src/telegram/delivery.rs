@@ -1,6 +1,6 @@
 //! Sending an answer or a notice to a chat (DESIGN §7): Markdown rendered to
 //! entities (never `parse_mode`), split at 4,096 UTF-16 code units, every
-//! call through the fleet-wide [`Pacer`](crate::pacer::Pacer). Error
+//! call through the fleet-wide [`Pacer`](crate::telegram::pacer::Pacer). Error
 //! classes: "message is not modified" is success; entities rejected → the
 //! part is sent again once as plain text; "message to edit not found" /
 //! "can't be edited" → sent as a new message; 403 → [`DeliveryError::Blocked`].

@@ -5,9 +5,9 @@
 //! newest text is sent when a slot comes (coalescing), identical text is
 //! never sent twice, and a 403 cancels the job at once.
 
+use crate::cancel::{CancelReason, JobCancel};
 use crate::context::WorkerContext;
-use crate::control::{CancelReason, JobCancel};
-use crate::delivery::render;
+use crate::telegram::delivery::render;
 use shared::telegram::TelegramError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;

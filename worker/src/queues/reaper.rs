@@ -4,8 +4,8 @@
 //! `FOR UPDATE SKIP LOCKED` and `reaped_at` keep reapers from colliding and
 //! from republishing one job again and again.
 
-use crate::consumer::republish_job;
 use crate::context::WorkerContext;
+use crate::queues::work::republish_job;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
