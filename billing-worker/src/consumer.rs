@@ -5,10 +5,8 @@
 //! `billing.dead` plus a `billing_failures` row. Never only a log line.
 
 use crate::ledger::{self, Applied, LedgerError};
-use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use shared::amqp::{self, attempt_of, ConfirmPublisher, Outgoing, Topology};
 use shared::contracts::BillingEvent;
 use sqlx::PgPool;
@@ -74,17 +72,8 @@ pub async fn run(ctx: BillingContext, shutdown: CancellationToken) {
 }
 
 async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(&ctx.amqp_url, "billing-worker", Duration::from_secs(5)).await?;
-    let ch = amqp::consumer_channel(&conn, ctx.prefetch).await?;
-    ctx.topology.declare(&ch).await?;
-    let mut consumer = ch
-        .basic_consume(
-            ctx.topology.billing_queue().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut sub = amqp::Subscription::open(&ctx.amqp_url, "billing-worker", ctx.prefetch, &ctx.topology).await?;
+    sub.consume(&ctx.topology.billing_queue()).await?;
     tracing::info!(queue = %ctx.topology.billing_queue(), "consuming billing events");
     ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
     let _flag = ResetOnDrop(ctx.consuming.clone());
@@ -101,30 +90,22 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
                 Err(_) => break Ok(()),
             },
         };
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            d = consumer.next() => d,
-        };
-        let first = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => break Err(e.into()),
-            None => break Err(amqp::BrokerError::Nacked),
+        let first = match sub.next(shutdown).await {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         };
         // Whatever else has already arrived joins the batch; nothing waits.
         let mut batch = vec![first];
         let mut lost = None;
         while batch.len() < ctx.batch_size.max(1) {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
-                Some(Some(Err(e))) => {
-                    lost = Some(amqp::BrokerError::from(e));
+            match sub.next_ready() {
+                Ok(Some(d)) => batch.push(d),
+                Ok(None) => break,
+                Err(e) => {
+                    lost = Some(e);
                     break;
                 }
-                Some(None) => {
-                    lost = Some(amqp::BrokerError::Nacked);
-                    break;
-                }
-                None => break,
             }
         }
         let task_ctx = ctx.clone();
@@ -140,6 +121,7 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     // gets its `billing_failures` row) even when the channel is gone; their
     // acks then fail and the broker redelivers, which is harmless (idempotent).
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+    sub.close().await;
     result
 }
 

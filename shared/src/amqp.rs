@@ -5,8 +5,8 @@
 //! runs can share one broker without seeing each other's messages.
 
 use lapin::options::{
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -355,6 +355,111 @@ pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channe
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     Ok(ch)
+}
+
+/// One consumer session: a connection, a channel with a bounded prefetch,
+/// the topology declared, and any number of queues consumed as one stream.
+/// Every consumer of the fleet runs on one of these inside [`reconnecting`]
+/// (one consume loop, written once: [`Subscription::for_each`]).
+pub struct Subscription {
+    conn: Connection,
+    channel: Channel,
+    stream: futures_util::stream::SelectAll<lapin::Consumer>,
+}
+
+impl Subscription {
+    /// Connects as `name` (connect timeout 5 s), opens a channel with
+    /// `prefetch` unacked deliveries at most, and declares `topology`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Amqp`], [`BrokerError::ConnectTimeout`].
+    pub async fn open(url: &str, name: &str, prefetch: u16, topology: &Topology) -> Result<Self, BrokerError> {
+        let conn = connect(url, name, Duration::from_secs(5)).await?;
+        let channel = consumer_channel(&conn, prefetch).await?;
+        topology.declare(&channel).await?;
+        Ok(Self { conn, channel, stream: futures_util::stream::SelectAll::new() })
+    }
+
+    /// The channel (to declare a queue of this session's own before consuming it).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Starts consuming `queue` (manual acks) into this session's stream.
+    ///
+    /// # Errors
+    /// [`BrokerError::Amqp`].
+    pub async fn consume(&mut self, queue: &str) -> Result<(), BrokerError> {
+        self.consume_with(queue, BasicConsumeOptions::default()).await
+    }
+
+    /// As [`Subscription::consume`] with explicit options (`no_ack` for a
+    /// transient queue whose messages may be lost with their consumer).
+    ///
+    /// # Errors
+    /// [`BrokerError::Amqp`].
+    pub async fn consume_with(&mut self, queue: &str, options: BasicConsumeOptions) -> Result<(), BrokerError> {
+        let consumer = self.channel.basic_consume(queue.into(), "".into(), options, FieldTable::default()).await?;
+        self.stream.push(consumer);
+        Ok(())
+    }
+
+    /// The next delivery of any consumed queue; `Ok(None)` at `shutdown`.
+    ///
+    /// # Errors
+    /// The channel or connection is gone ([`BrokerError::Amqp`], or
+    /// [`BrokerError::Nacked`] when the stream simply ended): reconnect.
+    pub async fn next(
+        &mut self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<lapin::message::Delivery>, BrokerError> {
+        use futures_util::StreamExt;
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(None),
+            d = self.stream.next() => match d {
+                Some(Ok(d)) => Ok(Some(d)),
+                Some(Err(e)) => Err(e.into()),
+                None => Err(BrokerError::Nacked),
+            },
+        }
+    }
+
+    /// A delivery that has already arrived, without waiting (`Ok(None)`: none yet).
+    ///
+    /// # Errors
+    /// As [`Subscription::next`].
+    pub fn next_ready(&mut self) -> Result<Option<lapin::message::Delivery>, BrokerError> {
+        use futures_util::{FutureExt, StreamExt};
+        match self.stream.next().now_or_never() {
+            None => Ok(None),
+            Some(Some(Ok(d))) => Ok(Some(d)),
+            Some(Some(Err(e))) => Err(e.into()),
+            Some(None) => Err(BrokerError::Nacked),
+        }
+    }
+
+    /// Hands every delivery to `handle` until `shutdown` (`Ok`) or until the
+    /// broker goes away (`Err`: the caller's [`reconnecting`] opens a new
+    /// session). `handle` must not block: it spawns the work into a task
+    /// set its caller owns.
+    ///
+    /// # Errors
+    /// As [`Subscription::next`].
+    pub async fn for_each(
+        &mut self,
+        shutdown: &tokio_util::sync::CancellationToken,
+        mut handle: impl FnMut(lapin::message::Delivery),
+    ) -> Result<(), BrokerError> {
+        while let Some(d) = self.next(shutdown).await? {
+            handle(d);
+        }
+        Ok(())
+    }
+
+    /// Closes the connection (unacked deliveries return to their queues).
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
 }
 
 /// One message to publish.

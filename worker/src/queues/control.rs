@@ -7,12 +7,10 @@
 
 use crate::cancel::CancelReason;
 use crate::context::WorkerContext;
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use shared::amqp::{self, Outgoing};
 use shared::contracts::ControlMessage;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -48,39 +46,27 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
 }
 
 async fn listen(ctx: &WorkerContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker-control", Duration::from_secs(5)).await?;
-    let ch = amqp::consumer_channel(&conn, 64).await?;
-    ctx.topology.declare(&ch).await?;
+    let mut sub = amqp::Subscription::open(&ctx.settings.broker.amqp_url, "worker-control", 64, &ctx.topology).await?;
     let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-    let queue = ch.queue_declare("".into(), opts, FieldTable::default()).await?;
-    ch.queue_bind(
-        queue.name().clone(),
-        ctx.topology.control_exchange().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut consumer = ch
-        .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+    let queue = sub.channel().queue_declare("".into(), opts, FieldTable::default()).await?;
+    sub.channel()
+        .queue_bind(
+            queue.name().clone(),
+            ctx.topology.control_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
-    loop {
-        let d = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            d = consumer.next() => d,
-        };
-        let d = match d {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(amqp::BrokerError::Nacked),
-        };
-        match serde_json::from_slice::<ControlMessage>(&d.data) {
-            Ok(ControlMessage::Stop { chat_id, update_id, job_id }) => {
-                let here = ctx.running.cancel_chat(chat_id, update_id, job_id, CancelReason::Stop);
-                tracing::info!(chat_id, update_id, cancelled_here = here, "stop received");
-            }
-            Err(e) => tracing::warn!(error.message = %e, "unknown control message ignored"),
+    // Auto-acked: the queue is this process's own and dies with it; a stop
+    // lost with its consumer is still seen at the holder's next heartbeat.
+    sub.consume_with(queue.name().as_str(), BasicConsumeOptions { no_ack: true, ..Default::default() }).await?;
+    sub.for_each(shutdown, |d| match serde_json::from_slice::<ControlMessage>(&d.data) {
+        Ok(ControlMessage::Stop { chat_id, update_id, job_id }) => {
+            let here = ctx.running.cancel_chat(chat_id, update_id, job_id, CancelReason::Stop);
+            tracing::info!(chat_id, update_id, cancelled_here = here, "stop received");
         }
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-    }
+        Err(e) => tracing::warn!(error.message = %e, "unknown control message ignored"),
+    })
+    .await
 }

@@ -23,10 +23,7 @@
 use crate::context::WorkerContext;
 use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use crate::queues::work::{self, Settle};
-use futures_util::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use shared::amqp;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -59,50 +56,32 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
 }
 
 async fn consume(ctx: &WorkerContext, shutdown: &CancellationToken) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker-intake", Duration::from_secs(5)).await?;
-    let ch = amqp::consumer_channel(&conn, INTAKE_PREFETCH).await?;
-    ctx.topology.declare(&ch).await?;
-    let mut consumers = Vec::new();
-    for shard in 0..ctx.topology.intake_shards {
-        let queue = ctx.topology.intake_queue(shard);
-        let c = ch
-            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+    let mut sub =
+        amqp::Subscription::open(&ctx.settings.broker.amqp_url, "worker-intake", INTAKE_PREFETCH, &ctx.topology)
             .await?;
-        consumers.push(c);
+    for shard in 0..ctx.topology.intake_shards {
+        sub.consume(&ctx.topology.intake_queue(shard)).await?;
     }
     // Pre-checkout queries: their own queue and consumer (their own
     // prefetch window), never behind a busy shard.
-    let payments = ctx.topology.payments_queue();
-    consumers.push(
-        ch.basic_consume(payments.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?,
-    );
+    sub.consume(&ctx.topology.payments_queue()).await?;
     tracing::info!(shards = ctx.topology.intake_shards, "consuming intake shards and pre-checkout queries");
     ctx.intake_consuming.store(true, Ordering::Relaxed);
-    let mut stream = select_all(consumers);
     let mut tasks = JoinSet::new();
     let mut chains = Chains::default();
-    let result = loop {
-        while tasks.try_join_next().is_some() {}
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            d = stream.next() => d,
-        };
-        match delivery {
-            Some(Ok(d)) => {
-                let chat = shared::telegram::RoutingInfo::from_bytes(&d.data).ok().and_then(|r| r.chat_id);
-                let (prev, done) = chains.next(chat);
-                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-                tasks.spawn(async move { take_in(&ctx, d, prev, done, &shutdown).await });
-            }
-            Some(Err(e)) => break Err(e.into()),
-            None => break Err(amqp::BrokerError::Nacked),
-        }
-    };
+    let result = sub
+        .for_each(shutdown, |d| {
+            while tasks.try_join_next().is_some() {}
+            let chat = shared::telegram::RoutingInfo::from_bytes(&d.data).ok().and_then(|r| r.chat_id);
+            let (prev, done) = chains.next(chat);
+            let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+            tasks.spawn(async move { take_in(&ctx, d, prev, done, &shutdown).await });
+        })
+        .await;
     ctx.intake_consuming.store(false, Ordering::Relaxed);
     // Intakes in progress finish (or, at shutdown, give up between attempts).
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
-    let _ = conn.close(200, "bye".into()).await;
+    sub.close().await;
     result
 }
 

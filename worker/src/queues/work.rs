@@ -12,10 +12,8 @@ use crate::lease;
 pub use crate::outcome::Settle;
 use crate::outcome::{self, Disposition, JobEnd, Transition};
 use crate::store::jobs::{self as store_jobs, Claim, ClaimedJob};
-use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use shared::amqp::{self, attempt_of, Outgoing};
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -85,50 +83,23 @@ async fn consume(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), amqp::BrokerError> {
-    let conn = amqp::connect(&ctx.settings.broker.amqp_url, "worker", Duration::from_secs(5)).await?;
-    let ch = amqp::consumer_channel(&conn, ctx.settings.prefetch).await?;
-    ctx.topology.declare(&ch).await?;
-    let mut consumer = ch
-        .basic_consume(
-            ctx.topology.updates_queue().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut sub =
+        amqp::Subscription::open(&ctx.settings.broker.amqp_url, "worker", ctx.settings.prefetch, &ctx.topology).await?;
+    sub.consume(&ctx.topology.updates_queue()).await?;
     tracing::info!(queue = %ctx.topology.updates_queue(), "consuming updates");
     ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = consume_loop(ctx, shutdown, tasks, &mut consumer).await;
-    ctx.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
-    result
-}
-
-async fn consume_loop(
-    ctx: &WorkerContext,
-    shutdown: &CancellationToken,
-    tasks: &mut JoinSet<()>,
-    consumer: &mut lapin::Consumer,
-) -> Result<(), amqp::BrokerError> {
     // Deliveries are read without waiting for a job slot (the broker's
     // prefetch bounds them), so `/stop`, buttons and duplicates are never
     // stuck behind running jobs; a slot is taken only to claim a job.
-    loop {
-        while tasks.try_join_next().is_some() {}
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            d = consumer.next() => d,
-        };
-        match delivery {
-            Some(Ok(d)) => {
-                let ctx = ctx.clone();
-                tasks.spawn(async move {
-                    handle(&ctx, d).await;
-                });
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(amqp::BrokerError::Nacked),
-        }
-    }
+    let result = sub
+        .for_each(shutdown, |d| {
+            while tasks.try_join_next().is_some() {}
+            let ctx = ctx.clone();
+            tasks.spawn(async move { handle(&ctx, d).await });
+        })
+        .await;
+    ctx.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
 }
 
 /// Handles one delivery end to end: [`decide`] says what to do with it; a
@@ -148,7 +119,7 @@ pub async fn handle(ctx: &WorkerContext, delivery: Delivery) {
         match decide(ctx, &delivery).await {
             Decision::Settle(decision) => settle(ctx, &delivery, decision).await,
             Decision::Run { job, claimed, slot } => {
-                settle(ctx, &delivery, Settle::Ack).await;
+                settle_labelled(ctx, &delivery, Settle::Ack, "claimed").await;
                 let end = run_claimed(ctx, &job, claimed).await;
                 drop(slot);
                 apply(ctx, &job, claimed, end).await;
@@ -363,6 +334,12 @@ pub async fn settle(ctx: &WorkerContext, delivery: &Delivery, decision: Settle) 
         Settle::DeadLetter => "dead_letter",
         Settle::Requeue => "requeue",
     };
+    settle_labelled(ctx, delivery, decision, label).await;
+}
+
+/// As [`settle`], counted in `fleet_updates_settled_total` under `label`
+/// (`claimed` for the ack of a delivery whose job was claimed).
+async fn settle_labelled(ctx: &WorkerContext, delivery: &Delivery, decision: Settle, label: &'static str) {
     metrics::counter!("fleet_updates_settled_total", "action" => label).increment(1);
     let result = match decision {
         Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()),
