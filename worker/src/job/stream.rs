@@ -287,3 +287,20 @@ async fn stream_once(
     }
     record
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn web_search_limits_are_the_sum_of_the_search_tools_max_uses() {
+        let request = json!({ "tools": [
+            { "name": "calculator", "input_schema": {} },
+            { "type": "web_search_20250305", "name": "web_search", "max_uses": 5 },
+        ]});
+        assert_eq!(max_web_searches(&request), Some(5));
+        assert_eq!(max_web_searches(&json!({ "tools": [{ "name": "calculator" }] })), None);
+        assert_eq!(max_web_searches(&json!({ "max_tokens": 1024 })), None);
+    }
+}
