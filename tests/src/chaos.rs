@@ -129,6 +129,10 @@ pub struct ChaosReport {
     pub lost: usize,
     /// Messages API calls the fake completed.
     pub completed_calls: usize,
+    /// Of those, calls whose worker died before recording them: booked by a
+    /// later attempt or the reaper (`api_calls.state = 'orphaned'`), in the
+    /// ledger as estimated provider cost charged to nobody.
+    pub orphaned_calls: usize,
     /// Ledger usage charges minus what the completed calls cost, USD.
     pub ledger_variance_usd: Decimal,
     /// Every broken promise, in words.
@@ -369,8 +373,9 @@ async fn post_updates(
     Ok(accepted)
 }
 
-/// Waits until every accepted update's job has ended and the billing has
-/// caught up, or `quiet_s` passed (the checks then say what is missing).
+/// Waits until every accepted update's job has ended, no call is left
+/// `open` (booked by the reaper once its attempt is over) and the billing
+/// has caught up, or `quiet_s` passed (the checks then say what is missing).
 async fn settle(cfg: &ChaosConfig, dbs: &Databases, accepted: &BTreeMap<i64, Vec<i64>>) {
     let total: i64 = accepted.values().map(|v| i64::try_from(v.len()).unwrap_or(0)).sum();
     let deadline = Instant::now() + Duration::from_secs(cfg.quiet_s);
@@ -383,7 +388,9 @@ async fn settle(cfg: &ChaosConfig, dbs: &Databases, accepted: &BTreeMap<i64, Vec
             sqlx::query_scalar("SELECT count(*) FROM billing_outbox WHERE published_at IS NULL")
                 .fetch_one(&dbs.bot)
                 .await;
-        if let (Ok(ended), Ok(0)) = (ended, unpublished) {
+        let open: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM api_calls WHERE state = 'open'").fetch_one(&dbs.bot).await;
+        if let (Ok(ended), Ok(0), Ok(0)) = (ended, unpublished, open) {
             if ended >= total && billing_caught_up(dbs).await.unwrap_or(false) {
                 return;
             }
@@ -493,6 +500,19 @@ async fn check(
             "completed calls: {missing} not in the ledger, {twice} in it more than once, {mispriced} at a wrong provider cost"
         ));
     }
+    // A call whose worker died before recording it counts as in the books
+    // above only through its estimated booking (orphaned: charged to
+    // nobody); one still open at the end was never booked.
+    let orphaned: Vec<String> =
+        sqlx::query_scalar("SELECT request_id FROM api_calls WHERE state = 'orphaned' AND request_id IS NOT NULL")
+            .fetch_all(&dbs.bot)
+            .await?;
+    report.orphaned_calls = completed.iter().filter(|c| orphaned.contains(&c.request_id)).count();
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_calls WHERE state = 'open'").fetch_one(&dbs.bot).await?;
+    if open > 0 {
+        report.violations.push(format!("{open} Messages API calls still open in api_calls (never booked)"));
+    }
     let charges: Vec<Decimal> = sqlx::query_scalar("SELECT amount FROM ledger_entries WHERE kind = 'usage_charge'")
         .fetch_all(&dbs.billing)
         .await?;
@@ -555,6 +575,7 @@ pub fn print(report: &ChaosReport) {
         ("duplicates", report.duplicates.to_string()),
         ("lost", report.lost.to_string()),
         ("completed Claude calls", report.completed_calls.to_string()),
+        ("  booked after a death", report.orphaned_calls.to_string()),
         ("ledger variance (USD)", report.ledger_variance_usd.to_string()),
         ("violations", report.violations.len().to_string()),
         ("seconds", format!("{:.0}", report.seconds)),

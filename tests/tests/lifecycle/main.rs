@@ -18,11 +18,14 @@
 //! - [`harness`]: starting the fleet and the fakes, look-ups, waits, clean-up
 //!   (`harness/binaries.rs`: building the binaries; `harness/fixtures.rs`: fixtures).
 //! - [`failover`]: SIGKILL, SIGSTOP and SIGTERM of the worker holding a lease.
+//! - [`books`]: a worker killed after its stream ended, before `finalize`
+//!   committed: the call is booked anyway (estimated, charged to nobody).
 //! - [`stop`]: `/stop` closes the stream within a second.
 //! - [`order`]: messages of one chat are generated one at a time, in update order.
 //! - [`repair`]: a corrupt stored conversation row is left out; `/new` starts afresh.
 //! - [`resume`]: an answer stored by a crashed attempt is delivered, not generated again.
 
+mod books;
 mod failover;
 mod harness;
 mod order;

@@ -1,6 +1,9 @@
 //! `finalize`: one transaction that stores the user turn and the answer,
 //! one `api_calls` row per call, and the billing events in the outbox —
 //! fenced on the lease epoch, so a stale worker writes nothing (P3, P7).
+//! `record_abandoned` records the calls of an attempt that will not
+//! finalize, and `book_orphaned_calls` those of an attempt that died with
+//! them `open`: every call the provider served is on the books.
 
 use super::{CallEnd, CallRecord, JobError, JobRow};
 use crate::context::WorkerContext;
@@ -13,6 +16,10 @@ use shared::contracts::{
     abandoned_usage_event_id, hold_release_event_id, usage_event_id, BillingEvent, HoldRelease, UsageCharge,
 };
 use shared::pricing::TokenCounts;
+use uuid::Uuid;
+
+/// Orphaned calls booked per transaction.
+const ORPHAN_BATCH: i64 = 50;
 
 /// How a call is accounted: the tokens, whether they are an estimate, and
 /// whether the user is charged for them.
@@ -174,10 +181,11 @@ async fn write_call(
         estimated,
         abandoned,
     };
-    let inserted = calls::insert_api_call(tx, &row).await?;
-    if abandoned && !inserted {
+    if !calls::record_api_call(tx, &row).await? {
         // Recorded already under this epoch (a finalize whose commit
-        // looked failed had in fact succeeded): nothing more to record.
+        // looked failed had in fact succeeded), or booked as orphaned by a
+        // later attempt or the reaper (its event is in the outbox): nothing
+        // more to record, and no second event.
         return Ok(());
     }
     if abandoned {
@@ -278,4 +286,66 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
     if let Err(e) = result {
         tracing::error!(error.message = %e, "the calls of an abandoned attempt could not be recorded");
     }
+}
+
+/// Books the `open` calls whose attempt is over (its worker died between
+/// the stream's start and the commit that records it): each as provider
+/// cost charged to nobody, at the estimate of
+/// [`OpenCall::estimate`](crate::store::calls::OpenCall::estimate), priced
+/// on the day its stream started, marked `estimated` and `abandoned` — in
+/// `api_calls` (state `orphaned`) and in the outbox, under the abandoned
+/// event id of its epoch and seq, in one transaction. The user is never
+/// charged for it: the attempt that answers charges its own calls. Only job
+/// `job_id`'s calls when given (the next attempt, just after its claim);
+/// all of them otherwise (the reaper), at most [`ORPHAN_BATCH`]. Returns how
+/// many were booked. A call whose model has no price stays open and is
+/// logged as an error (the next pass tries again).
+///
+/// # Errors
+/// Database errors.
+pub async fn book_orphaned_calls(ctx: &WorkerContext, job_id: Option<Uuid>) -> Result<usize, JobError> {
+    let mut tx = ctx.db.begin().await?;
+    let open = crate::store::jobs::orphaned_calls(&mut tx, job_id, ORPHAN_BATCH).await?;
+    let mut booked = 0;
+    for call in &open {
+        let tokens = call.estimate();
+        let price = match ctx.prices.price_call(&call.model, call.created_at.date_naive(), &tokens) {
+            Ok(price) => price,
+            Err(e) => {
+                tracing::error!(error.message = %e, job_id = %call.job_id, lease_epoch = call.lease_epoch, seq = call.seq, "an orphaned call cannot be priced; it stays open");
+                continue;
+            }
+        };
+        if !calls::book_orphan(&mut tx, call, &tokens, price.provider_cost.0).await? {
+            continue;
+        }
+        let event = BillingEvent::UsageCharge(UsageCharge {
+            event_id: abandoned_usage_event_id(call.job_id, call.lease_epoch, call.seq),
+            job_id: call.job_id,
+            update_id: call.update_id,
+            lease_epoch: call.lease_epoch,
+            api_call_seq: call.seq,
+            user_id: call.user_id,
+            chat_id: call.chat_id,
+            request_id: call.request_id.clone(),
+            model: call.model.clone(),
+            tokens,
+            provider_cost: price.provider_cost,
+            user_charge: shared::money::Usd(rust_decimal::Decimal::ZERO),
+            price_model: price.price_model,
+            price_effective_from: price.price_effective_from,
+            estimated: true,
+            abandoned: true,
+            occurred_at: Utc::now(),
+        });
+        crate::queues::relay::write(&mut tx, &event, Some(call.job_id)).await?;
+        tracing::info!(job_id = %call.job_id, lease_epoch = call.lease_epoch, seq = call.seq, request_id = call.request_id.as_deref().unwrap_or("-"), "orphaned call booked as estimated provider cost, charged to nobody");
+        booked += 1;
+    }
+    tx.commit().await?;
+    if booked > 0 {
+        metrics::counter!("fleet_orphaned_calls_booked_total").increment(booked as u64);
+        ctx.outbox_notify.notify_one();
+    }
+    Ok(booked)
 }

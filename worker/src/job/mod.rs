@@ -12,7 +12,7 @@ mod repair;
 mod request;
 mod stream;
 
-pub use finalize::{finalize, record_abandoned};
+pub use finalize::{book_orphaned_calls, finalize, record_abandoned};
 pub use repair::repair_history;
 pub use request::{build_request, load, validate_content, JobRow};
 pub use stream::{stream_reply, CallEnd, CallRecord};
@@ -80,6 +80,11 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
 }
 
 async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) -> Result<Outcome, JobError> {
+    // Calls an earlier attempt left open (it died before recording them)
+    // are booked now, charged to nobody; the reaper books them otherwise.
+    if let Err(e) = book_orphaned_calls(ctx, Some(lease.job_id())).await {
+        tracing::warn!(error.message = %e, "could not book the calls an earlier attempt left open; the reaper will");
+    }
     let job = load(ctx, lease.job_id()).await?;
     if !job.reply_message_ids.is_empty() {
         // An earlier attempt delivered the answer and died before finishing:
@@ -255,7 +260,7 @@ async fn generate(
     let mut continuations = 0;
     let mut tool_rounds = 0;
     loop {
-        let call = stream_reply(ctx, request, &mut answer.calls, cancel.token(), progress, &answer.text).await;
+        let call = stream_reply(ctx, lease, request, &mut answer.calls, cancel.token(), progress, &answer.text).await;
         answer.text.push_str(&call.state.text());
         let blocks = call.state.content_blocks();
         answer.content.extend(blocks.iter().cloned());

@@ -4,6 +4,8 @@
 //! takes effect inside an event, not only between events.
 
 use crate::context::WorkerContext;
+use crate::store::calls::OpenedCall;
+use crate::store::jobs::ClaimedJob;
 use crate::telegram::progress::Progress;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
@@ -47,6 +49,9 @@ pub struct CallRecord {
 const MAX_HTTP_ATTEMPTS: usize = 3;
 /// Calls restarted after an `error` event mid-stream.
 const MAX_STREAM_RESTARTS: usize = 2;
+/// Longest wait for a call's `open` row: the stream is not held up longer
+/// by a slow database (the call is then recorded at its end only).
+const OPEN_ROW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Error types of an `error` event worth retrying the call for (API docs, "Errors").
 fn restartable(kind: &str) -> bool {
@@ -58,8 +63,11 @@ fn restartable(kind: &str) -> bool {
 /// backoff. Every attempt is appended to `calls` (failed ones are recorded,
 /// not charged); the last one is returned. `shown_before` is the text of
 /// earlier calls of the job (continuations), so progress shows the whole answer.
+/// Each call that starts is recorded `open` under `lease` at its
+/// `message_start` (see [`open_row`]).
 pub async fn stream_reply(
     ctx: &WorkerContext,
+    lease: &ClaimedJob,
     request: &Value,
     calls: &mut Vec<CallRecord>,
     cancel: &CancellationToken,
@@ -74,7 +82,7 @@ pub async fn stream_reply(
         .build();
     loop {
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
-        let record = stream_once(ctx, request, seq, cancel, progress, shown_before).await;
+        let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before).await;
         let end = match &record.end {
             CallEnd::Complete => "complete",
             CallEnd::Cancelled => "cancelled",
@@ -108,8 +116,47 @@ pub async fn stream_reply(
     }
 }
 
+/// Records the call `open` as its stream starts (request id, model, the
+/// input usage of `message_start`, the request's limits), fenced by the
+/// lease, so that a worker dying before `finalize` commits leaves it on the
+/// books: a later attempt or the reaper books it (`finalize::book_orphaned_calls`).
+/// Best effort, bounded by [`OPEN_ROW_TIMEOUT`]: a failure is logged and
+/// counted, and the call is still recorded by its own attempt at its end.
+async fn open_row(ctx: &WorkerContext, lease: &ClaimedJob, request: &Value, record: &CallRecord) {
+    let tokens = record.state.usage.token_counts();
+    let model = record.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+    let call = OpenedCall {
+        seq: record.seq,
+        request_id: record.request_id.as_deref(),
+        anthropic_message_id: record.state.message_id.as_deref(),
+        model: &model,
+        tokens: &tokens,
+        max_tokens: request.get("max_tokens").and_then(Value::as_u64),
+        max_web_searches: max_web_searches(request),
+    };
+    let outcome = match tokio::time::timeout(OPEN_ROW_TIMEOUT, lease.open_call(&ctx.db, &call)).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {OPEN_ROW_TIMEOUT:?}"),
+    };
+    metrics::counter!("fleet_open_call_failures_total").increment(1);
+    tracing::warn!(error.message = %outcome, seq = record.seq, "could not record the call as open; it is recorded at its end only");
+}
+
+/// The sum of the `max_uses` of the request's web search tools, if it has any.
+fn max_web_searches(request: &Value) -> Option<u64> {
+    let tools = request.get("tools")?.as_array()?;
+    let searches: Vec<u64> = tools
+        .iter()
+        .filter(|t| t.get("type").and_then(Value::as_str).is_some_and(|k| k.starts_with("web_search")))
+        .filter_map(|t| t.get("max_uses").and_then(Value::as_u64))
+        .collect();
+    (!searches.is_empty()).then(|| searches.iter().sum())
+}
+
 async fn stream_once(
     ctx: &WorkerContext,
+    lease: &ClaimedJob,
     request: &Value,
     seq: i32,
     cancel: &CancellationToken,
@@ -179,6 +226,8 @@ async fn stream_once(
     }
     let mut warned_unknown = false;
     let mut first_token_seen = false;
+    // Whether the call's `open` row was attempted (at `message_start`).
+    let mut opened = false;
     loop {
         let next = tokio::select! {
             biased;
@@ -202,6 +251,15 @@ async fn stream_once(
                 break;
             }
             Ok(Some(Ok(event))) => match record.state.apply(event) {
+                Applied::Quiet if record.state.started && !opened => {
+                    opened = true;
+                    // `/stop` is not kept waiting by the write (P6).
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; break; }
+                        () = open_row(ctx, lease, request, &record) => {}
+                    }
+                }
                 Applied::Text => {
                     if !first_token_seen {
                         first_token_seen = true;
@@ -228,4 +286,21 @@ async fn stream_once(
         }
     }
     record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn web_search_limits_are_the_sum_of_the_search_tools_max_uses() {
+        let request = json!({ "tools": [
+            { "name": "calculator", "input_schema": {} },
+            { "type": "web_search_20250305", "name": "web_search", "max_uses": 5 },
+        ]});
+        assert_eq!(max_web_searches(&request), Some(5));
+        assert_eq!(max_web_searches(&json!({ "tools": [{ "name": "calculator" }] })), None);
+        assert_eq!(max_web_searches(&json!({ "max_tokens": 1024 })), None);
+    }
 }

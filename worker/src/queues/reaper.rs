@@ -2,7 +2,8 @@
 //! crashed or hung holder) or that sat queued with no message in flight,
 //! and republishes them so the next worker claims them with a new epoch.
 //! `FOR UPDATE SKIP LOCKED` and `reaped_at` keep reapers from colliding and
-//! from republishing one job again and again.
+//! from republishing one job again and again. It also books the calls
+//! that dead attempts left `open` ([`crate::job::book_orphaned_calls`]).
 
 use crate::context::WorkerContext;
 use crate::queues::work::republish_job;
@@ -46,6 +47,11 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
         }
         if let Err(e) = reap_once(&ctx).await {
             tracing::warn!(error.message = %e, "reaper pass failed");
+        }
+        // A job that ended without its calls recorded (failed, attempts
+        // used up) gets no next attempt to book them: the reaper does.
+        if let Err(e) = crate::job::book_orphaned_calls(&ctx, None).await {
+            tracing::warn!(error.message = %e, "booking orphaned calls failed");
         }
     }
 }

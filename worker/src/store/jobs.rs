@@ -399,6 +399,49 @@ impl ClaimedJob {
         Ok(live.then_some(pid))
     }
 
+    /// Records call `call` of this claim as `open` (its stream started),
+    /// fenced: written only while the lease holds, so that a call made
+    /// under a lost lease never looks like the live attempt's. A row that
+    /// exists already is left as it is. `Ok(false)`: nothing was written
+    /// (the lease was lost, or the row exists).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn open_call<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        call: &crate::store::calls::OpenedCall<'_>,
+    ) -> Result<bool, sqlx::Error> {
+        use crate::store::calls::count;
+        let r = sqlx::query(concat!(
+            "INSERT INTO api_calls (job_id, lease_epoch, seq, request_id, anthropic_message_id, model,
+                    input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
+                    max_tokens, max_web_searches, provider_cost, user_charge, estimated, abandoned, state)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 0, false, false, 'open'
+              WHERE EXISTS (SELECT 1 FROM jobs WHERE ",
+            fence!(),
+            ")
+             ON CONFLICT (job_id, lease_epoch, seq) DO NOTHING"
+        ))
+        .bind(self.job_id)
+        .bind(self.epoch)
+        .bind(call.seq)
+        .bind(call.request_id)
+        .bind(call.anthropic_message_id)
+        .bind(call.model)
+        .bind(count(call.tokens.input))
+        .bind(count(call.tokens.output))
+        .bind(count(call.tokens.cache_write_5m))
+        .bind(count(call.tokens.cache_write_1h))
+        .bind(count(call.tokens.cache_read))
+        .bind(count(call.tokens.web_search_requests))
+        .bind(call.max_tokens.map(count))
+        .bind(call.max_web_searches.map(count))
+        .execute(db)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// The fence of a tool transaction, just before its commit: locks the
     /// job row `FOR SHARE` until the commit, so the tool's writes commit only
     /// under the live lease (and `/stop` and heartbeats never wait behind a
@@ -433,6 +476,36 @@ pub async fn due_for_reaping(tx: &mut PgConnection, visibility_s: f64) -> Result
           ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED",
     )
     .bind(visibility_s)
+    .fetch_all(tx)
+    .await
+}
+
+/// `open` calls whose attempt is over — the complement of the fence: the
+/// job is no longer `running` under the epoch that made the call (a newer
+/// claim exists, or the job was handed back or ended) — so nobody but a
+/// booker will ever record them. Only job `job_id`'s when given; at most
+/// `limit`, oldest first, locked in `tx` (`SKIP LOCKED`: two bookers never
+/// wait for each other) until it ends.
+///
+/// # Errors
+/// Database errors.
+pub async fn orphaned_calls(
+    tx: &mut PgConnection,
+    job_id: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<crate::store::calls::OpenCall>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.job_id, c.seq, c.lease_epoch, c.request_id, c.model, c.input_tokens, c.output_tokens,
+                c.cache_write_5m, c.cache_write_1h, c.cache_read, c.web_search_requests, c.max_tokens,
+                c.max_web_searches, c.created_at, j.user_id, j.chat_id, j.update_id
+           FROM api_calls c JOIN jobs j USING (job_id)
+          WHERE c.state = 'open' AND ($1::uuid IS NULL OR c.job_id = $1)
+            AND NOT (j.status = 'running' AND j.lease_epoch = c.lease_epoch)
+          ORDER BY c.created_at LIMIT $2
+          FOR UPDATE OF c SKIP LOCKED",
+    )
+    .bind(job_id)
+    .bind(limit)
     .fetch_all(tx)
     .await
 }
@@ -607,30 +680,18 @@ pub async fn load<'e>(db: impl PgExecutor<'e>, job_id: Uuid) -> Result<JobRow, s
 mod tests {
     use super::*;
 
-    /// The values of the last `CHECK (<column> IN (…))` of the bot
-    /// migrations, in order: the constraint as the database has it.
-    fn check_list(column: &str) -> Vec<String> {
-        let migrator = sqlx::migrate!("../migrations/bot");
-        let schema: String = migrator.iter().map(|m| m.sql.to_string()).collect::<Vec<_>>().join("\n");
-        let opening = format!("CHECK ({column} IN (");
-        let Some(start) = schema.rfind(&opening) else { panic!("no {opening} in the bot migrations") };
-        let list = &schema[start + opening.len()..];
-        let Some(end) = list.find(')') else { panic!("{opening} is not closed") };
-        list[..end].split(',').map(|v| v.trim().trim_matches('\'').to_owned()).collect()
-    }
-
     fn strings<T: Copy + ToString>(all: &[T]) -> Vec<String> {
         all.iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn job_statuses_are_the_schemas_check_list() {
-        assert_eq!(strings(JobStatus::ALL), check_list("status"));
+        assert_eq!(strings(JobStatus::ALL), crate::store::check_list("status"));
     }
 
     #[test]
     fn job_kinds_are_the_schemas_check_list() {
-        assert_eq!(strings(JobKind::ALL), check_list("kind"));
+        assert_eq!(strings(JobKind::ALL), crate::store::check_list("kind"));
     }
 
     #[test]

@@ -110,6 +110,20 @@ pub mod pacing;
 pub mod payments;
 pub mod updates;
 
+/// The values of the last `CHECK (<column> IN (…))` of the bot
+/// migrations, in order: the constraint as the database has it (the enums'
+/// tests compare their values with it).
+#[cfg(test)]
+pub(crate) fn check_list(column: &str) -> Vec<String> {
+    let migrator = sqlx::migrate!("../migrations/bot");
+    let schema: String = migrator.iter().map(|m| m.sql.to_string()).collect::<Vec<_>>().join("\n");
+    let opening = format!("CHECK ({column} IN (");
+    let Some(start) = schema.rfind(&opening) else { panic!("no {opening} in the bot migrations") };
+    let list = &schema[start + opening.len()..];
+    let Some(end) = list.find(')') else { panic!("{opening} is not closed") };
+    list[..end].split(',').map(|v| v.trim().trim_matches('\'').to_owned()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
