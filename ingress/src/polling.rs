@@ -9,8 +9,48 @@ use shared::telegram::{BotApi, RoutingInfo, TelegramError};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Runs the `getUpdates` loop until `shutdown`.
-pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, shutdown: CancellationToken) {
+/// Why polling cannot take updates now (`None`: it can), for `/readyz`.
+#[derive(Debug, Default)]
+pub struct PollStatus {
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl PollStatus {
+    /// The reason polling is not ready, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
+        }
+    }
+}
+
+/// What a failed `getUpdates` means for readiness (Bot API "Making
+/// requests": 401 is a wrong or revoked token; 409 is a webhook set on the
+/// bot, or another `getUpdates` consumer of the same token).
+fn not_ready_reason(e: &TelegramError) -> Option<String> {
+    let TelegramError::Api(description) = e else { return None };
+    if description.starts_with("Unauthorized") || description.contains("Invalid bot token") {
+        Some(format!("getUpdates: the bot token is refused (401 {description})"))
+    } else if description.starts_with("Conflict") {
+        Some(format!("getUpdates: 409 {description}"))
+    } else {
+        None
+    }
+}
+
+/// Runs the `getUpdates` loop until `shutdown`. First it calls
+/// `deleteWebhook` (keeping pending updates): `getUpdates` answers 409
+/// while a webhook is set. A 401 or 409 makes the ingress not ready
+/// (`status`) until a `getUpdates` succeeds again.
+pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, status: &PollStatus, shutdown: CancellationToken) {
+    match bot.delete_webhook().await {
+        Ok(()) => tracing::info!("polling mode: deleteWebhook called (pending updates kept)"),
+        Err(e) => tracing::warn!(error.message = %e, "polling mode: deleteWebhook failed; getUpdates may answer 409"),
+    }
     let mut offset: i64 = 0;
     let mut backoff = new_backoff();
     loop {
@@ -19,13 +59,27 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, shutdown: C
             r = bot.get_updates_raw(offset, timeout_s) => r,
         };
         let updates = match batch {
-            Ok(u) => u,
+            Ok(u) => {
+                status.set(None);
+                u
+            }
             Err(e) => {
                 let wait = match &e {
                     TelegramError::RetryAfter(d) => *d,
                     _ => backoff.next().unwrap_or(Duration::from_secs(30)),
                 };
-                tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "getUpdates failed");
+                let reason = not_ready_reason(&e);
+                if reason.is_some() && status.problem().is_none() {
+                    // Said once per episode, not on every retry.
+                    tracing::error!(error.message = %e, "polling is not ready");
+                } else {
+                    tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "getUpdates failed");
+                }
+                if reason.as_deref().is_some_and(|r| r.contains("webhook")) {
+                    // Someone set a webhook after we started: take the bot back.
+                    let _ = bot.delete_webhook().await;
+                }
+                status.set(reason);
                 if sleep_or_stop(wait, &shutdown).await {
                     return;
                 }
@@ -89,4 +143,21 @@ pub async fn forward_batch(
         }
     }
     Ok(max_id.map(|m| m + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_token_and_a_conflict_make_polling_not_ready_and_other_errors_do_not() {
+        let conflict = TelegramError::Api(
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first"
+                .into(),
+        );
+        assert!(not_ready_reason(&conflict).is_some_and(|r| r.contains("409") && r.contains("webhook")));
+        assert!(not_ready_reason(&TelegramError::Api("Unauthorized".into())).is_some_and(|r| r.contains("401")));
+        assert_eq!(not_ready_reason(&TelegramError::Transport("reset".into())), None);
+        assert_eq!(not_ready_reason(&TelegramError::Api("Bad Gateway".into())), None);
+    }
 }

@@ -125,7 +125,12 @@ impl App {
     /// # Errors
     /// A server or Bot API client error.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let state = WebState { forwarder: self.forwarder.clone(), secret: self.settings.webhook_secret.clone() };
+        let poll_status = Arc::new(crate::polling::PollStatus::default());
+        let state = WebState {
+            forwarder: self.forwarder.clone(),
+            secret: self.settings.webhook_secret.clone(),
+            polling: poll_status.clone(),
+        };
         let app = router(state.clone(), self.settings.max_body_bytes);
         // A child token: the admin server also stops when the public one fails.
         let admin_stop = shutdown.child_token();
@@ -147,8 +152,13 @@ impl App {
                 Duration::from_secs(u64::from(self.settings.poll_timeout_s) + 10),
             ) {
                 Ok(bot) => {
-                    let poll =
-                        crate::polling::run(bot, &self.forwarder, self.settings.poll_timeout_s, shutdown.clone());
+                    let poll = crate::polling::run(
+                        bot,
+                        &self.forwarder,
+                        self.settings.poll_timeout_s,
+                        &poll_status,
+                        shutdown.clone(),
+                    );
                     let (served, ()) = tokio::join!(server, poll);
                     served.context("http server")
                 }

@@ -24,6 +24,8 @@ pub struct WebState {
     pub forwarder: Arc<Forwarder>,
     /// Expected secret header value.
     pub secret: Secret,
+    /// Polling mode's status (never set in webhook mode).
+    pub polling: Arc<crate::polling::PollStatus>,
 }
 
 /// The public router: webhook, health and readiness (no metrics).
@@ -132,9 +134,12 @@ async fn webhook(State(state): State<WebState>, headers: HeaderMap, body: Bytes)
     }
 }
 
-async fn readyz(State(state): State<WebState>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<WebState>) -> (StatusCode, String) {
+    if let Some(problem) = state.polling.problem() {
+        return (StatusCode::SERVICE_UNAVAILABLE, problem);
+    }
     match state.forwarder.ensure_ready().await {
-        Ok(()) => (StatusCode::OK, "ready"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable"),
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable".to_owned()),
     }
 }

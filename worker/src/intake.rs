@@ -233,9 +233,10 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
         if command == "stop" {
             return stop_plan(ctx, msg.chat.id, msg.is_private(), from.id, None).await;
         }
-        if crate::commands::is_known(&command) {
-            return Ok(Plan::Job { msg, kind: JobKind::Command, content: json!({ "command": command }) });
-        }
+        // An unknown command (`/model opus`, `/settings`) gets the help
+        // text: never sent to Claude, never charged (issue 16).
+        let command = if crate::commands::is_known(&command) { command } else { "help".to_owned() };
+        return Ok(Plan::Job { msg, kind: JobKind::Command, content: json!({ "command": command }) });
     }
     let text = if msg.is_private() { text } else { format!("{}: {text}", from.first_name) };
     Ok(Plan::Job { msg, kind: JobKind::Chat, content: json!([{ "type": "text", "text": text }]) })

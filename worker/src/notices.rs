@@ -9,6 +9,16 @@ use rust_decimal::Decimal;
 /// `/help`, and the tail of `/start`.
 pub const HELP: &str = "Send me any message and Claude will answer.\n\n/new — start a new conversation\n/stop — stop the answer being written\n/balance — show your credit\n/usage — your recent charges\n/buy — buy credit with Telegram Stars\n/help — this help";
 
+/// The command menu set with `setMyCommands` at start: `(command, description)`.
+pub const COMMAND_MENU: &[(&str, &str)] = &[
+    ("new", "Start a new conversation"),
+    ("stop", "Stop the answer being written"),
+    ("balance", "Show your credit"),
+    ("usage", "Your recent charges"),
+    ("buy", "Buy credit with Telegram Stars"),
+    ("help", "What this bot does"),
+];
+
 /// The answer to `/start`: a greeting by first name, then [`HELP`].
 pub fn welcome(first_name: &str) -> String {
     format!("Hello, {first_name}! Welcome — I'm a bot that lets you chat with Claude.\n\n{HELP}")

@@ -90,6 +90,7 @@ impl App {
         tasks.spawn(crate::queues::relay::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::queues::reaper::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::queues::control::run(self.ctx.clone(), shutdown.clone()));
+        tasks.spawn(announce_commands(self.ctx.clone()));
         while tasks.join_next().await.is_some() {}
         let _ = admin.await;
         Ok(())
@@ -116,4 +117,21 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
         return Ok(());
     }
     App::build(settings).await?.run_until_stopped(shutdown).await
+}
+
+/// Sets the bot's command menu (`setMyCommands`, [`crate::notices::COMMAND_MENU`])
+/// once at start, so users see the commands the bot answers. A failure is
+/// logged and changes nothing else: the menu is a convenience.
+async fn announce_commands(ctx: WorkerContext) {
+    let menu = crate::notices::COMMAND_MENU
+        .iter()
+        .map(|(command, description)| shared::telegram::BotCommand {
+            command: (*command).to_owned(),
+            description: (*description).to_owned(),
+        })
+        .collect();
+    match ctx.telegram.set_my_commands(menu, None).await {
+        Ok(()) => tracing::info!("command menu set"),
+        Err(e) => tracing::warn!(error.message = %e, "setMyCommands failed; the command menu is unchanged"),
+    }
 }

@@ -212,6 +212,36 @@ payload!(DeleteMessage, "deleteMessage", Value);
 pub struct GetMe {}
 payload!(GetMe, "getMe", Me);
 
+/// `deleteWebhook` (Bot API, "deleteWebhook"): lets `getUpdates` work
+/// (while a webhook is set it answers 409 Conflict).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeleteWebhook {
+    /// `false`: updates waiting on the webhook are kept for `getUpdates`.
+    pub drop_pending_updates: bool,
+}
+payload!(DeleteWebhook, "deleteWebhook", bool);
+
+/// One entry of the command menu (Bot API, "BotCommand").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BotCommand {
+    /// 1–32 characters: lowercase letters, digits and underscores.
+    pub command: String,
+    /// 1–256 characters.
+    pub description: String,
+}
+
+/// `setMyCommands` (Bot API, "setMyCommands"): the command menu, for users
+/// of `language_code` (an IETF language tag; `None`: everyone else).
+#[derive(Debug, Clone, Serialize)]
+pub struct SetMyCommands {
+    /// The menu, in order.
+    pub commands: Vec<BotCommand>,
+    /// Two-letter ISO 639-1 code, or none for the default menu.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language_code: Option<String>,
+}
+payload!(SetMyCommands, "setMyCommands", bool);
+
 /// `getChatMember` (Bot API, "getChatMember"): a user's membership of a chat.
 #[derive(Debug, Clone, Serialize)]
 pub struct GetChatMember {
@@ -271,8 +301,9 @@ pub enum FileError {
     Telegram(#[from] TelegramError),
 }
 
-/// `getUpdates`, returning each update's raw JSON verbatim (the ingress
-/// forwards updates byte for byte).
+/// `getUpdates`, returning each update as a JSON value. Not `RawValue`:
+/// teloxide reads an answer through an untagged enum, which buffers it and
+/// cannot hand out raw slices (every `getUpdates` failed to parse so).
 #[derive(Debug, Clone, Serialize)]
 pub struct GetUpdatesRaw {
     /// First update to return; confirms all earlier ones.
@@ -283,7 +314,7 @@ pub struct GetUpdatesRaw {
     pub limit: u8,
 }
 impl Payload for GetUpdatesRaw {
-    type Output = Vec<Box<RawValue>>;
+    type Output = Vec<Value>;
     const NAME: &'static str = "getUpdates";
     fn timeout_hint(&self) -> Option<Duration> {
         Some(Duration::from_secs(u64::from(self.timeout)))
@@ -374,6 +405,26 @@ impl BotApi {
     /// A classified [`TelegramError`].
     pub async fn get_me(&self) -> Result<Me, TelegramError> {
         self.call(GetMe {}).await
+    }
+
+    /// `deleteWebhook`, keeping pending updates (`drop_pending_updates: false`).
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn delete_webhook(&self) -> Result<(), TelegramError> {
+        self.call(DeleteWebhook { drop_pending_updates: false }).await.map(|_| ())
+    }
+
+    /// `setMyCommands` for `language_code` (`None`: the default menu).
+    ///
+    /// # Errors
+    /// A classified [`TelegramError`].
+    pub async fn set_my_commands(
+        &self,
+        commands: Vec<BotCommand>,
+        language_code: Option<&str>,
+    ) -> Result<(), TelegramError> {
+        self.call(SetMyCommands { commands, language_code: language_code.map(str::to_owned) }).await.map(|_| ())
     }
 
     /// `sendMessage` with optional entities.
@@ -546,12 +597,21 @@ impl BotApi {
         Ok(bytes)
     }
 
-    /// `getUpdates` with raw results, for long polling.
+    /// `getUpdates` for long polling: each update as JSON text, written
+    /// again from the parsed answer (the same content as Telegram's; key
+    /// order and number spelling may differ).
     ///
     /// # Errors
     /// A classified [`TelegramError`].
     pub async fn get_updates_raw(&self, offset: i64, timeout: u32) -> Result<Vec<Box<RawValue>>, TelegramError> {
-        self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await
+        let updates = self.call(GetUpdatesRaw { offset, timeout, limit: 100 }).await?;
+        updates
+            .iter()
+            .map(|u| {
+                serde_json::value::to_raw_value(u)
+                    .map_err(|e| TelegramError::Transport(format!("getUpdates: an update does not serialize: {e}")))
+            })
+            .collect()
     }
 }
 

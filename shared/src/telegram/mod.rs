@@ -10,7 +10,7 @@ pub mod markdown;
 pub mod split;
 pub mod update;
 
-pub use bot::{BotApi, TelegramError};
+pub use bot::{BotApi, BotCommand, TelegramError};
 
 /// The largest file a bot may download through the public Bot API, bytes
 /// (Bot API, "getFile": "bots can download files of up to 20MB in size").

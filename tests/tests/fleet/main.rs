@@ -20,5 +20,6 @@ mod dedup;
 #[allow(dead_code, unused_imports)]
 mod helpers;
 mod ingress;
+mod polling;
 mod split;
 mod sse;

@@ -105,3 +105,18 @@ async fn a_429_seen_by_one_worker_keeps_the_other_silent_towards_that_chat() -> 
     fake.shutdown().await;
     db.cleanup().await
 }
+
+/// Issue 16: a scope that was never paused has `paused_until = -infinity`,
+/// which PostgreSQL 15+ refuses to subtract from ("cannot subtract infinite
+/// timestamps"); asking how long it is paused must say zero, not fail.
+#[tokio::test]
+async fn a_scope_never_paused_has_no_pause_left_on_postgresql_15() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    worker::store::pacing::reserve(&db.pool, "chat:1", Duration::from_millis(1)).await?;
+    let left = worker::store::pacing::pause_left(&db.pool, "chat:1").await?;
+    assert_eq!(left, Duration::ZERO);
+    worker::store::pacing::pause(&db.pool, "chat:1", Duration::from_secs(30)).await?;
+    let left = worker::store::pacing::pause_left(&db.pool, "chat:1").await?;
+    assert!(left > Duration::from_secs(25) && left <= Duration::from_secs(30), "{left:?}");
+    db.cleanup().await
+}

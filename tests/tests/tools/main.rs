@@ -34,6 +34,7 @@ use fleet_suite::helpers;
 
 mod attacks;
 mod attacks2;
+mod commands;
 mod count_tokens;
 mod dedup;
 mod documents;

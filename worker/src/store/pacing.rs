@@ -32,7 +32,10 @@ pub async fn reserve(db: &PgPool, scope: &str, interval: Duration) -> Result<Dur
 /// Database errors.
 pub async fn pause_left(db: &PgPool, scope: &str) -> Result<Duration, sqlx::Error> {
     let wait: Option<f64> = sqlx::query_scalar(
-        "SELECT GREATEST(0, EXTRACT(EPOCH FROM (paused_until - now())))::float8 FROM telegram_pacing WHERE scope = $1",
+        // `paused_until` is `-infinity` when the scope was never paused:
+        // clamped to now() first, since PostgreSQL 15+ refuses to subtract
+        // an infinite timestamp ("cannot subtract infinite timestamps").
+        "SELECT EXTRACT(EPOCH FROM (GREATEST(paused_until, now()) - now()))::float8 FROM telegram_pacing WHERE scope = $1",
     )
     .bind(scope)
     .fetch_optional(db)
