@@ -4,15 +4,14 @@
 //! (the workers drop duplicates by `update_id`).
 
 use crate::startup::Forwarder;
-use backon::{BackoffBuilder, ExponentialBuilder};
+use shared::retry::{sleep_or_stopped, Policy};
 use shared::telegram::{BotApi, RoutingInfo, TelegramError};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the `getUpdates` loop until `shutdown`.
 pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, shutdown: CancellationToken) {
     let mut offset: i64 = 0;
-    let mut backoff = new_backoff();
+    let mut backoff = Policy::BotApiPoll.backoff();
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -23,10 +22,10 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, shutdown: C
             Err(e) => {
                 let wait = match &e {
                     TelegramError::RetryAfter(d) => *d,
-                    _ => backoff.next().unwrap_or(Duration::from_secs(30)),
+                    _ => backoff.next_or_last(),
                 };
                 tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "getUpdates failed");
-                if sleep_or_stop(wait, &shutdown).await {
+                if sleep_or_stopped(wait, &shutdown).await {
                     return;
                 }
                 continue;
@@ -35,33 +34,17 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, shutdown: C
         match forward_batch(forwarder, &updates).await {
             Ok(Some(next)) => {
                 offset = next;
-                backoff = new_backoff();
+                backoff = Policy::BotApiPoll.backoff();
             }
             Ok(None) => {}
             Err(e) => {
-                let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+                let wait = backoff.next_or_last();
                 tracing::error!(error.message = %e, wait_s = wait.as_secs_f64(), "batch not confirmed; offset kept, retrying");
-                if sleep_or_stop(wait, &shutdown).await {
+                if sleep_or_stopped(wait, &shutdown).await {
                     return;
                 }
             }
         }
-    }
-}
-
-fn new_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(d) => false,
     }
 }
 

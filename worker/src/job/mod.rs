@@ -25,6 +25,7 @@ use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
 use crate::telegram::delivery::DeliveryError;
 use crate::telegram::progress::Progress;
 use shared::anthropic::StopReason;
+use shared::retry::Policy;
 
 /// Errors inside a job step.
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +143,11 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
     // finalize is retried on transient errors while the lease holds (the
     // heartbeat cancels the job once it has failed for a whole visibility
     // timeout). It is idempotent for one lease.
-    let mut wait = std::time::Duration::from_millis(200);
+    let mut backoff = Policy::DbWrite.backoff();
     loop {
         match finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await {
             Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+                let wait = backoff.next_or_last();
                 tracing::warn!(error.message = %e, wait_ms = wait.as_millis() as u64, "storing the answer failed; retrying");
                 tokio::time::sleep(wait).await;
                 let gone = match cancel.reason() {
@@ -157,7 +159,6 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
                     finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
                     return Err(e);
                 }
-                wait = (wait * 2).min(std::time::Duration::from_secs(2));
             }
             Err(e @ (JobError::LeaseLost | JobError::Shutdown)) => {
                 finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
@@ -358,7 +359,7 @@ async fn deliver(
             // The user has the answer now: recording that must not fail on a
             // database blip (a later attempt would send it again), so it is
             // retried for as long as the lease can still be ours.
-            let mut wait = std::time::Duration::from_millis(200);
+            let mut backoff = Policy::DbWrite.backoff();
             let started = tokio::time::Instant::now();
             let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
             loop {
@@ -367,8 +368,7 @@ async fn deliver(
                     Ok(_) => return Ok(()),
                     Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {
                         tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                        tokio::time::sleep(backoff.next_or_last()).await;
                     }
                     // Not transient, or the lease must have expired: the
                     // job fails rather than being handed back to send again.
