@@ -131,6 +131,7 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
             let admin = shared::admin::serve(admin_listener, readiness, shutdown.clone());
             tracing::info!("billing-worker running");
+            #[expect(clippy::disallowed_methods, reason = "owned: stops on `shutdown` and is awaited below")]
             let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));
             consumer::run(ctx, shutdown).await;
             let _ = sweeper.await;

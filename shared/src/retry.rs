@@ -72,6 +72,7 @@ impl Policy {
     }
 
     /// A fresh sequence of delays for one operation.
+    #[expect(clippy::disallowed_types, reason = "the one place a backon builder is made: every policy is named here")]
     pub fn backoff(self) -> Backoff {
         use backon::BackoffBuilder;
         let (first, cap, times, jitter) = self.shape();

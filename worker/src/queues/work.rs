@@ -263,6 +263,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob) -> 
     let cancel = JobCancel::default();
     let _registration = ctx.running.register(job.chat_id, job.job_id, job.update_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
+    #[expect(clippy::disallowed_methods, reason = "owned: aborted when this future is dropped")]
     let heartbeat = AbortOnDropHandle::new(tokio::spawn(lease::keep_alive(
         ctx.db.clone(),
         claimed,
@@ -274,6 +275,10 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob) -> 
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     metrics::gauge!("fleet_leases_active").increment(1.0);
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "owned: aborted when this future is dropped; a task of its own so a panic is caught at its boundary"
+    )]
     let task = AbortOnDropHandle::new(tokio::spawn(
         async move { job::run(&task_ctx, &claimed, cancel).await }.instrument(span),
     ));
