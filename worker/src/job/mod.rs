@@ -49,6 +49,24 @@ pub enum JobError {
     /// broken network): handed back, the attempt counted, retried after a delay.
     #[error("transient: {0}")]
     Transient(String),
+    /// The reply reached the user but its message ids could not be recorded
+    /// (a lasting database error, or the lease ran out while retrying): the
+    /// job ends without a failure notice and is never sent again.
+    #[error("the answer was sent but not recorded: {0}")]
+    SentNotRecorded(String),
+}
+
+impl JobError {
+    /// True when a later try may succeed: the database went away (a
+    /// restart, a failover: [`shared::db::is_transient`]) or a
+    /// [`JobError::Transient`] failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) => shared::db::is_transient(e),
+            Self::Transient(_) => true,
+            Self::LeaseLost | Self::Shutdown | Self::Invalid(_) | Self::Pricing(_) | Self::SentNotRecorded(_) => false,
+        }
+    }
 }
 
 /// Runs a claimed job's attempt to its end and says how it ended. It
@@ -60,7 +78,7 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
         Ok(outcome) => JobEnd::Finished(outcome),
         // The hold belongs to the new holder now: left alone.
         Err(JobError::LeaseLost) => JobEnd::LeaseLost,
-        Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+        Err(e @ JobError::Db(_)) if e.is_transient() => {
             // The database went away (a restart, a failover) before
             // anything was sent (a sent answer is never handed back, see
             // `deliver`): not the user's failure. If even the hand-back
@@ -73,6 +91,10 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
             JobEnd::Transient(e)
         }
         Err(JobError::Shutdown) => JobEnd::Shutdown,
+        Err(e @ JobError::SentNotRecorded(_)) => {
+            tracing::error!(error.message = %e, "the answer was sent but not recorded");
+            JobEnd::SentNotRecorded(e.to_string())
+        }
         Err(e) => {
             tracing::error!(error.message = %e, "job failed");
             JobEnd::Failed { damaged: matches!(e, JobError::Invalid(_)), error: e.to_string() }
@@ -146,7 +168,7 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
     let mut backoff = Policy::DbWrite.backoff();
     loop {
         match finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await {
-            Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
                 let wait = backoff.next_or_last();
                 tracing::warn!(error.message = %e, wait_ms = wait.as_millis() as u64, "storing the answer failed; retrying");
                 tokio::time::sleep(wait).await;
@@ -363,16 +385,16 @@ async fn deliver(
             let started = tokio::time::Instant::now();
             let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
             loop {
-                let recorded = lease.record_reply(&ctx.db, &ids).await;
+                let recorded = lease.record_reply(&ctx.db, &ids).await.map_err(JobError::from);
                 match recorded {
                     Ok(_) => return Ok(()),
-                    Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {
+                    Err(e) if e.is_transient() && started.elapsed() < visibility => {
                         tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
                         tokio::time::sleep(backoff.next_or_last()).await;
                     }
                     // Not transient, or the lease must have expired: the
                     // job fails rather than being handed back to send again.
-                    Err(e) => return Err(JobError::Invalid(format!("the answer was sent but not recorded: {e}"))),
+                    Err(e) => return Err(JobError::SentNotRecorded(e.to_string())),
                 }
             }
         }

@@ -303,7 +303,7 @@ async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobE
     let plan = outcome::plan(&end);
     metrics::counter!("fleet_jobs_total", "outcome" => plan.label).increment(1);
     let error = match &end {
-        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) => Some(error.as_str()),
+        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) | JobEnd::SentNotRecorded(error) => Some(error.as_str()),
         _ => None,
     };
     let written = match plan.transition {
