@@ -192,7 +192,7 @@ async fn refund_stars(
         ..Default::default()
     };
     let payload = serde_json::json!({ "type": ledger::STARS_REFUND_KIND, "charge": charge, "user_id": user, "amount": credit.to_string() });
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     ledger::apply_postings(&mut tx, refund_id, ledger::STARS_REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))

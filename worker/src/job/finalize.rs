@@ -95,7 +95,7 @@ pub async fn finalize(
         };
         priced.push((call, model, billing, price));
     }
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     if !lease.store_answer(&mut tx, reply).await? {
         drop(tx);
         // A retry after a commit whose answer was lost (the connection
@@ -266,7 +266,7 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
         if priced.is_empty() {
             return Ok(());
         }
-        let mut tx = ctx.db.begin().await?;
+        let mut tx = shared::db::begin(&ctx.db).await?;
         for (call, model, billing, price) in priced {
             write_call(&mut tx, job, lease, call, model, billing, price, true).await?;
         }
