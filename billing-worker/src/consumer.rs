@@ -147,16 +147,19 @@ impl Drop for ResetOnDrop {
 /// releases are always handled on their own, after the charges.
 pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>) {
     metrics::histogram!("fleet_billing_batch_size").record(deliveries.len() as f64);
+    // Each body is decoded once, here; `handle_decoded` takes the result.
     let mut charges = Vec::new();
     let mut alone = Vec::new();
     for d in deliveries {
-        match serde_json::from_slice::<BillingEvent>(&d.data) {
-            Ok(BillingEvent::HoldRelease(_)) | Err(_) => alone.push(d),
+        match decode(&d) {
+            Ok(event @ BillingEvent::HoldRelease(_)) => alone.push((d, Ok(event))),
+            Err(e) => alone.push((d, Err(e))),
             Ok(event) => charges.push((d, event)),
         }
     }
     if charges.len() == 1 {
-        alone.insert(0, charges.remove(0).0);
+        let (d, event) = charges.remove(0);
+        alone.insert(0, (d, Ok(event)));
     }
     if !charges.is_empty() {
         let events: Vec<BillingEvent> = charges.iter().map(|(_, e)| e.clone()).collect();
@@ -173,21 +176,31 @@ pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>) {
             }
             Err(e) => {
                 tracing::warn!(events = charges.len(), error.message = %e, "batch failed; applying one by one");
-                for (d, _) in charges {
-                    handle(ctx, d).await;
+                for (d, event) in charges {
+                    handle_decoded(ctx, d, Ok(event)).await;
                 }
             }
         }
     }
-    for d in alone {
-        handle(ctx, d).await;
+    for (d, parsed) in alone {
+        handle_decoded(ctx, d, parsed).await;
     }
+}
+
+/// A delivery's body as a billing event; the error names why it is malformed.
+fn decode(d: &Delivery) -> Result<BillingEvent, String> {
+    serde_json::from_slice(&d.data).map_err(|e| e.to_string())
 }
 
 /// Applies one delivery and settles it.
 pub async fn handle(ctx: &BillingContext, d: Delivery) {
+    let parsed = decode(&d);
+    handle_decoded(ctx, d, parsed).await;
+}
+
+/// As [`handle`], for a body already decoded (`parsed`).
+async fn handle_decoded(ctx: &BillingContext, d: Delivery, parsed: Result<BillingEvent, String>) {
     let attempt = attempt_of(&d.properties);
-    let parsed: Result<BillingEvent, _> = serde_json::from_slice(&d.data);
     let (event_id, result) = match &parsed {
         Ok(event) => (Some(event.event_id()), ledger::apply_event(&ctx.db, event).await),
         Err(e) => (None, Err(LedgerError::Invalid(format!("malformed billing event: {e}")))),

@@ -531,7 +531,7 @@ pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<St
     };
     let payload =
         json!({ "type": ledger::REFUND_KIND, "refunds": event, "reason": reason, "amount": amount.to_string() });
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     let applied = ledger::apply_postings(&mut tx, refund_id, ledger::REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(match applied {

@@ -329,6 +329,7 @@ mod tests {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        #[expect(clippy::disallowed_methods, reason = "the test's fake server: it ends with the test's runtime")]
         let handle = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });

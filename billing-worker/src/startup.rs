@@ -131,6 +131,7 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
             let admin = shared::admin::serve(admin_listener, readiness, shutdown.clone());
             tracing::info!("billing-worker running");
+            #[expect(clippy::disallowed_methods, reason = "owned: stops on `shutdown` and is awaited below")]
             let sweeper = tokio::spawn(sweep_holds(ctx.db.clone(), shutdown.clone()));
             consumer::run(ctx, shutdown).await;
             let _ = sweeper.await;
@@ -191,7 +192,7 @@ async fn refund_stars(
         ..Default::default()
     };
     let payload = serde_json::json!({ "type": ledger::STARS_REFUND_KIND, "charge": charge, "user_id": user, "amount": credit.to_string() });
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     ledger::apply_postings(&mut tx, refund_id, ledger::STARS_REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
     Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))

@@ -320,7 +320,7 @@ pub async fn apply_batch(db: &PgPool, events: &[BillingEvent]) -> Result<Vec<App
         payloads.push(payload);
         prepared.push((postings, meta));
     }
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     // One statement for the idempotency rows of the whole batch: the ids it
     // returns are the events applied now (a repeated id in the batch is
     // returned once, for its first occurrence).
@@ -477,7 +477,7 @@ pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -
     let postings =
         [Posting { debit: Account::PAYMENTS, credit: user_account(user_id), amount, kind: EntryKind::Grant }];
     let meta = EntryMeta { user_id: Some(user_id), memo: Some("grant".into()), ..Default::default() };
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     let applied = apply_postings(&mut tx, event_id, GRANT_KIND, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         tx.commit().await?;

@@ -4,9 +4,8 @@
 //! (the workers drop duplicates by `update_id`).
 
 use crate::startup::Forwarder;
-use backon::{BackoffBuilder, ExponentialBuilder};
+use shared::retry::{sleep_or_stopped, Policy};
 use shared::telegram::{BotApi, RoutingInfo, TelegramError};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Why polling cannot take updates now (`None`: it can), for `/readyz`.
@@ -52,7 +51,7 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, status: &Po
         Err(e) => tracing::warn!(error.message = %e, "polling mode: deleteWebhook failed; getUpdates may answer 409"),
     }
     let mut offset: i64 = 0;
-    let mut backoff = new_backoff();
+    let mut backoff = Policy::BotApiPoll.backoff();
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -66,7 +65,7 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, status: &Po
             Err(e) => {
                 let wait = match &e {
                     TelegramError::RetryAfter(d) => *d,
-                    _ => backoff.next().unwrap_or(Duration::from_secs(30)),
+                    _ => backoff.next_or_last(),
                 };
                 let reason = not_ready_reason(&e);
                 if reason.is_some() && status.problem().is_none() {
@@ -80,7 +79,7 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, status: &Po
                     let _ = bot.delete_webhook().await;
                 }
                 status.set(reason);
-                if sleep_or_stop(wait, &shutdown).await {
+                if sleep_or_stopped(wait, &shutdown).await {
                     return;
                 }
                 continue;
@@ -89,33 +88,17 @@ pub async fn run(bot: BotApi, forwarder: &Forwarder, timeout_s: u32, status: &Po
         match forward_batch(forwarder, &updates).await {
             Ok(Some(next)) => {
                 offset = next;
-                backoff = new_backoff();
+                backoff = Policy::BotApiPoll.backoff();
             }
             Ok(None) => {}
             Err(e) => {
-                let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+                let wait = backoff.next_or_last();
                 tracing::error!(error.message = %e, wait_s = wait.as_secs_f64(), "batch not confirmed; offset kept, retrying");
-                if sleep_or_stop(wait, &shutdown).await {
+                if sleep_or_stopped(wait, &shutdown).await {
                     return;
                 }
             }
         }
-    }
-}
-
-fn new_backoff() -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-async fn sleep_or_stop(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(d) => false,
     }
 }
 

@@ -66,6 +66,10 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         );
         let connection =
             graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned());
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "one task per connection, at most MAX_CONNECTIONS (`slots`), each watched by `graceful`, which the drain below waits for"
+        )]
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error.message = %e, "connection ended with an error");

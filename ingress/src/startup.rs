@@ -135,6 +135,7 @@ impl App {
         // A child token: the admin server also stops when the public one fails.
         let admin_stop = shutdown.child_token();
         let admin_stopped = admin_stop.clone();
+        #[expect(clippy::disallowed_methods, reason = "owned: stopped by `admin_stop` and awaited below")]
         let admin = tokio::spawn(
             axum::serve(self.admin, admin_router(state))
                 .with_graceful_shutdown(async move { admin_stopped.cancelled().await })

@@ -82,6 +82,7 @@ pub async fn metrics_text() -> String {
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
+#[expect(clippy::disallowed_methods, reason = "owned: the caller keeps the handle and awaits it after `shutdown`")]
 pub fn serve(listener: TcpListener, readiness: Readiness, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let app = router(readiness);

@@ -4,6 +4,7 @@
 //! All names carry a prefix (empty in production) so that tests and demo
 //! runs can share one broker without seeing each other's messages.
 
+use crate::retry::Policy;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -279,42 +280,34 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<()
     Ok(())
 }
 
-/// `d` scaled by a random factor in [0.75, 1.25] (the random bits of a
-/// UUIDv7, RFC 9562 §5.7).
-pub fn jittered(d: Duration) -> Duration {
-    let r = f64::from(uuid::Uuid::now_v7().as_bytes()[15]) / 255.0;
-    d.mul_f64(0.75 + r / 2.0)
-}
-
 /// Runs `session` (connect, consume, return on a broker error) until
-/// `shutdown`, reconnecting after each failure with exponential backoff and
-/// jitter: about 200 ms doubling to 10 s, back to 200 ms after a session
-/// that lasted 10 s or more. Each session declares the topology again. `what` names the consumer in the logs.
+/// `shutdown`, reconnecting after each failure with
+/// [`Policy::BrokerReconnect`] (about 200 ms doubling to 10 s, ±25 %
+/// jitter), back to the first delay after a session that lasted 10 s or
+/// more. Each session declares the topology again. `what` names the
+/// consumer in the logs.
 pub async fn reconnecting<F, Fut>(what: &str, shutdown: &tokio_util::sync::CancellationToken, mut session: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), BrokerError>>,
 {
-    const FIRST: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(10);
-    let mut delay = FIRST;
+    /// A session at least this long was healthy: the next failure starts the backoff over.
+    const HEALTHY: Duration = Duration::from_secs(10);
+    let mut backoff = Policy::BrokerReconnect.backoff();
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
         match session().await {
             Ok(()) => break,
             Err(e) => {
-                if started.elapsed() >= MAX {
-                    delay = FIRST;
+                if started.elapsed() >= HEALTHY {
+                    backoff = Policy::BrokerReconnect.backoff();
                 }
-                // ±25 % jitter: a fleet that lost the broker together does not return together.
-                let wait = jittered(delay);
+                let wait = backoff.next_or_last();
                 tracing::warn!(error.message = %e, consumer = what, wait_ms = wait.as_millis() as u64, "consumer lost the broker; reconnecting");
                 metrics::counter!("fleet_broker_reconnects_total", "consumer" => what.to_owned()).increment(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(wait) => {}
+                if crate::retry::sleep_or_stopped(wait, shutdown).await {
+                    break;
                 }
-                delay = (delay * 2).min(MAX);
             }
         }
     }

@@ -14,6 +14,7 @@
 //! - [`amqp`]: broker topology and the confirming publisher.
 //! - [`contracts`]: versioned messages that travel over the broker.
 //! - [`db`]: PostgreSQL pools and the two migration sets.
+//! - [`retry`]: the named backoff policies every retry loop uses.
 //! - [`telemetry`]: tracing subscriber set-up.
 //! - [`admin`]: the Prometheus recorder and the `/healthz` `/readyz` `/metrics` server.
 //! - [`shutdown`]: the per-process cancellation token from signals.
@@ -27,6 +28,7 @@ pub mod contracts;
 pub mod db;
 pub mod money;
 pub mod pricing;
+pub mod retry;
 pub mod secret;
 pub mod shutdown;
 pub mod telegram;

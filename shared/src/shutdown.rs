@@ -4,6 +4,10 @@
 use tokio_util::sync::CancellationToken;
 
 /// Spawns a task that cancels `token` on SIGTERM or ctrl-c.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the signal listener lives as long as the process; it only cancels the token it is given"
+)]
 pub fn on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         #[cfg(unix)]

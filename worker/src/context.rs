@@ -58,7 +58,10 @@ pub struct WorkerContext {
 
 impl WorkerContext {
     /// Assembles a context.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each shared client and pool is built once in startup and passed here"
+    )]
     pub fn new(
         db: PgPool,
         billing_db: PgPool,

@@ -263,7 +263,7 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         Plan::Membership(_) => "membership",
         Plan::Job { .. } | Plan::Document { .. } => "job",
     };
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     let inserted = crate::store::updates::record(&mut tx, update_id, &info.kind, info.chat_id, outcome_label).await?;
     if !inserted {
         if let Plan::Stop { chat_id, callback_id, job_id } = plan {

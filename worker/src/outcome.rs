@@ -46,6 +46,10 @@ pub enum JobEnd {
     Transient(String),
     /// The lease was lost: another worker owns the job; nothing more is written.
     LeaseLost,
+    /// The reply reached the user but could not be recorded: the job ends
+    /// as answered (never sent again), with the error kept and no notice
+    /// (the user has the answer; "damaged" would be wrong).
+    SentNotRecorded(String),
 }
 
 /// The claimed job's transition at the end of an attempt (fenced writes of
@@ -108,6 +112,8 @@ pub fn plan(end: &JobEnd) -> Plan {
             (Transition::HandBack { count_attempt: true }, RepublishDelayed, true, None, "retry_later")
         }
         JobEnd::LeaseLost => (Transition::Nothing, Done, false, None, "lease_lost"),
+        // Its charges (if any) were stored before it was sent: they settle the hold.
+        JobEnd::SentNotRecorded(_) => (Transition::Finish(Outcome::Answered), Done, false, None, "sent_not_recorded"),
     };
     Plan { transition, disposition, void_hold, notice, label }
 }
@@ -141,6 +147,7 @@ mod tests {
             JobEnd::DatabaseDown("gone".into()),
             JobEnd::Transient("net".into()),
             JobEnd::LeaseLost,
+            JobEnd::SentNotRecorded("gone".into()),
         ];
         let plans: Vec<Plan> = ends.iter().map(plan).collect();
         assert_eq!(plans[0].transition, Transition::Finish(Outcome::Answered));
@@ -163,6 +170,8 @@ mod tests {
                 label: "lease_lost"
             }
         );
+        assert_eq!(plans[8].transition, Transition::Finish(Outcome::Answered));
+        assert_eq!(plans[8].notice, None, "a user who got the answer is never told the conversation is damaged");
         for (end, p) in ends.iter().zip(&plans) {
             // Handed back or failed: nothing was charged, the reservation goes.
             let uncharged = matches!(

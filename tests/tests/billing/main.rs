@@ -3,7 +3,7 @@
 //! holds against overspending, reconciliation, least-privilege database roles.
 
 #[path = "../fleet/helpers.rs"]
-#[allow(dead_code, unused_imports)]
+#[expect(dead_code, unused_imports, reason = "helpers shared by `#[path]` includes: each suite uses a part of them")]
 mod helpers;
 
 mod bad_input;

@@ -17,7 +17,7 @@
 mod bad_input;
 mod billing;
 mod dedup;
-#[allow(dead_code, unused_imports)]
+#[expect(unused_imports, reason = "helpers shared by `#[path]` includes: this suite uses a part of their re-exports")]
 mod helpers;
 mod ingress;
 mod polling;

@@ -3,7 +3,7 @@
 //! call fails.
 
 #[path = "../fleet/helpers.rs"]
-#[allow(dead_code, unused_imports)]
+#[expect(dead_code, unused_imports, reason = "helpers shared by `#[path]` includes: each suite uses a part of them")]
 mod helpers;
 
 mod config;

@@ -3,7 +3,7 @@
 //! stopping the stream, migrated groups, and Stars payments.
 
 #[path = "../fleet/helpers.rs"]
-#[allow(dead_code, unused_imports)]
+#[expect(dead_code, unused_imports, reason = "helpers shared by `#[path]` includes: each suite uses a part of them")]
 mod helpers;
 
 mod delivery;

@@ -27,7 +27,11 @@
 
 #[path = "../fleet"]
 mod fleet_suite {
-    #[allow(dead_code, unused_imports)]
+    #[expect(
+        dead_code,
+        unused_imports,
+        reason = "helpers shared by `#[path]` includes: each suite uses a part of them"
+    )]
     pub mod helpers;
 }
 use fleet_suite::helpers;

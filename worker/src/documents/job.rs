@@ -100,7 +100,7 @@ pub async fn prepare(ctx: &WorkerContext, job: &JobRow, lease: &ClaimedJob) -> R
     if chars.saturating_add(new_chars) > quota_chars {
         return Ok(Prepared::Refused(quota_notice(&name, files, chars, quota_files, quota_chars)));
     }
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     // The quota again, under a per-user lock: two documents of one user read
     // at once in two chats cannot both pass the check made before reading.
     crate::store::documents::lock_quota(&mut tx, job.user_id).await?;

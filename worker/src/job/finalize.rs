@@ -102,7 +102,7 @@ pub async fn finalize(
         };
         priced.push((call, model, billing, price));
     }
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     if !lease.store_answer(&mut tx, reply).await? {
         drop(tx);
         // A retry after a commit whose answer was lost (the connection
@@ -274,7 +274,7 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
         if priced.is_empty() {
             return Ok(());
         }
-        let mut tx = ctx.db.begin().await?;
+        let mut tx = shared::db::begin(&ctx.db).await?;
         for (call, model, billing, price) in priced {
             write_call(&mut tx, job, lease, call, model, billing, price, true).await?;
         }
@@ -304,7 +304,7 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
 /// # Errors
 /// Database errors.
 pub async fn book_orphaned_calls(ctx: &WorkerContext, job_id: Option<Uuid>) -> Result<usize, JobError> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     let open = crate::store::jobs::orphaned_calls(&mut tx, job_id, ORPHAN_BATCH).await?;
     let mut booked = 0;
     for call in &open {

@@ -25,6 +25,7 @@ use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
 use crate::telegram::delivery::DeliveryError;
 use crate::telegram::progress::Progress;
 use shared::anthropic::StopReason;
+use shared::retry::Policy;
 
 /// Errors inside a job step.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,24 @@ pub enum JobError {
     /// broken network): handed back, the attempt counted, retried after a delay.
     #[error("transient: {0}")]
     Transient(String),
+    /// The reply reached the user but its message ids could not be recorded
+    /// (a lasting database error, or the lease ran out while retrying): the
+    /// job ends without a failure notice and is never sent again.
+    #[error("the answer was sent but not recorded: {0}")]
+    SentNotRecorded(String),
+}
+
+impl JobError {
+    /// True when a later try may succeed: the database went away (a
+    /// restart, a failover: [`shared::db::is_transient`]) or a
+    /// [`JobError::Transient`] failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) => shared::db::is_transient(e),
+            Self::Transient(_) => true,
+            Self::LeaseLost | Self::Shutdown | Self::Invalid(_) | Self::Pricing(_) | Self::SentNotRecorded(_) => false,
+        }
+    }
 }
 
 /// Runs a claimed job's attempt to its end and says how it ended. It
@@ -59,7 +78,7 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
         Ok(outcome) => JobEnd::Finished(outcome),
         // The hold belongs to the new holder now: left alone.
         Err(JobError::LeaseLost) => JobEnd::LeaseLost,
-        Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+        Err(e @ JobError::Db(_)) if e.is_transient() => {
             // The database went away (a restart, a failover) before
             // anything was sent (a sent answer is never handed back, see
             // `deliver`): not the user's failure. If even the hand-back
@@ -72,6 +91,10 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
             JobEnd::Transient(e)
         }
         Err(JobError::Shutdown) => JobEnd::Shutdown,
+        Err(e @ JobError::SentNotRecorded(_)) => {
+            tracing::error!(error.message = %e, "the answer was sent but not recorded");
+            JobEnd::SentNotRecorded(e.to_string())
+        }
         Err(e) => {
             tracing::error!(error.message = %e, "job failed");
             JobEnd::Failed { damaged: matches!(e, JobError::Invalid(_)), error: e.to_string() }
@@ -147,10 +170,11 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
     // finalize is retried on transient errors while the lease holds (the
     // heartbeat cancels the job once it has failed for a whole visibility
     // timeout). It is idempotent for one lease.
-    let mut wait = std::time::Duration::from_millis(200);
+    let mut backoff = Policy::DbWrite.backoff();
     loop {
         match finalize(ctx, &job, lease, &answer.calls, &answer.turns(), !answer.notices.is_empty(), &reply).await {
-            Err(JobError::Db(e)) if shared::db::is_transient(&e) => {
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_or_last();
                 tracing::warn!(error.message = %e, wait_ms = wait.as_millis() as u64, "storing the answer failed; retrying");
                 tokio::time::sleep(wait).await;
                 let gone = match cancel.reason() {
@@ -162,7 +186,6 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
                     finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
                     return Err(e);
                 }
-                wait = (wait * 2).min(std::time::Duration::from_secs(2));
             }
             Err(e @ (JobError::LeaseLost | JobError::Shutdown)) => {
                 finalize::record_abandoned(ctx, &job, lease, &answer.calls).await;
@@ -363,21 +386,20 @@ async fn deliver(
             // The user has the answer now: recording that must not fail on a
             // database blip (a later attempt would send it again), so it is
             // retried for as long as the lease can still be ours.
-            let mut wait = std::time::Duration::from_millis(200);
+            let mut backoff = Policy::DbWrite.backoff();
             let started = tokio::time::Instant::now();
             let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
             loop {
-                let recorded = lease.record_reply(&ctx.db, &ids).await;
+                let recorded = lease.record_reply(&ctx.db, &ids).await.map_err(JobError::from);
                 match recorded {
                     Ok(_) => return Ok(()),
-                    Err(e) if shared::db::is_transient(&e) && started.elapsed() < visibility => {
+                    Err(e) if e.is_transient() && started.elapsed() < visibility => {
                         tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                        tokio::time::sleep(backoff.next_or_last()).await;
                     }
                     // Not transient, or the lease must have expired: the
                     // job fails rather than being handed back to send again.
-                    Err(e) => return Err(JobError::Invalid(format!("the answer was sent but not recorded: {e}"))),
+                    Err(e) => return Err(JobError::SentNotRecorded(e.to_string())),
                 }
             }
         }

@@ -7,11 +7,11 @@ use crate::context::WorkerContext;
 use crate::store::calls::OpenedCall;
 use crate::store::jobs::ClaimedJob;
 use crate::telegram::progress::Progress;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use serde_json::Value;
 use shared::anthropic::state::Applied;
 use shared::anthropic::{ApiError, MessageState};
+use shared::retry::Policy;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,9 +46,6 @@ pub struct CallRecord {
     pub request: Value,
 }
 
-const MAX_HTTP_ATTEMPTS: usize = 3;
-/// Calls restarted after an `error` event mid-stream.
-const MAX_STREAM_RESTARTS: usize = 2;
 /// Longest wait for a call's `open` row: the stream is not held up longer
 /// by a slow database (the call is then recorded at its end only).
 const OPEN_ROW_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,12 +71,7 @@ pub async fn stream_reply(
     progress: &Progress,
     shown_before: &str,
 ) -> CallRecord {
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(300))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .with_max_times(MAX_STREAM_RESTARTS)
-        .build();
+    let mut backoff = Policy::AnthropicRestart.backoff();
     loop {
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
         let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before).await;
@@ -173,12 +165,7 @@ async fn stream_once(
         end: CallEnd::Complete,
         request: request.clone(),
     };
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(20))
-        .with_jitter()
-        .with_max_times(MAX_HTTP_ATTEMPTS - 1)
-        .build();
+    let mut backoff = Policy::AnthropicOpen.backoff();
     let mut stream = loop {
         let opened = tokio::select! {
             _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }

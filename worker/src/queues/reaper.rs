@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// Database errors.
 pub async fn reap_once(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
     let visibility = ctx.settings.visibility_timeout_s as f64;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     let due = crate::store::jobs::due_for_reaping(&mut tx, visibility).await?;
     let mut done = Vec::new();
     for (job_id, update_id) in &due {

@@ -24,7 +24,7 @@ pub async fn relay_batch(ctx: &WorkerContext) -> Result<usize, sqlx::Error> {
     let (backlog, age) = store::backlog(&ctx.db).await?;
     metrics::gauge!("fleet_outbox_backlog").set(backlog as f64);
     metrics::gauge!("fleet_outbox_oldest_age_seconds").set(age);
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = shared::db::begin(&ctx.db).await?;
     let rows = store::take_unpublished(&mut tx, BATCH).await?;
     let exchange = ctx.topology.billing_exchange();
     let mut published = Vec::with_capacity(rows.len());

@@ -25,6 +25,7 @@ use crate::intake::{intake, IntakeError, IntakeOutcome, JobRef};
 use crate::queues::work::{self, Settle};
 use lapin::message::Delivery;
 use shared::amqp;
+use shared::retry::{self, Policy};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -178,7 +179,7 @@ enum Taken {
 }
 
 async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown: &CancellationToken) -> Taken {
-    let mut wait = Duration::from_millis(100);
+    let mut backoff = Policy::Intake.backoff();
     for attempt in 1..=INTAKE_ATTEMPTS {
         if shutdown.is_cancelled() {
             return Taken::Shutdown;
@@ -202,12 +203,11 @@ async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown:
                 return Taken::Poison;
             }
             Err(e) => {
+                let wait = backoff.next_or_last();
                 tracing::warn!(error.message = %e, attempt, wait_ms = wait.as_millis() as u64, "intake failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Taken::Shutdown,
-                    _ = tokio::time::sleep(wait) => {}
+                if retry::sleep_or_stopped(wait, shutdown).await {
+                    return Taken::Shutdown;
                 }
-                wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -219,14 +219,14 @@ async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown:
 /// shard delivery is acked only after that, so a failure leaves it to be
 /// taken in again (a duplicate then, which resumes the same job).
 async fn hand_off(ctx: &WorkerContext, job: &JobRef) -> Settle {
-    let mut wait = Duration::from_millis(100);
-    for _ in 0..5 {
+    // One attempt per delay of the policy; the last failure waits too, so
+    // a requeued delivery does not come straight back.
+    for wait in Policy::HandOff.backoff() {
         match work::republish_job(ctx, job.update_id).await {
             Ok(()) => return Settle::Ack,
             Err(e) => {
                 tracing::warn!(error.message = %e, "job hand-off failed; retrying");
                 tokio::time::sleep(wait).await;
-                wait *= 2;
             }
         }
     }

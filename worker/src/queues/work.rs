@@ -234,6 +234,7 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob) -> 
     let cancel = JobCancel::default();
     let _registration = ctx.running.register(job.chat_id, job.job_id, job.update_id, cancel.clone());
     let stop_heartbeat = CancellationToken::new();
+    #[expect(clippy::disallowed_methods, reason = "owned: aborted when this future is dropped")]
     let heartbeat = AbortOnDropHandle::new(tokio::spawn(lease::keep_alive(
         ctx.db.clone(),
         claimed,
@@ -245,6 +246,10 @@ async fn run_claimed(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob) -> 
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     metrics::gauge!("fleet_leases_active").increment(1.0);
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "owned: aborted when this future is dropped; a task of its own so a panic is caught at its boundary"
+    )]
     let task = AbortOnDropHandle::new(tokio::spawn(
         async move { job::run(&task_ctx, &claimed, cancel).await }.instrument(span),
     ));
@@ -269,7 +274,7 @@ async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobE
     let plan = outcome::plan(&end);
     metrics::counter!("fleet_jobs_total", "outcome" => plan.label).increment(1);
     let error = match &end {
-        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) => Some(error.as_str()),
+        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) | JobEnd::SentNotRecorded(error) => Some(error.as_str()),
         _ => None,
     };
     let written = match plan.transition {

@@ -102,7 +102,7 @@ pub async fn new_conversation<'e>(db: impl PgExecutor<'e>, chat_id: i64) -> Resu
 /// # Errors
 /// Database errors.
 pub async fn migrate(db: &PgPool, from: i64, to: i64) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     sqlx::query(
         "INSERT INTO chats (chat_id, kind, conversation_epoch)
          SELECT $2, 'supergroup', conversation_epoch FROM chats WHERE chat_id = $1

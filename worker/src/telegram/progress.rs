@@ -10,14 +10,15 @@ use crate::context::WorkerContext;
 use crate::telegram::delivery::render;
 use shared::telegram::TelegramError;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// A running progress display; [`Progress::finish`] stops it.
 pub struct Progress {
     text: watch::Sender<String>,
     stop: CancellationToken,
-    task: JoinHandle<Vec<i64>>,
+    /// The display task: aborted if the job is dropped before [`Progress::finish`].
+    task: AbortOnDropHandle<Vec<i64>>,
 }
 
 impl Progress {
@@ -32,7 +33,17 @@ impl Progress {
     ) -> Self {
         let (tx, rx) = watch::channel(String::new());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(show(ctx.clone(), chat_id, thread, private, draft_id, rx, stop.clone(), job));
+        #[expect(clippy::disallowed_methods, reason = "owned: an AbortOnDropHandle held by this Progress")]
+        let task = AbortOnDropHandle::new(tokio::spawn(show(
+            ctx.clone(),
+            chat_id,
+            thread,
+            private,
+            draft_id,
+            rx,
+            stop.clone(),
+            job,
+        )));
         Self { text: tx, stop, task }
     }
 

@@ -90,7 +90,7 @@ async fn run_one(
 
 /// Steps 3 to 5 for a valid input: `Ok(Err(message))` when the tool failed
 /// and its transaction was undone.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one tool call's whole state; each argument is a different borrow")]
 async fn run_checked(
     ctx: &WorkerContext,
     job: &JobRow,
