@@ -6,6 +6,8 @@
 //! - [`fake_telegram`]: the Bot API methods the fleet calls, with faults.
 //! - [`scenario`]: the scenario file format.
 //! - [`fleet`]: starting the fleet as processes on fresh databases.
+//! - [`harness`]: the integration tests' harness (fresh database and queue
+//!   prefix per test, the processes in-process, waits).
 //! - [`demo`]: playing scenarios and checking their expectations.
 //! - [`chaos`]: the fleet under injected faults, and the checks after.
 
@@ -14,6 +16,7 @@ pub mod demo;
 pub mod fake_anthropic;
 pub mod fake_telegram;
 pub mod fleet;
+pub mod harness;
 pub mod scenario;
 
 /// The built `worker` binary of this workspace (`$CARGO_TARGET_DIR/debug`

@@ -1,8 +1,8 @@
 //! Shared pieces: a billing-worker with chosen settings, event builders, a publisher.
 
-use crate::helpers::Broker;
 use anyhow::Result;
 use clap::Parser as _;
+use fleet_tests::harness::Broker;
 use rust_decimal::Decimal;
 use shared::amqp::{ConfirmPublisher, Outgoing, BILLING_ROUTING_KEY};
 use shared::contracts::{usage_event_id, BillingEvent, UsageCharge};
@@ -146,20 +146,25 @@ pub async fn reconcile_cli(
 /// Waits until the fleet of `pool` has finished `jobs` jobs and the ledger
 /// has applied every event of the outbox.
 pub async fn wait_settled(pool: &sqlx::PgPool, jobs: i64) -> Result<()> {
-    crate::helpers::wait_until("the jobs to finish and every outbox event to be applied", crate::helpers::WAIT, || {
-        let pool = pool.clone();
-        async move {
-            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'running')")
+    fleet_tests::harness::wait_until(
+        "the jobs to finish and every outbox event to be applied",
+        fleet_tests::harness::WAIT,
+        || {
+            let pool = pool.clone();
+            async move {
+                let done: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'running')")
+                        .fetch_one(&pool)
+                        .await?;
+                let unapplied: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM billing_outbox o
+                  WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = o.event_id)",
+                )
                 .fetch_one(&pool)
                 .await?;
-            let unapplied: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM billing_outbox o
-                  WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.event_id = o.event_id)",
-            )
-            .fetch_one(&pool)
-            .await?;
-            Ok(done == jobs && unapplied == 0)
-        }
-    })
+                Ok(done == jobs && unapplied == 0)
+            }
+        },
+    )
     .await
 }

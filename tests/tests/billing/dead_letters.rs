@@ -2,8 +2,8 @@
 //! recorded and told to the user; after the fix a redrive applies it once.
 
 use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb, BOT_TOKEN, BOT_USERNAME};
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::{wait_until, Broker, TestDb, BOT_TOKEN, BOT_USERNAME};
 use shared::amqp::ConfirmPublisher;
 use std::time::Duration;
 use uuid::Uuid;

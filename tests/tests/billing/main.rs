@@ -2,10 +2,6 @@
 //! letters recorded, told and redriven, exact totals under duplicates,
 //! holds against overspending, reconciliation, least-privilege database roles.
 
-#[path = "../fleet/helpers.rs"]
-#[allow(dead_code, unused_imports)]
-mod helpers;
-
 mod bad_input;
 mod batching;
 mod common;

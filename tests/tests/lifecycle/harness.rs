@@ -3,14 +3,14 @@
 //! prefix, the in-process fakes, typed look-ups of jobs, calls and ledger
 //! rows, and clean-up that runs whether the test passed or not.
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use anyhow::{anyhow, ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::{FakeAnthropic, RecordedCall};
 use fleet_tests::fake_telegram::{FakeTelegram, TgCall, TgMessage};
 use fleet_tests::fleet::{delete_topology, worker_name, Databases, Fleet, FleetConfig, Services};
+use fleet_tests::harness::wait_until;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -27,8 +27,6 @@ const SECRET: &str = "lifecycle-webhook-secret";
 const TOKEN: &str = "7000000001:LIFECYCLE";
 /// Longest wait for anything that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(30);
-/// Interval of the waits that poll the database (no event exists there).
-const POLL: Duration = Duration::from_millis(50);
 
 /// Ada: sender of `ada_*.json`, in a private chat of the same id.
 pub const ADA: i64 = 100_000_001;
@@ -217,24 +215,20 @@ impl Lifecycle {
         timeout: Duration,
         pred: impl Fn(&Job) -> bool,
     ) -> Result<Job> {
-        let mut last = None;
-        let polled = tokio::time::timeout(timeout, async {
-            loop {
-                if let Ok(job) = self.job(update_id).await {
-                    if pred(&job) {
-                        return Ok::<Job, anyhow::Error>(job);
-                    }
-                    last = Some(job);
-                }
-                tokio::time::sleep(POLL).await;
-            }
+        // The newest row seen, for the timeout's message.
+        let last = std::cell::RefCell::new(None);
+        let seen = wait_until(&format!("the job of {update_id} to be {what}"), timeout, || async {
+            let Ok(job) = self.job(update_id).await else { return Ok(false) };
+            let done = pred(&job);
+            *last.borrow_mut() = Some(job);
+            Ok(done)
         })
         .await;
-        match polled {
-            Ok(job) => job,
-            Err(_) => bail!(
-                "timed out after {timeout:?} waiting for the job of {update_id} to be {what}; last seen: {last:?}"
-            ),
+        let last = last.into_inner();
+        match (seen, last) {
+            (Ok(()), Some(job)) => Ok(job),
+            (Err(e), last) => Err(anyhow!("{e}; last seen: {last:?}")),
+            (Ok(()), None) => Err(anyhow!("the job of {update_id} vanished")),
         }
     }
 
@@ -335,27 +329,6 @@ impl Lifecycle {
         } else {
             worker_name(0)
         }
-    }
-}
-
-/// Runs `check` every 50 ms until it says true; an error after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let polled = tokio::time::timeout(timeout, async {
-        loop {
-            if check().await? {
-                return Ok::<(), anyhow::Error>(());
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-    match polled {
-        Ok(result) => result,
-        Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
     }
 }
 

@@ -54,7 +54,7 @@ async fn poison(t: &mut Lifecycle, log: &std::path::Path) -> Result<()> {
         }
     });
     t.post(&update).await?;
-    crate::harness::wait_until("the extractor to start", WAIT, || async { Ok(starts(log) == 1) }).await?;
+    fleet_tests::harness::wait_until("the extractor to start", WAIT, || async { Ok(starts(log) == 1) }).await?;
     let victim = t.lease_holder(update_id).await?;
     t.fleet.signal(&victim, Signal::Kill).await?;
     t.fleet.wait_exit(&victim, WAIT).await?;

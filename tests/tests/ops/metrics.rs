@@ -1,13 +1,13 @@
 //! `/metrics` after traffic: text answers, tools, a duplicate, a 529 retry,
 //! a Bot API 429, a rejected webhook and billing.
 
-use crate::helpers::{
-    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
-    BOT_USERNAME, WAIT,
-};
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::{FakeTelegram, Fault};
+use fleet_tests::harness::{
+    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
+    BOT_USERNAME, WAIT,
+};
 use tokio_util::sync::CancellationToken;
 
 fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
@@ -40,7 +40,7 @@ async fn faults(
     anthropic.push([slow]);
     let body = fixture_bytes("telegram/ada_after_stall.json")?;
     let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
-    assert_eq!(post_webhook(http, port, Some(crate::helpers::WEBHOOK_SECRET), body).await?, 200);
+    assert_eq!(post_webhook(http, port, Some(fleet_tests::harness::WEBHOOK_SECRET), body).await?, 200);
     wait_until("the slow job to stream", WAIT, || async {
         Ok(!anthropic.calls().is_empty() && anthropic.calls().last().is_some_and(|c| c.ended_at.is_none()))
     })
@@ -109,7 +109,7 @@ async fn faults(
 
 #[tokio::test]
 async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()> {
-    crate::helpers::init_logs();
+    fleet_tests::harness::init_logs();
     let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
     let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
     let db = TestDb::new().await?;
@@ -117,7 +117,7 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
     let prices = fixture("prices.toml");
     let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
-    let settings = crate::helpers::with_worker_secrets(worker::Settings::try_parse_from([
+    let settings = fleet_tests::harness::with_worker_secrets(worker::Settings::try_parse_from([
         "worker",
         "--telegram-api-url",
         &telegram.api_url(),
@@ -171,14 +171,14 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         description: None,
         times: 1,
     });
-    let http = crate::helpers::http_client()?;
+    let http = fleet_tests::harness::http_client()?;
     assert_eq!(post_webhook(&http, port, Some("wrong-secret"), b"{}".to_vec()).await?, 401);
     for (name, times) in
         [("telegram/ada_capital.json", 1), ("telegram/ada_tools.json", 1), ("telegram/chi_duplicate.json", 2)]
     {
         let body = fixture_bytes(name)?;
         for _ in 0..times {
-            assert_eq!(post_webhook(&http, port, Some(crate::helpers::WEBHOOK_SECRET), body.clone()).await?, 200);
+            assert_eq!(post_webhook(&http, port, Some(fleet_tests::harness::WEBHOOK_SECRET), body.clone()).await?, 200);
         }
         let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
         let pool = db.pool.clone();

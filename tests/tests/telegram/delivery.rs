@@ -1,9 +1,9 @@
 //! Delivery paths end to end: entities rejected → plain text once; 403 →
 //! the Claude stream stops; a migrated group continues in its new chat.
 
-use crate::helpers::{fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::Fault;
+use fleet_tests::harness::{fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ async fn job_done(app: &TestApp, update_id: i64) -> anyhow::Result<()> {
 }
 
 fn sse(name: &str) -> anyhow::Result<ScriptedResponse> {
-    Ok(ScriptedResponse::from_file(crate::helpers::fixture(&format!("anthropic/{name}")))?)
+    Ok(ScriptedResponse::from_file(fleet_tests::harness::fixture(&format!("anthropic/{name}")))?)
 }
 
 #[tokio::test]

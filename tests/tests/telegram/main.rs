@@ -2,10 +2,6 @@
 //! across workers, the plain-text fallback for rejected entities, 403
 //! stopping the stream, migrated groups, and Stars payments.
 
-#[path = "../fleet/helpers.rs"]
-#[allow(dead_code, unused_imports)]
-mod helpers;
-
 mod delivery;
 mod pacing;
 mod payments;

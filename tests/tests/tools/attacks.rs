@@ -18,11 +18,11 @@
 //! - operator: absurd settings.
 
 use crate::harness::{document_message, message, pdf, sse, ClaimedJob, Fleet, ADA};
-use crate::helpers::{BOT_USERNAME, WAIT};
 use anyhow::{ensure, Context as _, Result};
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::{BOT_USERNAME, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;
 use worker::documents::{extract_pdf, ChildReport, ExtractLimits};
@@ -437,7 +437,7 @@ fn payload_spellings_never_credit_more_than_the_tables_pack() {
 
 /// The worker's settings from `extra` flags, secrets set, validated.
 fn validated(extra: &[&str]) -> Result<(), String> {
-    let prices = crate::helpers::fixture("prices.toml");
+    let prices = fleet_tests::harness::fixture("prices.toml");
     let mut args: Vec<String> =
         ["worker", "--prices-file", prices.to_str().unwrap_or_default()].map(str::to_owned).to_vec();
     args.extend(extra.iter().map(|s| (*s).to_owned()));

@@ -11,10 +11,10 @@
 //! passes is a regression test for an attack that is handled.
 
 use crate::harness::{message, sse, Fleet};
-use crate::helpers::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::ffi::OsString;

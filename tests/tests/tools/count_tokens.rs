@@ -4,9 +4,9 @@
 //! the chat answers its next message.
 
 use crate::harness::{message, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::{wait_until, WAIT};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,10 +4,10 @@
 //! `DOCUMENT_MAX_BYTES` is refused with a notice and nothing is stored.
 
 use crate::harness::{document_message, pdf, sse, Fleet, ADA};
-use crate::helpers::{wait_until, BOT_TOKEN, WAIT};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::{wait_until, BOT_TOKEN, WAIT};
 use serde_json::{json, Value};
 use shared::secret::Secret;
 use shared::telegram::bot::FileError;

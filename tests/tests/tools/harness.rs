@@ -3,11 +3,11 @@
 //! ingress and a worker with tool settings against the fakes; updates and
 //! SSE bodies written inline in the fixtures' format.
 
-use crate::helpers::{amqp_url, fixture, init_logs, spawn_ingress, stop, within, Broker, Running, TestDb, WAIT};
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::FakeAnthropic;
 use fleet_tests::fake_telegram::{FakeTelegram, TgCall};
+use fleet_tests::harness::{amqp_url, fixture, init_logs, spawn_ingress, stop, within, Broker, Running, TestDb, WAIT};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use worker::tools::{ToolOutcome, ToolUse};
 /// Ada: user and private chat of the tests.
 pub const ADA: i64 = 100_000_001;
 /// The bot token of the tests (the fakes accept any well-formed one).
-pub const BOT_TOKEN: &str = crate::helpers::BOT_TOKEN;
+pub const BOT_TOKEN: &str = fleet_tests::harness::BOT_TOKEN;
 
 /// The worker's command line for these tests: fixture prices, the given
 /// database and prefix, no pacing; `extra` pairs are `--flag value`.
@@ -40,7 +40,7 @@ fn worker_settings(
         "--telegram-api-url",
         telegram_api_url,
         "--bot-username",
-        crate::helpers::BOT_USERNAME,
+        fleet_tests::harness::BOT_USERNAME,
         "--anthropic-base-url",
         anthropic_base_url,
         "--prices-file",
@@ -218,11 +218,11 @@ impl Fleet {
     /// Starts the fakes, the ingress and a worker.
     pub async fn spawn(settings: &[(&str, &str)]) -> Result<Self> {
         init_logs();
-        let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, crate::helpers::BOT_USERNAME).await?;
+        let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, fleet_tests::harness::BOT_USERNAME).await?;
         let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
         let db = TestDb::new().await?;
         let broker = Broker::new().await?;
-        let http = crate::helpers::http_client()?;
+        let http = fleet_tests::harness::http_client()?;
         let mut fleet = Self { db, broker, telegram, anthropic, port: 0, http, processes: Vec::new() };
         let started = fleet.start(settings).await;
         if let Err(e) = started {
@@ -260,7 +260,8 @@ impl Fleet {
     pub async fn post(&self, update: &Value) -> Result<()> {
         let body = serde_json::to_vec(update)?;
         let status =
-            crate::helpers::post_webhook(&self.http, self.port, Some(crate::helpers::WEBHOOK_SECRET), body).await?;
+            fleet_tests::harness::post_webhook(&self.http, self.port, Some(fleet_tests::harness::WEBHOOK_SECRET), body)
+                .await?;
         ensure!(status == reqwest::StatusCode::OK, "the webhook answered {status}");
         Ok(())
     }

@@ -7,9 +7,9 @@
 //! a user without credit gets no document read.
 
 use crate::harness::{document_message, message, pdf, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::{wait_until, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;
 use std::time::{Duration, Instant};

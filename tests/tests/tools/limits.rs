@@ -6,9 +6,9 @@
 //! tools of the turn are not held up.
 
 use crate::harness::{lock_waiters, message, sse, tool_use, ClaimedJob, Fleet, ADA};
-use crate::helpers::{wait_until, TestDb, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::{wait_until, TestDb, WAIT};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
 use std::time::{Duration, Instant};

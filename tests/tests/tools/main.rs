@@ -7,7 +7,7 @@
 //! test; logs only with `TEST_LOG=1`.
 //!
 //! # Layout
-//! - `helpers` (the fleet suite's): databases, broker prefixes, the ingress, waits.
+//! - [`fleet_tests::harness`]: databases, broker prefixes, the ingress, waits.
 //! - [`harness`]: a claimed job to call `run_tools` on, the fleet with tool
 //!   settings, scripted SSE bodies.
 //! - [`isolation`]: two tools writing at once commit or roll back independently.
@@ -24,13 +24,6 @@
 //!   the ones above (failing tests are bugs still there).
 //! - [`attacks2`]: a second pass: secret files, the ingress's public port,
 //!   buy buttons, topics, `/usage` in a group, the sandbox child.
-
-#[path = "../fleet"]
-mod fleet_suite {
-    #[allow(dead_code, unused_imports)]
-    pub mod helpers;
-}
-use fleet_suite::helpers;
 
 mod attacks;
 mod attacks2;

@@ -3,9 +3,9 @@
 //! the tool result (scenario 12, through the in-process fleet).
 
 use crate::harness::Fleet;
-use crate::helpers::{fixture, fixture_bytes};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::{fixture, fixture_bytes};
 use serde_json::{json, Value};
 
 /// Ben, the sender of `ben_think.json`, in a private chat of the same id.

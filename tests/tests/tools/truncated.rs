@@ -4,9 +4,9 @@
 //! the block on half a JSON object.
 
 use crate::harness::{message, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::Result;
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::{wait_until, WAIT};
 use shared::anthropic::events::parse_event;
 use shared::anthropic::{MessageState, StopReason};
 

@@ -1,17 +1,14 @@
-//! The harness: a fresh database and a unique AMQP prefix per test, the
-//! fleet's processes spawned in-process on port 0, the fakes, and waits that
-//! always end (every one under a timeout).
+//! The integration tests' harness: a fresh database and a unique AMQP
+//! prefix per test, the fleet's processes spawned in-process on port 0, the
+//! fakes, and waits that always end (every one under a timeout).
 //!
 //! - `db`: [`TestDb`], a migrated database of its own per test.
 //! - `broker`: [`Broker`], a queue prefix of its own per test and a channel to inspect it.
 //! - `spawn`: the ingress, worker and billing-worker in-process, and [`TestApp`].
+//! - [`wait_until`]: the one polling wait, for state that has no event.
 
-// Explicit paths, so other test targets can include this file with #[path].
-#[path = "helpers/broker.rs"]
 mod broker;
-#[path = "helpers/db.rs"]
 mod db;
-#[path = "helpers/spawn.rs"]
 mod spawn;
 
 pub use broker::Broker;
@@ -38,8 +35,9 @@ pub const BOT_TOKEN: &str = "7000000001:TEST";
 pub const BOT_USERNAME: &str = "fleet_test_bot";
 /// Longest wait for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(30);
-/// Interval of the few waits that poll the database (no event exists there).
-const POLL: Duration = Duration::from_millis(50);
+/// Interval of the waits that poll (database rows, queue depths, log files:
+/// no event exists there).
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// Installs a test-writer subscriber when `TEST_LOG=1`; otherwise logs are off.
 pub fn init_logs() {
@@ -74,7 +72,9 @@ pub fn amqp_url() -> String {
     env_or("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 }
 
-pub(crate) fn admin_database_url() -> String {
+/// `TEST_DATABASE_URL`, or the local PostgreSQL (any database: used to
+/// create and drop the tests' own).
+pub fn admin_database_url() -> String {
     env_or("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 }
 
@@ -83,8 +83,13 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
     tokio::time::timeout(WAIT, fut).await.map_err(|_| anyhow!("timed out after {WAIT:?}: {what}"))
 }
 
-/// Re-runs `check` every 50 ms until it says true; an error after `timeout`.
-/// Only for state that has no event to wait on (database rows, queue depths).
+/// Re-runs `check` every [`POLL`] until it says true; an error naming `what`
+/// after `timeout`, or the first error `check` returns. The one polling wait
+/// of the harness: only for state that has no event to wait on (database
+/// rows, queue depths, log files).
+///
+/// # Errors
+/// A timeout, or an error of `check`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,

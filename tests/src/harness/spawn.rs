@@ -5,10 +5,10 @@
 use super::{
     fixture, init_logs, within, Broker, TestDb, BOT_TOKEN, BOT_USERNAME, INGRESS_MAX_BODY, WAIT, WEBHOOK_SECRET,
 };
+use crate::fake_anthropic::FakeAnthropic;
+use crate::fake_telegram::FakeTelegram;
 use anyhow::{anyhow, Context as _, Result};
 use clap::Parser as _;
-use fleet_tests::fake_anthropic::FakeAnthropic;
-use fleet_tests::fake_telegram::FakeTelegram;
 use reqwest::StatusCode;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -83,7 +83,7 @@ pub struct WorkerDeps<'a> {
     /// Broker URL.
     pub amqp_url: &'a str,
     /// The test database (bot and billing); the worker connects to it as
-    /// its own role ([`fleet_tests::fleet::WORKER_ROLE`]).
+    /// its own role ([`crate::fleet::WORKER_ROLE`]).
     pub database_url: &'a str,
     /// The fake Bot API.
     pub telegram_api_url: &'a str,
@@ -106,7 +106,7 @@ fn push_known_flags<C: clap::CommandFactory>(args: &mut Vec<String>, flags: &[(&
 /// Builds a worker (fixture prices, no pacing of Bot API calls, progress
 /// every 200 ms) and runs it on a task.
 pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
-    let database_url = &fleet_tests::fleet::as_role(deps.database_url, fleet_tests::fleet::WORKER_ROLE)?;
+    let database_url = &crate::fleet::as_role(deps.database_url, crate::fleet::WORKER_ROLE)?;
     let prices = fixture("prices.toml");
     let prices = prices.to_str().context("fixtures path is not UTF-8")?;
     let mut args: Vec<String> = [
@@ -146,7 +146,7 @@ pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
         ],
     );
     // PDFs are read by `worker extract-document`, not by this test binary.
-    args.extend(["--document-extractor".to_owned(), fleet_tests::worker_binary().to_string_lossy().into_owned()]);
+    args.extend(["--document-extractor".to_owned(), crate::worker_binary().to_string_lossy().into_owned()]);
     let settings = with_worker_secrets(worker::Settings::try_parse_from(args)?);
     let app = within("building the worker", worker::App::build(settings)).await??;
     let token = CancellationToken::new();
@@ -163,9 +163,9 @@ pub fn with_worker_secrets(mut settings: worker::Settings) -> worker::Settings {
 }
 
 /// Runs the billing-worker (the `run` command) on a task, connected to
-/// `database_url` as its own role ([`fleet_tests::fleet::BILLING_ROLE`]).
+/// `database_url` as its own role ([`crate::fleet::BILLING_ROLE`]).
 pub fn spawn_billing_worker(prefix: &str, amqp_url: &str, database_url: &str) -> Result<Running> {
-    let database_url = &fleet_tests::fleet::as_role(database_url, fleet_tests::fleet::BILLING_ROLE)?;
+    let database_url = &crate::fleet::as_role(database_url, crate::fleet::BILLING_ROLE)?;
     let settings = billing_worker::Settings::try_parse_from([
         "billing-worker",
         "--billing-database-url",
