@@ -14,8 +14,8 @@ mod spawn;
 pub use broker::Broker;
 pub use db::TestDb;
 pub use spawn::{
-    http_client, post_webhook, spawn_app, spawn_billing_worker, spawn_ingress, spawn_ingress_with_admin, stop,
-    with_worker_secrets, Running, TestApp,
+    http_client, post_webhook, spawn_app, spawn_billing_worker, spawn_ingress, spawn_ingress_with_admin, spawn_worker,
+    stop, worker_settings, IngressPorts, Running, SpawnedWorker, TestApp, TestAppBuilder, WorkerDeps,
 };
 
 use std::future::Future;

@@ -6,7 +6,7 @@ use super::{
     fixture, init_logs, within, Broker, TestDb, BOT_TOKEN, BOT_USERNAME, INGRESS_MAX_BODY, WAIT, WEBHOOK_SECRET,
 };
 use crate::fake_anthropic::FakeAnthropic;
-use crate::fake_telegram::FakeTelegram;
+use crate::fake_telegram::{FakeTelegram, TgCall};
 use anyhow::{anyhow, Context as _, Result};
 use clap::Parser as _;
 use reqwest::StatusCode;
@@ -82,8 +82,8 @@ pub struct WorkerDeps<'a> {
     pub prefix: &'a str,
     /// Broker URL.
     pub amqp_url: &'a str,
-    /// The test database (bot and billing); the worker connects to it as
-    /// its own role ([`crate::fleet::WORKER_ROLE`]).
+    /// The test database (bot and billing), the owner's URL; the worker
+    /// connects to it as its own role ([`crate::fleet::WORKER_ROLE`]).
     pub database_url: &'a str,
     /// The fake Bot API.
     pub telegram_api_url: &'a str,
@@ -91,75 +91,67 @@ pub struct WorkerDeps<'a> {
     pub anthropic_base_url: &'a str,
 }
 
-/// Appends `--flag value` for each pair the parser of `C` knows. Only for
-/// flags that make tests fast (pacing, progress interval): the product
-/// renames those as it evolves, and a missing one costs time, not meaning.
-fn push_known_flags<C: clap::CommandFactory>(args: &mut Vec<String>, flags: &[(&str, &str)]) {
-    let command = C::command();
-    for &(flag, value) in flags {
-        if command.get_arguments().any(|a| a.get_long() == Some(flag)) {
-            args.extend([format!("--{flag}"), value.to_owned()]);
-        }
-    }
+/// The worker's settings for a test, built as the struct (no argv): the
+/// defaults of `worker::Settings` (as its parser gives them), then `deps`,
+/// fixture prices, [`BOT_USERNAME`], [`BOT_TOKEN`] and a test API key (as
+/// if from the environment), worker id `fleet-test-worker`, 4 database
+/// connections, no pacing of Bot API calls, the admin listener on port 0,
+/// and PDFs read by the built `worker extract-document` (not by the test
+/// binary). Change a field after this, or pass an override to
+/// [`spawn_worker`]: a renamed setting is a compile error, not a flag
+/// silently dropped.
+///
+/// # Errors
+/// A database URL that cannot carry the worker's role.
+pub fn worker_settings(deps: &WorkerDeps<'_>) -> Result<worker::Settings> {
+    // The defaults, as the binary would get them without flags.
+    let mut s = worker::Settings::try_parse_from(["worker"])?;
+    let database_url = crate::fleet::as_role(deps.database_url, crate::fleet::WORKER_ROLE)?;
+    s.telegram_api_url = deps.telegram_api_url.to_owned();
+    s.bot_username = BOT_USERNAME.to_owned();
+    s.anthropic_base_url = deps.anthropic_base_url.to_owned();
+    s.prices_file = fixture("prices.toml");
+    s.worker_id = Some("fleet-test-worker".to_owned());
+    s.db.billing_database_url = Some(database_url.clone());
+    s.db.database_url = database_url;
+    s.db.database_max_connections = 4;
+    s.broker.amqp_url = deps.amqp_url.to_owned();
+    s.broker.amqp_prefix = deps.prefix.to_owned();
+    s.pace_private_ms = 0;
+    s.pace_group_ms = 0;
+    s.pace_bot_ms = 0;
+    s.admin_bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    s.document_extractor = Some(crate::worker_binary());
+    // Secrets never come from flags; `Settings::load` reads them from the environment.
+    s.bot_token = shared::secret::Secret::new(BOT_TOKEN);
+    s.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
+    Ok(s)
 }
 
-/// Builds a worker (fixture prices, no pacing of Bot API calls, progress
-/// every 200 ms) and runs it on a task.
-pub async fn spawn_worker(deps: &WorkerDeps<'_>) -> Result<Running> {
-    let database_url = &crate::fleet::as_role(deps.database_url, crate::fleet::WORKER_ROLE)?;
-    let prices = fixture("prices.toml");
-    let prices = prices.to_str().context("fixtures path is not UTF-8")?;
-    let mut args: Vec<String> = [
-        "worker",
-        "--telegram-api-url",
-        deps.telegram_api_url,
-        "--bot-username",
-        BOT_USERNAME,
-        "--anthropic-base-url",
-        deps.anthropic_base_url,
-        "--prices-file",
-        prices,
-        "--worker-id",
-        "fleet-test-worker",
-        "--database-url",
-        database_url,
-        "--billing-database-url",
-        database_url,
-        "--database-max-connections",
-        "4",
-        "--amqp-url",
-        deps.amqp_url,
-        "--amqp-prefix",
-        deps.prefix,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    push_known_flags::<worker::Settings>(
-        &mut args,
-        &[
-            ("chat-send-interval-ms", "0"),
-            ("progress-interval-ms", "200"),
-            ("pace-private-ms", "0"),
-            ("pace-group-ms", "0"),
-            ("pace-bot-ms", "0"),
-            ("admin-bind", "127.0.0.1:0"),
-        ],
-    );
-    // PDFs are read by `worker extract-document`, not by this test binary.
-    args.extend(["--document-extractor".to_owned(), crate::worker_binary().to_string_lossy().into_owned()]);
-    let settings = with_worker_secrets(worker::Settings::try_parse_from(args)?);
+/// A worker running on a task.
+pub struct SpawnedWorker {
+    /// Its admin port (`/metrics`, `/readyz`).
+    pub admin_port: u16,
+    /// Its token and task, for [`stop`].
+    pub running: Running,
+}
+
+/// Builds a worker from [`worker_settings`] changed by `overrides` (e.g.
+/// `|s| s.visibility_timeout_s = 3`) and runs it on a task.
+///
+/// # Errors
+/// Settings the worker refuses, or a build that fails or takes longer than [`WAIT`].
+pub async fn spawn_worker(
+    deps: &WorkerDeps<'_>,
+    overrides: impl FnOnce(&mut worker::Settings),
+) -> Result<SpawnedWorker> {
+    let mut settings = worker_settings(deps)?;
+    overrides(&mut settings);
     let app = within("building the worker", worker::App::build(settings)).await??;
+    let admin_port = app.admin_port();
     let token = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-    Ok((token, handle))
-}
-
-/// `settings` with the test bot token and API key (secrets never come from
-/// flags; `Settings::load` reads them from the environment).
-pub fn with_worker_secrets(mut settings: worker::Settings) -> worker::Settings {
-    settings.bot_token = shared::secret::Secret::new(BOT_TOKEN);
-    settings.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
-    settings
+    Ok(SpawnedWorker { admin_port, running: (token, handle) })
 }
 
 /// Runs the billing-worker (the `run` command) on a task, connected to
@@ -207,8 +199,8 @@ pub async fn post_webhook(
     Ok(request.send().await.context("posting to the webhook")?.status())
 }
 
-/// The whole fleet for one test: database, prefix, fakes, billing-worker,
-/// worker and ingress.
+/// The whole fleet for one test: database, prefix, fakes, billing-worker
+/// (unless left out), worker and ingress.
 pub struct TestApp {
     /// The test database.
     pub db: TestDb,
@@ -220,21 +212,55 @@ pub struct TestApp {
     pub anthropic: FakeAnthropic,
     /// The ingress's HTTP port.
     pub port: u16,
+    /// The worker's admin port (`/metrics`, `/readyz`).
+    pub worker_admin_port: u16,
     /// Client for the webhook.
     http: reqwest::Client,
     /// Running processes, in the order they are stopped.
     processes: Vec<(&'static str, Running)>,
 }
 
-/// Starts the whole fleet for one test.
+/// Starts the whole fleet for one test ([`TestApp::builder`] with nothing changed).
+///
+/// # Errors
+/// A fake, the database, the broker or a process that does not start
+/// (what was created is removed again).
 pub async fn spawn_app() -> Result<TestApp> {
-    TestApp::spawn().await
+    TestApp::builder().spawn().await
 }
 
-impl TestApp {
+/// A change to a worker's settings (`|s| s.tool_timeout_s = 20`).
+pub type WorkerOverride = Box<dyn FnOnce(&mut worker::Settings) + Send>;
+
+/// What a [`TestApp`] starts with: worker settings changed from
+/// [`worker_settings`], and whether a billing-worker runs.
+#[must_use]
+pub struct TestAppBuilder {
+    /// Changes to the worker's settings, applied in order.
+    worker: Vec<WorkerOverride>,
+    /// Whether a billing-worker runs (events then stay in its queue).
+    billing_worker: bool,
+}
+
+impl TestAppBuilder {
+    /// Changes the worker's settings (typed: `|s| s.tool_timeout_s = 20`).
+    pub fn worker(mut self, overrides: impl FnOnce(&mut worker::Settings) + Send + 'static) -> Self {
+        self.worker.push(Box::new(overrides));
+        self
+    }
+
+    /// Runs no billing-worker: billing events stay in the billing queue.
+    pub fn without_billing_worker(mut self) -> Self {
+        self.billing_worker = false;
+        self
+    }
+
     /// Starts everything: fakes, database, prefix, then the processes. What
     /// was created is cleaned up again when a later step fails.
-    async fn spawn() -> Result<Self> {
+    ///
+    /// # Errors
+    /// As [`spawn_app`].
+    pub async fn spawn(self) -> Result<TestApp> {
         init_logs();
         let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
         let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
@@ -246,8 +272,17 @@ impl TestApp {
                 return Err(e);
             }
         };
-        let mut app = Self { db, broker, telegram, anthropic, port: 0, http: http_client()?, processes: Vec::new() };
-        match app.start_processes().await {
+        let mut app = TestApp {
+            db,
+            broker,
+            telegram,
+            anthropic,
+            port: 0,
+            worker_admin_port: 0,
+            http: http_client()?,
+            processes: Vec::new(),
+        };
+        match app.start_processes(self).await {
             Ok(()) => Ok(app),
             Err(e) => {
                 let _ = app.cleanup().await;
@@ -255,34 +290,89 @@ impl TestApp {
             }
         }
     }
+}
+
+impl TestApp {
+    /// A fleet to start: [`worker_settings`] and a billing-worker unless changed.
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder { worker: Vec::new(), billing_worker: true }
+    }
 
     /// Starts the ingress (it declares the topology), the worker and the
     /// billing-worker, in the order they are stopped.
-    async fn start_processes(&mut self) -> Result<()> {
+    async fn start_processes(&mut self, with: TestAppBuilder) -> Result<()> {
         let (port, token, handle) = spawn_ingress(self.broker.prefix(), &self.broker.url).await?;
         self.port = port;
         self.processes.push(("ingress", (token, handle)));
-        let worker = spawn_worker(&WorkerDeps {
+        let deps = WorkerDeps {
             prefix: self.broker.prefix(),
             amqp_url: &self.broker.url,
             database_url: &self.db.url,
             telegram_api_url: &self.telegram.api_url(),
             anthropic_base_url: &self.anthropic.base_url(),
-        })
-        .await?;
-        self.processes.push(("worker", worker));
-        let billing = spawn_billing_worker(self.broker.prefix(), &self.broker.url, &self.db.url)?;
-        self.processes.push(("billing-worker", billing));
+        };
+        let worker = spawn_worker(&deps, |s| with.worker.into_iter().for_each(|change| change(s))).await?;
+        self.worker_admin_port = worker.admin_port;
+        self.processes.push(("worker", worker.running));
+        if with.billing_worker {
+            let billing = spawn_billing_worker(self.broker.prefix(), &self.broker.url, &self.db.url)?;
+            self.processes.push(("billing-worker", billing));
+        }
         Ok(())
     }
 
     /// Posts an update to the webhook with the right secret.
+    ///
+    /// # Errors
+    /// The post failing (not a status other than 200).
     pub async fn post_update(&self, body: &[u8]) -> Result<StatusCode> {
         post_webhook(&self.http, self.port, Some(WEBHOOK_SECRET), body.to_vec()).await
     }
 
+    /// Posts `update` to the webhook; it must be accepted (200).
+    ///
+    /// # Errors
+    /// The post failing, or another status.
+    pub async fn post(&self, update: &serde_json::Value) -> Result<()> {
+        let status = self.post_update(&serde_json::to_vec(update)?).await?;
+        anyhow::ensure!(status == StatusCode::OK, "the webhook answered {status}");
+        Ok(())
+    }
+
+    /// Grants `usd` (a decimal string) of credit to `user`, directly on the ledger.
+    ///
+    /// # Errors
+    /// A bad amount, or the database failing.
+    pub async fn grant(&self, user: i64, usd: &str) -> Result<()> {
+        billing_worker::ledger::grant(&self.db.pool, user, usd.parse()?, uuid::Uuid::now_v7()).await?;
+        Ok(())
+    }
+
+    /// Waits up to [`WAIT`] for a delivered `sendMessage` to `chat` whose
+    /// text contains `needle`; its text.
+    ///
+    /// # Errors
+    /// No such message in time (the error lists what was sent).
+    pub async fn wait_for_message(&self, chat: i64, needle: &str) -> Result<String> {
+        let matches = |c: &TgCall| {
+            c.method == "sendMessage"
+                && c.status == 200
+                && c.params["chat_id"].as_i64() == Some(chat)
+                && c.params["text"].as_str().is_some_and(|t| t.contains(needle))
+        };
+        if !self.telegram.wait_for_call(matches, WAIT).await {
+            let sent: Vec<_> = self.telegram.messages().into_iter().map(|m| m.text).collect();
+            anyhow::bail!("no message containing {needle:?} reached chat {chat}; sent: {sent:#?}");
+        }
+        let call = self.telegram.calls().into_iter().find(|c| matches(c)).context("the call vanished")?;
+        Ok(call.params["text"].as_str().unwrap_or_default().to_owned())
+    }
+
     /// Stops the ingress, then the worker (it drains its jobs and makes a
     /// last outbox pass), then the billing-worker (it drains its deliveries).
+    ///
+    /// # Errors
+    /// A process that fails, panics or does not stop in time.
     pub async fn stop(&mut self) -> Result<()> {
         for (name, running) in self.processes.drain(..) {
             stop(name, running).await?;
@@ -291,6 +381,9 @@ impl TestApp {
     }
 
     /// Stops what still runs and deletes the test's database and queues.
+    ///
+    /// # Errors
+    /// As [`TestApp::stop`], or the clean-up failing.
     pub async fn cleanup(mut self) -> Result<()> {
         self.stop().await?;
         self.telegram.shutdown().await;

@@ -1,14 +1,12 @@
 //! `/metrics` after traffic: text answers, tools, a duplicate, a 529 retry,
 //! a Bot API 429, a rejected webhook and billing.
 
-use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::{FakeTelegram, Fault};
 use fleet_tests::harness::{
-    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
-    BOT_USERNAME, WAIT,
+    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, spawn_worker, stop, wait_until, Broker,
+    TestDb, WorkerDeps, BOT_USERNAME, WAIT,
 };
-use tokio_util::sync::CancellationToken;
 
 fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
@@ -115,42 +113,18 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
     let db = TestDb::new().await?;
     let broker = Broker::new().await?;
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
-    let prices = fixture("prices.toml");
-    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
-    let settings = fleet_tests::harness::with_worker_secrets(worker::Settings::try_parse_from([
-        "worker",
-        "--telegram-api-url",
-        &telegram.api_url(),
-        "--bot-username",
-        BOT_USERNAME,
-        "--anthropic-base-url",
-        &anthropic.base_url(),
-        "--prices-file",
-        prices.to_str().unwrap_or_default(),
-        "--database-url",
-        &worker_url,
-        "--billing-database-url",
-        &worker_url,
-        "--amqp-url",
-        &broker.url,
-        "--amqp-prefix",
-        broker.prefix(),
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--pace-private-ms",
-        "0",
-        "--pace-group-ms",
-        "0",
-        "--pace-bot-ms",
-        "0",
-        // Short leases: heartbeats every second, the reaper every 1.5 s.
-        "--visibility-timeout-s",
-        "3",
-    ])?);
-    let app = worker::App::build(settings).await?;
-    let admin = app.admin_port();
-    let worker_token = CancellationToken::new();
-    let worker = tokio::spawn(app.run_until_stopped(worker_token.clone()));
+    let (telegram_api_url, anthropic_base_url) = (telegram.api_url(), anthropic.base_url());
+    let deps = WorkerDeps {
+        prefix: broker.prefix(),
+        amqp_url: &broker.url,
+        database_url: &db.url,
+        telegram_api_url: &telegram_api_url,
+        anthropic_base_url: &anthropic_base_url,
+    };
+    // Short leases: heartbeats every second, the reaper every 1.5 s.
+    let worker = spawn_worker(&deps, |s| s.visibility_timeout_s = 3).await?;
+    let admin = worker.admin_port;
+    let (worker_token, worker) = worker.running;
     let billing = spawn_billing_worker(broker.prefix(), &broker.url, &db.url)?;
     for user in [100_000_001, 100_000_003] {
         billing_worker::ledger::grant(&db.pool, user, "5".parse()?, uuid::Uuid::now_v7()).await?;

@@ -4,11 +4,11 @@
 //! worker notices within two intervals, reports not-ready, reconnects once
 //! the path is back, and answers the next update.
 
-use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::FakeTelegram;
 use fleet_tests::harness::{
-    fixture, fixture_bytes, post_webhook, spawn_ingress, stop, wait_until, Broker, TestDb, BOT_USERNAME, WAIT,
+    fixture, fixture_bytes, post_webhook, spawn_ingress, spawn_worker, stop, wait_until, Broker, TestDb, WorkerDeps,
+    BOT_USERNAME, WAIT,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,37 +106,17 @@ async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconne
     let (proxy, proxy_port) = Proxy::start("127.0.0.1:5672").await?;
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
     let via_proxy = format!("amqp://guest:guest@127.0.0.1:{proxy_port}/%2f?heartbeat=1");
-    let prices = fixture("prices.toml");
-    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
-    let settings = fleet_tests::harness::with_worker_secrets(worker::Settings::try_parse_from([
-        "worker",
-        "--telegram-api-url",
-        &telegram.api_url(),
-        "--bot-username",
-        BOT_USERNAME,
-        "--anthropic-base-url",
-        &anthropic.base_url(),
-        "--prices-file",
-        prices.to_str().unwrap_or_default(),
-        "--database-url",
-        &worker_url,
-        "--billing-database-url",
-        &worker_url,
-        "--amqp-url",
-        &via_proxy,
-        "--amqp-prefix",
-        broker.prefix(),
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--pace-private-ms",
-        "0",
-        "--pace-bot-ms",
-        "0",
-    ])?);
-    let app = worker::App::build(settings).await?;
-    let admin = app.admin_port();
-    let token = CancellationToken::new();
-    let worker = tokio::spawn(app.run_until_stopped(token.clone()));
+    let (telegram_api_url, anthropic_base_url) = (telegram.api_url(), anthropic.base_url());
+    let deps = WorkerDeps {
+        prefix: broker.prefix(),
+        amqp_url: &via_proxy,
+        database_url: &db.url,
+        telegram_api_url: &telegram_api_url,
+        anthropic_base_url: &anthropic_base_url,
+    };
+    let worker = spawn_worker(&deps, |_| {}).await?;
+    let admin = worker.admin_port;
+    let (token, worker) = worker.running;
     let http = fleet_tests::harness::http_client()?;
     wait_until("the worker to be ready", WAIT, || async { ready(&http, admin).await }).await?;
 

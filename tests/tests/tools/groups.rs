@@ -5,7 +5,7 @@
 //! The request bodies the fake Messages API received are the evidence: they
 //! are exactly what left the fleet.
 
-use crate::harness::{document_message, message, sse, Fleet, ADA};
+use crate::harness::{document_message, message, spawn_fleet, sse, ADA};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use serde_json::{json, Value};
@@ -38,7 +38,7 @@ fn snooping_turn() -> ScriptedResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_request_never_carries_what_a_member_sent_or_remembered_in_private() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     let file = PRIVATE_FILE_TEXT.as_bytes().to_vec();
@@ -97,7 +97,7 @@ async fn a_group_request_never_carries_what_a_member_sent_or_remembered_in_priva
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     // Six events, 400 ms apart: a 2.4 s answer that Bob tries to stop.
     let slow = ScriptedResponse {
@@ -125,7 +125,7 @@ async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_administrator() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.telegram.set_member_status(GROUP, BOB, "administrator");
@@ -153,7 +153,7 @@ async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_adm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_file_sent_privately_and_in_a_group_is_kept_in_both_chats() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     let file = b"shared notes".to_vec();
     fleet.telegram.add_file("BQADboth", file);
