@@ -301,18 +301,10 @@ impl Fleet {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{}/readyz", self.ingress_port);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = client.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("ingress not ready after 20 s (see its log)");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::harness::wait_until("the ingress to be ready (see its log)", Duration::from_secs(20), || async {
+            Ok(client.get(&url).send().await.is_ok_and(|r| r.status().is_success()))
+        })
+        .await
     }
 
     /// The webhook URL.
@@ -401,19 +393,14 @@ impl Fleet {
     }
 
     /// Waits until the log of process `name` has a line containing every
-    /// one of `needles`; `false` after `timeout`. Polls the file every 50 ms
-    /// (a log has no event to wait on).
+    /// one of `needles`; `false` after `timeout`. Polls the file
+    /// ([`crate::harness::wait_until`]: a log has no event to wait on).
     pub async fn wait_for_log(&self, name: &str, needles: &[&str], timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.log(name).lines().any(|l| needles.iter().all(|n| l.contains(n))) {
-                return true;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::harness::wait_until("a log line", timeout, || async {
+            Ok(self.log(name).lines().any(|l| needles.iter().all(|n| l.contains(n))))
+        })
+        .await
+        .is_ok()
     }
 }
 

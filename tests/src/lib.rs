@@ -19,12 +19,16 @@ pub mod fleet;
 pub mod harness;
 pub mod scenario;
 
+/// The workspace's target directory: `$CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")))
+}
+
 /// The built `worker` binary of this workspace (`$CARGO_TARGET_DIR/debug`
 /// or `target/debug`): the PDF sandbox of workers run in-process
 /// (`--document-extractor`). `cargo build --bins` builds it (scripts/test).
 pub fn worker_binary() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
-    target.join("debug").join("worker")
+    target_dir().join("debug").join("worker")
 }

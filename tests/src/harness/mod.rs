@@ -6,10 +6,19 @@
 //! - `broker`: [`Broker`], a queue prefix of its own per test and a channel to inspect it.
 //! - `spawn`: the ingress, worker and billing-worker in-process, and [`TestApp`].
 //! - [`wait_until`]: the one polling wait, for state that has no event.
+//! - [`tools`]: the tools suite's rigs (a claimed job, the fleet with tool
+//!   settings, inline updates, SSE bodies and PDFs).
+//! - [`billing`]: the billing suite's rigs (a billing-worker with chosen
+//!   settings, events, the reconcile command).
+//! - [`lifecycle`]: the fleet's real binaries as processes, for the
+//!   lifecycle suite (signals, look-ups, clean-up passed or not).
 
+pub mod billing;
 mod broker;
 mod db;
+pub mod lifecycle;
 mod spawn;
+pub mod tools;
 
 pub use broker::Broker;
 pub use db::TestDb;

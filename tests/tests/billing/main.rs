@@ -4,7 +4,6 @@
 
 mod bad_input;
 mod batching;
-mod common;
 mod dead_letters;
 mod holds;
 mod outage;

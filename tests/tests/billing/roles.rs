@@ -4,9 +4,9 @@
 //! database only what it needs. Checked on one shared database (as most tests
 //! run) and on a separate pair (as production runs).
 
-use crate::common::usage;
 use anyhow::{Context as _, Result};
 use fleet_tests::fleet::{as_role, Databases, Services, BILLING_ROLE, WORKER_ROLE};
+use fleet_tests::harness::billing::usage;
 use fleet_tests::harness::TestDb;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;

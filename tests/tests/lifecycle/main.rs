@@ -15,8 +15,8 @@
 //! writing these; they fail until it is fixed (`--run-ignored only`).
 //!
 //! # Layout
-//! - [`harness`]: starting the fleet and the fakes, look-ups, waits, clean-up
-//!   (`harness/binaries.rs`: building the binaries; `harness/fixtures.rs`: fixtures).
+//! - [`fleet_tests::harness::lifecycle`]: starting the fleet and the fakes,
+//!   look-ups, waits, clean-up.
 //! - [`failover`]: SIGKILL, SIGSTOP and SIGTERM of the worker holding a lease.
 //! - [`stop`]: `/stop` closes the stream within a second.
 //! - [`order`]: messages of one chat are generated one at a time, in update order.
@@ -24,7 +24,6 @@
 //! - [`resume`]: an answer stored by a crashed attempt is delivered, not generated again.
 
 mod failover;
-mod harness;
 mod order;
 mod poison;
 mod repair;

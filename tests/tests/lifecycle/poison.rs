@@ -4,8 +4,8 @@
 //! document with a notice instead of reading it again: one poison update
 //! takes a worker down at most once, and the user is told.
 
-use crate::harness::{Lifecycle, Signal, CHI, WAIT};
 use anyhow::{ensure, Context as _, Result};
+use fleet_tests::harness::lifecycle::{Lifecycle, Signal, CHI, WAIT};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt as _;
 

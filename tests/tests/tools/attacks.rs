@@ -17,11 +17,11 @@
 //!   spellings.
 //! - operator: absurd settings.
 
-use crate::harness::{document_message, message, pdf, spawn_fleet, sse, ClaimedJob, ADA};
 use anyhow::{ensure, Context as _, Result};
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::tools::{document_message, message, pdf, spawn_fleet, sse, ClaimedJob, ADA};
 use fleet_tests::harness::{BOT_USERNAME, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;
@@ -352,7 +352,8 @@ async fn read_file_at_the_largest_offset_is_an_error_result_not_an_overflow() ->
     .fetch_one(&job.db.pool)
     .await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let uses = vec![crate::harness::tool_use("toolu_off", "read_file", json!({"id": id, "offset": i64::MAX}))];
+    let uses =
+        vec![fleet_tests::harness::tools::tool_use("toolu_off", "read_file", json!({"id": id, "offset": i64::MAX}))];
     // Spawned, so that a panic is reported as such rather than ending the test.
     let ran = {
         let ctx = job.ctx().clone();

@@ -10,10 +10,10 @@
 //! there: its doc comment says what the correct behaviour is. A test that
 //! passes is a regression test for an attack that is handled.
 
-use crate::harness::{message, spawn_fleet, sse};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse};
 use fleet_tests::harness::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use serde_json::{json, Value};
 use std::collections::HashMap;

@@ -3,9 +3,9 @@
 //! stream reported is billed as an estimate, the job finishes normally and
 //! the chat answers its next message.
 
-use crate::harness::{message, spawn_fleet, sse, ADA};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
 use fleet_tests::harness::{wait_until, WAIT};
 use std::time::{Duration, Instant};
 

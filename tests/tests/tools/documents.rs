@@ -3,10 +3,10 @@
 //! `read_file` / `list_files` (scripted calls); a file over
 //! `DOCUMENT_MAX_BYTES` is refused with a notice and nothing is stored.
 
-use crate::harness::{document_message, pdf, spawn_fleet, sse, ADA};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::tools::{document_message, pdf, spawn_fleet, sse, ADA};
 use fleet_tests::harness::{wait_until, BOT_TOKEN, WAIT};
 use serde_json::{json, Value};
 use shared::secret::Secret;

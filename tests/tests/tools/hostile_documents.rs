@@ -6,9 +6,9 @@
 //! stall an intake shard, pre-checkout queries never wait behind chats, and
 //! a user without credit gets no document read.
 
-use crate::harness::{document_message, message, pdf, spawn_fleet, sse, ADA};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{document_message, message, pdf, spawn_fleet, sse, ADA};
 use fleet_tests::harness::{wait_until, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;

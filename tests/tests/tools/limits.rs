@@ -5,9 +5,9 @@
 //! result at once, its statement is cancelled on the server, and the other
 //! tools of the turn are not held up.
 
-use crate::harness::{lock_waiters, message, spawn_fleet, sse, tool_use, ClaimedJob, ADA};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{lock_waiters, message, spawn_fleet, sse, tool_use, ClaimedJob, ADA};
 use fleet_tests::harness::{wait_until, TestDb, WAIT};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};

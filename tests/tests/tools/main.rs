@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //! - [`fleet_tests::harness`]: databases, broker prefixes, the ingress, waits.
-//! - [`harness`]: a claimed job to call `run_tools` on, the fleet with tool
-//!   settings, scripted SSE bodies.
+//! - [`fleet_tests::harness::tools`]: a claimed job to call `run_tools` on,
+//!   the fleet with tool settings, scripted SSE bodies.
 //! - [`isolation`]: two tools writing at once commit or roll back independently.
 //! - [`limits`]: a hanging tool is cut off by its timeout; `/stop` cancels it.
 //! - [`dedup`]: a repeated `tool_use` id runs once.
@@ -31,7 +31,6 @@ mod count_tokens;
 mod dedup;
 mod documents;
 mod groups;
-mod harness;
 mod hostile_documents;
 mod isolation;
 mod limits;

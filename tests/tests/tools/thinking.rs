@@ -2,9 +2,9 @@
 //! (thinking text and signature), ahead of the `tool_use` it preceded, with
 //! the tool result (scenario 12, through the in-process fleet).
 
-use crate::harness::spawn_fleet;
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::spawn_fleet;
 use fleet_tests::harness::{fixture, fixture_bytes};
 use serde_json::{json, Value};
 

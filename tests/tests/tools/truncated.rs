@@ -3,9 +3,9 @@
 //! to end the idle timeout ends the answer), not when `max_tokens` closes
 //! the block on half a JSON object.
 
-use crate::harness::{message, spawn_fleet, sse, ADA};
 use anyhow::Result;
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
 use fleet_tests::harness::{wait_until, WAIT};
 use shared::anthropic::events::parse_event;
 use shared::anthropic::{MessageState, StopReason};

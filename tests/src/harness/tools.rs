@@ -3,8 +3,8 @@
 //! the ingress and a worker with tool settings against the fakes; updates
 //! and SSE bodies written inline in the fixtures' format.
 
+use crate::harness::{amqp_url, init_logs, within, worker_settings, TestApp, TestDb, WorkerDeps};
 use anyhow::{bail, Result};
-use fleet_tests::harness::{amqp_url, init_logs, within, worker_settings, TestApp, TestDb, WorkerDeps};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

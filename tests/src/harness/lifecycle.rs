@@ -1,13 +1,13 @@
 //! The harness of the lifecycle tests: the fleet's real binaries as separate
-//! processes ([`fleet_tests::fleet`]) on fresh databases and a fresh broker
+//! processes ([`crate::fleet`]) on fresh databases and a fresh broker
 //! prefix, the in-process fakes, typed look-ups of jobs, calls and ledger
 //! rows, and clean-up that runs whether the test passed or not.
 
+use crate::fake_anthropic::{FakeAnthropic, RecordedCall};
+use crate::fake_telegram::{FakeTelegram, TgCall, TgMessage};
+use crate::fleet::{delete_topology, worker_name, Databases, Fleet, FleetConfig, Services};
+use crate::harness::wait_until;
 use anyhow::{anyhow, ensure, Context as _, Result};
-use fleet_tests::fake_anthropic::{FakeAnthropic, RecordedCall};
-use fleet_tests::fake_telegram::{FakeTelegram, TgCall, TgMessage};
-use fleet_tests::fleet::{delete_topology, worker_name, Databases, Fleet, FleetConfig, Services};
-use fleet_tests::harness::wait_until;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+pub use crate::fleet::Signal;
 pub use fixtures::*;
-pub use fleet_tests::fleet::Signal;
 
 mod binaries;
 mod fixtures;
@@ -25,8 +25,7 @@ mod fixtures;
 const SECRET: &str = "lifecycle-webhook-secret";
 /// The bot token the workers use with the fake Bot API.
 const TOKEN: &str = "7000000001:LIFECYCLE";
-/// Longest wait for anything that should happen promptly.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub use crate::harness::WAIT;
 
 /// Ada: sender of `ada_*.json`, in a private chat of the same id.
 pub const ADA: i64 = 100_000_001;
@@ -43,10 +42,6 @@ pub const FAST_WORKER_ENV: &[(&str, &str)] = &[
     ("PACE_BOT_MS", "1"),
     ("MAX_ATTEMPTS", "3"),
 ];
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
-}
 
 /// A job row, as the tests read it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -97,13 +92,12 @@ impl Lifecycle {
     /// waits until every worker consumes.
     pub async fn start(test: &str, workers: usize, env: &[(&str, &str)]) -> Result<Self> {
         let bin_dir = tokio::task::spawn_blocking(binaries::ensure_binaries).await??;
-        let services = Services {
-            postgres_url: env_or("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
-            amqp_url: env_or("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-        };
+        let services =
+            Services { postgres_url: crate::harness::admin_database_url(), amqp_url: crate::harness::amqp_url() };
         let stem = format!("lc_{}_{}", short(test), &Uuid::now_v7().simple().to_string()[20..]);
         let prefix = format!("{stem}_");
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lifecycle").join(&stem);
+        // Cargo's CARGO_TARGET_TMPDIR of the integration tests.
+        let log_dir = crate::target_dir().join("tmp").join("lifecycle").join(&stem);
         let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
         let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, "fleet_test_bot").await?;
         let dbs = tokio::time::timeout(WAIT, Databases::create(&services, &stem))
@@ -302,7 +296,7 @@ impl Lifecycle {
     /// Waits until the `index`-th Messages API call has had `events` SSE
     /// events sent (it is streaming).
     pub async fn wait_streaming(&self, index: usize, events: usize) -> Result<()> {
-        let ok = self.anthropic.wait_until(|c| c.get(index).is_some_and(|c| c.events_sent >= events), WAIT).await;
+        let ok = self.anthropic.wait_for(|c| c.get(index).is_some_and(|c| c.events_sent >= events), WAIT).await;
         ensure!(ok, "call {index} never streamed {events} events: {:?}", summary(&self.anthropic.calls()));
         Ok(())
     }
