@@ -87,6 +87,25 @@ pub fn admin_database_url() -> String {
     env_or("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 }
 
+/// Runs `fut` to its end on a runtime of its own on a thread of its own,
+/// and waits for it: the clean-up of a value dropped while its test's
+/// runtime unwinds or is blocked. Errors are logged, never raised (a panic
+/// in a `Drop` during unwinding would abort).
+fn block_on_own_thread<F>(fut: F)
+where
+    F: Future<Output = Result<Result<()>>> + Send + 'static,
+{
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(fut)?
+    });
+    match thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "clean-up after a failed test"),
+        Err(_) => tracing::warn!("the clean-up thread panicked"),
+    }
+}
+
 /// `fut`, failing with `what` if it takes longer than [`WAIT`].
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
     tokio::time::timeout(WAIT, fut).await.map_err(|_| anyhow!("timed out after {WAIT:?}: {what}"))
