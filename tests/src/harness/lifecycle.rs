@@ -10,7 +10,6 @@ use crate::harness::wait_until;
 use anyhow::{anyhow, ensure, Context as _, Result};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -103,25 +102,18 @@ impl Lifecycle {
         let dbs = tokio::time::timeout(WAIT, Databases::create(&services, &stem))
             .await
             .map_err(|_| anyhow!("creating the databases timed out"))??;
-        let mut worker_env = BTreeMap::new();
-        for (k, v) in FAST_WORKER_ENV.iter().chain(env) {
-            worker_env.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let cfg = FleetConfig {
+        let cfg = FleetConfig::for_test(
             bin_dir,
-            log_dir: log_dir.clone(),
-            services: services.clone(),
-            prefix: prefix.clone(),
-            bot_db_url: dbs.bot_url.clone(),
-            billing_db_url: dbs.billing_url.clone(),
-            telegram_api_url: telegram.api_url(),
-            anthropic_base_url: anthropic.base_url(),
-            prices_file: fixtures_dir().join("prices.toml"),
-            bot_token: TOKEN.into(),
-            webhook_secret: SECRET.into(),
-            worker_env,
-            workers,
-        };
+            log_dir.clone(),
+            services.clone(),
+            &prefix,
+            &dbs,
+            telegram.api_url(),
+            anthropic.base_url(),
+        )
+        .secrets(TOKEN, SECRET)
+        .worker_env(FAST_WORKER_ENV.iter().chain(env).copied())
+        .workers(workers);
         let fleet = match Fleet::start(&cfg).await {
             Ok(f) => f,
             Err(e) => {

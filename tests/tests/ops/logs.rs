@@ -37,24 +37,17 @@ async fn run_fleet(
     let dbs = Databases::create(&services, stem).await?;
     billing_worker::ledger::grant(&dbs.billing, 100_000_001, "5".parse()?, uuid::Uuid::now_v7()).await?;
     let log_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-logs")).join(stem);
-    let cfg = FleetConfig {
-        bin_dir: bin_dir(),
+    let cfg = FleetConfig::for_test(
+        bin_dir(),
         log_dir,
-        services: services.clone(),
-        prefix: format!("{stem}_"),
-        bot_db_url: dbs.bot_url.clone(),
-        billing_db_url: dbs.billing_url.clone(),
-        telegram_api_url: telegram_api_url.to_owned(),
-        anthropic_base_url: anthropic.base_url(),
-        prices_file: fleet_tests::harness::fixture("prices.toml"),
-        bot_token: TOKEN.into(),
-        webhook_secret: SECRET.into(),
-        worker_env: [("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        workers: 1,
-    };
+        services.clone(),
+        &format!("{stem}_"),
+        &dbs,
+        telegram_api_url.to_owned(),
+        anthropic.base_url(),
+    )
+    .secrets(TOKEN, SECRET)
+    .worker_env([("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1")]);
     let fleet = Fleet::start(&cfg).await?;
     let http = reqwest::Client::new();
     for u in updates {
