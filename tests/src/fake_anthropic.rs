@@ -317,12 +317,12 @@ impl FakeAnthropic {
 
     /// Waits until at least `n` message calls have arrived; `false` on timeout.
     pub async fn wait_for_calls(&self, n: usize, timeout: Duration) -> bool {
-        self.wait_until(|calls| calls.len() >= n, timeout).await
+        self.wait_for(|calls| calls.len() >= n, timeout).await
     }
 
     /// Waits until `pred` holds over the calls so far (re-checked after every
     /// change: a new call, an event sent, a stream ended); `false` on timeout.
-    pub async fn wait_until(&self, pred: impl Fn(&[RecordedCall]) -> bool, timeout: Duration) -> bool {
+    pub async fn wait_for(&self, pred: impl Fn(&[RecordedCall]) -> bool, timeout: Duration) -> bool {
         // Subscribing before the first check means no change is missed.
         let mut changes = self.shared.changed.subscribe();
         let wait = async {

@@ -152,6 +152,85 @@ pub struct FleetConfig {
     pub workers: usize,
 }
 
+impl FleetConfig {
+    /// A test's fleet of one worker on `dbs` under `prefix`, against the
+    /// fakes at `telegram_api_url` and `anthropic_base_url`: fixture prices,
+    /// the harness's bot token and webhook secret, no extra worker
+    /// environment. Change it with the methods below (or the public fields).
+    pub fn for_test(
+        bin_dir: PathBuf,
+        log_dir: PathBuf,
+        services: Services,
+        prefix: &str,
+        dbs: &Databases,
+        telegram_api_url: String,
+        anthropic_base_url: String,
+    ) -> Self {
+        Self {
+            bin_dir,
+            log_dir,
+            services,
+            prefix: prefix.to_owned(),
+            bot_db_url: dbs.bot_url.clone(),
+            billing_db_url: dbs.billing_url.clone(),
+            telegram_api_url,
+            anthropic_base_url,
+            prices_file: crate::harness::fixture("prices.toml"),
+            bot_token: crate::harness::BOT_TOKEN.to_owned(),
+            webhook_secret: crate::harness::WEBHOOK_SECRET.to_owned(),
+            worker_env: BTreeMap::new(),
+            workers: 1,
+        }
+    }
+
+    /// With `workers` worker processes.
+    #[must_use]
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// With this bot token and webhook secret.
+    #[must_use]
+    pub fn secrets(mut self, bot_token: &str, webhook_secret: &str) -> Self {
+        self.bot_token = bot_token.to_owned();
+        self.webhook_secret = webhook_secret.to_owned();
+        self
+    }
+
+    /// With the workers' environment variable `key` set to `value` (later
+    /// pairs win); [`Fleet::start`] refuses a variable the worker does not read.
+    #[must_use]
+    pub fn worker_env<'a>(mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        self.worker_env.extend(pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
+        self
+    }
+}
+
+/// Refuses a variable of `env` that the worker binary does not read (a
+/// renamed or mistyped setting would otherwise be ignored silently): the
+/// environment names of `worker::Settings`, their `*_FILE` forms, and the
+/// secrets read from the environment only.
+///
+/// # Errors
+/// The first unknown variable, named.
+pub fn check_worker_env(env: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let command = <worker::Settings as clap::CommandFactory>::command();
+    let mut known: Vec<String> = command
+        .get_arguments()
+        .filter_map(clap::Arg::get_env)
+        .map(|name| name.to_string_lossy().into_owned())
+        .chain(["TELEGRAM_BOT_TOKEN".to_owned(), "ANTHROPIC_API_KEY".to_owned()])
+        .collect();
+    known.extend(known.iter().map(|name| format!("{name}_FILE")).collect::<Vec<_>>());
+    // The environment of the process as a whole, not a setting.
+    known.push("RUST_LOG".to_owned());
+    match env.keys().find(|key| !known.contains(key)) {
+        Some(key) => bail!("the worker reads no environment variable {key} (a renamed or mistyped setting?)"),
+        None => Ok(()),
+    }
+}
+
 /// A running fleet; processes are killed when it is dropped.
 pub struct Fleet {
     /// Port of the ingress.
@@ -230,6 +309,7 @@ impl Fleet {
     /// # Errors
     /// A process that does not start or an ingress that never gets ready.
     pub async fn start_sized(cfg: &FleetConfig, billing_workers: usize) -> anyhow::Result<Self> {
+        check_worker_env(&cfg.worker_env)?;
         std::fs::create_dir_all(&cfg.log_dir)?;
         let ingress_port = free_port()?;
         let common = || -> Vec<(String, String)> {
@@ -301,18 +381,10 @@ impl Fleet {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{}/readyz", self.ingress_port);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = client.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("ingress not ready after 20 s (see its log)");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::harness::wait_until("the ingress to be ready (see its log)", Duration::from_secs(20), || async {
+            Ok(client.get(&url).send().await.is_ok_and(|r| r.status().is_success()))
+        })
+        .await
     }
 
     /// The webhook URL.
@@ -401,19 +473,14 @@ impl Fleet {
     }
 
     /// Waits until the log of process `name` has a line containing every
-    /// one of `needles`; `false` after `timeout`. Polls the file every 50 ms
-    /// (a log has no event to wait on).
+    /// one of `needles`; `false` after `timeout`. Polls the file
+    /// ([`crate::harness::wait_until`]: a log has no event to wait on).
     pub async fn wait_for_log(&self, name: &str, needles: &[&str], timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.log(name).lines().any(|l| needles.iter().all(|n| l.contains(n))) {
-                return true;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::harness::wait_until("a log line", timeout, || async {
+            Ok(self.log(name).lines().any(|l| needles.iter().all(|n| l.contains(n))))
+        })
+        .await
+        .is_ok()
     }
 }
 

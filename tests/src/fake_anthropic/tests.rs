@@ -52,7 +52,7 @@ async fn replays_a_fixture_byte_for_byte_and_records_the_call() {
     let body = response.bytes().await.unwrap();
     assert_eq!(body.as_ref(), std::fs::read(&path).unwrap().as_slice());
 
-    assert!(fake.wait_until(|calls| calls.iter().any(|c| c.ended_at.is_some()), WAIT).await);
+    assert!(fake.wait_for(|calls| calls.iter().any(|c| c.ended_at.is_some()), WAIT).await);
     let calls = fake.calls();
     assert_eq!(calls.len(), 1);
     let call = &calls[0];
@@ -104,7 +104,7 @@ async fn a_stalled_stream_sends_its_events_then_nothing_until_the_client_leaves(
 
     drop(stream);
     assert!(
-        fake.wait_until(|calls| calls[0].ended_at.is_some(), WAIT).await,
+        fake.wait_for(|calls| calls[0].ended_at.is_some(), WAIT).await,
         "the fake did not notice the client leaving"
     );
 }

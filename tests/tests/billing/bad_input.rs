@@ -3,9 +3,9 @@
 //! with its reason (a `billing_failures` row) and nothing of it is applied;
 //! a good event behind them still is.
 
-use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb, WAIT};
 use anyhow::Result;
+use fleet_tests::harness::billing::{grant, publish, usage, BillingWorker};
+use fleet_tests::harness::{wait_until, Broker, TestDb, WAIT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, BILLING_ROUTING_KEY};

@@ -1,9 +1,9 @@
 //! Batches: many deliveries applied per transaction, one bad event never
 //! holding back the others; a hold release waits for its job's charges.
 
-use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb};
 use billing_worker::ledger::{self, Applied, LedgerError};
+use fleet_tests::harness::billing::{grant, publish, usage, BillingWorker};
+use fleet_tests::harness::{wait_until, Broker, TestDb};
 use rust_decimal::Decimal;
 use shared::contracts::{hold_release_event_id, BillingEvent, HoldRelease};
 use std::time::Duration;

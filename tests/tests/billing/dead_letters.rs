@@ -1,9 +1,9 @@
 //! An event that keeps failing walks every retry step, is dead-lettered,
 //! recorded and told to the user; after the fix a redrive applies it once.
 
-use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb, BOT_TOKEN, BOT_USERNAME};
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::billing::{grant, publish, usage, BillingWorker};
+use fleet_tests::harness::{wait_until, Broker, TestDb, BOT_TOKEN, BOT_USERNAME};
 use shared::amqp::ConfirmPublisher;
 use std::time::Duration;
 use uuid::Uuid;

@@ -1,9 +1,9 @@
 //! Two chats of one user with credit for one hold: one runs, the other gets
 //! the top-up notice, and the balance never goes below zero.
 
-use crate::common::grant;
-use crate::helpers::{fixture, fixture_bytes, spawn_app, wait_until, WAIT};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::billing::grant;
+use fleet_tests::harness::{fixture, fixture_bytes, spawn_app, wait_until, WAIT};
 use rust_decimal::Decimal;
 
 #[tokio::test]

@@ -2,13 +2,8 @@
 //! letters recorded, told and redriven, exact totals under duplicates,
 //! holds against overspending, reconciliation, least-privilege database roles.
 
-#[path = "../fleet/helpers.rs"]
-#[expect(dead_code, unused_imports, reason = "helpers shared by `#[path]` includes: each suite uses a part of them")]
-mod helpers;
-
 mod bad_input;
 mod batching;
-mod common;
 mod dead_letters;
 mod holds;
 mod outage;

@@ -1,8 +1,8 @@
 //! The billing database goes away for 20 s while events flow: every event is
 //! retried with backoff and applied exactly once after it returns.
 
-use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{admin_database_url as admin_url, wait_until, Broker, TestDb};
+use fleet_tests::harness::billing::{grant, publish, usage, BillingWorker};
+use fleet_tests::harness::{admin_database_url as admin_url, wait_until, Broker, TestDb};
 use rust_decimal::Decimal;
 use sqlx::Connection;
 use std::time::Duration;

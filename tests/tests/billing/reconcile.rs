@@ -5,11 +5,11 @@
 //! match, names the day, model and class of usage we never recorded, and
 //! fails when the report cannot be fetched.
 
-use crate::common::{grant, reconcile_cli, usage, wait_settled, ADMIN_KEY};
-use crate::helpers::{fixture, fixture_bytes, spawn_app, TestApp, TestDb, WAIT};
 use billing_worker::finance::{reconcile, reconcile_with_provider, render, ProviderComparison, Reconciliation};
 use billing_worker::provider::UsageReportClient;
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::billing::{grant, reconcile_cli, usage, wait_settled, ADMIN_KEY};
+use fleet_tests::harness::{fixture, fixture_bytes, spawn_app, TestApp, TestDb, WAIT};
 use shared::pricing::TokenCounts;
 use shared::secret::Secret;
 use uuid::Uuid;

@@ -4,10 +4,10 @@
 //! database only what it needs. Checked on one shared database (as most tests
 //! run) and on a separate pair (as production runs).
 
-use crate::common::usage;
-use crate::helpers::TestDb;
 use anyhow::{Context as _, Result};
 use fleet_tests::fleet::{as_role, Databases, Services, BILLING_ROLE, WORKER_ROLE};
+use fleet_tests::harness::billing::usage;
+use fleet_tests::harness::TestDb;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -130,8 +130,10 @@ async fn on_one_shared_database_the_worker_role_cannot_rewrite_or_erase_the_ledg
 
 #[tokio::test]
 async fn on_separate_databases_each_role_has_only_what_its_process_needs() -> Result<()> {
-    let services =
-        Services { postgres_url: crate::helpers::admin_database_url(), amqp_url: crate::helpers::amqp_url() };
+    let services = Services {
+        postgres_url: fleet_tests::harness::admin_database_url(),
+        amqp_url: fleet_tests::harness::amqp_url(),
+    };
     let stem = format!("roles_{}", Uuid::now_v7().simple());
     let dbs = Databases::create(&services, &stem).await?;
     let billing = ledger_with_entries(&dbs.billing_url).await?;

@@ -8,9 +8,9 @@
 //!
 //! A failing test is a bug still there: its doc comment says what is correct.
 
-use crate::helpers::TestDb;
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fleet::{as_role, BILLING_ROLE, WORKER_ROLE};
+use fleet_tests::harness::TestDb;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;

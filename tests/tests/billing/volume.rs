@@ -1,8 +1,8 @@
 //! Many events with duplicates and redeliveries: the ledger's totals are
 //! exact to the last decimal place.
 
-use crate::common::{grant, publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb};
+use fleet_tests::harness::billing::{grant, publish, usage, BillingWorker};
+use fleet_tests::harness::{wait_until, Broker, TestDb};
 use rust_decimal::Decimal;
 use std::time::Duration;
 use uuid::Uuid;

@@ -4,10 +4,10 @@
 //! nothing is queued for a refused body, and one stuck client never holds
 //! up the others.
 
-use crate::helpers::{
+use anyhow::{Context as _, Result};
+use fleet_tests::harness::{
     http_client, init_logs, post_webhook, spawn_ingress, stop, within, Broker, INGRESS_MAX_BODY, WEBHOOK_SECRET,
 };
-use anyhow::{Context as _, Result};
 use lapin::types::ShortString;
 use reqwest::StatusCode;
 use std::time::Duration;
@@ -19,7 +19,7 @@ struct Harness {
     broker: Broker,
     port: u16,
     http: reqwest::Client,
-    ingress: crate::helpers::Running,
+    ingress: fleet_tests::harness::Running,
 }
 
 impl Harness {

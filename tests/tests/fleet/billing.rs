@@ -2,10 +2,10 @@
 //! delivered, and a message that is not a billing event ends in
 //! `billing.dead` and `billing_failures`, never only in a log line.
 
-use crate::helpers::{init_logs, spawn_billing_worker, stop, wait_until, within, Broker, TestDb, WAIT};
 use anyhow::{Context as _, Result};
 use billing_worker::ledger::{self, Applied};
 use chrono::{NaiveDate, Utc};
+use fleet_tests::harness::{init_logs, spawn_billing_worker, stop, wait_until, within, Broker, TestDb, WAIT};
 use rust_decimal::Decimal;
 use shared::amqp::{attempt_of, ConfirmPublisher, Outgoing, BILLING_ROUTING_KEY};
 use shared::contracts::{usage_event_id, BillingEvent, UsageCharge};

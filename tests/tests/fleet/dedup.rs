@@ -2,10 +2,10 @@
 //! real ingress, worker and billing-worker it is answered once, Claude is
 //! called once and the user is charged once (scenario 04).
 
-use crate::helpers::{fixture, fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::TgCall;
+use fleet_tests::harness::{fixture, fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use uuid::Uuid;

@@ -1,11 +1,11 @@
 //! The webhook: what it answers Telegram, and that an update reaches the
 //! `updates` queue verbatim only when it answers 200.
 
-use crate::helpers::{
+use anyhow::{Context as _, Result};
+use fleet_tests::harness::{
     fixture_bytes, http_client, init_logs, post_webhook, spawn_ingress, spawn_ingress_with_admin, stop, within, Broker,
     INGRESS_MAX_BODY, WEBHOOK_SECRET,
 };
-use anyhow::{Context as _, Result};
 use lapin::types::{FieldTable, ShortString};
 use reqwest::StatusCode;
 use shared::amqp::Topology;
@@ -15,7 +15,7 @@ struct Harness {
     broker: Broker,
     port: u16,
     http: reqwest::Client,
-    ingress: crate::helpers::Running,
+    ingress: fleet_tests::harness::Running,
 }
 
 impl Harness {

@@ -3,10 +3,9 @@
 //! the Telegram Bot API and the Anthropic Messages API.
 //!
 //! Every test gets a fresh database and a unique queue prefix
-//! ([`helpers`]); logs are printed only with `TEST_LOG=1`.
+//! ([`fleet_tests::harness`]); logs are printed only with `TEST_LOG=1`.
 //!
 //! # Layout
-//! - [`helpers`]: databases, broker prefixes, spawning the processes, waits.
 //! - [`bad_input`]: nesting bombs, invalid UTF-8, extreme ids, slow and stalled clients at the webhook.
 //! - [`ingress`]: the webhook's answers and what reaches the `updates` queue.
 //! - [`dedup`]: a duplicated update is answered and charged once, end to end.
@@ -17,8 +16,6 @@
 mod bad_input;
 mod billing;
 mod dedup;
-#[expect(unused_imports, reason = "helpers shared by `#[path]` includes: this suite uses a part of their re-exports")]
-mod helpers;
 mod ingress;
 mod polling;
 mod split;

@@ -3,10 +3,10 @@
 //! updates through `getUpdates`; a refused token makes it not ready, with
 //! the reason in `/readyz`.
 
-use crate::helpers::{init_logs, stop, wait_until, within, Broker, BOT_TOKEN, BOT_USERNAME, WAIT};
 use anyhow::{ensure, Result};
 use clap::Parser as _;
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::{init_logs, stop, wait_until, within, Broker, BOT_TOKEN, BOT_USERNAME, WAIT};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ async fn spawn_polling(
     broker: &Broker,
     telegram: &FakeTelegram,
     token: &str,
-) -> Result<(u16, crate::helpers::Running)> {
+) -> Result<(u16, fleet_tests::harness::Running)> {
     let api = telegram.api_url();
     let mut settings = ingress::Settings::try_parse_from([
         "ingress",

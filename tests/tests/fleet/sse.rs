@@ -4,9 +4,9 @@
 //! expected text and usage are read from the fixture here, independently of
 //! the product's parser.
 
-use crate::helpers::{fixture, fixtures_dir, init_logs, within};
 use anyhow::{bail, Context as _, Result};
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
+use fleet_tests::harness::{fixture, fixtures_dir, init_logs, within};
 use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};

@@ -11,10 +11,11 @@
 //! ended; the test sees the wait in `pg_stat_activity`, kills the worker,
 //! then lets go.
 
-use crate::harness::{answer_of, is_send_to, sse, update_id_of, wait_until, Lifecycle, CHI, WAIT};
 use crate::{CHI_ESSAY, ESSAY};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::RecordedCall;
+use fleet_tests::harness::lifecycle::{answer_of, is_send_to, sse, update_id_of, Lifecycle, CHI, WAIT};
+use fleet_tests::harness::wait_until;
 use rust_decimal::Decimal;
 use shared::contracts::usage_event_id;
 use uuid::Uuid;
@@ -74,8 +75,12 @@ async fn kill_between_stream_end_and_commit(t: &mut Lifecycle) -> Result<(String
     let mut lock = t.dbs.bot.begin().await?;
     sqlx::query("SELECT 1 FROM chats WHERE chat_id = $1 FOR UPDATE").bind(CHI).execute(&mut *lock).await?;
 
-    let ended = t.anthropic.wait_until(|c| c[0].completed && c[0].ended_at.is_some(), WAIT).await;
-    ensure!(ended, "the first stream never completed: {:?}", crate::harness::summary(&t.anthropic.calls()));
+    let ended = t.anthropic.wait_for(|c| c[0].completed && c[0].ended_at.is_some(), WAIT).await;
+    ensure!(
+        ended,
+        "the first stream never completed: {:?}",
+        fleet_tests::harness::lifecycle::summary(&t.anthropic.calls())
+    );
     let db = t.dbs.bot.clone();
     wait_until("the worker's finalize waiting for the chat's row", WAIT, || {
         let db = db.clone();
@@ -103,7 +108,7 @@ async fn kill_between_stream_end_and_commit(t: &mut Lifecycle) -> Result<(String
         "the call is not open in api_calls while finalize waits: {rows:?}"
     );
 
-    t.fleet.signal(&victim, crate::harness::Signal::Kill).await?;
+    t.fleet.signal(&victim, fleet_tests::harness::lifecycle::Signal::Kill).await?;
     t.fleet.wait_exit(&victim, WAIT).await?;
     lock.rollback().await?;
     Ok((victim, update_id, first))
@@ -156,7 +161,11 @@ async fn booked_by_the_next_attempt(t: &mut Lifecycle) -> Result<()> {
     ensure!(job.status == "done" && job.outcome.as_deref() == Some("answered"), "job: {job:?}");
     ensure!(job.lease_epoch == 2, "the second claim did not finish the job: {job:?}");
     let calls = t.anthropic.calls();
-    ensure!(calls.len() == 2 && calls.iter().all(|c| c.completed), "calls: {:?}", crate::harness::summary(&calls));
+    ensure!(
+        calls.len() == 2 && calls.iter().all(|c| c.completed),
+        "calls: {:?}",
+        fleet_tests::harness::lifecycle::summary(&calls)
+    );
     let messages = t.messages_to(CHI);
     let sends = t.telegram.calls().into_iter().filter(|c| is_send_to(c, CHI)).count();
     ensure!(sends == 1 && messages.len() == 1, "expected one answer, got {sends} sends: {messages:#?}");
@@ -218,7 +227,7 @@ async fn booked_by_the_reaper(t: &mut Lifecycle) -> Result<()> {
     ensure!(
         t.anthropic.calls().len() == 1,
         "a second call was made: {:?}",
-        crate::harness::summary(&t.anthropic.calls())
+        fleet_tests::harness::lifecycle::summary(&t.anthropic.calls())
     );
     booked_as_orphan(t, job.job_id, &first).await?;
     ensure!(t.usage_charges(job.job_id).await?.is_empty(), "the user was charged for a job that did not answer");

@@ -3,10 +3,10 @@
 //! streams: the other worker finishes the job, the user gets exactly one
 //! answer, and each completed Messages API call is charged exactly once.
 
-use crate::harness::{answer_of, is_send_to, sse, update_id_of, Job, Lifecycle, Signal, CHI, WAIT};
 use crate::{CHI_ESSAY, ESSAY};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::lifecycle::{answer_of, is_send_to, sse, update_id_of, Job, Lifecycle, Signal, CHI, WAIT};
 use rust_decimal::Decimal;
 use shared::contracts::usage_event_id;
 use std::time::{Duration, Instant};
@@ -77,13 +77,13 @@ async fn killed_mid_stream(t: &mut Lifecycle) -> Result<()> {
     // The lease expires (3 s), the survivor's reaper republishes the job and claims it.
     t.wait_for_calls(2, WAIT).await?;
     let job = t.wait_finished(update_id, WAIT).await?;
-    let closed = t.anthropic.wait_until(|c| c[0].ended_at.is_some(), WAIT).await;
+    let closed = t.anthropic.wait_for(|c| c[0].ended_at.is_some(), WAIT).await;
     ensure!(closed, "the killed worker's stream was never closed");
     let calls = t.anthropic.calls();
     ensure!(
         calls.len() == 2 && !calls[0].completed && calls[1].completed,
         "calls: {:?}",
-        crate::harness::summary(&calls)
+        fleet_tests::harness::lifecycle::summary(&calls)
     );
     answered_once_by_the_second_claim(t, &job).await?;
     ensure!(t.fleet.exited() == vec![victim.clone()], "exited: {:?}", t.fleet.exited());
@@ -178,13 +178,13 @@ async fn terminated_mid_stream(t: &mut Lifecycle) -> Result<()> {
         t.fleet.log(&leaving).contains("job handed back at shutdown"),
         "{leaving} did not hand the job back (its lease would have had to expire)"
     );
-    let closed = t.anthropic.wait_until(|c| c[0].ended_at.is_some(), WAIT).await;
+    let closed = t.anthropic.wait_for(|c| c[0].ended_at.is_some(), WAIT).await;
     ensure!(closed, "the leaving worker never closed its stream");
     let calls = t.anthropic.calls();
     ensure!(
         calls.len() == 2 && !calls[0].completed && calls[1].completed,
         "calls: {:?}",
-        crate::harness::summary(&calls)
+        fleet_tests::harness::lifecycle::summary(&calls)
     );
     answered_once_by_the_second_claim(t, &job).await.context("after the hand-back")?;
     Ok(())

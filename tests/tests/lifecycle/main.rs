@@ -15,8 +15,8 @@
 //! writing these; they fail until it is fixed (`--run-ignored only`).
 //!
 //! # Layout
-//! - [`harness`]: starting the fleet and the fakes, look-ups, waits, clean-up
-//!   (`harness/binaries.rs`: building the binaries; `harness/fixtures.rs`: fixtures).
+//! - [`fleet_tests::harness::lifecycle`]: starting the fleet and the fakes,
+//!   look-ups, waits, clean-up.
 //! - [`failover`]: SIGKILL, SIGSTOP and SIGTERM of the worker holding a lease.
 //! - [`books`]: a worker killed after its stream ended, before `finalize`
 //!   committed: the call is booked anyway (estimated, charged to nobody).
@@ -27,7 +27,6 @@
 
 mod books;
 mod failover;
-mod harness;
 mod order;
 mod poison;
 mod repair;

@@ -2,12 +2,12 @@
 //! same time, answered in update order, and the later request carries the
 //! earlier exchange.
 
-use crate::harness::{
-    answer_of, derived_update, in_private_chat, request_messages, sse, update_id_of, Job, Lifecycle, ADA, WAIT,
-};
 use crate::ESSAY;
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::lifecycle::{
+    answer_of, derived_update, in_private_chat, request_messages, sse, update_id_of, Job, Lifecycle, ADA, WAIT,
+};
 use serde_json::Value;
 
 const FIRST: &str = "telegram/ada_capital.json";

@@ -4,8 +4,8 @@
 //! document with a notice instead of reading it again: one poison update
 //! takes a worker down at most once, and the user is told.
 
-use crate::harness::{Lifecycle, Signal, CHI, WAIT};
 use anyhow::{ensure, Context as _, Result};
+use fleet_tests::harness::lifecycle::{Lifecycle, Signal, CHI, WAIT};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt as _;
 
@@ -54,7 +54,7 @@ async fn poison(t: &mut Lifecycle, log: &std::path::Path) -> Result<()> {
         }
     });
     t.post(&update).await?;
-    crate::harness::wait_until("the extractor to start", WAIT, || async { Ok(starts(log) == 1) }).await?;
+    fleet_tests::harness::wait_until("the extractor to start", WAIT, || async { Ok(starts(log) == 1) }).await?;
     let victim = t.lease_holder(update_id).await?;
     t.fleet.signal(&victim, Signal::Kill).await?;
     t.fleet.wait_exit(&victim, WAIT).await?;

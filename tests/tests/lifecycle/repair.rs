@@ -2,9 +2,9 @@
 //! the next request with an error naming the row in the log, the chat keeps
 //! working, and after `/new` the request carries only the new turn.
 
-use crate::harness::{derived_update, request_messages, sse, update_id_of, Lifecycle, ADA, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fleet::worker_name;
+use fleet_tests::harness::lifecycle::{derived_update, request_messages, sse, update_id_of, Lifecycle, ADA, WAIT};
 use serde_json::{json, Value};
 
 const CAPITAL: &str = "telegram/ada_capital.json";

@@ -2,8 +2,8 @@
 //! P3): the next attempt delivers the stored reply as it is — no second
 //! Messages API call, no second copy of the user's turn, no second charge.
 
-use crate::harness::{Lifecycle, ADA, WAIT};
 use anyhow::{ensure, Result};
+use fleet_tests::harness::lifecycle::{Lifecycle, ADA, WAIT};
 use uuid::Uuid;
 
 const UPDATE_ID: i64 = 800_200_001;

@@ -2,9 +2,9 @@
 //! update in, the stream of the worker holding the job is closed within a
 //! second of the post, and the partial answer is delivered marked stopped.
 
-use crate::harness::{is_send_to, ms_between, sse, update_id_of, Lifecycle, CHI, WAIT};
 use crate::{CHI_ESSAY, CHI_STOP, ESSAY};
 use anyhow::{ensure, Result};
+use fleet_tests::harness::lifecycle::{is_send_to, ms_between, sse, update_id_of, Lifecycle, CHI, WAIT};
 
 /// The bound of P6.
 const STOP_WITHIN_MS: i128 = 1_000;
@@ -26,7 +26,7 @@ async fn stop_closes_the_stream_within_a_second(t: &Lifecycle) -> Result<()> {
     let holder = t.lease_holder(update_id).await?;
 
     let posted_at = t.post_fixture(CHI_STOP).await?;
-    let closed = t.anthropic.wait_until(|c| c[0].ended_at.is_some(), WAIT).await;
+    let closed = t.anthropic.wait_for(|c| c[0].ended_at.is_some(), WAIT).await;
     ensure!(closed, "the stream was never closed");
     let call = &t.anthropic.calls()[0];
     let ended_at = call.ended_at.unwrap_or(posted_at);

@@ -3,8 +3,8 @@
 //! (issue 13, safe defaults). The process-level tests run the built
 //! binaries (`cargo build --bins` first).
 
-use crate::helpers::fixture;
 use clap::Parser as _;
+use fleet_tests::harness::fixture;
 use shared::secret::Secret;
 use std::collections::HashMap;
 use std::ffi::OsString;

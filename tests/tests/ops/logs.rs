@@ -2,10 +2,10 @@
 //! its ids (P12), and no secret appears anywhere even when every Bot API
 //! call fails (the Bot API URL points at a closed port).
 
-use crate::helpers::fixture_bytes;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::FakeTelegram;
 use fleet_tests::fleet::{delete_topology, Databases, Fleet, FleetConfig, Services};
+use fleet_tests::harness::fixture_bytes;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,24 +37,17 @@ async fn run_fleet(
     let dbs = Databases::create(&services, stem).await?;
     billing_worker::ledger::grant(&dbs.billing, 100_000_001, "5".parse()?, uuid::Uuid::now_v7()).await?;
     let log_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-logs")).join(stem);
-    let cfg = FleetConfig {
-        bin_dir: bin_dir(),
+    let cfg = FleetConfig::for_test(
+        bin_dir(),
         log_dir,
-        services: services.clone(),
-        prefix: format!("{stem}_"),
-        bot_db_url: dbs.bot_url.clone(),
-        billing_db_url: dbs.billing_url.clone(),
-        telegram_api_url: telegram_api_url.to_owned(),
-        anthropic_base_url: anthropic.base_url(),
-        prices_file: crate::helpers::fixture("prices.toml"),
-        bot_token: TOKEN.into(),
-        webhook_secret: SECRET.into(),
-        worker_env: [("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        workers: 1,
-    };
+        services.clone(),
+        &format!("{stem}_"),
+        &dbs,
+        telegram_api_url.to_owned(),
+        anthropic.base_url(),
+    )
+    .secrets(TOKEN, SECRET)
+    .worker_env([("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1")]);
     let fleet = Fleet::start(&cfg).await?;
     let http = reqwest::Client::new();
     for u in updates {
@@ -68,7 +61,7 @@ async fn run_fleet(
         assert_eq!(status, 200);
     }
     let pool = dbs.bot.clone();
-    crate::helpers::wait_until("every job to end", Duration::from_secs(60), || {
+    fleet_tests::harness::wait_until("every job to end", Duration::from_secs(60), || {
         let pool = pool.clone();
         let n = processed;
         async move {
@@ -91,7 +84,7 @@ async fn run_fleet(
 async fn every_log_line_of_a_job_carries_its_ids() -> anyhow::Result<()> {
     let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, "fleet_test_bot").await?;
     let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
-    anthropic.push([ScriptedResponse::from_file(crate::helpers::fixture("anthropic/text_capital.sse"))?]);
+    anthropic.push([ScriptedResponse::from_file(fleet_tests::harness::fixture("anthropic/text_capital.sse"))?]);
     let stem = format!("logs_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     let (logs, dbs) = run_fleet(&stem, &telegram.api_url(), &anthropic, &["telegram/ada_capital.json"], 1).await?;
     let worker_log = logs.iter().find(|l| l.contains("job done")).expect("a worker logged the job");
@@ -114,7 +107,8 @@ async fn every_log_line_of_a_job_carries_its_ids() -> anyhow::Result<()> {
 #[tokio::test]
 async fn no_log_line_contains_a_secret_when_every_bot_api_call_fails() -> anyhow::Result<()> {
     let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
-    anthropic.set_default(Some(ScriptedResponse::from_file(crate::helpers::fixture("anthropic/text_capital.sse"))?));
+    anthropic
+        .set_default(Some(ScriptedResponse::from_file(fleet_tests::harness::fixture("anthropic/text_capital.sse"))?));
     let stem = format!("leak_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
     // Closed port: every Bot API call fails with a transport error.
     let updates = [

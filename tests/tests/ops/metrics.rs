@@ -1,14 +1,12 @@
 //! `/metrics` after traffic: text answers, tools, a duplicate, a 529 retry,
 //! a Bot API 429, a rejected webhook and billing.
 
-use crate::helpers::{
-    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, stop, wait_until, Broker, TestDb,
-    BOT_USERNAME, WAIT,
-};
-use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::{FakeTelegram, Fault};
-use tokio_util::sync::CancellationToken;
+use fleet_tests::harness::{
+    fixture, fixture_bytes, post_webhook, spawn_billing_worker, spawn_ingress, spawn_worker, stop, wait_until, Broker,
+    TestDb, WorkerDeps, BOT_USERNAME, WAIT,
+};
 
 fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
     text.lines()
@@ -40,7 +38,7 @@ async fn faults(
     anthropic.push([slow]);
     let body = fixture_bytes("telegram/ada_after_stall.json")?;
     let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
-    assert_eq!(post_webhook(http, port, Some(crate::helpers::WEBHOOK_SECRET), body).await?, 200);
+    assert_eq!(post_webhook(http, port, Some(fleet_tests::harness::WEBHOOK_SECRET), body).await?, 200);
     wait_until("the slow job to stream", WAIT, || async {
         Ok(!anthropic.calls().is_empty() && anthropic.calls().last().is_some_and(|c| c.ended_at.is_none()))
     })
@@ -109,48 +107,24 @@ async fn faults(
 
 #[tokio::test]
 async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()> {
-    crate::helpers::init_logs();
+    fleet_tests::harness::init_logs();
     let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
     let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
     let db = TestDb::new().await?;
     let broker = Broker::new().await?;
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
-    let prices = fixture("prices.toml");
-    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
-    let settings = crate::helpers::with_worker_secrets(worker::Settings::try_parse_from([
-        "worker",
-        "--telegram-api-url",
-        &telegram.api_url(),
-        "--bot-username",
-        BOT_USERNAME,
-        "--anthropic-base-url",
-        &anthropic.base_url(),
-        "--prices-file",
-        prices.to_str().unwrap_or_default(),
-        "--database-url",
-        &worker_url,
-        "--billing-database-url",
-        &worker_url,
-        "--amqp-url",
-        &broker.url,
-        "--amqp-prefix",
-        broker.prefix(),
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--pace-private-ms",
-        "0",
-        "--pace-group-ms",
-        "0",
-        "--pace-bot-ms",
-        "0",
-        // Short leases: heartbeats every second, the reaper every 1.5 s.
-        "--visibility-timeout-s",
-        "3",
-    ])?);
-    let app = worker::App::build(settings).await?;
-    let admin = app.admin_port();
-    let worker_token = CancellationToken::new();
-    let worker = tokio::spawn(app.run_until_stopped(worker_token.clone()));
+    let (telegram_api_url, anthropic_base_url) = (telegram.api_url(), anthropic.base_url());
+    let deps = WorkerDeps {
+        prefix: broker.prefix(),
+        amqp_url: &broker.url,
+        database_url: &db.url,
+        telegram_api_url: &telegram_api_url,
+        anthropic_base_url: &anthropic_base_url,
+    };
+    // Short leases: heartbeats every second, the reaper every 1.5 s.
+    let worker = spawn_worker(&deps, |s| s.visibility_timeout_s = 3).await?;
+    let admin = worker.admin_port;
+    let (worker_token, worker) = worker.running;
     let billing = spawn_billing_worker(broker.prefix(), &broker.url, &db.url)?;
     for user in [100_000_001, 100_000_003] {
         billing_worker::ledger::grant(&db.pool, user, "5".parse()?, uuid::Uuid::now_v7()).await?;
@@ -171,14 +145,14 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         description: None,
         times: 1,
     });
-    let http = crate::helpers::http_client()?;
+    let http = fleet_tests::harness::http_client()?;
     assert_eq!(post_webhook(&http, port, Some("wrong-secret"), b"{}".to_vec()).await?, 401);
     for (name, times) in
         [("telegram/ada_capital.json", 1), ("telegram/ada_tools.json", 1), ("telegram/chi_duplicate.json", 2)]
     {
         let body = fixture_bytes(name)?;
         for _ in 0..times {
-            assert_eq!(post_webhook(&http, port, Some(crate::helpers::WEBHOOK_SECRET), body.clone()).await?, 200);
+            assert_eq!(post_webhook(&http, port, Some(fleet_tests::harness::WEBHOOK_SECRET), body.clone()).await?, 200);
         }
         let update_id = serde_json::from_slice::<serde_json::Value>(&body)?["update_id"].as_i64().unwrap_or(0);
         let pool = db.pool.clone();

@@ -4,12 +4,12 @@
 //! worker notices within two intervals, reports not-ready, reconnects once
 //! the path is back, and answers the next update.
 
-use crate::helpers::{
-    fixture, fixture_bytes, post_webhook, spawn_ingress, stop, wait_until, Broker, TestDb, BOT_USERNAME, WAIT,
-};
-use clap::Parser as _;
 use fleet_tests::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::{
+    fixture, fixture_bytes, post_webhook, spawn_ingress, spawn_worker, stop, wait_until, Broker, TestDb, WorkerDeps,
+    BOT_USERNAME, WAIT,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,7 +97,7 @@ async fn ready(http: &reqwest::Client, admin: u16) -> anyhow::Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconnects_and_resumes() -> anyhow::Result<()>
 {
-    crate::helpers::init_logs();
+    fleet_tests::harness::init_logs();
     let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, BOT_USERNAME).await?;
     let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
     let db = TestDb::new().await?;
@@ -106,38 +106,18 @@ async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconne
     let (proxy, proxy_port) = Proxy::start("127.0.0.1:5672").await?;
     let (port, ingress_token, ingress) = spawn_ingress(broker.prefix(), &broker.url).await?;
     let via_proxy = format!("amqp://guest:guest@127.0.0.1:{proxy_port}/%2f?heartbeat=1");
-    let prices = fixture("prices.toml");
-    let worker_url = fleet_tests::fleet::as_role(&db.url, fleet_tests::fleet::WORKER_ROLE)?;
-    let settings = crate::helpers::with_worker_secrets(worker::Settings::try_parse_from([
-        "worker",
-        "--telegram-api-url",
-        &telegram.api_url(),
-        "--bot-username",
-        BOT_USERNAME,
-        "--anthropic-base-url",
-        &anthropic.base_url(),
-        "--prices-file",
-        prices.to_str().unwrap_or_default(),
-        "--database-url",
-        &worker_url,
-        "--billing-database-url",
-        &worker_url,
-        "--amqp-url",
-        &via_proxy,
-        "--amqp-prefix",
-        broker.prefix(),
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--pace-private-ms",
-        "0",
-        "--pace-bot-ms",
-        "0",
-    ])?);
-    let app = worker::App::build(settings).await?;
-    let admin = app.admin_port();
-    let token = CancellationToken::new();
-    let worker = tokio::spawn(app.run_until_stopped(token.clone()));
-    let http = crate::helpers::http_client()?;
+    let (telegram_api_url, anthropic_base_url) = (telegram.api_url(), anthropic.base_url());
+    let deps = WorkerDeps {
+        prefix: broker.prefix(),
+        amqp_url: &via_proxy,
+        database_url: &db.url,
+        telegram_api_url: &telegram_api_url,
+        anthropic_base_url: &anthropic_base_url,
+    };
+    let worker = spawn_worker(&deps, |_| {}).await?;
+    let admin = worker.admin_port;
+    let (token, worker) = worker.running;
+    let http = fleet_tests::harness::http_client()?;
     wait_until("the worker to be ready", WAIT, || async { ready(&http, admin).await }).await?;
 
     proxy.stall();
@@ -152,7 +132,7 @@ async fn a_silent_broker_is_noticed_within_two_heartbeats_and_the_worker_reconne
     billing_worker::ledger::grant(&db.pool, 100_000_001, "5".parse()?, uuid::Uuid::now_v7()).await?;
     anthropic.push([ScriptedResponse::from_file(fixture("anthropic/text_capital.sse"))?]);
     let body = fixture_bytes("telegram/ada_capital.json")?;
-    assert_eq!(post_webhook(&http, port, Some(crate::helpers::WEBHOOK_SECRET), body).await?, 200);
+    assert_eq!(post_webhook(&http, port, Some(fleet_tests::harness::WEBHOOK_SECRET), body).await?, 200);
     wait_until("the update to be answered after the reconnect", WAIT, || async {
         Ok(telegram.messages().iter().any(|m| m.chat_id == 100_000_001 && m.text.contains("Paris")))
     })

@@ -1,9 +1,9 @@
 //! Delivery paths end to end: entities rejected → plain text once; 403 →
 //! the Claude stream stops; a migrated group continues in its new chat.
 
-use crate::helpers::{fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::Fault;
+use fleet_tests::harness::{fixture_bytes, spawn_app, wait_until, TestApp, WAIT};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ async fn job_done(app: &TestApp, update_id: i64) -> anyhow::Result<()> {
 }
 
 fn sse(name: &str) -> anyhow::Result<ScriptedResponse> {
-    Ok(ScriptedResponse::from_file(crate::helpers::fixture(&format!("anthropic/{name}")))?)
+    Ok(ScriptedResponse::from_file(fleet_tests::harness::fixture(&format!("anthropic/{name}")))?)
 }
 
 #[tokio::test]
@@ -78,7 +78,7 @@ async fn a_bot_blocked_error_stops_the_claude_stream_within_a_second() -> anyhow
     assert_eq!(app.post_update(&update).await?, 200);
     assert!(app.telegram.wait_for_call(|c| c.status == 403, WAIT).await, "no 403 was answered");
     let blocked_at = Instant::now();
-    assert!(app.anthropic.wait_until(|calls| calls.first().is_some_and(|c| c.ended_at.is_some()), WAIT).await);
+    assert!(app.anthropic.wait_for(|calls| calls.first().is_some_and(|c| c.ended_at.is_some()), WAIT).await);
     let ended = app.anthropic.calls()[0].ended_at.expect("ended");
     let took = ended.saturating_duration_since(blocked_at);
     assert!(took <= Duration::from_secs(1), "the stream ran {took:?} after the 403");

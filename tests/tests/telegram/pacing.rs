@@ -1,7 +1,7 @@
 //! The pacer is shared by every worker through PostgreSQL.
 
-use crate::helpers::{TestDb, BOT_TOKEN, BOT_USERNAME};
 use fleet_tests::fake_telegram::{FakeTelegram, Fault, TgCall};
+use fleet_tests::harness::{TestDb, BOT_TOKEN, BOT_USERNAME};
 use shared::secret::Secret;
 use shared::telegram::BotApi;
 use std::time::Duration;
@@ -79,7 +79,7 @@ async fn a_429_seen_by_one_worker_keeps_the_other_silent_towards_that_chat() -> 
     assert!(fake.wait_for_call(|c| c.status == 429, Duration::from_secs(5)).await, "no 429 was answered");
     // "Seen by worker A": once A has recorded the pause for the fleet.
     let pool = db.pool.clone();
-    crate::helpers::wait_until("worker A to record the pause", Duration::from_secs(5), || {
+    fleet_tests::harness::wait_until("worker A to record the pause", Duration::from_secs(5), || {
         let pool = pool.clone();
         async move {
             let paused: Option<bool> =

@@ -3,9 +3,9 @@
 //! that fails the check credits nothing, is recorded once for finance, and
 //! is refunded with `refund-stars` (issue 13).
 
-use crate::helpers::{spawn_app, wait_until, TestApp, BOT_TOKEN, WAIT};
 use anyhow::ensure;
 use clap::Parser as _;
+use fleet_tests::harness::{spawn_app, wait_until, TestApp, BOT_TOKEN, WAIT};
 use serde_json::json;
 
 const EVE: i64 = 100_000_004;

@@ -17,12 +17,12 @@
 //!   spellings.
 //! - operator: absurd settings.
 
-use crate::harness::{document_message, message, pdf, sse, ClaimedJob, Fleet, ADA};
-use crate::helpers::{BOT_USERNAME, WAIT};
 use anyhow::{ensure, Context as _, Result};
 use clap::Parser as _;
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::tools::{document_message, message, pdf, spawn_fleet, sse, ClaimedJob, ADA};
+use fleet_tests::harness::{BOT_USERNAME, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;
 use worker::documents::{extract_pdf, ChildReport, ExtractLimits};
@@ -63,7 +63,7 @@ fn replying_to_the_bot(mut update: Value, chat: i64) -> Value {
 /// `mention` entities, or a whole-word match) addresses the bot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mention_of_another_account_whose_name_starts_with_the_bots_is_not_for_the_bot() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     // One scripted answer: if the first message were taken for a mention it
     // would use it up, and the real mention would find none (two calls).
@@ -97,7 +97,7 @@ async fn a_mention_of_another_account_whose_name_starts_with_the_bots_is_not_for
 /// `/stop@other_bot`, which would stop this bot's answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_addressed_to_another_bot_is_not_run_by_this_one() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.telegram.set_member_status(GROUP, BOB, "administrator");
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Still the same conversation."))));
@@ -122,7 +122,7 @@ async fn a_command_addressed_to_another_bot_is_not_run_by_this_one() -> Result<(
 /// message is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_without_a_human_sender_are_ignored_and_charge_nobody() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.anthropic.push([ScriptedResponse::from_sse(sse::text_turn("Only Bob is answered."))]);
     fleet.anthropic.set_default(None);
@@ -168,7 +168,7 @@ async fn updates_without_a_human_sender_are_ignored_and_charge_nobody() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_members_file_read_in_a_group_is_not_replayed_in_another_members_request() -> Result<()> {
     const SECRET: &str = "ADA-GROUP-FILE salary table: Ada 9000, Carl 7000";
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.telegram.add_file("BQADgrp", SECRET.as_bytes().to_vec());
@@ -305,7 +305,7 @@ fn streams_with_a_wrong_checksum_count_what_they_inflate_to() -> Result<()> {
 /// the quota notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_quota_holds_when_one_user_sends_documents_in_several_chats_at_once() -> Result<()> {
-    let fleet = Fleet::spawn(&[("document-quota-files", "1")]).await?;
+    let fleet = spawn_fleet(|s| s.document_quota_files = 1).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Kept it."))));
     let groups: Vec<i64> = (0..4).map(|i| -100_800 - i).collect();
@@ -352,7 +352,8 @@ async fn read_file_at_the_largest_offset_is_an_error_result_not_an_overflow() ->
     .fetch_one(&job.db.pool)
     .await?;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let uses = vec![crate::harness::tool_use("toolu_off", "read_file", json!({"id": id, "offset": i64::MAX}))];
+    let uses =
+        vec![fleet_tests::harness::tools::tool_use("toolu_off", "read_file", json!({"id": id, "offset": i64::MAX}))];
     // Spawned, so that a panic is reported as such rather than ending the test.
     let ran = {
         let ctx = job.ctx().clone();
@@ -378,7 +379,7 @@ async fn read_file_at_the_largest_offset_is_an_error_result_not_an_overflow() ->
 /// payload; the payment is recorded for a refund and Ada is told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_for_a_pack_withdrawn_after_the_pre_checkout_is_recorded_for_a_refund() -> Result<()> {
-    let fleet = Fleet::spawn(&[("stars-packs", "100:1.00")]).await?;
+    let fleet = spawn_fleet(|s| s.stars_packs = vec!["100:1.00".to_owned()]).await?;
     let payment = json!({"update_id": 900_014_401, "message": {"message_id": 41, "date": 1_764_461_300,
         "chat": {"id": ADA, "first_name": "Ada", "type": "private"},
         "from": {"id": ADA, "is_bot": false, "first_name": "Ada"},
@@ -437,12 +438,12 @@ fn payload_spellings_never_credit_more_than_the_tables_pack() {
 
 /// The worker's settings from `extra` flags, secrets set, validated.
 fn validated(extra: &[&str]) -> Result<(), String> {
-    let prices = crate::helpers::fixture("prices.toml");
+    let prices = fleet_tests::harness::fixture("prices.toml");
     let mut args: Vec<String> =
         ["worker", "--prices-file", prices.to_str().unwrap_or_default()].map(str::to_owned).to_vec();
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let mut settings = worker::Settings::try_parse_from(args).map_err(|e| e.to_string())?;
-    settings.bot_token = shared::secret::Secret::new(crate::harness::BOT_TOKEN);
+    settings.bot_token = shared::secret::Secret::new(fleet_tests::harness::BOT_TOKEN);
     settings.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
     settings.validate()
 }
@@ -495,7 +496,7 @@ async fn the_largest_cpu_limit_does_not_turn_every_pdf_into_an_attack() -> Resul
 /// notice, not lost silently and not retried for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extractor_that_does_not_exist_refuses_pdfs_with_a_notice_and_text_still_works() -> Result<()> {
-    let fleet = Fleet::spawn(&[("document-extractor", "/nonexistent/worker")]).await?;
+    let fleet = spawn_fleet(|s| s.document_extractor = Some("/nonexistent/worker".into())).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Read the text file."))));
     fleet.telegram.add_file("BQADnopdf", page_pdf("", &[padded_content("unread", 1)]));
@@ -519,7 +520,7 @@ async fn an_extractor_that_does_not_exist_refuses_pdfs_with_a_notice_and_text_st
 /// charged, and the next real mention is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_automatic_forward_from_a_linked_channel_is_not_a_request() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.grant(777_000, "5.00").await?;
     fleet.anthropic.push([ScriptedResponse::from_sse(sse::text_turn("Answered Bob."))]);

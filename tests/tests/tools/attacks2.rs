@@ -10,11 +10,11 @@
 //! there: its doc comment says what the correct behaviour is. A test that
 //! passes is a regression test for an attack that is handled.
 
-use crate::harness::{message, sse, Fleet};
-use crate::helpers::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::BOT_USER_ID;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse};
+use fleet_tests::harness::{spawn_ingress, stop, wait_until, Broker, BOT_USERNAME, WAIT, WEBHOOK_SECRET};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -307,7 +307,7 @@ fn callback(update_id: i64, user: i64, data: &str) -> Value {
 /// Stars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_buy_buttons_send_no_invoice_and_a_real_one_invoices_the_presser() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     let forged = ["buy:99999999999999999999999", "buy:-500", "buy:0", "buy:7", "buy:", "buy:500:1", "buy:5e2", "buy"];
     for (i, data) in forged.iter().enumerate() {
         fleet.post(&callback(900_020_001 + i as i64, BOB, data)).await?;
@@ -344,7 +344,7 @@ async fn forged_buy_buttons_send_no_invoice_and_a_real_one_invoices_the_presser(
 /// would refuse a thread that is not a topic, and the answer would be lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thread_id_on_a_message_that_is_not_in_a_topic_is_not_used_for_the_answer() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Answered in the chat."))));
     let mut update = group_message(900_021_001, BOB, "Bob", &format!("@{BOT_USERNAME} hello"));
@@ -372,7 +372,7 @@ async fn a_thread_id_on_a_message_that_is_not_in_a_topic_is_not_used_for_the_ans
 /// group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_and_balance_asked_in_a_group_are_not_posted_to_the_group() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.anthropic.set_default(None);
     for (id, command) in [(900_022_001, "/usage"), (900_022_002, "/balance")] {

@@ -2,12 +2,12 @@
 //! command it does not know (`/model opus`, `/settings`) gets the help
 //! text; it never reaches the Messages API and nothing is charged.
 
-use crate::harness::{message, Fleet, ADA};
 use anyhow::{ensure, Result};
+use fleet_tests::harness::tools::{message, spawn_fleet, ADA};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_command_gets_the_help_text_and_is_never_sent_to_claude_or_charged() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     let result = async {
         fleet.grant(ADA, "1.00").await?;
         fleet.post(&message(930_000_001, "/model opus")).await?;
@@ -15,7 +15,10 @@ async fn an_unknown_command_gets_the_help_text_and_is_never_sent_to_claude_or_ch
         ensure!(first == worker::notices::HELP, "expected the help text, got {first:?}");
         fleet.post(&message(930_000_002, "/settings")).await?;
         let helps = || fleet.telegram.messages().into_iter().filter(|m| m.text == worker::notices::HELP).count();
-        crate::helpers::wait_until("the second help text", crate::helpers::WAIT, || async { Ok(helps() == 2) }).await?;
+        fleet_tests::harness::wait_until("the second help text", fleet_tests::harness::WAIT, || async {
+            Ok(helps() == 2)
+        })
+        .await?;
         ensure!(
             fleet.anthropic.calls().is_empty(),
             "a command reached the Messages API: {:?}",

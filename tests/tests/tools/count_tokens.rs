@@ -3,15 +3,19 @@
 //! stream reported is billed as an estimate, the job finishes normally and
 //! the chat answers its next message.
 
-use crate::harness::{message, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
+use fleet_tests::harness::{wait_until, WAIT};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_count_tokens_ends_within_its_timeout_and_the_chat_answers_its_next_message() -> Result<()> {
-    let fleet = Fleet::spawn(&[("idle-timeout-s", "1"), ("count-tokens-timeout-s", "2")]).await?;
+    let fleet = spawn_fleet(|s| {
+        s.idle_timeout_s = 1;
+        s.count_tokens_timeout_s = 2;
+    })
+    .await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.set_count_tokens_stalled(true);
     // message_start, the text block's start and one delta; then silence, so

@@ -1,8 +1,8 @@
 //! A `tool_use` id seen twice in a job runs once (unique `(job, tool_use_id)`):
 //! the second sighting is answered with the first result and writes nothing.
 
-use crate::harness::{tool_use, ClaimedJob};
 use anyhow::Result;
+use fleet_tests::harness::tools::{tool_use, ClaimedJob};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

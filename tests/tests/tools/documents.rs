@@ -3,18 +3,18 @@
 //! `read_file` / `list_files` (scripted calls); a file over
 //! `DOCUMENT_MAX_BYTES` is refused with a notice and nothing is stored.
 
-use crate::harness::{document_message, pdf, sse, Fleet, ADA};
-use crate::helpers::{wait_until, BOT_TOKEN, WAIT};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::FakeTelegram;
+use fleet_tests::harness::tools::{document_message, pdf, spawn_fleet, sse, ADA};
+use fleet_tests::harness::{wait_until, BOT_TOKEN, WAIT};
 use serde_json::{json, Value};
 use shared::secret::Secret;
 use shared::telegram::bot::FileError;
 use shared::telegram::{BotApi, TelegramError};
 
 /// The cap of these tests, bytes.
-const CAP: &str = "4096";
+const CAP: u64 = 4096;
 
 /// A one-page PDF whose text layer is `text` (Helvetica, no compression).
 fn minimal_pdf(text: &str) -> Vec<u8> {
@@ -48,7 +48,7 @@ fn tool_output(body: &Value, tool_use_id: &str) -> Result<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_document_is_stored_once_and_read_with_read_file() -> Result<()> {
-    let fleet = Fleet::spawn(&[("document-max-bytes", CAP)]).await?;
+    let fleet = spawn_fleet(|s| s.document_max_bytes = CAP).await?;
     fleet.grant(ADA, "5.00").await?;
     let list = "Shopping list:\n- oat milk\n- 12 eggs\n- grüner Tee\n";
     fleet.telegram.add_file("BQADlist", list.as_bytes().to_vec());
@@ -95,7 +95,7 @@ async fn a_text_document_is_stored_once_and_read_with_read_file() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_is_stored_as_text_and_listed_and_read_in_slices() -> Result<()> {
-    let fleet = Fleet::spawn(&[("document-max-bytes", CAP)]).await?;
+    let fleet = spawn_fleet(|s| s.document_max_bytes = CAP).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.telegram.add_file("BQADpdf", minimal_pdf("Quarterly revenue grew 12 percent"));
     fleet.anthropic.push([
@@ -134,7 +134,7 @@ async fn a_pdf_is_stored_as_text_and_listed_and_read_in_slices() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_over_the_cap_or_not_text_are_refused_with_a_notice_and_not_stored() -> Result<()> {
-    let fleet = Fleet::spawn(&[("document-max-bytes", CAP)]).await?;
+    let fleet = spawn_fleet(|s| s.document_max_bytes = CAP).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.telegram.add_file("BQADbig", vec![b'x'; 5_000]);
     fleet.telegram.add_file("BQADhuge", vec![0; 20 * 1024 * 1024 + 1]);

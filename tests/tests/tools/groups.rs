@@ -5,9 +5,9 @@
 //! The request bodies the fake Messages API received are the evidence: they
 //! are exactly what left the fleet.
 
-use crate::harness::{document_message, message, sse, Fleet, ADA};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{document_message, message, spawn_fleet, sse, ADA};
 use serde_json::{json, Value};
 
 /// Bob: a second member of the group.
@@ -38,7 +38,7 @@ fn snooping_turn() -> ScriptedResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_request_never_carries_what_a_member_sent_or_remembered_in_private() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     let file = PRIVATE_FILE_TEXT.as_bytes().to_vec();
@@ -97,7 +97,7 @@ async fn a_group_request_never_carries_what_a_member_sent_or_remembered_in_priva
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     // Six events, 400 ms apart: a 2.4 s answer that Bob tries to stop.
     let slow = ScriptedResponse {
@@ -108,7 +108,7 @@ async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Resul
     fleet.anthropic.set_default(None);
 
     fleet.post(&group_message(900_013_201, ADA, "Ada", "@fleet_test_bot tell me about tea")).await?;
-    let streaming = fleet.anthropic.wait_until(|c| !c.is_empty(), crate::helpers::WAIT).await;
+    let streaming = fleet.anthropic.wait_for(|c| !c.is_empty(), fleet_tests::harness::WAIT).await;
     ensure!(streaming, "Ada's answer never started");
     fleet.post(&group_message(900_013_202, BOB, "Bob", "/stop@fleet_test_bot")).await?;
     let refusal = fleet.wait_for_message(GROUP, "Only the person who asked").await?;
@@ -116,7 +116,7 @@ async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Resul
 
     let answer = fleet.wait_for_message(GROUP, "Ada's whole answer").await?;
     ensure!(!answer.contains("Stopped"), "Bob stopped Ada's answer: {answer}");
-    let ended = fleet.anthropic.wait_until(|c| c[0].ended_at.is_some(), crate::helpers::WAIT).await;
+    let ended = fleet.anthropic.wait_for(|c| c[0].ended_at.is_some(), fleet_tests::harness::WAIT).await;
     ensure!(ended && fleet.anthropic.calls()[0].completed, "the stream was cut");
     let member_checks = fleet.telegram.calls().into_iter().filter(|c| c.method == "getChatMember").count();
     ensure!(member_checks == 1, "Bob's rights were checked {member_checks} times");
@@ -125,7 +125,7 @@ async fn a_non_askers_stop_in_a_group_does_not_stop_the_askers_answer() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_administrator() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.telegram.set_member_status(GROUP, BOB, "administrator");
@@ -135,10 +135,10 @@ async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_adm
     fleet.anthropic.set_default(None);
 
     fleet.post(&group_message(900_013_301, ADA, "Ada", "@fleet_test_bot tell me about tea")).await?;
-    let streaming = fleet.anthropic.wait_until(|c| !c.is_empty(), crate::helpers::WAIT).await;
+    let streaming = fleet.anthropic.wait_for(|c| !c.is_empty(), fleet_tests::harness::WAIT).await;
     ensure!(streaming, "Ada's answer never started");
     fleet.post(&group_message(900_013_302, BOB, "Bob", "/stop@fleet_test_bot")).await?;
-    let stopped = fleet.anthropic.wait_until(|c| c[0].ended_at.is_some(), crate::helpers::WAIT).await;
+    let stopped = fleet.anthropic.wait_for(|c| c[0].ended_at.is_some(), fleet_tests::harness::WAIT).await;
     ensure!(stopped && !fleet.anthropic.calls()[0].completed, "the administrator's /stop did not stop the stream");
 
     // /new: refused for Ada (a member), done for Bob (an administrator).
@@ -153,7 +153,7 @@ async fn an_administrators_stop_in_a_group_stops_the_answer_and_new_needs_an_adm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_file_sent_privately_and_in_a_group_is_kept_in_both_chats() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     let file = b"shared notes".to_vec();
     fleet.telegram.add_file("BQADboth", file);

@@ -6,10 +6,10 @@
 //! stall an intake shard, pre-checkout queries never wait behind chats, and
 //! a user without credit gets no document read.
 
-use crate::harness::{document_message, message, pdf, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{document_message, message, pdf, spawn_fleet, sse, ADA};
+use fleet_tests::harness::{wait_until, WAIT};
 use serde_json::{json, Value};
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 const BOB: i64 = ADA + 8;
 
 /// Tight sandbox limits so the loop is killed quickly.
-const LIMITS: [(&str, &str); 4] = [
-    ("document-extract-cpu-s", "2"),
-    ("document-extract-timeout-s", "6"),
-    ("document-max-chars", "100000"),
-    ("document-max-bytes", "1048576"),
-];
+fn limits(s: &mut worker::Settings) {
+    s.document_extract_cpu_s = 2;
+    s.document_extract_timeout_s = 6;
+    s.document_max_chars = 100_000;
+    s.document_max_bytes = 1_048_576;
+}
 
 /// One page whose content is `/X0 Do`, where `X0` is a Form XObject whose
 /// own content is `/X0 Do` and that has no `/Resources` of its own.
@@ -103,7 +103,7 @@ fn message_from(user: i64, name: &str, update_id: i64, text: &str) -> Value {
 /// that Bob (same intake shard) is answered meanwhile and that no
 /// extractor process is left.
 async fn refused_while_bob_is_served(
-    fleet: &Fleet,
+    fleet: &fleet_tests::harness::TestApp,
     pdf: Vec<u8>,
     file_id: &str,
     name: &str,
@@ -121,8 +121,8 @@ async fn refused_while_bob_is_served(
     Ok(notice)
 }
 
-async fn fleet() -> Result<Fleet> {
-    let fleet = Fleet::spawn(&LIMITS).await?;
+async fn fleet() -> Result<fleet_tests::harness::TestApp> {
+    let fleet = spawn_fleet(limits).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.grant(BOB, "5.00").await?;
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Still here."))));
@@ -200,7 +200,7 @@ async fn an_extractor_that_never_ends_is_killed_at_the_wall_clock_limit_and_reap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_without_credit_gets_no_document_read() -> Result<()> {
-    let fleet = Fleet::spawn(&LIMITS).await?;
+    let fleet = spawn_fleet(limits).await?;
     fleet.telegram.add_file("BQADfree", b"free text".to_vec());
     let doc =
         json!({"file_id": "BQADfree", "file_unique_id": "u-free", "file_name": "free.txt", "mime_type": "text/plain"});

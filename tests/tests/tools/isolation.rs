@@ -2,8 +2,8 @@
 //! transaction (P4, audit #1): the one forced to fail leaves none of its
 //! rows, the other's rows stay.
 
-use crate::harness::{tool_use, ClaimedJob};
 use anyhow::{ensure, Result};
+use fleet_tests::harness::tools::{tool_use, ClaimedJob};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;

@@ -5,10 +5,10 @@
 //! result at once, its statement is cancelled on the server, and the other
 //! tools of the turn are not held up.
 
-use crate::harness::{lock_waiters, message, sse, tool_use, ClaimedJob, Fleet, ADA};
-use crate::helpers::{wait_until, TestDb, WAIT};
 use anyhow::{ensure, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{lock_waiters, message, spawn_fleet, sse, tool_use, ClaimedJob, ADA};
+use fleet_tests::harness::{wait_until, TestDb, WAIT};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
 use std::time::{Duration, Instant};
@@ -87,7 +87,7 @@ async fn stop_during_a_slow_tool_cancels_it_at_once() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_sent_during_a_slow_tool_ends_the_answer_long_before_the_tool_timeout() -> Result<()> {
-    let fleet = Fleet::spawn(&[("tool-timeout-s", "20")]).await?;
+    let fleet = spawn_fleet(|s| s.tool_timeout_s = 20).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.push([ScriptedResponse::from_sse(sse::tool_turn(&[("toolu_recall", "recall", json!({}))]))]);
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Nothing saved yet."))));

@@ -7,9 +7,9 @@
 //! test; logs only with `TEST_LOG=1`.
 //!
 //! # Layout
-//! - `helpers` (the fleet suite's): databases, broker prefixes, the ingress, waits.
-//! - [`harness`]: a claimed job to call `run_tools` on, the fleet with tool
-//!   settings, scripted SSE bodies.
+//! - [`fleet_tests::harness`]: databases, broker prefixes, the ingress, waits.
+//! - [`fleet_tests::harness::tools`]: a claimed job to call `run_tools` on,
+//!   the fleet with tool settings, scripted SSE bodies.
 //! - [`isolation`]: two tools writing at once commit or roll back independently.
 //! - [`limits`]: a hanging tool is cut off by its timeout; `/stop` cancels it.
 //! - [`dedup`]: a repeated `tool_use` id runs once.
@@ -25,17 +25,6 @@
 //! - [`attacks2`]: a second pass: secret files, the ingress's public port,
 //!   buy buttons, topics, `/usage` in a group, the sandbox child.
 
-#[path = "../fleet"]
-mod fleet_suite {
-    #[expect(
-        dead_code,
-        unused_imports,
-        reason = "helpers shared by `#[path]` includes: each suite uses a part of them"
-    )]
-    pub mod helpers;
-}
-use fleet_suite::helpers;
-
 mod attacks;
 mod attacks2;
 mod commands;
@@ -43,7 +32,6 @@ mod count_tokens;
 mod dedup;
 mod documents;
 mod groups;
-mod harness;
 mod hostile_documents;
 mod isolation;
 mod limits;

@@ -2,10 +2,10 @@
 //! (thinking text and signature), ahead of the `tool_use` it preceded, with
 //! the tool result (scenario 12, through the in-process fleet).
 
-use crate::harness::Fleet;
-use crate::helpers::{fixture, fixture_bytes};
 use anyhow::{Context as _, Result};
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::spawn_fleet;
+use fleet_tests::harness::{fixture, fixture_bytes};
 use serde_json::{json, Value};
 
 /// Ben, the sender of `ben_think.json`, in a private chat of the same id.
@@ -15,7 +15,7 @@ const SIGNATURE: &str = "Eq2Saf3dgrJNgOHyMhzjYuvvYTdb3FAYuMS8yxX64mT6PWwMoF7napE
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_after_a_thinking_turn_carries_the_thinking_block_byte_identical() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(BEN, "5.00").await?;
     fleet.anthropic.push([
         ScriptedResponse::from_file(fixture("anthropic/thinking_then_tool.sse"))?,

@@ -3,10 +3,10 @@
 //! to end the idle timeout ends the answer), not when `max_tokens` closes
 //! the block on half a JSON object.
 
-use crate::harness::{message, sse, Fleet, ADA};
-use crate::helpers::{wait_until, WAIT};
 use anyhow::Result;
 use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
+use fleet_tests::harness::{wait_until, WAIT};
 use shared::anthropic::events::parse_event;
 use shared::anthropic::{MessageState, StopReason};
 
@@ -34,13 +34,13 @@ fn a_stream_cut_after_a_partial_tool_input_yields_no_tool_use() -> Result<()> {
     Ok(())
 }
 
-async fn tool_calls(fleet: &Fleet) -> Result<i64> {
+async fn tool_calls(fleet: &fleet_tests::harness::TestApp) -> Result<i64> {
     fleet.db.count("SELECT count(*) FROM tool_calls").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stalls_inside_a_tool_input_runs_no_tool() -> Result<()> {
-    let fleet = Fleet::spawn(&[("idle-timeout-s", "1")]).await?;
+    let fleet = spawn_fleet(|s| s.idle_timeout_s = 1).await?;
     fleet.grant(ADA, "5.00").await?;
     let body = sse::cut_tool_input(None);
     let stall_after = sse::event_count(&body);
@@ -65,7 +65,7 @@ async fn a_stream_that_stalls_inside_a_tool_input_runs_no_tool() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tool_input_cut_by_max_tokens_is_never_executed() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.push([
         ScriptedResponse::from_sse(sse::cut_tool_input(Some("max_tokens"))),
@@ -111,7 +111,7 @@ fn unanswered_tool_uses(messages: &[serde_json::Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_continuation_after_a_cut_tool_input_leaves_no_tool_use_unanswered() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "5.00").await?;
     fleet.anthropic.push([
         ScriptedResponse::from_sse(sse::cut_tool_input(Some("max_tokens"))),

@@ -1,6 +1,6 @@
-//! Shared pieces: a billing-worker with chosen settings, event builders, a publisher.
+//! The billing suite's rigs: a billing-worker with chosen settings, event builders, a publisher, the reconcile command, the settled wait.
 
-use crate::helpers::Broker;
+use crate::harness::Broker;
 use anyhow::Result;
 use clap::Parser as _;
 use rust_decimal::Decimal;
@@ -28,7 +28,7 @@ impl BillingWorker {
     /// TELEGRAM_BOT_TOKEN) for the notices to users.
     pub fn start_notifying(broker: &Broker, db_url: &str, bot_token: Option<&str>, extra: &[&str]) -> Result<Self> {
         // As its own role, as in production.
-        let db_url = &fleet_tests::fleet::as_role(db_url, fleet_tests::fleet::BILLING_ROLE)?;
+        let db_url = &crate::fleet::as_role(db_url, crate::fleet::BILLING_ROLE)?;
         let mut args = vec![
             "billing-worker",
             "--billing-database-url",
@@ -121,7 +121,7 @@ pub async fn reconcile_cli(
     admin_key: Option<&str>,
     extra: &[&str],
 ) -> Result<()> {
-    let db_url = &fleet_tests::fleet::as_role(db_url, fleet_tests::fleet::BILLING_ROLE)?;
+    let db_url = &crate::fleet::as_role(db_url, crate::fleet::BILLING_ROLE)?;
     let (from, to) = (from.to_string(), to.to_string());
     let mut args = vec![
         "billing-worker",
@@ -146,7 +146,7 @@ pub async fn reconcile_cli(
 /// Waits until the fleet of `pool` has finished `jobs` jobs and the ledger
 /// has applied every event of the outbox.
 pub async fn wait_settled(pool: &sqlx::PgPool, jobs: i64) -> Result<()> {
-    crate::helpers::wait_until("the jobs to finish and every outbox event to be applied", crate::helpers::WAIT, || {
+    crate::harness::wait_until("the jobs to finish and every outbox event to be applied", crate::harness::WAIT, || {
         let pool = pool.clone();
         async move {
             let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'running')")

@@ -1,22 +1,21 @@
 //! The harness of the lifecycle tests: the fleet's real binaries as separate
-//! processes ([`fleet_tests::fleet`]) on fresh databases and a fresh broker
+//! processes ([`crate::fleet`]) on fresh databases and a fresh broker
 //! prefix, the in-process fakes, typed look-ups of jobs, calls and ledger
 //! rows, and clean-up that runs whether the test passed or not.
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use fleet_tests::fake_anthropic::{FakeAnthropic, RecordedCall};
-use fleet_tests::fake_telegram::{FakeTelegram, TgCall, TgMessage};
-use fleet_tests::fleet::{delete_topology, worker_name, Databases, Fleet, FleetConfig, Services};
+use crate::fake_anthropic::{FakeAnthropic, RecordedCall};
+use crate::fake_telegram::{FakeTelegram, TgCall, TgMessage};
+use crate::fleet::{delete_topology, worker_name, Databases, Fleet, FleetConfig, Services};
+use crate::harness::wait_until;
+use anyhow::{anyhow, ensure, Context as _, Result};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+pub use crate::fleet::Signal;
 pub use fixtures::*;
-pub use fleet_tests::fleet::Signal;
 
 mod binaries;
 mod fixtures;
@@ -25,10 +24,7 @@ mod fixtures;
 const SECRET: &str = "lifecycle-webhook-secret";
 /// The bot token the workers use with the fake Bot API.
 const TOKEN: &str = "7000000001:LIFECYCLE";
-/// Longest wait for anything that should happen promptly.
-pub const WAIT: Duration = Duration::from_secs(30);
-/// Interval of the waits that poll the database (no event exists there).
-const POLL: Duration = Duration::from_millis(50);
+pub use crate::harness::WAIT;
 
 /// Ada: sender of `ada_*.json`, in a private chat of the same id.
 pub const ADA: i64 = 100_000_001;
@@ -45,10 +41,6 @@ pub const FAST_WORKER_ENV: &[(&str, &str)] = &[
     ("PACE_BOT_MS", "1"),
     ("MAX_ATTEMPTS", "3"),
 ];
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
-}
 
 /// A job row, as the tests read it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -99,37 +91,29 @@ impl Lifecycle {
     /// waits until every worker consumes.
     pub async fn start(test: &str, workers: usize, env: &[(&str, &str)]) -> Result<Self> {
         let bin_dir = tokio::task::spawn_blocking(binaries::ensure_binaries).await??;
-        let services = Services {
-            postgres_url: env_or("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
-            amqp_url: env_or("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-        };
+        let services =
+            Services { postgres_url: crate::harness::admin_database_url(), amqp_url: crate::harness::amqp_url() };
         let stem = format!("lc_{}_{}", short(test), &Uuid::now_v7().simple().to_string()[20..]);
         let prefix = format!("{stem}_");
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lifecycle").join(&stem);
+        // Cargo's CARGO_TARGET_TMPDIR of the integration tests.
+        let log_dir = crate::target_dir().join("tmp").join("lifecycle").join(&stem);
         let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
         let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, "fleet_test_bot").await?;
         let dbs = tokio::time::timeout(WAIT, Databases::create(&services, &stem))
             .await
             .map_err(|_| anyhow!("creating the databases timed out"))??;
-        let mut worker_env = BTreeMap::new();
-        for (k, v) in FAST_WORKER_ENV.iter().chain(env) {
-            worker_env.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let cfg = FleetConfig {
+        let cfg = FleetConfig::for_test(
             bin_dir,
-            log_dir: log_dir.clone(),
-            services: services.clone(),
-            prefix: prefix.clone(),
-            bot_db_url: dbs.bot_url.clone(),
-            billing_db_url: dbs.billing_url.clone(),
-            telegram_api_url: telegram.api_url(),
-            anthropic_base_url: anthropic.base_url(),
-            prices_file: fixtures_dir().join("prices.toml"),
-            bot_token: TOKEN.into(),
-            webhook_secret: SECRET.into(),
-            worker_env,
-            workers,
-        };
+            log_dir.clone(),
+            services.clone(),
+            &prefix,
+            &dbs,
+            telegram.api_url(),
+            anthropic.base_url(),
+        )
+        .secrets(TOKEN, SECRET)
+        .worker_env(FAST_WORKER_ENV.iter().chain(env).copied())
+        .workers(workers);
         let fleet = match Fleet::start(&cfg).await {
             Ok(f) => f,
             Err(e) => {
@@ -217,24 +201,20 @@ impl Lifecycle {
         timeout: Duration,
         pred: impl Fn(&Job) -> bool,
     ) -> Result<Job> {
-        let mut last = None;
-        let polled = tokio::time::timeout(timeout, async {
-            loop {
-                if let Ok(job) = self.job(update_id).await {
-                    if pred(&job) {
-                        return Ok::<Job, anyhow::Error>(job);
-                    }
-                    last = Some(job);
-                }
-                tokio::time::sleep(POLL).await;
-            }
+        // The newest row seen, for the timeout's message.
+        let last = std::cell::RefCell::new(None);
+        let seen = wait_until(&format!("the job of {update_id} to be {what}"), timeout, || async {
+            let Ok(job) = self.job(update_id).await else { return Ok(false) };
+            let done = pred(&job);
+            *last.borrow_mut() = Some(job);
+            Ok(done)
         })
         .await;
-        match polled {
-            Ok(job) => job,
-            Err(_) => bail!(
-                "timed out after {timeout:?} waiting for the job of {update_id} to be {what}; last seen: {last:?}"
-            ),
+        let last = last.into_inner();
+        match (seen, last) {
+            (Ok(()), Some(job)) => Ok(job),
+            (Err(e), last) => Err(anyhow!("{e}; last seen: {last:?}")),
+            (Ok(()), None) => Err(anyhow!("the job of {update_id} vanished")),
         }
     }
 
@@ -308,7 +288,7 @@ impl Lifecycle {
     /// Waits until the `index`-th Messages API call has had `events` SSE
     /// events sent (it is streaming).
     pub async fn wait_streaming(&self, index: usize, events: usize) -> Result<()> {
-        let ok = self.anthropic.wait_until(|c| c.get(index).is_some_and(|c| c.events_sent >= events), WAIT).await;
+        let ok = self.anthropic.wait_for(|c| c.get(index).is_some_and(|c| c.events_sent >= events), WAIT).await;
         ensure!(ok, "call {index} never streamed {events} events: {:?}", summary(&self.anthropic.calls()));
         Ok(())
     }
@@ -335,27 +315,6 @@ impl Lifecycle {
         } else {
             worker_name(0)
         }
-    }
-}
-
-/// Runs `check` every 50 ms until it says true; an error after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let polled = tokio::time::timeout(timeout, async {
-        loop {
-            if check().await? {
-                return Ok::<(), anyhow::Error>(());
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    })
-    .await;
-    match polled {
-        Ok(result) => result,
-        Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
     }
 }
 

@@ -9,13 +9,15 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// A database of its own for one test, with the bot and billing migrations
-/// applied (one database serves both, as the product allows).
+/// applied (one database serves both, as the product allows). Dropped
+/// without [`TestDb::cleanup`] (a failed assertion, an early `?`), it still
+/// drops the database.
 pub struct TestDb {
     /// A pool on the test database.
     pub pool: PgPool,
     /// Its URL, for the processes under test.
     pub url: String,
-    /// Its name, to drop it.
+    /// Its name, to drop it; empty once dropped.
     name: String,
 }
 
@@ -62,16 +64,30 @@ impl TestDb {
 
     /// Closes the pool and drops the database (connections of stopped
     /// processes may linger: `FORCE` ends them).
-    pub async fn cleanup(self) -> Result<()> {
+    pub async fn cleanup(mut self) -> Result<()> {
         self.pool.close().await;
-        within("dropping the test database", async {
-            let mut admin = PgConnection::connect(&admin_database_url()).await?;
-            sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name))
-                .execute(&mut admin)
-                .await?;
-            admin.close().await?;
-            Ok::<(), anyhow::Error>(())
-        })
-        .await?
+        let name = std::mem::take(&mut self.name);
+        within("dropping the test database", drop_database(&name)).await?
+    }
+}
+
+/// `DROP DATABASE … WITH (FORCE)` of `name`, if it exists.
+async fn drop_database(name: &str) -> Result<()> {
+    let mut admin = PgConnection::connect(&admin_database_url()).await?;
+    sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)).execute(&mut admin).await?;
+    admin.close().await?;
+    Ok(())
+}
+
+impl Drop for TestDb {
+    /// The clean-up of a test that ended early: drops the database (best
+    /// effort, on a thread of its own, since the test's runtime may be
+    /// unwinding).
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let name = std::mem::take(&mut self.name);
+        super::block_on_own_thread(async move { within("dropping the test database", drop_database(&name)).await });
     }
 }

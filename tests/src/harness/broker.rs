@@ -16,6 +16,8 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// A unique AMQP prefix for one test and a channel to inspect its queues.
+/// Dropped without [`Broker::cleanup`] (a failed assertion, an early `?`),
+/// it still deletes the prefix's queues and exchanges.
 pub struct Broker {
     /// The broker URL.
     pub url: String,
@@ -25,6 +27,8 @@ pub struct Broker {
     _conn: Connection,
     /// The test's own channel (inspection, unbinding, cleanup).
     ch: Channel,
+    /// Set once [`Broker::cleanup`] has deleted everything.
+    cleaned: bool,
 }
 
 impl Broker {
@@ -36,7 +40,7 @@ impl Broker {
             .await
             .context("connecting to TEST_AMQP_URL")?;
         let ch = within("opening a channel", conn.create_channel()).await??;
-        Ok(Self { url, topology, _conn: conn, ch })
+        Ok(Self { url, topology, _conn: conn, ch, cleaned: false })
     }
 
     /// This test's prefix.
@@ -97,7 +101,7 @@ impl Broker {
     }
 
     /// Deletes this test's queues and exchanges.
-    pub async fn cleanup(self) -> Result<()> {
+    pub async fn cleanup(mut self) -> Result<()> {
         let t = &self.topology;
         for q in t.all_queues() {
             within("deleting a queue", self.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()))
@@ -112,6 +116,21 @@ impl Broker {
             .await?
             .with_context(|| format!("deleting exchange {x}"))?;
         }
+        self.cleaned = true;
         Ok(())
+    }
+}
+
+impl Drop for Broker {
+    /// The clean-up of a test that ended early: deletes the prefix's queues
+    /// and exchanges (best effort, on a connection and thread of their own).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (url, prefix) = (self.url.clone(), self.topology.prefix.clone());
+        super::block_on_own_thread(async move {
+            within("deleting the test's queues", crate::fleet::delete_topology(&url, &prefix)).await
+        });
     }
 }

@@ -1,19 +1,10 @@
 //! Fixtures (`fixtures/`, the repo copy of `../shared/fixtures`) and updates derived from them.
 
+use crate::fake_anthropic::ScriptedResponse;
 use anyhow::{Context as _, Result};
-use fleet_tests::fake_anthropic::ScriptedResponse;
 use serde_json::Value;
-use std::path::PathBuf;
 
-/// The shared fixtures folder.
-pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"))
-}
-
-/// A fixture's bytes.
-pub fn fixture_bytes(rel: &str) -> Result<Vec<u8>> {
-    std::fs::read(fixtures_dir().join(rel)).with_context(|| format!("reading fixture {rel}"))
-}
+pub use crate::harness::{fixture_bytes, fixtures_dir};
 
 /// A fixture update as JSON.
 pub fn fixture_json(rel: &str) -> Result<Value> {
@@ -28,7 +19,7 @@ pub fn sse(rel: &str, event_delay_ms: u64) -> Result<ScriptedResponse> {
 /// The answer text a fixture stream carries (its text deltas), trimmed as
 /// the worker trims the reply.
 pub fn answer_of(rel: &str) -> Result<String> {
-    Ok(fleet_tests::demo::sse_text(&fixture_bytes(rel)?).trim().to_owned())
+    Ok(crate::demo::sse_text(&fixture_bytes(rel)?).trim().to_owned())
 }
 
 /// An update derived from a fixture: a new `update_id`, `message_id` and

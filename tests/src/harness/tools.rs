@@ -1,13 +1,10 @@
 //! Rigs of the tools suite: [`ClaimedJob`], a job claimed on a fresh
-//! database to call `worker::tools::run_tools` on directly; [`Fleet`], the
-//! ingress and a worker with tool settings against the fakes; updates and
-//! SSE bodies written inline in the fixtures' format.
+//! database to call `worker::tools::run_tools` on directly; [`spawn_fleet`],
+//! the ingress and a worker with tool settings against the fakes; updates
+//! and SSE bodies written inline in the fixtures' format.
 
-use crate::helpers::{amqp_url, fixture, init_logs, spawn_ingress, stop, within, Broker, Running, TestDb, WAIT};
-use anyhow::{bail, ensure, Context as _, Result};
-use clap::Parser as _;
-use fleet_tests::fake_anthropic::FakeAnthropic;
-use fleet_tests::fake_telegram::{FakeTelegram, TgCall};
+use crate::harness::{amqp_url, init_logs, within, worker_settings, TestApp, TestDb, WorkerDeps};
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -18,71 +15,12 @@ use worker::tools::{ToolOutcome, ToolUse};
 
 /// Ada: user and private chat of the tests.
 pub const ADA: i64 = 100_000_001;
-/// The bot token of the tests (the fakes accept any well-formed one).
-pub const BOT_TOKEN: &str = crate::helpers::BOT_TOKEN;
 
-/// The worker's command line for these tests: fixture prices, the given
-/// database and prefix, no pacing; `extra` pairs are `--flag value`.
-fn worker_settings(
-    database_url: &str,
-    prefix: &str,
-    telegram_api_url: &str,
-    anthropic_base_url: &str,
-    extra: &[(&str, &str)],
-) -> Result<worker::Settings> {
-    let prices = fixture("prices.toml");
-    let prices = prices.to_str().context("fixtures path is not UTF-8")?;
-    let amqp = amqp_url();
-    // The worker connects as its own role, as in production.
-    let database_url = &fleet_tests::fleet::as_role(database_url, fleet_tests::fleet::WORKER_ROLE)?;
-    let mut args: Vec<String> = [
-        "worker",
-        "--telegram-api-url",
-        telegram_api_url,
-        "--bot-username",
-        crate::helpers::BOT_USERNAME,
-        "--anthropic-base-url",
-        anthropic_base_url,
-        "--prices-file",
-        prices,
-        "--worker-id",
-        "tools-test-worker",
-        "--database-url",
-        database_url,
-        "--billing-database-url",
-        database_url,
-        "--database-max-connections",
-        "6",
-        "--amqp-url",
-        &amqp,
-        "--amqp-prefix",
-        prefix,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    // Flags that make tests fast or let them run side by side; the product
-    // may rename them as it evolves.
-    let known = <worker::Settings as clap::CommandFactory>::command();
-    let optional =
-        [("pace-private-ms", "0"), ("pace-group-ms", "0"), ("pace-bot-ms", "0"), ("admin-bind", "127.0.0.1:0")];
-    for (flag, value) in optional {
-        if known.get_arguments().any(|a| a.get_long() == Some(flag)) {
-            args.extend([format!("--{flag}"), value.to_owned()]);
-        }
-    }
-    // PDFs are read by `worker extract-document`, not by this test binary
-    // (unless the test names another extractor).
-    if !extra.iter().any(|(flag, _)| *flag == "document-extractor") {
-        let extractor = fleet_tests::worker_binary();
-        args.extend(["--document-extractor".to_owned(), extractor.to_string_lossy().into_owned()]);
-    }
-    for (flag, value) in extra {
-        args.extend([format!("--{flag}"), (*value).to_owned()]);
-    }
-    let mut settings = worker::Settings::try_parse_from(args)?;
-    settings.bot_token = shared::secret::Secret::new(BOT_TOKEN);
-    settings.anthropic_api_key = shared::secret::Secret::new("sk-ant-test-key");
-    Ok(settings)
+/// The worker's settings of this suite: [`worker_settings`] with worker id
+/// `tools-test-worker` and 6 database connections.
+fn tools_settings(s: &mut worker::Settings) {
+    s.worker_id = Some("tools-test-worker".to_owned());
+    s.db.database_max_connections = 6;
 }
 
 /// A chat job of Ada's, claimed (status `running`, epoch 1) on a database of
@@ -104,16 +42,18 @@ impl ClaimedJob {
     pub async fn new(tool_timeout_s: u64) -> Result<Self> {
         init_logs();
         let db = TestDb::new().await?;
-        let timeout = tool_timeout_s.to_string();
         let prefix = format!("t{}_", Uuid::now_v7().simple());
+        let amqp = amqp_url();
         // Nothing listens on port 9: no test here calls Telegram or Claude.
-        let settings = worker_settings(
-            &db.url,
-            &prefix,
-            "http://127.0.0.1:9",
-            "http://127.0.0.1:9",
-            &[("tool-timeout-s", &timeout)],
-        )?;
+        let mut settings = worker_settings(&WorkerDeps {
+            prefix: &prefix,
+            amqp_url: &amqp,
+            database_url: &db.url,
+            telegram_api_url: "http://127.0.0.1:9",
+            anthropic_base_url: "http://127.0.0.1:9",
+        })?;
+        tools_settings(&mut settings);
+        settings.tool_timeout_s = tool_timeout_s;
         let app = within("building the worker", worker::App::build(settings)).await??;
         sqlx::query("INSERT INTO users (user_id, first_name) VALUES ($1, 'Ada')").bind(ADA).execute(&db.pool).await?;
         sqlx::query("INSERT INTO chats (chat_id, kind) VALUES ($1, 'private')").bind(ADA).execute(&db.pool).await?;
@@ -195,102 +135,11 @@ pub async fn lock_waiters(db: &TestDb) -> Result<i64> {
     .await
 }
 
-/// The ingress and one worker (with `settings` as `--flag value` pairs)
-/// against the fakes, on a database and prefix of their own.
-pub struct Fleet {
-    /// The test database.
-    pub db: TestDb,
-    /// The prefix and inspection channel.
-    pub broker: Broker,
-    /// The fake Bot API.
-    pub telegram: FakeTelegram,
-    /// The fake Messages API.
-    pub anthropic: FakeAnthropic,
-    /// Webhook port.
-    port: u16,
-    /// Client for the webhook.
-    http: reqwest::Client,
-    /// Ingress, then worker.
-    processes: Vec<(&'static str, Running)>,
-}
-
-impl Fleet {
-    /// Starts the fakes, the ingress and a worker.
-    pub async fn spawn(settings: &[(&str, &str)]) -> Result<Self> {
-        init_logs();
-        let telegram = FakeTelegram::start("127.0.0.1:0".parse()?, crate::helpers::BOT_USERNAME).await?;
-        let anthropic = FakeAnthropic::start("127.0.0.1:0".parse()?).await?;
-        let db = TestDb::new().await?;
-        let broker = Broker::new().await?;
-        let http = crate::helpers::http_client()?;
-        let mut fleet = Self { db, broker, telegram, anthropic, port: 0, http, processes: Vec::new() };
-        let started = fleet.start(settings).await;
-        if let Err(e) = started {
-            let _ = fleet.cleanup().await;
-            return Err(e);
-        }
-        Ok(fleet)
-    }
-
-    async fn start(&mut self, settings: &[(&str, &str)]) -> Result<()> {
-        let (port, token, handle) = spawn_ingress(self.broker.prefix(), &self.broker.url).await?;
-        self.port = port;
-        self.processes.push(("ingress", (token, handle)));
-        let settings = worker_settings(
-            &self.db.url,
-            self.broker.prefix(),
-            &self.telegram.api_url(),
-            &self.anthropic.base_url(),
-            settings,
-        )?;
-        let app = within("building the worker", worker::App::build(settings)).await??;
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-        self.processes.push(("worker", (token, handle)));
-        Ok(())
-    }
-
-    /// Grants `usd` of credit to `user`.
-    pub async fn grant(&self, user: i64, usd: &str) -> Result<()> {
-        billing_worker::ledger::grant(&self.db.pool, user, usd.parse()?, Uuid::now_v7()).await?;
-        Ok(())
-    }
-
-    /// Posts `update` to the webhook; it must be accepted.
-    pub async fn post(&self, update: &Value) -> Result<()> {
-        let body = serde_json::to_vec(update)?;
-        let status =
-            crate::helpers::post_webhook(&self.http, self.port, Some(crate::helpers::WEBHOOK_SECRET), body).await?;
-        ensure!(status == reqwest::StatusCode::OK, "the webhook answered {status}");
-        Ok(())
-    }
-
-    /// Waits for a message to `chat` whose text contains `needle`; its text.
-    pub async fn wait_for_message(&self, chat: i64, needle: &str) -> Result<String> {
-        let matches = |c: &TgCall| {
-            c.method == "sendMessage"
-                && c.status == 200
-                && c.params["chat_id"].as_i64() == Some(chat)
-                && c.params["text"].as_str().is_some_and(|t| t.contains(needle))
-        };
-        if !self.telegram.wait_for_call(matches, WAIT).await {
-            let sent: Vec<_> = self.telegram.messages().into_iter().map(|m| m.text).collect();
-            bail!("no message containing {needle:?} reached chat {chat}; sent: {sent:#?}");
-        }
-        let call = self.telegram.calls().into_iter().find(|c| matches(c)).context("the call vanished")?;
-        Ok(call.params["text"].as_str().unwrap_or_default().to_owned())
-    }
-
-    /// Stops the processes, the fakes, and deletes the database and queues.
-    pub async fn cleanup(mut self) -> Result<()> {
-        for (name, running) in self.processes.drain(..) {
-            stop(name, running).await?;
-        }
-        self.telegram.shutdown().await;
-        self.anthropic.shutdown().await;
-        self.broker.cleanup().await?;
-        self.db.cleanup().await
-    }
+/// The ingress and one worker of this suite's settings, changed by
+/// `overrides` (`|s| s.tool_timeout_s = 20`), against the fakes on a
+/// database and prefix of their own; no billing-worker.
+pub async fn spawn_fleet(overrides: impl FnOnce(&mut worker::Settings) + Send + 'static) -> Result<TestApp> {
+    TestApp::builder().without_billing_worker().worker(tools_settings).worker(overrides).spawn().await
 }
 
 /// A private text message from Ada.

@@ -11,10 +11,7 @@ fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LIFECYCLE_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
-    target.join("debug")
+    crate::target_dir().join("debug")
 }
 
 /// Builds the three binaries once per test process (a no-op when they are
