@@ -10,6 +10,7 @@ mod bad_input;
 mod batching;
 mod common;
 mod dead_letters;
+mod finance_cli;
 mod holds;
 mod outage;
 mod reconcile;
