@@ -93,6 +93,10 @@ pub struct Reconciliation {
     pub totals: BTreeMap<String, (Decimal, Decimal)>,
     /// Events in the outbox but not applied to the ledger.
     pub missing_in_ledger: Vec<String>,
+    /// Events in the outbox whose dead letter finance discarded, with the
+    /// reason (`dead-letters discard`): not applied, not in the totals, not
+    /// a variance.
+    pub discarded: Vec<String>,
     /// Events applied to the ledger with no outbox row.
     pub missing_in_outbox: Vec<String>,
     /// Broken invariants.
@@ -217,6 +221,7 @@ impl Reconciliation {
         let mut lines = Vec::new();
         lines.extend(self.missing_in_ledger.iter().map(|m| format!("missing in ledger: {m}")));
         lines.extend(self.missing_in_outbox.iter().map(|m| format!("missing in outbox: {m}")));
+        lines.extend(self.discarded.iter().map(|m| format!("discarded dead letter: {m}")));
         lines.extend(self.invariant_failures.iter().map(|m| format!("invariant: {m}")));
         lines.extend(self.provider_variances().into_iter().map(|m| format!("provider variance: {m}")));
         lines
@@ -272,7 +277,19 @@ pub async fn reconcile(
     .await?;
     let applied_ids: BTreeMap<Uuid, &Value> = applied.iter().map(|(id, p)| (*id, p)).collect();
     let outbox_ids: BTreeMap<Uuid, &Value> = outbox.iter().map(|o| (o.event_id, &o.payload)).collect();
+    // Dead letters finance discarded with a reason: accounted for, not a variance.
+    let discarded: BTreeMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+        "SELECT event_id, discard_reason FROM billing_failures WHERE discarded_at IS NOT NULL",
+    )
+    .fetch_all(billing)
+    .await?
+    .into_iter()
+    .collect();
     for o in &outbox {
+        if let (false, Some(reason)) = (applied_ids.contains_key(&o.event_id), discarded.get(&o.event_id)) {
+            r.discarded.push(format!("{} (discarded: {reason})", drill_down(o.event_id, &o.payload)));
+            continue;
+        }
         let day = o.created_at.date_naive();
         let model = match &o.event {
             Some(BillingEvent::UsageCharge(c)) => c.model.as_str(),
@@ -503,7 +520,7 @@ fn render_csv(r: &Reconciliation) -> anyhow::Result<String> {
 ///   "rows": [ { "day": "2026-11-30", "model": "…", "class": "user_charge",
 ///               "outbox_usd": "0.045", "ledger_usd": "0.045", "variance_usd": "0.00" } ],
 ///   "missing_in_ledger": ["event … type=… update_id=… job=…"], "missing_in_outbox": [],
-///   "invariant_failures": [],
+///   "discarded": ["event … (discarded: <reason>)"], "invariant_failures": [],
 ///   "provider": { "status": "skipped", "reason": "…" } }
 /// ```
 ///
@@ -547,6 +564,7 @@ pub fn to_json(r: &Reconciliation) -> Value {
         "rows": rows,
         "missing_in_ledger": r.missing_in_ledger,
         "missing_in_outbox": r.missing_in_outbox,
+        "discarded": r.discarded,
         "invariant_failures": r.invariant_failures,
         "provider": serde_json::to_value(&r.provider).unwrap_or(Value::Null),
     })
@@ -567,6 +585,9 @@ fn render_table(r: &Reconciliation) -> String {
     }
     for m in &r.missing_in_outbox {
         let _ = writeln!(out, "missing in outbox: {m}");
+    }
+    for m in &r.discarded {
+        let _ = writeln!(out, "discarded dead letter: {m}");
     }
     for m in &r.invariant_failures {
         let _ = writeln!(out, "invariant: {m}");

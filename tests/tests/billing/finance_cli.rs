@@ -161,7 +161,7 @@ fn reconcile_schema() -> Value {
     json!({
         "type": "object",
         "required": ["from", "to", "clean", "variance", "totals", "rows", "missing_in_ledger", "missing_in_outbox",
-                     "invariant_failures", "provider"],
+                     "discarded", "invariant_failures", "provider"],
         "properties": {
             "from": { "type": "string" }, "to": { "type": "string" },
             "clean": { "type": "boolean" },
@@ -185,6 +185,7 @@ fn reconcile_schema() -> Value {
             "rows": { "type": "array", "items": row },
             "missing_in_ledger": { "type": "array", "items": { "type": "string" } },
             "missing_in_outbox": { "type": "array", "items": { "type": "string" } },
+            "discarded": { "type": "array", "items": { "type": "string" } },
             "invariant_failures": { "type": "array", "items": { "type": "string" } },
             "provider": { "type": "object", "required": ["status"] },
         },
@@ -495,6 +496,12 @@ async fn a_dead_letter_is_listed_by_the_event_id_reconcile_reports_and_discarded
     assert_eq!(doc["pending"], 0);
     assert_eq!(doc["dead_letters"][0]["status"], "discarded");
     assert_eq!(doc["dead_letters"][0]["discard_reason"], reason);
+    // Reconcile accounts for it now: listed with its reason, not a variance.
+    let run = cli(&db, None, &["reconcile", "--from", &today, "--to", &today, "--format", "json"]).await?;
+    let doc = run.ok()?.json()?;
+    assert_eq!(doc["clean"], true, "{doc:#}");
+    assert_eq!(doc["missing_in_ledger"], json!([]));
+    assert!(doc["discarded"][0].as_str().is_some_and(|d| d.contains(&id) && d.contains(reason)), "{doc:#}");
     let run = cli(&db, Some(&broker), &["dead-letters", "redrive", "--event", &id]).await?;
     assert_ne!(run.code, Some(0), "a discarded event is not redriven: {run:?}");
     assert!(run.stderr.contains("discarded"), "{}", run.stderr);
