@@ -1,5 +1,6 @@
 //! Billing-worker settings and subcommands.
 
+use crate::finance_output::Format;
 use shared::config::{BrokerArgs, LogArgs};
 use shared::config_source::{self as source, SourceError};
 use shared::secret::Secret;
@@ -75,6 +76,9 @@ pub enum Command {
     /// Apply the billing migrations and exit.
     Migrate,
     /// Credit a user's account (payments → user), then print the balance.
+    /// With an idempotency key used before: the same user and amount is
+    /// "already granted" (exit 0); another amount or user is refused (exit
+    /// 1, both grants named).
     Grant {
         /// Telegram user id.
         #[arg(long)]
@@ -128,9 +132,10 @@ pub enum Command {
         /// Last day (UTC), inclusive (default: today).
         #[arg(long)]
         to: Option<chrono::NaiveDate>,
-        /// table, csv or json.
-        #[arg(long, default_value = "table")]
-        format: String,
+        /// Output: a table, CSV (a header and one row per day, model, class
+        /// and unit; nothing else) or JSON (with totals, variance and `clean`).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
         /// Base URL of the Anthropic API (for the usage report).
         #[arg(long, env = "ANTHROPIC_BASE_URL", default_value = "https://api.anthropic.com")]
         anthropic_base_url: String,
@@ -150,6 +155,24 @@ pub enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// A user's statement: every ledger entry on their account in the
+    /// period (event, job, model, tokens, amount, running balance) between
+    /// the opening and the closing balance.
+    Statement {
+        /// Telegram user id.
+        #[arg(long)]
+        user: i64,
+        /// First day (UTC), inclusive (default: the first entry; opening 0).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day (UTC), inclusive (default: the latest entry).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Output: a table, CSV (a header and one row per entry; nothing
+        /// else) or JSON (with opening and closing balances).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Print a user's balance in USD.
     Balance {
         /// Telegram user id.
@@ -161,17 +184,36 @@ pub enum Command {
 /// `dead-letters` subcommands.
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum DeadLetterAction {
-    /// List unresolved failures (event, attempts, last error, when).
-    List,
+    /// List pending dead letters by event id (the id `reconcile` reports):
+    /// type, user, job, attempts, when, last error.
+    List {
+        /// Also those applied or discarded since (with a status column).
+        #[arg(long)]
+        all: bool,
+        /// Output: table, csv or json.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Re-publish dead-lettered events to the billing exchange; idempotency
-    /// makes repeating it safe.
+    /// makes repeating it safe. A discarded event is not redriven.
     Redrive {
-        /// One event.
-        #[arg(long, conflicts_with = "all")]
+        /// One event (its event id).
+        #[arg(long, alias = "id", conflicts_with = "all")]
         event: Option<uuid::Uuid>,
         /// Every unresolved one.
         #[arg(long)]
         all: bool,
+    },
+    /// Resolve a pending dead letter without applying it, recording when
+    /// and why (it is no longer listed as pending, nor redriven). An event
+    /// already applied cannot be discarded: refund it instead.
+    Discard {
+        /// The event id.
+        #[arg(long, alias = "event")]
+        id: uuid::Uuid,
+        /// Why (kept with the dead letter).
+        #[arg(long)]
+        reason: String,
     },
 }
 

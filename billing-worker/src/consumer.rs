@@ -290,7 +290,7 @@ async fn dead_letter(
 ) -> Result<(), amqp::BrokerError> {
     republish(ctx, d, &ctx.topology.billing_dead_queue(), attempts).await?;
     let payload: Option<serde_json::Value> = serde_json::from_slice(&d.data).ok();
-    let key = event_id.unwrap_or_else(|| uuid::Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, &d.data));
+    let key = event_id.unwrap_or_else(|| failure_key(payload.as_ref(), d));
     let recorded = sqlx::query(
         "INSERT INTO billing_failures (event_id, attempts, last_error, payload, dead_lettered_at)
          VALUES ($1, $2, $3, $4, now())
@@ -310,6 +310,19 @@ async fn dead_letter(
     tracing::error!(event_id = %key, reason, "billing event dead-lettered");
     notify_user(ctx, payload.as_ref()).await;
     Ok(())
+}
+
+/// The `billing_failures` id of a delivery that is not a billing event: the
+/// `event_id` its body names (the id of its outbox row, which `reconcile`
+/// reports as missing in the ledger), else its AMQP `message_id` (the relay
+/// sets it to the event id), else an id derived from the bytes.
+fn failure_key(payload: Option<&serde_json::Value>, d: &Delivery) -> uuid::Uuid {
+    let named = payload.and_then(|p| p.get("event_id")).and_then(serde_json::Value::as_str);
+    let message_id = d.properties.message_id().as_ref().map(|m| m.to_string());
+    named
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+        .or_else(|| message_id.and_then(|s| uuid::Uuid::parse_str(&s).ok()))
+        .unwrap_or_else(|| uuid::Uuid::new_v5(&shared::contracts::EVENT_NAMESPACE, &d.data))
 }
 
 /// Tells the user a charge is pending review (never only a log line).

@@ -1,9 +1,11 @@
-//! Finance commands: dead letters (list, redrive), reconciliation of the
+//! Finance commands: dead letters (redrive; list and discard in
+//! [`crate::finance_dead_letters`]), reconciliation of the
 //! outbox against the ledger with the ledger's invariants (and, with an
 //! admin key, of our token counts against the provider's usage report), one
 //! charge's trace, and refunds as correcting entries (DESIGN §7a).
 
 use crate::bot_db::DailyTokens;
+use crate::finance_output::{csv_text, json_text, Format};
 use crate::ledger::{self, Posting};
 use crate::provider::{token_classes, ProviderTotals, UsageReportClient};
 use billing::{Account, EntryKind};
@@ -11,35 +13,19 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, Topology, BILLING_ROUTING_KEY};
 use shared::contracts::BillingEvent;
+use shared::money::{format_amount, format_usd};
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use uuid::Uuid;
-
-/// Unresolved failures, one line each.
-///
-/// # Errors
-/// Database errors.
-pub async fn list_dead_letters(db: &PgPool) -> Result<String, sqlx::Error> {
-    let rows: Vec<(Uuid, i32, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
-        "SELECT event_id, attempts, last_error, dead_lettered_at FROM billing_failures WHERE resolved_at IS NULL ORDER BY updated_at",
-    )
-    .fetch_all(db)
-    .await?;
-    let mut out = format!("{} unresolved billing failure(s)\n", rows.len());
-    for (id, attempts, error, at) in rows {
-        let at = at.map(|t| t.to_rfc3339()).unwrap_or_default();
-        let _ = writeln!(out, "{id}  attempts={attempts}  dead_lettered_at={at}  error={error}");
-    }
-    Ok(out)
-}
 
 /// Re-publishes the payload of one (or every) unresolved failure to the
 /// billing exchange; returns how many. The billing-worker marks each
 /// resolved when it applies.
 ///
 /// # Errors
-/// Database or broker errors; an event without a stored payload.
+/// Database or broker errors; an event without a stored payload; a
+/// discarded event.
 pub async fn redrive(
     db: &PgPool,
     publisher: &ConfirmPublisher,
@@ -48,6 +34,16 @@ pub async fn redrive(
 ) -> anyhow::Result<usize> {
     let rows: Vec<(Uuid, Option<Value>)> = match event {
         Some(id) => {
+            let discarded: Option<String> = sqlx::query_scalar(
+                "SELECT discard_reason FROM billing_failures WHERE event_id = $1 AND discarded_at IS NOT NULL",
+            )
+            .bind(id)
+            .fetch_optional(db)
+            .await?
+            .flatten();
+            if let Some(reason) = discarded {
+                anyhow::bail!("event {id} was discarded ({reason}); it is not redriven");
+            }
             sqlx::query_as("SELECT event_id, payload FROM billing_failures WHERE event_id = $1")
                 .bind(id)
                 .fetch_all(db)
@@ -86,12 +82,21 @@ pub async fn redrive(
 }
 
 /// One reconciliation run.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct Reconciliation {
-    /// Totals per day, model and class: `(outbox, ledger)` in USD.
+    /// First day compared (UTC), inclusive.
+    pub from: chrono::NaiveDate,
+    /// Last day compared (UTC), inclusive.
+    pub to: chrono::NaiveDate,
+    /// Totals per `"{day} {model} {class}"` ([`split_key`]): `(outbox,
+    /// ledger)` in USD.
     pub totals: BTreeMap<String, (Decimal, Decimal)>,
     /// Events in the outbox but not applied to the ledger.
     pub missing_in_ledger: Vec<String>,
+    /// Events in the outbox whose dead letter finance discarded, with the
+    /// reason (`dead-letters discard`): not applied, not in the totals, not
+    /// a variance.
+    pub discarded: Vec<String>,
     /// Events applied to the ledger with no outbox row.
     pub missing_in_outbox: Vec<String>,
     /// Broken invariants.
@@ -185,6 +190,43 @@ impl Reconciliation {
             .collect()
     }
 
+    /// `(outbox, ledger)` USD per class, summed over days and models.
+    pub fn class_totals(&self) -> BTreeMap<String, (Decimal, Decimal)> {
+        let mut totals: BTreeMap<String, (Decimal, Decimal)> = BTreeMap::new();
+        for (k, (outbox, ledger)) in &self.totals {
+            let t = totals.entry(split_key(k).2.to_owned()).or_default();
+            t.0 += outbox;
+            t.1 += ledger;
+        }
+        totals
+    }
+
+    /// Sum of |outbox − ledger| over the rows, USD: 0 exactly when every
+    /// row matches.
+    pub fn usd_variance(&self) -> Decimal {
+        self.totals.values().map(|(a, b)| (a - b).abs()).sum()
+    }
+
+    /// Sum of |provider − api_calls| over the provider rows, tokens (0
+    /// without a report).
+    pub fn token_variance(&self) -> u128 {
+        let ProviderComparison::Compared { tokens } = &self.provider else { return 0 };
+        tokens.values().map(|t| t.variance().unsigned_abs()).sum()
+    }
+
+    /// Every finding, one line each (missing events with their drill-down,
+    /// broken invariants, provider variances), for where the output format
+    /// has no place for them (CSV).
+    pub fn findings(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        lines.extend(self.missing_in_ledger.iter().map(|m| format!("missing in ledger: {m}")));
+        lines.extend(self.missing_in_outbox.iter().map(|m| format!("missing in outbox: {m}")));
+        lines.extend(self.discarded.iter().map(|m| format!("discarded dead letter: {m}")));
+        lines.extend(self.invariant_failures.iter().map(|m| format!("invariant: {m}")));
+        lines.extend(self.provider_variances().into_iter().map(|m| format!("provider variance: {m}")));
+        lines
+    }
+
     /// One line naming what differs (for the exit error of the CLI); empty
     /// when clean.
     pub fn summary(&self) -> String {
@@ -222,7 +264,7 @@ pub async fn reconcile(
     from: chrono::NaiveDate,
     to: chrono::NaiveDate,
 ) -> Result<Reconciliation, sqlx::Error> {
-    let mut r = Reconciliation::default();
+    let mut r = Reconciliation { from, to, ..Reconciliation::default() };
     let outbox = crate::bot_db::outbox_between(bot, from, to).await?;
     // The kinds bound from the type: a new event version is compared too.
     let applied: Vec<(Uuid, Value)> = sqlx::query_as(
@@ -235,7 +277,19 @@ pub async fn reconcile(
     .await?;
     let applied_ids: BTreeMap<Uuid, &Value> = applied.iter().map(|(id, p)| (*id, p)).collect();
     let outbox_ids: BTreeMap<Uuid, &Value> = outbox.iter().map(|o| (o.event_id, &o.payload)).collect();
+    // Dead letters finance discarded with a reason: accounted for, not a variance.
+    let discarded: BTreeMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+        "SELECT event_id, discard_reason FROM billing_failures WHERE discarded_at IS NOT NULL",
+    )
+    .fetch_all(billing)
+    .await?
+    .into_iter()
+    .collect();
     for o in &outbox {
+        if let (false, Some(reason)) = (applied_ids.contains_key(&o.event_id), discarded.get(&o.event_id)) {
+            r.discarded.push(format!("{} (discarded: {reason})", drill_down(o.event_id, &o.payload)));
+            continue;
+        }
         let day = o.created_at.date_naive();
         let model = match &o.event {
             Some(BillingEvent::UsageCharge(c)) => c.model.as_str(),
@@ -390,74 +444,190 @@ fn drill_down(id: Uuid, p: &Value) -> String {
     )
 }
 
-/// Renders a reconciliation as `table`, `csv` or `json`.
-pub fn render(r: &Reconciliation, format: &str) -> String {
+/// `"{day} {model} {class}"` split into its parts (the model between the
+/// first and the last space).
+pub fn split_key(key: &str) -> (&str, &str, &str) {
+    let (day, rest) = key.split_once(' ').unwrap_or((key, ""));
+    let (model, class) = rest.rsplit_once(' ').unwrap_or(("", rest));
+    (day, model, class)
+}
+
+/// The CSV header of `reconcile --format csv`: one row per day, model, class
+/// and unit. `usd` rows fill `outbox`, `ledger` and `variance` (outbox −
+/// ledger); `tokens` rows (with the provider report) fill `outbox`,
+/// `api_calls`, `provider` and `variance` (provider − api_calls).
+pub const RECONCILE_CSV_HEADER: [&str; 9] =
+    ["day", "model", "class", "unit", "outbox", "ledger", "api_calls", "provider", "variance"];
+
+/// Renders a reconciliation: a table (rows, totals by class, findings,
+/// `reconcile: clean` or `reconcile: VARIANCE`), CSV (the rows only, see
+/// [`RECONCILE_CSV_HEADER`]; the findings go to the exit error) or JSON
+/// ([`to_json`]).
+///
+/// # Errors
+/// Only from the CSV writer (none expected).
+pub fn render(r: &Reconciliation, format: Format) -> anyhow::Result<String> {
     match format {
-        "json" => serde_json::to_string_pretty(r).unwrap_or_default(),
-        "csv" => {
-            let mut out = String::from("day_model_class,outbox_usd,ledger_usd,variance_usd\n");
-            for (k, (a, b)) in &r.totals {
-                let _ = writeln!(out, "{k},{a},{b},{}", a - b);
-            }
-            // A second table after a blank line: the provider comparison.
-            match &r.provider {
-                ProviderComparison::Skipped { reason } => {
-                    let _ = writeln!(out, "\nprovider report: skipped ({reason})");
-                }
-                ProviderComparison::Compared { tokens } => {
-                    out.push_str("\nday_model_class,outbox_tokens,api_calls_tokens,provider_tokens,variance_tokens\n");
-                    for (k, t) in tokens {
-                        let _ = writeln!(out, "{k},{},{},{},{}", t.outbox, t.api_calls, t.provider, t.variance());
-                    }
-                }
-            }
-            out
-        }
-        _ => {
-            let mut out =
-                format!("{:<48} {:>14} {:>14} {:>12}\n", "day model class", "outbox USD", "ledger USD", "variance");
-            for (k, (a, b)) in &r.totals {
-                let _ =
-                    writeln!(out, "{k:<48} {:>14} {:>14} {:>12}", a.normalize(), b.normalize(), (a - b).normalize());
-            }
-            for m in &r.missing_in_ledger {
-                let _ = writeln!(out, "missing in ledger: {m}");
-            }
-            for m in &r.missing_in_outbox {
-                let _ = writeln!(out, "missing in outbox: {m}");
-            }
-            for m in &r.invariant_failures {
-                let _ = writeln!(out, "invariant: {m}");
-            }
-            match &r.provider {
-                ProviderComparison::Skipped { reason } => {
-                    let _ = writeln!(out, "provider report: skipped ({reason})");
-                }
-                ProviderComparison::Compared { tokens } => {
-                    let _ = writeln!(
-                        out,
-                        "provider report (Usage and Cost API), tokens; variance = provider − api_calls:\n{:<60} {:>14} {:>14} {:>14} {:>12}",
-                        "day model class", "outbox", "api_calls", "provider", "variance"
-                    );
-                    for (k, t) in tokens {
-                        let _ = writeln!(
-                            out,
-                            "{k:<60} {:>14} {:>14} {:>14} {:>12}",
-                            t.outbox,
-                            t.api_calls,
-                            t.provider,
-                            signed(t.variance())
-                        );
-                    }
-                    for m in r.provider_variances() {
-                        let _ = writeln!(out, "provider variance: {m}");
-                    }
-                }
-            }
-            let _ = writeln!(out, "{}", if r.clean() { "reconcile: clean" } else { "reconcile: VARIANCE" });
-            out
+        Format::Table => Ok(render_table(r)),
+        Format::Csv => render_csv(r),
+        Format::Json => json_text(&to_json(r)),
+    }
+}
+
+fn render_csv(r: &Reconciliation) -> anyhow::Result<String> {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (k, (outbox, ledger)) in &r.totals {
+        let (day, model, class) = split_key(k);
+        rows.push(vec![
+            day.into(),
+            model.into(),
+            class.into(),
+            "usd".into(),
+            format_amount(*outbox),
+            format_amount(*ledger),
+            String::new(),
+            String::new(),
+            format_amount(outbox - ledger),
+        ]);
+    }
+    if let ProviderComparison::Compared { tokens } = &r.provider {
+        for (k, t) in tokens {
+            let (day, model, class) = split_key(k);
+            rows.push(vec![
+                day.into(),
+                model.into(),
+                class.into(),
+                "tokens".into(),
+                t.outbox.to_string(),
+                String::new(),
+                t.api_calls.to_string(),
+                t.provider.to_string(),
+                t.variance().to_string(),
+            ]);
         }
     }
+    csv_text(&RECONCILE_CSV_HEADER, rows)
+}
+
+/// The JSON document of `reconcile --format json`:
+///
+/// ```json
+/// { "from": "2026-11-01", "to": "2026-11-30", "clean": true,
+///   "variance": { "usd": "0.00", "tokens": 0, "missing_in_ledger": 0,
+///                 "missing_in_outbox": 0, "invariant_failures": 0 },
+///   "totals": [ { "class": "user_charge", "outbox_usd": "0.045",
+///                 "ledger_usd": "0.045", "variance_usd": "0.00" } ],
+///   "rows": [ { "day": "2026-11-30", "model": "…", "class": "user_charge",
+///               "outbox_usd": "0.045", "ledger_usd": "0.045", "variance_usd": "0.00" } ],
+///   "missing_in_ledger": ["event … type=… update_id=… job=…"], "missing_in_outbox": [],
+///   "discarded": ["event … (discarded: <reason>)"], "invariant_failures": [],
+///   "provider": { "status": "skipped", "reason": "…" } }
+/// ```
+///
+/// Amounts are strings (exact decimals, two places at least); `variance.usd`
+/// is the sum of |outbox − ledger| over the rows and `variance.tokens` of
+/// |provider − api_calls|, so both are 0 exactly when the sides match;
+/// `provider` is `{"status": "compared", "tokens": {"<day> <model> <class>":
+/// {"outbox", "api_calls", "provider", "variance"}}}` with a report.
+pub fn to_json(r: &Reconciliation) -> Value {
+    let usd = |d: Decimal| Value::String(format_amount(d));
+    let rows: Vec<Value> = r
+        .totals
+        .iter()
+        .map(|(k, (outbox, ledger))| {
+            let (day, model, class) = split_key(k);
+            json!({
+                "day": day, "model": model, "class": class,
+                "outbox_usd": usd(*outbox), "ledger_usd": usd(*ledger), "variance_usd": usd(outbox - ledger),
+            })
+        })
+        .collect();
+    let totals: Vec<Value> = r
+        .class_totals()
+        .into_iter()
+        .map(|(class, (outbox, ledger))| {
+            json!({ "class": class, "outbox_usd": usd(outbox), "ledger_usd": usd(ledger), "variance_usd": usd(outbox - ledger) })
+        })
+        .collect();
+    json!({
+        "from": r.from.to_string(),
+        "to": r.to.to_string(),
+        "clean": r.clean(),
+        "variance": {
+            "usd": usd(r.usd_variance()),
+            "tokens": r.token_variance(),
+            "missing_in_ledger": r.missing_in_ledger.len(),
+            "missing_in_outbox": r.missing_in_outbox.len(),
+            "invariant_failures": r.invariant_failures.len(),
+        },
+        "totals": totals,
+        "rows": rows,
+        "missing_in_ledger": r.missing_in_ledger,
+        "missing_in_outbox": r.missing_in_outbox,
+        "discarded": r.discarded,
+        "invariant_failures": r.invariant_failures,
+        "provider": serde_json::to_value(&r.provider).unwrap_or(Value::Null),
+    })
+}
+
+fn render_table(r: &Reconciliation) -> String {
+    let mut out = format!("reconcile {} to {} (UTC days)\n", r.from, r.to);
+    let _ = writeln!(out, "{:<56} {:>14} {:>14} {:>12}", "day model class", "outbox USD", "ledger USD", "variance");
+    for (k, (a, b)) in &r.totals {
+        let _ = writeln!(out, "{k:<56} {:>14} {:>14} {:>12}", format_usd(*a), format_usd(*b), format_usd(a - b));
+    }
+    for (class, (a, b)) in r.class_totals() {
+        let label = format!("total {class}");
+        let _ = writeln!(out, "{label:<56} {:>14} {:>14} {:>12}", format_usd(a), format_usd(b), format_usd(a - b));
+    }
+    for m in &r.missing_in_ledger {
+        let _ = writeln!(out, "missing in ledger: {m}");
+    }
+    for m in &r.missing_in_outbox {
+        let _ = writeln!(out, "missing in outbox: {m}");
+    }
+    for m in &r.discarded {
+        let _ = writeln!(out, "discarded dead letter: {m}");
+    }
+    for m in &r.invariant_failures {
+        let _ = writeln!(out, "invariant: {m}");
+    }
+    match &r.provider {
+        ProviderComparison::Skipped { reason } => {
+            let _ = writeln!(out, "provider report: skipped ({reason})");
+        }
+        ProviderComparison::Compared { tokens } => {
+            let _ = writeln!(
+                out,
+                "provider report (Usage and Cost API), tokens; variance = provider − api_calls:\n{:<60} {:>14} {:>14} {:>14} {:>12}",
+                "day model class", "outbox", "api_calls", "provider", "variance"
+            );
+            for (k, t) in tokens {
+                let _ = writeln!(
+                    out,
+                    "{k:<60} {:>14} {:>14} {:>14} {:>12}",
+                    t.outbox,
+                    t.api_calls,
+                    t.provider,
+                    signed(t.variance())
+                );
+            }
+            for m in r.provider_variances() {
+                let _ = writeln!(out, "provider variance: {m}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "variance: {} USD, {} tokens, {} event(s) missing in the ledger, {} missing in the outbox, {} broken invariant(s)",
+        format_usd(r.usd_variance()),
+        r.token_variance(),
+        r.missing_in_ledger.len(),
+        r.missing_in_outbox.len(),
+        r.invariant_failures.len()
+    );
+    let _ = writeln!(out, "{}", if r.clean() { "reconcile: clean" } else { "reconcile: VARIANCE" });
+    out
 }
 
 /// `n` with its sign (`+3`, `-3`), `0` without one.
@@ -495,8 +665,8 @@ pub async fn explain(db: &PgPool, event: Uuid) -> anyhow::Result<String> {
         let est = if estimated { " (estimated)" } else { "" };
         let _ = writeln!(
             out,
-            "entry {id}: {kind} {} USD {debit} → {credit}{est} {}",
-            amount.normalize(),
+            "entry {id}: {kind} {} {debit} → {credit}{est} {}",
+            format_usd(amount),
             memo.unwrap_or_default()
         );
     }
@@ -536,7 +706,7 @@ pub async fn refund(db: &PgPool, event: Uuid, reason: &str) -> anyhow::Result<St
     tx.commit().await?;
     Ok(match applied {
         ledger::Applied::Applied => {
-            format!("refunded {} USD of {event} (refund event {refund_id})", amount.normalize())
+            format!("refunded {} of {event} (refund event {refund_id})", format_usd(amount))
         }
         ledger::Applied::Duplicate => format!("already refunded: {event} (refund event {refund_id})"),
     })

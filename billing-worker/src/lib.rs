@@ -12,7 +12,10 @@
 //! - [`bot_db`]: the outbox and `api_calls` of the bot database, read for
 //!   reconciliation as typed events (no JSON path, no tag in SQL).
 //! - [`consumer`]: the `billing.events` consumer and its retry policy.
-//! - [`finance`]: dead letters, reconciliation, explain, refunds.
+//! - [`finance`]: reconciliation, redrive, explain, refunds.
+//! - [`finance_dead_letters`]: dead letters listed by event id, discarded with a reason.
+//! - [`finance_output`]: the output formats (table, CSV, JSON).
+//! - [`finance_statement`]: a user's statement for a period.
 //! - [`provider`]: the provider's usage report (Anthropic Admin API), for
 //!   reconciliation.
 //! - [`startup`]: building and running the app, and the CLI commands.
@@ -22,6 +25,9 @@ pub mod bot_db;
 pub mod config;
 pub mod consumer;
 pub mod finance;
+pub mod finance_dead_letters;
+pub mod finance_output;
+pub mod finance_statement;
 pub mod provider;
 pub mod startup;
 

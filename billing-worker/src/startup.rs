@@ -9,10 +9,12 @@
 use crate::config::{Command, DeadLetterAction, Settings};
 use crate::consumer::{self, BillingContext};
 use crate::finance;
+use crate::finance_output::Format;
 use crate::ledger::{self, Applied};
 use anyhow::Context;
 use rust_decimal::Decimal;
 use shared::amqp::{ConfirmPublisher, Topology};
+use shared::money::format_usd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +43,7 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             let applied = ledger::grant(&db, user, amount, event_id).await?;
             let balance = ledger::balance(&db, user).await?;
             let what = if applied == Applied::Applied { "granted" } else { "already granted (same idempotency key)" };
-            report(&format!("{what}: user {user} balance {balance} USD"));
+            report(&format!("{what}: {} to user {user}, balance {}", format_usd(amount), format_usd(balance)));
         }
         Command::RefundStars { charge, bot_database_url } => {
             let bot = match bot_database_url.filter(|u| !u.is_empty()) {
@@ -56,7 +58,12 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             report(&crate::anomalies::list(&bot).await?);
         }
         Command::DeadLetters { action } => match action {
-            DeadLetterAction::List => report(&finance::list_dead_letters(&db).await?),
+            DeadLetterAction::List { all, format } => {
+                report_raw(&crate::finance_dead_letters::list(&db, all, format).await?);
+            }
+            DeadLetterAction::Discard { id, reason } => {
+                report(&crate::finance_dead_letters::discard(&db, id, &reason).await?);
+            }
             DeadLetterAction::Redrive { event, all } => {
                 if event.is_none() && !all {
                     anyhow::bail!("say --event ID or --all");
@@ -82,7 +89,13 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 None => None,
             };
             let r = finance::reconcile_with_provider(&bot, &db, from, to, provider.as_ref()).await?;
-            report(&finance::render(&r, &format));
+            report_raw(&finance::render(&r, format)?);
+            if format == Format::Csv {
+                // CSV holds the rows only: the findings go beside it.
+                for line in r.findings() {
+                    report_err(&line);
+                }
+            }
             if !r.clean() {
                 // An error, so that the exit status is 1 (and tests see it).
                 anyhow::bail!("reconcile: variance from {from} to {to}: {}", r.summary());
@@ -90,9 +103,12 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
         }
         Command::Explain { event } => report(&finance::explain(&db, event).await?),
         Command::Refund { event, reason } => report(&finance::refund(&db, event, &reason).await?),
+        Command::Statement { user, from, to, format } => {
+            report_raw(&crate::finance_statement::statement(&db, user, from, to, format).await?);
+        }
         Command::Balance { user } => {
             let balance = ledger::balance(&db, user).await?;
-            report(&format!("{balance}"));
+            report(&format_usd(balance));
         }
         Command::Run => {
             let steps = Topology::new("").billing_retry_delays_ms.len();
@@ -195,7 +211,7 @@ async fn refund_stars(
     let mut tx = shared::db::begin(db).await?;
     ledger::apply_postings(&mut tx, refund_id, ledger::STARS_REFUND_KIND, &payload, &postings, &meta).await?;
     tx.commit().await?;
-    Ok(format!("refunded: charge {charge}, user {user}, {credit} USD"))
+    Ok(format!("refunded: charge {charge}, user {user}, {}", format_usd(credit)))
 }
 
 /// `refundStarPayment` (idempotent: an already refunded charge counts as done).
@@ -234,4 +250,20 @@ async fn sweep_holds(db: sqlx::PgPool, shutdown: CancellationToken) {
 #[expect(clippy::print_stdout, reason = "CLI output for operators")]
 fn report(line: &str) {
     println!("{line}");
+}
+
+/// Writes `text` as it is (a CSV or JSON document ends with its own newline
+/// or gets one).
+#[expect(clippy::print_stdout, reason = "CLI output for operators")]
+fn report_raw(text: &str) {
+    if text.ends_with('\n') {
+        print!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// A line for the operator beside the output (stderr).
+fn report_err(line: &str) {
+    eprintln!("{line}");
 }

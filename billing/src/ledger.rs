@@ -11,6 +11,7 @@ use crate::account::{Account, EntryKind};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::contracts::BillingEvent;
+use shared::money::format_usd;
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
@@ -35,6 +36,24 @@ pub enum LedgerError {
     /// a retry queue): transient, retried until they are.
     #[error("{0} charge(s) of the job are not applied yet")]
     ChargesPending(usize),
+    /// A grant's idempotency key was used before for a grant of another
+    /// amount or to another user (as Stripe answers 409): permanent, nothing
+    /// written. Both grants are named.
+    #[error(
+        "idempotency key already used for a grant of {} to user {existing_user}; this request: {} to user {requested_user} (nothing granted)",
+        format_usd(*.existing_amount),
+        format_usd(*.requested_amount)
+    )]
+    KeyReused {
+        /// The user of the grant made with the key.
+        existing_user: i64,
+        /// Its amount, USD.
+        existing_amount: Decimal,
+        /// The user of this request.
+        requested_user: i64,
+        /// Its amount, USD.
+        requested_amount: Decimal,
+    },
 }
 
 impl LedgerError {
@@ -42,7 +61,7 @@ impl LedgerError {
     /// failure, deadlock, timeout); false for bad data.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Invalid(_) => false,
+            Self::Invalid(_) | Self::KeyReused { .. } => false,
             Self::ChargesPending(_) => true,
             Self::Db(e @ sqlx::Error::Database(_)) => shared::db::is_transient(e),
             Self::Db(_) => true,
@@ -465,10 +484,15 @@ impl LegColumns {
     }
 }
 
-/// Credits `amount` USD to `user_id` from [`Account::PAYMENTS`].
+/// Credits `amount` USD to `user_id` from [`Account::PAYMENTS`] under
+/// `event_id` (from the idempotency key: [`shared::contracts::grant_event_id`]).
+/// A repeat with the same user and amount (equal as numbers: `5` = `5.00`)
+/// is [`Applied::Duplicate`].
 ///
 /// # Errors
-/// `Invalid` for a non-positive amount; database errors.
+/// `Invalid` for a non-positive amount; [`LedgerError::KeyReused`] when
+/// `event_id` was applied before as another grant (another amount or
+/// user) or as anything else; database errors.
 pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -> Result<Applied, LedgerError> {
     if amount <= Decimal::ZERO {
         return Err(LedgerError::Invalid("a grant must be positive".into()));
@@ -481,8 +505,23 @@ pub async fn grant(db: &PgPool, user_id: i64, amount: Decimal, event_id: Uuid) -
     let applied = apply_postings(&mut tx, event_id, GRANT_KIND, &payload, &postings, &meta).await?;
     if applied == Applied::Applied {
         tx.commit().await?;
+        return Ok(applied);
     }
-    Ok(applied)
+    let (kind, prior): (String, Value) = sqlx::query_as("SELECT kind, payload FROM applied_events WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let existing_user = prior.get("user_id").and_then(Value::as_i64);
+    let existing_amount = prior.get("amount").and_then(Value::as_str).and_then(|a| a.parse::<Decimal>().ok());
+    if kind == GRANT_KIND && existing_user == Some(user_id) && existing_amount == Some(amount) {
+        return Ok(Applied::Duplicate);
+    }
+    Err(LedgerError::KeyReused {
+        existing_user: existing_user.unwrap_or_default(),
+        existing_amount: existing_amount.unwrap_or_default(),
+        requested_user: user_id,
+        requested_amount: amount,
+    })
 }
 
 /// A user's balance (zero without an account).

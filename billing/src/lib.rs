@@ -9,9 +9,12 @@
 //!   stored account ids and entry kinds.
 //! - [`ledger`]: postings of each event kind, applied in one transaction.
 //! - [`holds`]: place, void, available balance, sweep.
-//! - [`statement`]: a user's latest entries, for `/usage`.
+//! - [`statement`]: a user's latest entries, for `/usage`; a period's
+//!   entries with opening and closing balances, for finance.
+//! - [`failures`]: dead-lettered events: list, discard with a reason.
 
 pub mod account;
+pub mod failures;
 pub mod holds;
 pub mod ledger;
 pub mod statement;

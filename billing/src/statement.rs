@@ -1,13 +1,18 @@
 //! A user's statement: their latest ledger movements, for `/usage` ("why
-//! was I charged"). Read through `fleet_user_entries`
+//! was I charged"), read through `fleet_user_entries`
 //! (`migrations/billing/20261130950001_roles.sql`), so the worker's role
-//! needs no privilege on the ledger tables.
+//! needs no privilege on the ledger tables; and, for finance
+//! (`billing-worker statement`), every movement of a period with its event,
+//! job, model and tokens between an opening and a closing balance
+//! ([`period`], as the billing-worker's role).
 
 use crate::account::{Account, EntryKind};
 use rust_decimal::Decimal;
 use serde_json::Value;
+use shared::contracts::BillingEvent;
 use shared::pricing::TokenCounts;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// The most entries [`recent`] returns (the SQL function caps at 100 too).
 pub const MAX_ENTRIES: u8 = 100;
@@ -65,6 +70,166 @@ pub async fn recent(db: &PgPool, user_id: i64, limit: u8) -> Result<Vec<Statemen
             credit,
         })
         .collect())
+}
+
+/// One movement of a user's account in a finance statement ([`period`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeriodEntry {
+    /// `ledger_entries.entry_id`: the order entries were written in.
+    pub entry_id: i64,
+    /// When the entry was written (UTC).
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The event that wrote it: the id `reconcile`, `explain` and
+    /// `refund --event` use.
+    pub event_id: Uuid,
+    /// What it records.
+    pub kind: EntryKind,
+    /// The job, for charges.
+    pub job_id: Option<Uuid>,
+    /// The model, for usage charges (from the applied event).
+    pub model: Option<String>,
+    /// The tool, for tool charges.
+    pub tool: Option<String>,
+    /// Anthropic's `request-id`, for usage charges.
+    pub request_id: Option<String>,
+    /// Tokens of the call, for usage charges.
+    pub tokens: Option<TokenCounts>,
+    /// Output counted by us, not reported (the call was cut short).
+    pub estimated: bool,
+    /// USD, signed: positive credits the user (top-up, grant, refund),
+    /// negative debits them (charges).
+    pub amount: Decimal,
+    /// The user's balance after this entry, USD.
+    pub balance: Decimal,
+    /// The entry's memo.
+    pub memo: Option<String>,
+}
+
+/// A user's movements in `[from, until)` with the balance before and after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// The Telegram user id.
+    pub user_id: i64,
+    /// Balance before the first entry of the period (sum of every earlier
+    /// entry; 0 without `from`), USD.
+    pub opening: Decimal,
+    /// `opening` + the period's entries, USD.
+    pub closing: Decimal,
+    /// The period's entries, oldest first.
+    pub entries: Vec<PeriodEntry>,
+}
+
+impl Statement {
+    /// Sum of the period's credits to the user, USD (≥ 0).
+    pub fn credits(&self) -> Decimal {
+        self.entries.iter().map(|e| e.amount).filter(|a| a.is_sign_positive()).sum()
+    }
+
+    /// Sum of the period's debits of the user, USD (≥ 0).
+    pub fn debits(&self) -> Decimal {
+        -self.entries.iter().map(|e| e.amount).filter(|a| a.is_sign_negative()).sum::<Decimal>()
+    }
+}
+
+/// `user_id`'s statement for entries written in `[from, until)` (either
+/// bound open when `None`): every ledger entry that debits or credits the
+/// user's account, with its event, job, model, tool, request id and tokens,
+/// the running balance, and the opening and closing balances. Reads the
+/// ledger tables directly (the billing-worker's role); a user without
+/// entries has an empty statement at 0.
+///
+/// # Errors
+/// Database errors; a stored kind this crate does not know.
+pub async fn period(
+    db: &PgPool,
+    user_id: i64,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Statement, sqlx::Error> {
+    type Row = (
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        Uuid,
+        EntryKind,
+        Option<Uuid>,
+        Option<String>,
+        Value,
+        bool,
+        Decimal,
+        bool,
+        Option<String>,
+    );
+    let account = Account::User(user_id).to_string();
+    let opening: Decimal = match from {
+        None => Decimal::ZERO,
+        Some(from) => {
+            sqlx::query_scalar(
+                "SELECT COALESCE(sum(CASE WHEN credit_account = $1 THEN amount ELSE -amount END), 0)
+                   FROM ledger_entries
+                  WHERE (credit_account = $1 OR debit_account = $1) AND created_at < $2",
+            )
+            .bind(&account)
+            .bind(from)
+            .fetch_one(db)
+            .await?
+        }
+    };
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT e.entry_id, e.created_at, e.event_id, e.kind, e.job_id,
+                e.provider_request_id, a.payload, e.estimated, e.amount, e.credit_account = $1, e.memo
+           FROM ledger_entries e JOIN applied_events a USING (event_id)
+          WHERE (e.credit_account = $1 OR e.debit_account = $1)
+            AND ($2::timestamptz IS NULL OR e.created_at >= $2)
+            AND ($3::timestamptz IS NULL OR e.created_at < $3)
+          ORDER BY e.entry_id",
+    )
+    .bind(&account)
+    .bind(from)
+    .bind(until)
+    .fetch_all(db)
+    .await?;
+    let mut balance = opening;
+    let mut entries = Vec::with_capacity(rows.len());
+    for (entry_id, at, event_id, kind, job_id, request_id, payload, estimated, amount, credit, memo) in rows {
+        let amount = if credit { amount } else { -amount };
+        balance += amount;
+        let (model, tool, tokens) = call_details(kind, &payload);
+        entries.push(PeriodEntry {
+            entry_id,
+            at,
+            event_id,
+            kind,
+            job_id,
+            model,
+            tool,
+            request_id,
+            tokens,
+            estimated,
+            amount,
+            balance,
+            memo,
+        });
+    }
+    Ok(Statement { user_id, opening, closing: balance, entries })
+}
+
+/// Model and tokens of a usage charge, tool of a tool charge, from the
+/// applied event: decoded as a [`BillingEvent`]; an event of an older build
+/// (a token class it did not have yet) is read field by field.
+fn call_details(kind: EntryKind, payload: &Value) -> (Option<String>, Option<String>, Option<TokenCounts>) {
+    match (kind, serde_json::from_value::<BillingEvent>(payload.clone())) {
+        (EntryKind::UsageCharge, Ok(BillingEvent::UsageCharge(c))) => (Some(c.model), None, Some(c.tokens)),
+        (EntryKind::ToolCharge, Ok(BillingEvent::ToolCharge(c))) => (None, Some(c.tool_name), None),
+        (EntryKind::UsageCharge, Err(_)) => (
+            payload.get("model").and_then(Value::as_str).map(str::to_owned),
+            None,
+            payload.get("tokens").map(token_counts),
+        ),
+        (EntryKind::ToolCharge, Err(_)) => {
+            (None, payload.get("tool_name").and_then(Value::as_str).map(str::to_owned), None)
+        }
+        _ => (None, None, None),
+    }
 }
 
 /// The token counts of a stored event's `tokens`; a class missing (events

@@ -35,6 +35,31 @@ impl Usd {
     }
 }
 
+/// The one way money is written for people and files: at least two
+/// decimals, otherwise exact — never rounded (`5.5` → `5.50`, `0.0024075`
+/// → `0.0024075`, `-1` → `-1.00`, `3.1000` → `3.10`). For CSV cells and
+/// JSON strings; [`format_usd`] adds the dollar sign.
+pub fn format_amount(amount: Decimal) -> String {
+    let mut n = amount.normalize();
+    if n.is_zero() {
+        // No "-0.00".
+        n = Decimal::ZERO;
+    }
+    if n.scale() < 2 {
+        n.rescale(2);
+    }
+    n.to_string()
+}
+
+/// [`format_amount`] with a dollar sign: `$5.50`, `$0.0024075`, `-$1.00`.
+pub fn format_usd(amount: Decimal) -> String {
+    let text = format_amount(amount);
+    match text.strip_prefix('-') {
+        Some(abs) => format!("-${abs}"),
+        None => format!("${text}"),
+    }
+}
+
 impl fmt::Display for Usd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0.normalize())
@@ -71,6 +96,26 @@ impl std::iter::Sum for Usd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn money_is_written_with_two_decimals_at_least_and_never_rounded() {
+        let cases = [
+            ("5.5", "$5.50"),
+            ("5", "$5.00"),
+            ("0.0024075", "$0.0024075"),
+            ("3.1000", "$3.10"),
+            ("0", "$0.00"),
+            ("-0.000", "$0.00"),
+            ("-1", "-$1.00"),
+            ("-0.0015", "-$0.0015"),
+            ("1234567.891", "$1234567.891"),
+        ];
+        for (amount, text) in cases {
+            let d: Decimal = amount.parse().unwrap();
+            assert_eq!(format_usd(d), text, "{amount}");
+            assert_eq!(format_amount(d), text.replace('$', ""), "{amount}");
+        }
+    }
 
     #[test]
     fn parses_and_serializes_as_a_string() {

@@ -99,9 +99,9 @@ async fn usage(ctx: &WorkerContext, user_id: i64) -> Result<String, sqlx::Error>
             .unwrap_or_default();
         let est = if e.estimated { notices::USAGE_ESTIMATED } else { "" };
         out.push_str(&format!(
-            "\n{} {sign}${} {what}{tokens}{est}",
+            "\n{} {sign}{} {what}{tokens}{est}",
             e.at.format("%Y-%m-%d %H:%M"),
-            e.amount.normalize()
+            shared::money::format_usd(e.amount)
         ));
     }
     Ok(out)

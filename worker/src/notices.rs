@@ -90,9 +90,9 @@ pub fn tool_round_limit(rounds: u32) -> String {
     format!("(Stopped after {rounds} rounds of tool use: the limit for one answer.)")
 }
 
-/// Appended when paid tools ran: `(name, USD)` each.
+/// Appended when paid tools ran: `(name, USD)` each, e.g. `(Tools used: web_fetch $0.01.)`.
 pub fn tools_used(charges: &[(String, Decimal)]) -> String {
-    let list: Vec<String> = charges.iter().map(|(n, p)| format!("{n} ${}", p.normalize())).collect();
+    let list: Vec<String> = charges.iter().map(|(n, p)| format!("{n} {}", shared::money::format_usd(*p))).collect();
     format!("(Tools used: {}.)", list.join(", "))
 }
 

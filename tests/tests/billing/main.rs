@@ -5,6 +5,7 @@
 mod bad_input;
 mod batching;
 mod dead_letters;
+mod finance_cli;
 mod holds;
 mod outage;
 mod reconcile;

@@ -6,6 +6,7 @@
 //! fails when the report cannot be fetched.
 
 use billing_worker::finance::{reconcile, reconcile_with_provider, render, ProviderComparison, Reconciliation};
+use billing_worker::finance_output::Format;
 use billing_worker::provider::UsageReportClient;
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::harness::billing::{grant, reconcile_cli, usage, wait_settled, ADMIN_KEY};
@@ -34,7 +35,7 @@ async fn reconcile_passes_a_clean_run_and_finds_an_event_deleted_from_the_ledger
     }
     let today = chrono::Utc::now().date_naive();
     let clean = reconcile(&db.pool, &db.pool, today, today).await?;
-    assert!(clean.clean(), "{}", billing_worker::finance::render(&clean, "table"));
+    assert!(clean.clean(), "{}", render(&clean, Format::Table)?);
 
     // Tampering: the append-only trigger is bypassed to delete one event.
     let victim = events[1].event_id();
@@ -45,7 +46,7 @@ async fn reconcile_passes_a_clean_run_and_finds_an_event_deleted_from_the_ledger
     let stray = usage(Uuid::now_v7(), 1, 7, "0.02");
     billing_worker::ledger::apply_event(&db.pool, &stray).await?;
     let found = reconcile(&db.pool, &db.pool, today, today).await?;
-    let report = billing_worker::finance::render(&found, "table");
+    let report = render(&found, Format::Table)?;
     assert!(!found.clean());
     assert_eq!(found.missing_in_ledger.len(), 1, "{report}");
     assert!(found.missing_in_ledger[0].contains(&victim.to_string()));
@@ -101,7 +102,7 @@ async fn reconcile_compares_every_call_with_the_provider_report_and_passes_when_
     // Eight days of hourly buckets: 192, two pages of the report.
     let from = today - chrono::Days::new(7);
     let r = with_provider(&app, from, today).await?;
-    let table = render(&r, "table");
+    let table = render(&r, Format::Table)?;
     assert!(r.clean(), "{table}");
     let ProviderComparison::Compared { tokens } = &r.provider else { anyhow::bail!("not compared: {table}") };
     let row = |class: &str| tokens.get(&format!("{today} {MODEL} {class}")).copied().unwrap_or_default();
@@ -119,10 +120,21 @@ async fn reconcile_compares_every_call_with_the_provider_report_and_passes_when_
     assert!(table.contains("provider report (Usage and Cost API)"), "{table}");
     assert!(!table.contains("provider variance:"), "{table}");
     assert!(table.contains("reconcile: clean"), "{table}");
-    let csv = render(&r, "csv");
-    assert!(csv.contains("day_model_class,outbox_tokens,api_calls_tokens,provider_tokens,variance_tokens"), "{csv}");
-    assert!(csv.contains(&format!("{today} {MODEL} input,712,1012,1012,0")), "{csv}");
-    let json: serde_json::Value = serde_json::from_str(&render(&r, "json"))?;
+    let csv = render(&r, Format::Csv)?;
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    assert_eq!(
+        reader.headers()?.iter().collect::<Vec<_>>(),
+        ["day", "model", "class", "unit", "outbox", "ledger", "api_calls", "provider", "variance"],
+        "{csv}"
+    );
+    let records: Vec<csv::StringRecord> = reader.records().collect::<Result<_, _>>()?;
+    let input: Vec<&str> = records
+        .iter()
+        .find(|r| r.get(1) == Some(MODEL) && r.get(2) == Some("input") && r.get(3) == Some("tokens"))
+        .map(|r| r.iter().collect())
+        .unwrap_or_default();
+    assert_eq!(input, [today.to_string().as_str(), MODEL, "input", "tokens", "712", "", "1012", "1012", "0"], "{csv}");
+    let json: serde_json::Value = serde_json::from_str(&render(&r, Format::Json)?)?;
     assert_eq!(json["provider"]["status"], "compared");
     assert_eq!(json["provider"]["tokens"][format!("{today} {MODEL} output")]["provider"], 24);
     assert_eq!(json["provider"]["tokens"][format!("{today} {MODEL} output")]["variance"], 0);
@@ -137,7 +149,7 @@ async fn reconcile_compares_every_call_with_the_provider_report_and_passes_when_
     reconcile_cli(&app.db.url, from, today, None, &[]).await?;
     let skipped = reconcile(&app.db.pool, &app.db.pool, from, today).await?;
     assert!(skipped.clean());
-    let table = render(&skipped, "table");
+    let table = render(&skipped, Format::Table)?;
     assert!(table.contains("provider report: skipped (ANTHROPIC_ADMIN_API_KEY not set)"), "{table}");
     app.cleanup().await
 }
@@ -148,19 +160,26 @@ async fn reconcile_fails_naming_the_day_model_and_class_of_usage_the_provider_re
     let app = run_calls(false).await?;
     let today = chrono::Utc::now().date_naive();
     let before = with_provider(&app, today, today).await?;
-    assert!(before.clean(), "{}", render(&before, "table"));
+    assert!(before.clean(), "{}", render(&before, Format::Table)?);
 
     app.anthropic.add_report_usage(MODEL, chrono::Utc::now(), TokenCounts { cache_read: 500, ..Default::default() });
     let r = with_provider(&app, today, today).await?;
-    let table = render(&r, "table");
+    let table = render(&r, Format::Table)?;
     assert!(!r.clean(), "{table}");
     let key = format!("{today} {MODEL} cache_read");
     assert_eq!(r.provider_variances(), [format!("{key}: provider 500, api_calls 0, variance +500")], "{table}");
     assert!(r.missing_in_ledger.is_empty() && r.missing_in_outbox.is_empty() && r.invariant_failures.is_empty());
     assert!(table.contains(&format!("provider variance: {key}")), "{table}");
     assert!(table.contains("reconcile: VARIANCE"), "{table}");
-    assert!(render(&r, "csv").contains(&format!("{key},0,0,500,500")));
-    let json: serde_json::Value = serde_json::from_str(&render(&r, "json"))?;
+    let csv = render(&r, Format::Csv)?;
+    let day = today.to_string();
+    let row = [day.as_str(), MODEL, "cache_read", "tokens", "0", "", "0", "500", "500"];
+    let found_row = csv::Reader::from_reader(csv.as_bytes())
+        .records()
+        .filter_map(Result::ok)
+        .any(|r| r.iter().eq(row.iter().copied()));
+    assert!(found_row, "{csv}");
+    let json: serde_json::Value = serde_json::from_str(&render(&r, Format::Json)?)?;
     assert_eq!(json["provider"]["tokens"][&key]["variance"], 500);
 
     let base = app.anthropic.base_url();
