@@ -140,7 +140,7 @@ pub async fn discard(db: &PgPool, event_id: Uuid, reason: &str) -> Result<Discar
     if reason.is_empty() {
         return Err(DiscardError::NoReason);
     }
-    let mut tx = db.begin().await?;
+    let mut tx = shared::db::begin(db).await?;
     type At = Option<chrono::DateTime<chrono::Utc>>;
     let row: Option<(At, At, Option<String>)> = sqlx::query_as(
         "SELECT resolved_at, discarded_at, discard_reason FROM billing_failures WHERE event_id = $1 FOR UPDATE",

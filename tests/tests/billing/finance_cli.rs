@@ -9,9 +9,9 @@
 //! Self-contained: the binary runner is here (build the bins first:
 //! `cargo build --workspace --bins --locked`).
 
-use crate::common::{publish, usage, BillingWorker};
-use crate::helpers::{wait_until, Broker, TestDb, WAIT};
 use anyhow::{Context as _, Result};
+use fleet_tests::harness::billing::{publish, usage, BillingWorker};
+use fleet_tests::harness::{wait_until, Broker, TestDb, WAIT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::amqp::{ConfirmPublisher, Outgoing, BILLING_ROUTING_KEY};
