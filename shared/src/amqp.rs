@@ -32,6 +32,9 @@ pub enum BrokerError {
     /// Connecting took too long.
     #[error("broker connect timed out after {0:?}")]
     ConnectTimeout(Duration),
+    /// A message of a [`crate::contracts::Contract`] type did not serialize (nothing was sent).
+    #[error("message does not serialize: {0}")]
+    Encode(String),
 }
 
 /// Names of every exchange and queue, with the deployment's prefix.
@@ -518,6 +521,31 @@ impl ConfirmPublisher {
     /// As [`ConfirmPublisher::publish`].
     pub async fn ensure_connected(&self) -> Result<Channel, BrokerError> {
         self.channel().await
+    }
+
+    /// Publishes a typed message (JSON, persistent, mandatory) to
+    /// `exchange` with `routing_key` and waits for the confirm: the one way
+    /// a [`crate::contracts::Contract`] is put on the wire.
+    ///
+    /// # Errors
+    /// [`BrokerError::Encode`], else as [`ConfirmPublisher::publish`].
+    pub async fn send<T: crate::contracts::Contract>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &T,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(message).map_err(|e| BrokerError::Encode(e.to_string()))?;
+        let message_id = message.message_id();
+        self.publish(Outgoing {
+            exchange,
+            routing_key,
+            body: &body,
+            message_id: message_id.as_deref(),
+            content_type: "application/json",
+            attempt: None,
+        })
+        .await
     }
 
     /// Publishes and waits for the confirm.

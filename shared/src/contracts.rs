@@ -211,6 +211,36 @@ pub struct ToolCharge {
     pub occurred_at: DateTime<Utc>,
 }
 
+/// A message type the fleet puts on the broker ([`crate::amqp::ConfirmPublisher::send`]).
+pub trait Contract: Serialize {
+    /// The AMQP `message-id` (the consumers' idempotency key), if the type has one.
+    fn message_id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The work queue's message (`updates`): "take job of update `update_id`
+/// in" — published at hand-off from an intake shard, at hand-back, by the
+/// reaper and through the delay queues. On the wire `{"update_id": N}`, the
+/// shape of an update without a payload, so intake reads it as the known
+/// update it is and resumes its job; untagged on purpose, so messages
+/// already queued by older workers stay valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    /// The update whose job is to be claimed.
+    pub update_id: i64,
+}
+
+impl Contract for WorkItem {}
+
+impl Contract for ControlMessage {}
+
+impl Contract for BillingEvent {
+    fn message_id(&self) -> Option<String> {
+        Some(self.event_id().to_string())
+    }
+}
+
 /// A cross-host signal on the `control` fanout exchange.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -232,6 +262,18 @@ pub enum ControlMessage {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_work_item_is_an_update_without_a_payload_on_the_wire() {
+        let body = serde_json::to_vec(&WorkItem { update_id: 42 }).unwrap();
+        assert_eq!(body, br#"{"update_id":42}"#);
+        // What older workers published still reads as a work item.
+        let old: WorkItem = serde_json::from_str(r#"{"update_id": 42}"#).unwrap();
+        assert_eq!(old, WorkItem { update_id: 42 });
+        let info = crate::telegram::RoutingInfo::from_bytes(&body).unwrap();
+        assert_eq!(info.update_id, 42);
+    }
+
     use super::*;
 
     #[test]

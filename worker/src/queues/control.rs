@@ -9,7 +9,7 @@ use crate::cancel::CancelReason;
 use crate::context::WorkerContext;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use shared::amqp::{self, Outgoing};
+use shared::amqp;
 use shared::contracts::ControlMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -24,20 +24,10 @@ pub async fn publish_stop(
     update_id: i64,
     job_id: Option<Uuid>,
 ) -> Result<(), amqp::BrokerError> {
-    let body = serde_json::to_vec(&ControlMessage::Stop { chat_id, update_id, job_id }).unwrap_or_default();
-    let exchange = ctx.topology.control_exchange();
     // A fanout with no bound queue would return the message; a worker is
     // always bound (this one), so mandatory publishing is fine.
-    ctx.publisher
-        .publish(Outgoing {
-            exchange: &exchange,
-            routing_key: "",
-            body: &body,
-            message_id: None,
-            content_type: "application/json",
-            attempt: None,
-        })
-        .await
+    let stop = ControlMessage::Stop { chat_id, update_id, job_id };
+    ctx.publisher.send(&ctx.topology.control_exchange(), "", &stop).await
 }
 
 /// Listens for control messages until `shutdown`, reconnecting with backoff.

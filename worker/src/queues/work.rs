@@ -36,17 +36,7 @@ pub async fn republish_job(ctx: &WorkerContext, update_id: i64) -> Result<(), am
 /// # Errors
 /// Broker errors.
 pub async fn republish_job_to(ctx: &WorkerContext, update_id: i64, queue: &str) -> Result<(), amqp::BrokerError> {
-    let body = serde_json::json!({ "update_id": update_id }).to_string();
-    ctx.publisher
-        .publish(Outgoing {
-            exchange: "",
-            routing_key: queue,
-            body: body.as_bytes(),
-            message_id: None,
-            content_type: "application/json",
-            attempt: None,
-        })
-        .await
+    ctx.publisher.send("", queue, &shared::contracts::WorkItem { update_id }).await
 }
 
 /// Grace period for running jobs at shutdown before they are handed back.
