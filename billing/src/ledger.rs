@@ -163,12 +163,17 @@ pub fn postings(event: &BillingEvent) -> Result<(Vec<Posting>, EntryMeta), Ledge
             (Vec::new(), EntryMeta { user_id: Some(c.user_id), job_id: Some(c.job_id), ..Default::default() })
         }
         BillingEvent::ToolCharge(c) => (
-            vec![Posting {
-                debit: user_account(c.user_id),
-                credit: Account::REVENUE,
-                amount: c.user_charge.0,
-                kind: EntryKind::ToolCharge,
-            }],
+            if c.waived {
+                // The answer never reached the user: recorded, not charged.
+                Vec::new()
+            } else {
+                vec![Posting {
+                    debit: user_account(c.user_id),
+                    credit: Account::REVENUE,
+                    amount: c.user_charge.0,
+                    kind: EntryKind::ToolCharge,
+                }]
+            },
             EntryMeta {
                 user_id: Some(c.user_id),
                 job_id: Some(c.job_id),

@@ -207,6 +207,10 @@ pub struct ToolCharge {
     pub tool_name: String,
     /// Price, USD (not marked up).
     pub user_charge: Usd,
+    /// The answer never reached the user: the run is recorded, nothing is
+    /// charged (`user_charge` is zero; the ledger posts nothing).
+    #[serde(default)]
+    pub waived: bool,
     /// When the tool ran.
     pub occurred_at: DateTime<Utc>,
 }
@@ -294,6 +298,7 @@ mod tests {
             tool_use_id: "t".into(),
             tool_name: "calculator".into(),
             user_charge: "0.0005".parse().unwrap(),
+            waived: false,
             occurred_at: Utc::now(),
         });
         let json = serde_json::to_value(&ev).unwrap();

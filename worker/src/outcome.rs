@@ -50,6 +50,9 @@ pub enum JobEnd {
     /// as answered (never sent again), with the error kept and no notice
     /// (the user has the answer; "damaged" would be wrong).
     SentNotRecorded(String),
+    /// The reply could not be delivered after every retry: finished as
+    /// `undelivered`, its charges waived, its hold voided.
+    Undelivered(String),
 }
 
 /// The claimed job's transition at the end of an attempt (fenced writes of
@@ -114,6 +117,8 @@ pub fn plan(end: &JobEnd) -> Plan {
         JobEnd::LeaseLost => (Transition::Nothing, Done, false, None, "lease_lost"),
         // Its charges (if any) were stored before it was sent: they settle the hold.
         JobEnd::SentNotRecorded(_) => (Transition::Finish(Outcome::Answered), Done, false, None, "sent_not_recorded"),
+        // No notice: the Bot API would not take the answer, it would not take a notice either.
+        JobEnd::Undelivered(_) => (Transition::Finish(Outcome::Undelivered), Done, true, None, "undelivered"),
     };
     Plan { transition, disposition, void_hold, notice, label }
 }
@@ -148,6 +153,7 @@ mod tests {
             JobEnd::Transient("net".into()),
             JobEnd::LeaseLost,
             JobEnd::SentNotRecorded("gone".into()),
+            JobEnd::Undelivered("502".into()),
         ];
         let plans: Vec<Plan> = ends.iter().map(plan).collect();
         assert_eq!(plans[0].transition, Transition::Finish(Outcome::Answered));
@@ -176,7 +182,8 @@ mod tests {
             // Handed back or failed: nothing was charged, the reservation goes.
             let uncharged = matches!(
                 p.transition,
-                Transition::HandBack { .. } | Transition::Finish(Outcome::Error | Outcome::Panic)
+                Transition::HandBack { .. }
+                    | Transition::Finish(Outcome::Error | Outcome::Panic | Outcome::Undelivered)
             );
             assert_eq!(p.void_hold, uncharged, "{end:?}");
             // Only a hand-back republishes.

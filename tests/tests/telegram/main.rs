@@ -5,3 +5,4 @@
 mod delivery;
 mod pacing;
 mod payments;
+mod undelivered;

@@ -54,6 +54,10 @@ pub enum JobError {
     /// job ends without a failure notice and is never sent again.
     #[error("the answer was sent but not recorded: {0}")]
     SentNotRecorded(String),
+    /// The reply could not be delivered after every retry of the Bot API
+    /// (5xx, network): the user never got it, so nothing is charged.
+    #[error("the answer could not be delivered: {0}")]
+    Undelivered(String),
 }
 
 impl JobError {
@@ -64,7 +68,12 @@ impl JobError {
         match self {
             Self::Db(e) => shared::db::is_transient(e),
             Self::Transient(_) => true,
-            Self::LeaseLost | Self::Shutdown | Self::Invalid(_) | Self::Pricing(_) | Self::SentNotRecorded(_) => false,
+            Self::LeaseLost
+            | Self::Shutdown
+            | Self::Invalid(_)
+            | Self::Pricing(_)
+            | Self::SentNotRecorded(_)
+            | Self::Undelivered(_) => false,
         }
     }
 }
@@ -91,6 +100,10 @@ pub async fn run(ctx: &WorkerContext, lease: &ClaimedJob, cancel: JobCancel) -> 
             JobEnd::Transient(e)
         }
         Err(JobError::Shutdown) => JobEnd::Shutdown,
+        Err(JobError::Undelivered(e)) => {
+            tracing::error!(error.message = %e, "the answer could not be delivered; its charges are waived");
+            JobEnd::Undelivered(e)
+        }
         Err(e @ JobError::SentNotRecorded(_)) => {
             tracing::error!(error.message = %e, "the answer was sent but not recorded");
             JobEnd::SentNotRecorded(e.to_string())
@@ -407,9 +420,8 @@ async fn deliver(
         Err(DeliveryError::LeaseLost) => Err(JobError::LeaseLost),
         // The answer is stored and billed; a delivery failure after retries
         // is logged with the job id and the job still finishes.
-        Err(DeliveryError::Failed(e)) => {
-            tracing::error!(error.message = %e, "answer could not be delivered");
-            Ok(())
-        }
+        // Every retry failed (5xx, network, within the delivery's
+        // deadline): the user has nothing, so they pay nothing.
+        Err(DeliveryError::Failed(e)) => Err(JobError::Undelivered(e)),
     }
 }

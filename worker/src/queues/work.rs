@@ -264,7 +264,10 @@ async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobE
     let plan = outcome::plan(&end);
     metrics::counter!("fleet_jobs_total", "outcome" => plan.label).increment(1);
     let error = match &end {
-        JobEnd::Failed { error, .. } | JobEnd::Panicked(error) | JobEnd::SentNotRecorded(error) => Some(error.as_str()),
+        JobEnd::Failed { error, .. }
+        | JobEnd::Panicked(error)
+        | JobEnd::SentNotRecorded(error)
+        | JobEnd::Undelivered(error) => Some(error.as_str()),
         _ => None,
     };
     let written = match plan.transition {
@@ -285,6 +288,10 @@ async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobE
         metrics::counter!("fleet_lease_losses_total").increment(1);
         tracing::warn!("job abandoned: lease lost");
         return;
+    }
+    if matches!(written, Ok(true)) {
+        // The job's events (held back while it ran) may be relayed now.
+        ctx.outbox_notify.notify_one();
     }
     if plan.void_hold && written.is_ok() {
         // Nothing was charged: the reservation goes. Only after the fenced

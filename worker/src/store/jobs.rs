@@ -69,6 +69,9 @@ text_enum! {
         Panic = "panic",
         /// The job used up its attempts.
         AttemptsExhausted = "attempts_exhausted",
+        /// The answer could not be delivered after every retry: its charges
+        /// were waived (provider cost recorded, charged to nobody).
+        Undelivered = "undelivered",
     }
 }
 
@@ -77,9 +80,12 @@ impl Outcome {
     pub fn status(self) -> JobStatus {
         match self {
             Self::Error | Self::Panic | Self::AttemptsExhausted => JobStatus::Failed,
-            Self::Answered | Self::Command | Self::NoBalance | Self::DocumentRefused | Self::UserBlocked => {
-                JobStatus::Done
-            }
+            Self::Answered
+            | Self::Command
+            | Self::NoBalance
+            | Self::DocumentRefused
+            | Self::UserBlocked
+            | Self::Undelivered => JobStatus::Done,
         }
     }
 }
@@ -233,7 +239,26 @@ impl ClaimedJob {
     ///
     /// # Errors
     /// Database errors.
-    pub async fn finish<'e>(
+    ///
+    /// [`Outcome::Undelivered`] also waives the job's charges in the same
+    /// transaction ([`crate::store::outbox::waive_charges`]): the user pays
+    /// nothing for an answer that never reached them, and finance still
+    /// sees what the provider served.
+    pub async fn finish(&self, db: &sqlx::PgPool, outcome: Outcome, error: Option<&str>) -> Result<bool, sqlx::Error> {
+        if outcome != Outcome::Undelivered {
+            return self.finish_in(db, outcome, error).await;
+        }
+        let mut tx = shared::db::begin(db).await?;
+        if !self.finish_in(&mut *tx, outcome, error).await? {
+            return Ok(false);
+        }
+        let waived = crate::store::outbox::waive_charges(&mut tx, self.job_id).await?;
+        tx.commit().await?;
+        tracing::warn!(waived, "answer undelivered: its charges are waived");
+        Ok(true)
+    }
+
+    async fn finish_in<'e>(
         &self,
         db: impl PgExecutor<'e>,
         outcome: Outcome,

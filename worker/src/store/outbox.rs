@@ -46,6 +46,58 @@ pub async fn charge_event_ids(tx: &mut PgConnection, job_id: Uuid) -> Result<Vec
     .await
 }
 
+/// Waives the job's unpublished charges (the answer never reached the
+/// user): each usage charge becomes provider cost charged to nobody
+/// (`abandoned`, `user_charge` 0), each tool charge is marked `waived`
+/// with `user_charge` 0. Event ids stay, so nothing is applied twice.
+/// Returns how many events were waived. Charges already relayed (by a
+/// worker older than this rule) cannot be, and are logged.
+///
+/// # Errors
+/// Database errors; a stored event that does not parse (`Protocol`).
+pub async fn waive_charges(tx: &mut PgConnection, job_id: Uuid) -> Result<u64, sqlx::Error> {
+    let rows: Vec<(Uuid, Value, bool)> = sqlx::query_as(
+        "SELECT event_id, payload, published_at IS NOT NULL FROM billing_outbox WHERE job_id = $1 FOR UPDATE",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut waived = 0;
+    for (event_id, payload, published) in rows {
+        let mut event: BillingEvent = serde_json::from_value(payload)
+            .map_err(|e| sqlx::Error::Protocol(format!("outbox event {event_id} does not parse: {e}")))?;
+        let changed = match &mut event {
+            BillingEvent::UsageCharge(c) if !c.abandoned => {
+                c.abandoned = true;
+                c.user_charge = shared::money::Usd(rust_decimal::Decimal::ZERO);
+                true
+            }
+            BillingEvent::ToolCharge(c) if !c.waived => {
+                c.waived = true;
+                c.user_charge = shared::money::Usd(rust_decimal::Decimal::ZERO);
+                true
+            }
+            _ => false,
+        };
+        if !changed {
+            continue;
+        }
+        if published {
+            tracing::error!(%event_id, "a charge of an undelivered answer was already relayed; it stands");
+            continue;
+        }
+        let payload = serde_json::to_value(&event)
+            .map_err(|e| sqlx::Error::Protocol(format!("billing event does not serialize: {e}")))?;
+        sqlx::query("UPDATE billing_outbox SET payload = $2 WHERE event_id = $1")
+            .bind(event_id)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+        waived += 1;
+    }
+    Ok(waived)
+}
+
 /// Unpublished events: how many, and the age of the oldest (seconds; 0
 /// when there is none).
 ///
@@ -62,15 +114,21 @@ pub async fn backlog<'e>(db: impl PgExecutor<'e>) -> Result<(i64, f64), sqlx::Er
 
 /// Takes up to `limit` unpublished events, oldest first, locked in `tx`
 /// (`SKIP LOCKED`: another relay takes the others): `(event_id, payload)`.
+/// A job's events wait until the job is finished (not queued or running):
+/// its charges are relayed only once it is known whether the answer reached
+/// the user ([`waive_charges`] otherwise).
 ///
 /// # Errors
 /// Database errors.
 pub async fn take_unpublished(tx: &mut PgConnection, limit: i64) -> Result<Vec<(Uuid, Value)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT event_id, payload FROM billing_outbox WHERE published_at IS NULL
-          ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT o.event_id, o.payload FROM billing_outbox o
+          WHERE o.published_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = o.job_id AND j.status = ANY($2))
+          ORDER BY o.seq LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
     )
     .bind(limit)
+    .bind([super::jobs::JobStatus::Queued.as_str(), super::jobs::JobStatus::Running.as_str()])
     .fetch_all(tx)
     .await
 }

@@ -134,6 +134,7 @@ async fn run_checked(
                     tool_use_id: id.to_owned(),
                     tool_name: name.to_owned(),
                     user_charge: price,
+                    waived: false,
                     occurred_at: Utc::now(),
                 });
                 crate::queues::relay::write(&mut tx, &event, Some(job.job_id)).await?;

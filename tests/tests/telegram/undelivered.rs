@@ -1,0 +1,78 @@
+//! Pay for what was delivered (issue 15 part 3): an answer the Bot API
+//! refuses with 5xx on every retry is not charged. Its provider cost is
+//! still on the books (charged to nobody), its hold is voided, and the job
+//! ends `undelivered`.
+
+use fleet_tests::fake_anthropic::ScriptedResponse;
+use fleet_tests::fake_telegram::Fault;
+use fleet_tests::harness::{fixture, fixture_bytes, spawn_app, wait_until, WAIT};
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+const BEN: i64 = 100_000_002;
+
+#[tokio::test]
+async fn an_answer_refused_with_5xx_on_every_retry_is_not_charged_and_its_cost_is_still_booked() -> anyhow::Result<()> {
+    let app = spawn_app().await?;
+    billing_worker::ledger::grant(&app.db.pool, BEN, "5".parse()?, Uuid::now_v7()).await?;
+    app.anthropic.push([ScriptedResponse::from_file(fixture("anthropic/markdown_mixed.sse"))?]);
+    app.telegram.add_fault(Fault {
+        methods: vec!["sendMessage".into()],
+        nth: 1,
+        status: 500,
+        retry_after: None,
+        description: None,
+        times: 1_000,
+    });
+    let update = fixture_bytes("telegram/ben_markdown.json")?;
+    let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
+    assert_eq!(app.post_update(&update).await?, 200);
+    let pool = app.db.pool.clone();
+    // teloxide waits 10 s after every 5xx answer (teloxide-core
+    // `DELAY_ON_SERVER_ERROR`) and the pacer tries 6 times: about a minute.
+    wait_until("the job to finish", Duration::from_secs(120), || {
+        let pool = pool.clone();
+        async move {
+            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
+                .bind(update_id)
+                .fetch_optional(&pool)
+                .await?;
+            Ok(outcome.flatten().is_some())
+        }
+    })
+    .await?;
+    let (job_id, outcome): (Uuid, String) = sqlx::query_as("SELECT job_id, outcome FROM jobs WHERE update_id = $1")
+        .bind(update_id)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(outcome, "undelivered");
+    assert!(app.telegram.messages().iter().all(|m| m.chat_id != BEN), "nothing reached Ben");
+    // The provider's cost reaches the ledger, charged to nobody.
+    wait_until("the call's provider cost in the ledger", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE job_id = $1 AND kind = 'provider_cost'")
+                    .bind(job_id)
+                    .fetch_one(&pool)
+                    .await?;
+            Ok(n >= 1)
+        }
+    })
+    .await?;
+    let user_entries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_entries WHERE job_id = $1 AND kind IN ('usage_charge', 'tool_charge')",
+    )
+    .bind(job_id)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(user_entries, 0, "Ben was charged for an answer he never got");
+    let balance: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT fleet_available_balance($1)").bind(BEN).fetch_one(&pool).await?;
+    assert_eq!(balance, "5".parse()?, "the balance is whole and no hold is left on it");
+    let hold: Option<String> =
+        sqlx::query_scalar("SELECT status FROM holds WHERE job_id = $1").bind(job_id).fetch_optional(&pool).await?;
+    assert_ne!(hold.as_deref(), Some("active"), "the hold was left active");
+    app.cleanup().await
+}
