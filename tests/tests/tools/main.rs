@@ -24,9 +24,12 @@
 //!   the ones above (failing tests are bugs still there).
 //! - [`attacks2`]: a second pass: secret files, the ingress's public port,
 //!   buy buttons, topics, `/usage` in a group, the sandbox child.
+//! - [`attacks3`]: a third pass (issue 14): calls booked when their attempt
+//!   dies, the reaper's orphan booking, a `/stop` storm, hostile unknown commands.
 
 mod attacks;
 mod attacks2;
+mod attacks3;
 mod commands;
 mod count_tokens;
 mod dedup;
