@@ -36,9 +36,10 @@ async fn call_states(db: &fleet_tests::harness::TestDb) -> Result<Vec<String>> {
 /// ledger — provider cost missing from the books. Correct: an unknown
 /// reported model is priced as the requested model (`MODEL`, which start-up
 /// checks against the table) or at the table's highest rate, flagged for
-/// finance; the call is booked and the answer delivered.
+/// finance; the call is booked and the answer delivered. Fixed: priced as
+/// the configured model (`job::finalize::price_call`), counted in
+/// `fleet_unpriced_calls_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: a call whose reported model has no price is never booked and its answer is lost"]
 async fn a_call_whose_reported_model_has_no_price_is_still_booked_and_answered() -> Result<()> {
     let fleet = spawn_fleet(|s| s.visibility_timeout_s = 4).await?;
     let result = async {
@@ -120,7 +121,6 @@ async fn finished_job_with_open_calls(
 /// unpriceable call does not hold back the others (it is skipped past, e.g.
 /// ordered after priceable ones or marked so the next pass moves on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: fifty unpriceable open calls stop the reaper from booking any other orphaned call"]
 async fn unpriceable_open_calls_do_not_stop_the_reaper_booking_the_others() -> Result<()> {
     let fleet = spawn_fleet(|s| s.visibility_timeout_s = 4).await?;
     let result = async {

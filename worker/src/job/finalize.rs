@@ -97,7 +97,7 @@ pub async fn finalize(
         let billing = billable_tokens(ctx, call).await;
         let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
         let price = match &billing {
-            Some(b) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), &b.tokens)?),
+            Some(b) => Some(price_call(ctx, &model, Utc::now().date_naive(), &b.tokens)?),
             None => None,
         };
         priced.push((call, model, billing, price));
@@ -266,7 +266,7 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
             let billing = billable_tokens(ctx, call).await;
             let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
             let price = match &billing {
-                Some(b) => Some(ctx.prices.price_call(&model, Utc::now().date_naive(), &b.tokens)?),
+                Some(b) => Some(price_call(ctx, &model, Utc::now().date_naive(), &b.tokens)?),
                 None => None,
             };
             priced.push((call, model, billing, price));
@@ -309,7 +309,7 @@ pub async fn book_orphaned_calls(ctx: &WorkerContext, job_id: Option<Uuid>) -> R
     let mut booked = 0;
     for call in &open {
         let tokens = call.estimate();
-        let price = match ctx.prices.price_call(&call.model, call.created_at.date_naive(), &tokens) {
+        let price = match price_call(ctx, &call.model, call.created_at.date_naive(), &tokens) {
             Ok(price) => price,
             Err(e) => {
                 tracing::error!(error.message = %e, job_id = %call.job_id, lease_epoch = call.lease_epoch, seq = call.seq, "an orphaned call cannot be priced; it stays open");
@@ -348,4 +348,28 @@ pub async fn book_orphaned_calls(ctx: &WorkerContext, job_id: Option<Uuid>) -> R
         ctx.outbox_notify.notify_one();
     }
     Ok(booked)
+}
+/// Prices a call of `model` on day `on`. A model the price table does not
+/// know (the API reported a snapshot newer than the table, say) is priced
+/// as the configured `MODEL`, which start-up checks is priced: the call is
+/// answered and booked, never lost; the error log and
+/// `fleet_unpriced_calls_total{model}` tell finance which rows to check
+/// (the charge's `price_model` names the row used).
+///
+/// # Errors
+/// [`shared::pricing::PricingError`] when neither is priced on `on`.
+pub fn price_call(
+    ctx: &WorkerContext,
+    model: &str,
+    on: chrono::NaiveDate,
+    tokens: &shared::pricing::TokenCounts,
+) -> Result<shared::pricing::Priced, shared::pricing::PricingError> {
+    match ctx.prices.price_call(model, on, tokens) {
+        Ok(price) => Ok(price),
+        Err(e) => {
+            metrics::counter!("fleet_unpriced_calls_total", "model" => model.to_owned()).increment(1);
+            tracing::error!(error.message = %e, model, fallback = %ctx.settings.model, "a call's model has no price; priced as the configured model");
+            ctx.prices.price_call(&ctx.settings.model, on, tokens)
+        }
+    }
 }

@@ -76,6 +76,12 @@ text_enum! {
 }
 
 impl Outcome {
+    /// True when the user got no answer, so the job's charges are waived
+    /// when it finishes ([`ClaimedJob::finish`]): undelivered, failed, panicked.
+    pub fn waives_charges(self) -> bool {
+        matches!(self, Self::Undelivered | Self::Error | Self::Panic)
+    }
+
     /// The terminal status a job with this outcome gets.
     pub fn status(self) -> JobStatus {
         match self {
@@ -240,12 +246,13 @@ impl ClaimedJob {
     /// # Errors
     /// Database errors.
     ///
-    /// [`Outcome::Undelivered`] also waives the job's charges in the same
-    /// transaction ([`crate::store::outbox::waive_charges`]): the user pays
-    /// nothing for an answer that never reached them, and finance still
-    /// sees what the provider served.
+    /// An outcome that [waives charges](Outcome::waives_charges) also waives
+    /// the job's charges in the same transaction
+    /// ([`crate::store::outbox::waive_charges`]): the user pays nothing for
+    /// an answer that never reached them (tools of a failed job included),
+    /// and finance still sees what the provider served.
     pub async fn finish(&self, db: &sqlx::PgPool, outcome: Outcome, error: Option<&str>) -> Result<bool, sqlx::Error> {
-        if outcome != Outcome::Undelivered {
+        if !outcome.waives_charges() {
             return self.finish_in(db, outcome, error).await;
         }
         let mut tx = shared::db::begin(db).await?;
@@ -254,7 +261,13 @@ impl ClaimedJob {
         }
         let waived = crate::store::outbox::waive_charges(&mut tx, self.job_id).await?;
         tx.commit().await?;
-        tracing::warn!(waived, "answer undelivered: its charges are waived");
+        if waived > 0 {
+            tracing::warn!(
+                waived,
+                outcome = outcome.as_str(),
+                "no answer reached the user: the job's charges are waived"
+            );
+        }
         Ok(true)
     }
 
