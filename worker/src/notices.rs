@@ -83,8 +83,8 @@ fn shown_available(amount: Decimal) -> Decimal {
 /// up and down to 4 decimals).
 pub fn needs_credit(needed: Decimal, available: Decimal) -> String {
     format!(
-        "Your balance is too low to ask Claude: an answer needs ${} to start and your available balance is ${}. \
-         Send /buy to top up your credit.",
+        "Your balance is too low to ask Claude: an answer needs ${:.4} to start and your available balance is \
+         ${:.4}. Send /buy to top up your credit.",
         shown_needed(needed),
         shown_available(available)
     )
@@ -95,8 +95,8 @@ pub fn needs_credit(needed: Decimal, available: Decimal) -> String {
 /// the answer has used so far).
 pub fn balance_stops_answer(needed: Decimal, available: Decimal) -> String {
     format!(
-        "(Stopped here: your balance does not cover the next step of this answer. It needs ${} and ${} is left. \
-         Send /buy to top up your credit.)",
+        "(Stopped here: your balance does not cover the next step of this answer. It needs ${:.4} and ${:.4} is \
+         left. Send /buy to top up your credit.)",
         shown_needed(needed),
         shown_available(available)
     )

@@ -31,6 +31,9 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::pricing::{ModelPrice, PricingError};
 
+/// Placements tried with a lower `max_tokens` before a call is refused.
+const REDUCED_ATTEMPTS: usize = 8;
+
 /// The verdict on one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
@@ -120,20 +123,25 @@ pub async fn before_call(
     let floor = floor_max_tokens(ctx);
     let least = holds::call_worst_case(&ctx.prices, row, &CallBound { max_tokens: floor, ..bound });
     let mut available = placement.available - spent;
-    if let Some(affordable) = holds::affordable_max_tokens(&ctx.prices, row, &bound, available) {
-        if affordable >= floor {
-            let max_tokens = affordable.min(configured);
-            let worst = holds::call_worst_case(&ctx.prices, row, &CallBound { max_tokens, ..bound });
-            let placement = holds::place(ctx, job.job_id, job.user_id, spent + worst).await?;
-            if placement.placed {
-                request["max_tokens"] = Value::from(max_tokens);
-                tracing::info!(max_tokens, configured, "the balance covers a shorter answer: max_tokens lowered");
-                metrics::counter!("fleet_admissions_total", "step" => "call", "verdict" => "reduced").increment(1);
-                return Ok(Admit::Go);
-            }
-            // Another chat of the user took some of the balance meanwhile.
-            available = placement.available - spent;
+    // The balance can move between two placements (another chat's hold, a
+    // charge applied): the lower max_tokens is recomputed from what the
+    // last placement saw, up to [`REDUCED_ATTEMPTS`] times (a user's tool
+    // charges are applied one by one while the job runs).
+    for _ in 0..REDUCED_ATTEMPTS {
+        let Some(affordable) = holds::affordable_max_tokens(&ctx.prices, row, &bound, available) else { break };
+        if affordable < floor {
+            break;
         }
+        let max_tokens = affordable.min(configured);
+        let worst = holds::call_worst_case(&ctx.prices, row, &CallBound { max_tokens, ..bound });
+        let placement = holds::place(ctx, job.job_id, job.user_id, spent + worst).await?;
+        if placement.placed {
+            request["max_tokens"] = Value::from(max_tokens);
+            tracing::info!(max_tokens, configured, "the balance covers a shorter answer: max_tokens lowered");
+            metrics::counter!("fleet_admissions_total", "step" => "call", "verdict" => "reduced").increment(1);
+            return Ok(Admit::Go);
+        }
+        available = placement.available - spent;
     }
     request["max_tokens"] = Value::from(configured);
     metrics::counter!("fleet_admissions_total", "step" => "call", "verdict" => "refused").increment(1);
