@@ -194,7 +194,8 @@ async fn two_chats_of_one_user_running_tool_rounds_at_once_cannot_overspend_toge
     let private = message(910_000_101, "Remember these things about me.");
     let in_group = group_message(910_000_102, group, "remember these things about me");
     let (a, b) = tokio::join!(fleet.post(&private), fleet.post(&in_group));
-    (a?, b?);
+    a?;
+    b?;
     settled(&fleet, 2).await?;
 
     let calls = fleet.anthropic.calls();
