@@ -43,7 +43,7 @@ const VISIBILITY_S: u64 = 5;
 const WORKERS: usize = 3;
 const BILLING_WORKERS: usize = 2;
 /// Texts of the notices that tell a user their message failed.
-const FAILURE_NOTICES: [&str; 3] = ["Sorry,", "(Claude is unavailable", "Your balance is empty"];
+const FAILURE_NOTICES: [&str; 3] = ["Sorry,", "(Claude is unavailable", "Your balance is too low"];
 
 /// What to run.
 #[derive(Debug, Clone)]

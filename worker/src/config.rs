@@ -41,6 +41,12 @@ pub struct Settings {
     /// `max_tokens` of each Messages API call.
     #[arg(long, env = "ANTHROPIC_MAX_TOKENS", default_value_t = 1024)]
     pub max_tokens: u32,
+    /// Smallest `max_tokens` a call is made with when the balance cannot
+    /// cover `ANTHROPIC_MAX_TOKENS` (the call is then made with what the
+    /// balance covers, down to this; below it the user is asked to top up).
+    /// Capped at `ANTHROPIC_MAX_TOKENS`.
+    #[arg(long, env = "MIN_MAX_TOKENS", default_value_t = 256)]
+    pub min_max_tokens: u32,
     /// System prompt.
     #[arg(
         long,
@@ -118,6 +124,10 @@ pub struct Settings {
     /// Tool rounds (tool_use → tool_result) per answer before it is cut off.
     #[arg(long, env = "MAX_TOOL_ROUNDS", default_value_t = 5)]
     pub max_tool_rounds: u32,
+    /// Tool calls run per round: further `tool_use` blocks of the same turn
+    /// are answered with an error `tool_result` and not run.
+    #[arg(long, env = "MAX_TOOL_CALLS_PER_ROUND", default_value_t = 8)]
+    pub max_tool_calls_per_round: u32,
     /// Longest run of one tool call, seconds.
     #[arg(long, env = "TOOL_TIMEOUT_S", default_value_t = 15)]
     pub tool_timeout_s: u64,
@@ -215,6 +225,12 @@ impl Settings {
         if self.max_tokens == 0 {
             return Err("ANTHROPIC_MAX_TOKENS must be positive".into());
         }
+        if self.min_max_tokens == 0 {
+            return Err("MIN_MAX_TOKENS must be positive".into());
+        }
+        if self.max_tool_calls_per_round == 0 {
+            return Err("MAX_TOOL_CALLS_PER_ROUND must be positive".into());
+        }
         if self.max_attempts < 1 {
             return Err("MAX_ATTEMPTS must be at least 1".into());
         }
@@ -257,13 +273,15 @@ impl Settings {
     /// lifetimes, `setrlimit`, deadlines) stays far from overflow, and no
     /// limit is so large that it is no limit at all.
     fn check_upper_bounds(&self) -> Result<(), String> {
-        let bounds: [(&str, u64, u64); 17] = [
+        let bounds: [(&str, u64, u64); 19] = [
             ("VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 3_600),
             ("STREAM_DEADLINE_S", self.stream_deadline_s, 3_600),
             ("IDLE_TIMEOUT_S", self.idle_timeout_s, 3_600),
             ("COUNT_TOKENS_TIMEOUT_S", self.count_tokens_timeout_s, 300),
             ("MAX_CONTINUATIONS", u64::from(self.max_continuations), 20),
             ("MAX_TOOL_ROUNDS", u64::from(self.max_tool_rounds), 50),
+            ("MAX_TOOL_CALLS_PER_ROUND", u64::from(self.max_tool_calls_per_round), 64),
+            ("MIN_MAX_TOKENS", u64::from(self.min_max_tokens), 1_000_000),
             ("MAX_ATTEMPTS", u64::try_from(self.max_attempts).unwrap_or(u64::MAX), 100),
             ("ANTHROPIC_MAX_TOKENS", u64::from(self.max_tokens), 1_000_000),
             ("TOOL_TIMEOUT_S", self.tool_timeout_s, 3_600),

@@ -67,9 +67,45 @@ pub const AMOUNT_MISMATCH: &str = "The amount does not match the invoice.";
 pub const PAYMENT_NOT_CREDITED: &str = "Your payment could not be credited automatically. It has been recorded and \
                                         will be reviewed; if it is not credited, it will be refunded.";
 
-/// Notice for a user whose balance cannot pay for an answer.
-pub const TOP_UP: &str =
-    "Your balance is empty, so I can't ask Claude right now. Please top up your credit to continue.";
+/// An amount shown as needed: rounded up to 4 decimals.
+fn shown_needed(amount: Decimal) -> Decimal {
+    amount.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::AwayFromZero)
+}
+
+/// An amount shown as available: rounded down to 4 decimals, never below 0.
+fn shown_available(amount: Decimal) -> Decimal {
+    amount.max(Decimal::ZERO).round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero)
+}
+
+/// Notice for a user whose balance cannot pay for an answer at all:
+/// `needed` is the least the first call needs held (its input, the smallest
+/// `max_tokens`), `available` what the balance has free, USD (shown rounded
+/// up and down to 4 decimals).
+pub fn needs_credit(needed: Decimal, available: Decimal) -> String {
+    format!(
+        "Your balance is too low to ask Claude: an answer needs ${:.4} to start and your available balance is \
+         ${:.4}. Send /buy to top up your credit.",
+        shown_needed(needed),
+        shown_available(available)
+    )
+}
+
+/// Appended when the answer stops because the balance does not cover its
+/// next step (`needed` USD for that step, `available` USD left after what
+/// the answer has used so far).
+pub fn balance_stops_answer(needed: Decimal, available: Decimal) -> String {
+    format!(
+        "(Stopped here: your balance does not cover the next step of this answer. It needs ${:.4} and ${:.4} is \
+         left. Send /buy to top up your credit.)",
+        shown_needed(needed),
+        shown_available(available)
+    )
+}
+
+/// The `tool_result` of a `tool_use` beyond `MAX_TOOL_CALLS_PER_ROUND` (not run).
+pub fn too_many_tool_calls(limit: u32) -> String {
+    format!("not run: at most {limit} tool calls are run per turn; call the others in a later turn")
+}
 /// Appended to an answer stopped by `/stop`.
 pub const STOPPED: &str = "(Stopped.)";
 /// Appended when the continuation limit is hit (P11).

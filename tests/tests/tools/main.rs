@@ -20,6 +20,8 @@
 //!   documents and pre-checkouts never stall an intake shard.
 //! - [`groups`]: files and notes scoped to (user, chat); who may `/stop` and `/new` in a group.
 //! - [`count_tokens`]: a token count that never answers ends within its timeout.
+//! - [`admission`]: holds bound spend: small grants, two chats at once, a lower
+//!   `max_tokens`, the per-round tool-call limit (issue 15).
 //! - [`attacks`]: a hostile user's and a careless operator's attacks beyond
 //!   the ones above (failing tests are bugs still there).
 //! - [`attacks2`]: a second pass: secret files, the ingress's public port,
@@ -27,6 +29,7 @@
 //! - [`attacks3`]: a third pass (issue 14): calls booked when their attempt
 //!   dies, the reaper's orphan booking, a `/stop` storm, hostile unknown commands.
 
+mod admission;
 mod attacks;
 mod attacks2;
 mod attacks3;

@@ -70,6 +70,12 @@ async fn billable_tokens(ctx: &WorkerContext, call: &CallRecord) -> Option<Billi
                     }
                 }
             };
+            // The provider never bills more output than `max_tokens`; a count
+            // of the text as a user message can be a few tokens over it.
+            // Admission held `max_tokens` for this call, no more.
+            if let Some(max_tokens) = call.request.get("max_tokens").and_then(Value::as_u64) {
+                tokens.output = tokens.output.min(max_tokens);
+            }
             Some(Billing { tokens, estimated: true, charged: true })
         }
     }

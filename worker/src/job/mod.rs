@@ -6,12 +6,14 @@
 //! so the lease is released on every path; a panic is caught at the task
 //! boundary by the consumer, and the lease expiry is the backstop for a crash.
 
+mod admission;
 mod finalize;
 mod privacy;
 mod repair;
 mod request;
 mod stream;
 
+pub use admission::{before_call, before_tools, floor_max_tokens, spent, Admit};
 pub use finalize::{book_orphaned_calls, finalize, record_abandoned};
 pub use repair::repair_history;
 pub use request::{build_request, load, validate_content, JobRow};
@@ -24,6 +26,7 @@ use crate::outcome::JobEnd;
 use crate::store::jobs::{ClaimedJob, JobKind, Outcome};
 use crate::telegram::delivery::DeliveryError;
 use crate::telegram::progress::Progress;
+use rust_decimal::Decimal;
 use shared::anthropic::StopReason;
 use shared::retry::Policy;
 
@@ -157,9 +160,9 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
         return Ok(Outcome::Answered);
     }
     let mut request = build_request(ctx, &job).await?;
-    let hold = crate::holds::hold_amount(ctx, &request);
-    if !crate::holds::place(ctx, job.job_id, job.user_id, hold).await? {
-        deliver(ctx, &job, lease, notices::TOP_UP, &[]).await?;
+    // Admission of the first call (the later ones: in `generate`).
+    if let Admit::Refused { needed, available } = before_call(ctx, &job, &mut request, Decimal::ZERO).await? {
+        deliver(ctx, &job, lease, &notices::needs_credit(needed, available), &[]).await?;
         return Ok(Outcome::NoBalance);
     }
     let progress =
@@ -274,9 +277,13 @@ impl Answer {
 }
 
 /// Streams calls until the turn ends: runs tools and sends their results
-/// back (up to `MAX_TOOL_ROUNDS`), continues after `max_tokens` (with a user
-/// turn asking to continue, so models without prefill work) and after
-/// `pause_turn`, up to `MAX_CONTINUATIONS`.
+/// back (up to `MAX_TOOL_ROUNDS`, at most `MAX_TOOL_CALLS_PER_ROUND` calls
+/// run per round), continues after `max_tokens` (with a user turn asking to
+/// continue, so models without prefill work) and after `pause_turn`, up to
+/// `MAX_CONTINUATIONS`. The first call has been admitted by the caller;
+/// every later call and every round of paid tools is admitted here
+/// ([`admission`]), and a step the balance does not cover ends the answer
+/// with what it has and a notice.
 async fn generate(
     ctx: &WorkerContext,
     job: &JobRow,
@@ -295,7 +302,17 @@ async fn generate(
     };
     let mut continuations = 0;
     let mut tool_rounds = 0;
+    // The first call was admitted by the caller.
+    let mut admitted = true;
     loop {
+        if !admitted {
+            let spent = spent(ctx, &answer.calls, &answer.tool_charges)?;
+            if let Admit::Refused { needed, available } = before_call(ctx, job, request, spent).await? {
+                answer.notices.push(notices::balance_stops_answer(needed, available));
+                return Ok(answer);
+            }
+        }
+        admitted = false;
         let call = stream_reply(ctx, lease, request, &mut answer.calls, cancel.token(), progress, &answer.text).await;
         answer.text.push_str(&call.state.text());
         let blocks = call.state.content_blocks();
@@ -311,7 +328,32 @@ async fn generate(
                     return Ok(answer);
                 }
                 tool_rounds += 1;
-                let outcomes = crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
+                let mut uses = uses;
+                let limit = ctx.settings.max_tool_calls_per_round;
+                let extra = uses.split_off(uses.len().min(usize::try_from(limit).unwrap_or(usize::MAX)));
+                let price: Decimal = uses.iter().map(|(_, name, _)| ctx.prices.tool_price(name).0).sum();
+                if price > Decimal::ZERO {
+                    let spent = spent(ctx, &answer.calls, &answer.tool_charges)?;
+                    if let Admit::Refused { needed, available } = before_tools(ctx, job, spent, price).await? {
+                        answer.notices.push(notices::balance_stops_answer(needed, available));
+                        return Ok(answer);
+                    }
+                }
+                let mut outcomes = crate::tools::run_tools(ctx, job, lease, uses, cancel.token()).await?;
+                if !extra.is_empty() {
+                    tracing::warn!(
+                        extra = extra.len(),
+                        limit,
+                        "tool calls beyond the per-round limit answered with an error, not run"
+                    );
+                }
+                outcomes.extend(extra.into_iter().map(|(id, name, _)| crate::tools::ToolOutcome {
+                    tool_use_id: id,
+                    name,
+                    content: notices::too_many_tool_calls(limit),
+                    is_error: true,
+                    charged: Decimal::ZERO,
+                }));
                 if cancel.token().is_cancelled() {
                     answer.notices.push(notices::STOPPED.to_owned());
                     return Ok(answer);
