@@ -9,10 +9,10 @@
 //! `message_start` and `message_delta`), within what the requests can
 //! really hold: the input bound is a bound of the real API's tokens.
 
-use crate::harness::{message, sse, Fleet, ADA};
-use crate::helpers::{fixture, spawn_billing_worker, stop, wait_until, BOT_USERNAME, WAIT};
 use anyhow::{ensure, Context as _, Result};
 use fleet_tests::fake_anthropic::{RecordedCall, ScriptedResponse};
+use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
+use fleet_tests::harness::{fixture, spawn_billing_worker, stop, wait_until, TestApp as Fleet, BOT_USERNAME, WAIT};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::pricing::PriceTable;
@@ -137,7 +137,7 @@ async fn tool_charges(fleet: &Fleet, rates: &Rates) -> Result<Decimal> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_granted_ten_cents_is_stopped_before_a_call_the_balance_cannot_cover_and_ends_at_or_above_zero(
 ) -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     let billing = spawn_billing_worker(fleet.broker.prefix(), &fleet.broker.url, &fleet.db.url)?;
     let rates = Rates::load()?;
     let grant: Decimal = "0.10".parse()?;
@@ -181,7 +181,7 @@ async fn a_user_granted_ten_cents_is_stopped_before_a_call_the_balance_cannot_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_chats_of_one_user_running_tool_rounds_at_once_cannot_overspend_together() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     let billing = spawn_billing_worker(fleet.broker.prefix(), &fleet.broker.url, &fleet.db.url)?;
     let rates = Rates::load()?;
     let grant: Decimal = "0.15".parse()?;
@@ -219,7 +219,7 @@ async fn two_chats_of_one_user_running_tool_rounds_at_once_cannot_overspend_toge
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_cents_get_an_answer_with_a_lower_max_tokens() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     let billing = spawn_billing_worker(fleet.broker.prefix(), &fleet.broker.url, &fleet.db.url)?;
     let rates = Rates::load()?;
     let grant: Decimal = "0.05".parse()?;
@@ -247,7 +247,7 @@ async fn five_cents_get_an_answer_with_a_lower_max_tokens() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balance_below_the_smallest_call_gets_the_amounts_and_buy_and_no_call() -> Result<()> {
-    let fleet = Fleet::spawn(&[]).await?;
+    let fleet = spawn_fleet(|_| {}).await?;
     fleet.grant(ADA, "0.02").await?;
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Paris."))));
 
@@ -267,7 +267,7 @@ async fn a_balance_below_the_smallest_call_gets_the_amounts_and_buy_and_no_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_beyond_the_per_round_limit_are_answered_with_an_error_and_not_run() -> Result<()> {
-    let fleet = Fleet::spawn(&[("max-tool-calls-per-round", "3")]).await?;
+    let fleet = spawn_fleet(|s| s.max_tool_calls_per_round = 3).await?;
     fleet.grant(ADA, "5").await?;
     fleet.anthropic.push([ScriptedResponse::from_sse(remember_turn("many", 5, 10, 500, 40))]);
     fleet.anthropic.set_default(Some(ScriptedResponse::from_sse(sse::text_turn("Saved three."))));
