@@ -3,7 +3,7 @@
 //! so a crash or a broker outage re-reads the batch instead of losing it
 //! (the workers drop duplicates by `update_id`).
 
-use crate::startup::Forwarder;
+use crate::forwarder::Forwarder;
 use shared::retry::{sleep_or_stopped, Policy};
 use shared::telegram::{BotApi, RoutingInfo, TelegramError};
 use tokio_util::sync::CancellationToken;

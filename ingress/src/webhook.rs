@@ -3,7 +3,7 @@
 //! non-2xx answer), plus `/healthz` and `/readyz`; `/metrics` is served only
 //! by [`admin_router`], on the admin address (never the public port).
 
-use crate::startup::Forwarder;
+use crate::forwarder::Forwarder;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};

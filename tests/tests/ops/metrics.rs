@@ -137,8 +137,10 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         sse("tools_followup.sse")?,
         sse("text_octopus_haiku.sse")?,
     ]);
+    // On the first answer's send, which every run makes (a chat action
+    // races the end of a fast answer and may never be sent).
     telegram.add_fault(Fault {
-        methods: vec!["sendChatAction".into()],
+        methods: vec!["sendMessage".into()],
         nth: 1,
         status: 429,
         retry_after: Some(1),
