@@ -158,7 +158,7 @@ pub struct Settings {
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
     #[arg(long, env = "ADMIN_BIND", default_value = "127.0.0.1:9091")]
     pub admin_bind: std::net::SocketAddr,
-    /// Id of this worker in leases (default: host-pid).
+    /// Id of this worker in leases (default: host-pid-random).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
     /// Database settings.

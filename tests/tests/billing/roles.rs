@@ -141,11 +141,18 @@ async fn on_separate_databases_each_role_has_only_what_its_process_needs() -> Re
     assert_history_cannot_be_erased(&billing, &dbs.billing).await?;
 
     // The bot database: the worker writes it; the billing role reads the
-    // outbox and api_calls (reconcile) and nothing else.
+    // outbox and api_calls (reconcile), the payment anomalies (refund-stars)
+    // and nothing else.
     let worker = pool_as(&dbs.bot_url, WORKER_ROLE).await?;
     sqlx::query("INSERT INTO users (user_id, first_name) VALUES ($1, 'Ada')").bind(ADA).execute(&worker).await?;
     let reader = pool_as(&dbs.bot_url, BILLING_ROLE).await?;
-    for sql in ["SELECT count(*) FROM billing_outbox", "SELECT count(*) FROM api_calls"] {
+    for sql in [
+        "SELECT count(*) FROM billing_outbox",
+        "SELECT count(*) FROM api_calls",
+        // `payment-anomalies` and `refund-stars`.
+        "SELECT count(*) FROM payment_anomalies",
+        "UPDATE payment_anomalies SET refunded_at = now() WHERE refunded_at IS NULL",
+    ] {
         assert_eq!(refusal(&reader, sql).await, None, "the billing role cannot read: {sql}");
     }
     for sql in [
@@ -153,6 +160,8 @@ async fn on_separate_databases_each_role_has_only_what_its_process_needs() -> Re
         "SELECT count(*) FROM messages",
         "UPDATE billing_outbox SET published_at = now()",
         "DELETE FROM billing_outbox",
+        "UPDATE payment_anomalies SET user_id = 0",
+        "DELETE FROM payment_anomalies",
         "TRUNCATE api_calls",
     ] {
         assert_eq!(refusal(&reader, sql).await.as_deref(), Some("42501"), "the billing role ran: {sql}");
