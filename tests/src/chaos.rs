@@ -135,6 +135,8 @@ pub struct ChaosReport {
     pub orphaned_calls: usize,
     /// Ledger usage charges minus what the completed calls cost, USD.
     pub ledger_variance_usd: Decimal,
+    /// User accounts whose ledger balance ended below zero (issue 15: never).
+    pub negative_balances: usize,
     /// Every broken promise, in words.
     pub violations: Vec<String>,
     /// Wall time of the run, seconds.
@@ -526,6 +528,15 @@ async fn check(
             report.answered
         ));
     }
+    // Nobody spends credit they do not have (holds before every call).
+    let negative: Vec<(i64, Decimal)> =
+        sqlx::query_as("SELECT user_id, balance FROM accounts WHERE kind = 'user' AND balance < 0 ORDER BY user_id")
+            .fetch_all(&dbs.billing)
+            .await?;
+    report.negative_balances = negative.len();
+    if !negative.is_empty() {
+        report.violations.push(format!("user balances below zero: {negative:?}"));
+    }
     let requests: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT provider_request_id, count(*) FROM ledger_entries WHERE kind = 'usage_charge' GROUP BY 1 HAVING count(*) > 1",
     )
@@ -577,6 +588,7 @@ pub fn print(report: &ChaosReport) {
         ("completed Claude calls", report.completed_calls.to_string()),
         ("  booked after a death", report.orphaned_calls.to_string()),
         ("ledger variance (USD)", report.ledger_variance_usd.to_string()),
+        ("negative_balances", report.negative_balances.to_string()),
         ("violations", report.violations.len().to_string()),
         ("seconds", format!("{:.0}", report.seconds)),
     ] {
