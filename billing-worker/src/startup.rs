@@ -143,8 +143,11 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
                 .await
                 .with_context(|| format!("ADMIN_BIND: cannot bind {}", settings.admin_bind))?;
             let _ = shared::admin::metrics_handle();
-            let readiness =
-                shared::admin::Readiness { databases: vec![ctx.db.clone()], consumers: vec![ctx.consuming.clone()] };
+            let readiness = shared::admin::Readiness {
+                databases: vec![ctx.db.clone()],
+                consumers: vec![ctx.consuming.clone()],
+                conditions: Vec::new(),
+            };
             let admin = shared::admin::serve(admin_listener, readiness, shutdown.clone());
             tracing::info!("billing-worker running");
             #[expect(clippy::disallowed_methods, reason = "owned: stops on `shutdown` and is awaited below")]

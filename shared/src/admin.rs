@@ -41,6 +41,9 @@ pub struct Readiness {
     pub databases: Vec<PgPool>,
     /// Set by consumers while they are connected and consuming.
     pub consumers: Vec<Arc<AtomicBool>>,
+    /// Other conditions, each with the reason given while it is false
+    /// (e.g. "the Bot API refuses the bot token").
+    pub conditions: Vec<(&'static str, Arc<AtomicBool>)>,
 }
 
 impl Readiness {
@@ -48,6 +51,11 @@ impl Readiness {
         for (i, flag) in self.consumers.iter().enumerate() {
             if !flag.load(Ordering::Relaxed) {
                 return Err(format!("consumer {i} is not consuming"));
+            }
+        }
+        for (reason, flag) in &self.conditions {
+            if !flag.load(Ordering::Relaxed) {
+                return Err((*reason).to_owned());
             }
         }
         for db in &self.databases {

@@ -82,6 +82,7 @@ impl App {
         let readiness = shared::admin::Readiness {
             databases: vec![self.ctx.db.clone(), self.ctx.billing_db.clone()],
             consumers: vec![self.ctx.consuming.clone(), self.ctx.intake_consuming.clone()],
+            conditions: vec![(TOKEN_REFUSED, self.ctx.telegram.token_accepted())],
         };
         let admin = shared::admin::serve(self.admin, readiness, shutdown.clone());
         let mut tasks = JoinSet::new();
@@ -90,7 +91,7 @@ impl App {
         tasks.spawn(crate::queues::relay::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::queues::reaper::run(self.ctx.clone(), shutdown.clone()));
         tasks.spawn(crate::queues::control::run(self.ctx.clone(), shutdown.clone()));
-        tasks.spawn(announce_commands(self.ctx.clone()));
+        tasks.spawn(watch_token(self.ctx.clone(), shutdown.clone()));
         while tasks.join_next().await.is_some() {}
         let _ = admin.await;
         Ok(())
@@ -119,10 +120,47 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
     App::build(settings).await?.run_until_stopped(shutdown).await
 }
 
+/// What `/readyz` says while the Bot API refuses the bot token.
+const TOKEN_REFUSED: &str = "the Bot API refuses the bot token (401): check TELEGRAM_BOT_TOKEN";
+
+/// How often a refused token is checked again with `getMe`, seconds.
+const TOKEN_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Checks the bot token with `getMe` at start (Bot API "getMe"), sets the
+/// command menu once it is accepted, and while the token is refused (a 401
+/// from any call: the worker is then not ready and takes no job) checks it
+/// again every [`TOKEN_RECHECK`] until `shutdown`.
+async fn watch_token(ctx: WorkerContext, shutdown: CancellationToken) {
+    let accepted = ctx.telegram.token_accepted();
+    let mut announced = false;
+    loop {
+        // Checked at start, and again while refused (a 401 from any call
+        // clears the flag at once: readiness and claims follow it).
+        if !announced || !accepted.load(std::sync::atomic::Ordering::Relaxed) {
+            match ctx.telegram.get_me().await {
+                Ok(me) if !announced => {
+                    tracing::info!(username = ?me.username, "bot token accepted (getMe)");
+                    announce_commands(&ctx).await;
+                    announced = true;
+                }
+                Ok(_) => tracing::info!("bot token accepted again (getMe)"),
+                Err(e) if !accepted.load(std::sync::atomic::Ordering::Relaxed) => {
+                    tracing::error!(error.message = %e, "the Bot API refuses the bot token: not ready, taking no job");
+                }
+                Err(e) => tracing::warn!(error.message = %e, "getMe failed; checking again later"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(TOKEN_RECHECK) => {}
+        }
+    }
+}
+
 /// Sets the bot's command menu (`setMyCommands`, [`crate::notices::COMMAND_MENU`])
 /// once at start, so users see the commands the bot answers. A failure is
 /// logged and changes nothing else: the menu is a convenience.
-async fn announce_commands(ctx: WorkerContext) {
+async fn announce_commands(ctx: &WorkerContext) {
     let menu = crate::notices::COMMAND_MENU
         .iter()
         .map(|(command, description)| shared::telegram::BotCommand {

@@ -46,6 +46,9 @@ pub enum TelegramError {
 pub struct BotApi {
     bot: Bot,
     token: Secret,
+    /// False once the Bot API answered 401 (a wrong or revoked token), true
+    /// again after any successful call; true until the first answer.
+    token_accepted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for BotApi {
@@ -339,7 +342,7 @@ impl BotApi {
             .build()
             .map_err(|e| TelegramError::Transport(e.without_url().to_string()))?;
         let bot = Bot::with_client(token.expose(), client).set_api_url(url);
-        Ok(Self { bot, token })
+        Ok(Self { bot, token, token_accepted: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)) })
     }
 
     /// Sends any payload and classifies the error.
@@ -352,6 +355,13 @@ impl BotApi {
         P::Output: serde::de::DeserializeOwned + Send,
     {
         let result = JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e));
+        match &result {
+            Ok(_) => self.token_accepted.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(TelegramError::Api(d)) if is_token_refusal(d) => {
+                self.token_accepted.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(TelegramError::RetryAfter(_)) => "retry_after",
@@ -397,6 +407,13 @@ impl BotApi {
             RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
             other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
         }
+    }
+
+    /// The flag [`BotApi::call`] keeps: false once the Bot API refused the
+    /// token (401), true again after any successful call (for readiness and
+    /// to stop taking jobs that could not be answered).
+    pub fn token_accepted(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.token_accepted.clone()
     }
 
     /// `getMe`: the bot's own id and username.
@@ -625,6 +642,12 @@ fn file_url(mut base: reqwest::Url, token: &str, file_path: &str) -> Option<reqw
         segments.extend(file_path.split('/').filter(|s| !s.is_empty()));
     }
     Some(base)
+}
+
+/// A 401 answer (Bot API "Making requests": a wrong or revoked token);
+/// teloxide spells it "Invalid bot token" (`ApiError::InvalidToken`).
+pub fn is_token_refusal(description: &str) -> bool {
+    description.contains("Invalid bot token") || description.starts_with("Unauthorized")
 }
 
 /// The description of a Bot API answer with a 5xx `error_code` (teloxide

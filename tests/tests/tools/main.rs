@@ -42,4 +42,5 @@ mod hostile_documents;
 mod isolation;
 mod limits;
 mod thinking;
+mod token;
 mod truncated;

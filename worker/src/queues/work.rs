@@ -154,6 +154,13 @@ async fn decide(ctx: &WorkerContext, delivery: &Delivery) -> Decision {
     span.record("user_id", job.user_id);
     span.record("job_id", tracing::field::display(job.job_id));
     let visibility = Duration::from_secs(ctx.settings.visibility_timeout_s);
+    // A job whose answer could not be sent is not started: while the Bot
+    // API refuses the bot token (401) the job waits in the delay queues
+    // (not claimed, so no attempt is used and nothing is charged).
+    if !ctx.telegram.token_accepted().load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("the bot token is refused; the job waits");
+        return Decision::Settle(Settle::Delay);
+    }
     // A job slot bounds the jobs running here; it is held until the job
     // ends. Without a free slot the delivery goes to a delay queue at once,
     // so unacked deliveries never fill the prefetch window (a /stop must get through).
