@@ -38,6 +38,10 @@ pub enum Policy {
     /// (`overloaded_error`): 300 ms doubling to 10 s, plus 0–100 % jitter,
     /// two restarts.
     AnthropicRestart,
+    /// A Bot API call that failed with a 5xx answer, a timeout or a
+    /// connection failure: 250 ms doubling to 4 s, plus 0–100 % jitter, no
+    /// limit (the caller's delivery deadline bounds it).
+    BotApiSend,
     /// Telegram `getUpdates` or a batch the broker did not confirm: 200 ms
     /// doubling to 30 s, plus 0–100 % jitter, no limit.
     BotApiPoll,
@@ -67,6 +71,7 @@ impl Policy {
             Self::BrokerReconnect => (ms(200), Some(s(10)), None, Jitter::Spread25),
             Self::AnthropicOpen => (ms(500), Some(s(20)), Some(2), Jitter::Additive),
             Self::AnthropicRestart => (ms(300), Some(s(10)), Some(2), Jitter::Additive),
+            Self::BotApiSend => (ms(250), Some(s(4)), None, Jitter::Additive),
             Self::BotApiPoll => (ms(200), Some(s(30)), None, Jitter::Additive),
         }
     }

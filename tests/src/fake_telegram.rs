@@ -110,12 +110,23 @@ pub struct Fault {
     pub description: Option<String>,
     /// How many consecutive matching calls fail (at least 1).
     pub times: usize,
+    /// The matching calls are never answered (the connection is held open
+    /// until the client gives up: a timeout); `status` is then unused.
+    pub stall: bool,
 }
 
 impl Default for Fault {
     /// A single `429` on the first call of any method.
     fn default() -> Self {
-        Self { methods: vec!["*".to_owned()], nth: 1, status: 429, retry_after: None, description: None, times: 1 }
+        Self {
+            methods: vec!["*".to_owned()],
+            nth: 1,
+            status: 429,
+            retry_after: None,
+            description: None,
+            times: 1,
+            stall: false,
+        }
     }
 }
 

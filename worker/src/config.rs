@@ -155,6 +155,15 @@ pub struct Settings {
     /// Interval between any two Bot API calls of the bot, ms (fleet-wide; about 30/s).
     #[arg(long, env = "PACE_BOT_MS", default_value_t = 34)]
     pub pace_bot_ms: u64,
+    /// Longest exchange of one Bot API call (file downloads excepted:
+    /// `DOCUMENT_DOWNLOAD_TIMEOUT_S`), seconds; a timeout is retried like a 5xx.
+    #[arg(long, env = "TELEGRAM_TIMEOUT_S", default_value_t = 10)]
+    pub telegram_timeout_s: u64,
+    /// How long one Bot API call is retried through 5xx answers, timeouts
+    /// and connection failures (backoff with jitter) before it fails,
+    /// seconds. An answer still undeliverable then is not charged.
+    #[arg(long, env = "TELEGRAM_DELIVERY_DEADLINE_S", default_value_t = 30)]
+    pub telegram_delivery_deadline_s: u64,
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`); port 0 picks one.
     #[arg(long, env = "ADMIN_BIND", default_value = "127.0.0.1:9091")]
     pub admin_bind: std::net::SocketAddr,
@@ -242,6 +251,9 @@ impl Settings {
         if self.tool_timeout_s == 0 {
             return Err("TOOL_TIMEOUT_S must be positive".into());
         }
+        if self.telegram_timeout_s == 0 {
+            return Err("TELEGRAM_TIMEOUT_S must be positive".into());
+        }
         if self.document_max_bytes == 0 || self.document_max_bytes > shared::telegram::MAX_DOWNLOAD_BYTES {
             return Err("DOCUMENT_MAX_BYTES must be between 1 and 20971520 (the Bot API's download limit)".into());
         }
@@ -273,7 +285,7 @@ impl Settings {
     /// lifetimes, `setrlimit`, deadlines) stays far from overflow, and no
     /// limit is so large that it is no limit at all.
     fn check_upper_bounds(&self) -> Result<(), String> {
-        let bounds: [(&str, u64, u64); 19] = [
+        let bounds: [(&str, u64, u64); 21] = [
             ("VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 3_600),
             ("STREAM_DEADLINE_S", self.stream_deadline_s, 3_600),
             ("IDLE_TIMEOUT_S", self.idle_timeout_s, 3_600),
@@ -292,6 +304,8 @@ impl Settings {
             ("DOCUMENT_EXTRACT_CPU_S", self.document_extract_cpu_s, 3_600),
             ("DOCUMENT_EXTRACT_MEMORY_MIB", self.document_extract_memory_mib, 65_536),
             ("DOCUMENT_EXTRACT_TIMEOUT_S", self.document_extract_timeout_s, 3_600),
+            ("TELEGRAM_TIMEOUT_S", self.telegram_timeout_s, 600),
+            ("TELEGRAM_DELIVERY_DEADLINE_S", self.telegram_delivery_deadline_s, 3_600),
             (
                 "PACE_PRIVATE_MS, PACE_GROUP_MS or PACE_BOT_MS",
                 self.pace_group_ms.max(self.pace_private_ms).max(self.pace_bot_ms),

@@ -84,7 +84,8 @@ impl WorkerContext {
             std::time::Duration::from_millis(settings.pace_private_ms),
             std::time::Duration::from_millis(settings.pace_group_ms),
             std::time::Duration::from_millis(settings.pace_bot_ms),
-        );
+        )
+        .with_delivery_deadline(std::time::Duration::from_secs(settings.telegram_delivery_deadline_s));
         // Without its own path the worker cannot sandbox PDFs: every PDF is
         // then refused with "the PDF reader could not be started".
         let extractor = settings

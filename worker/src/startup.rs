@@ -47,7 +47,8 @@ impl App {
         )
         .map_err(|e| anyhow::anyhow!("ANTHROPIC_BASE_URL: {e}"))?;
         let telegram = BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?
+            .with_call_timeout(Duration::from_secs(settings.telegram_timeout_s));
         let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "worker-publisher", Duration::from_secs(5));
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         let tools = crate::tools::Registry::new(&settings.tools).map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::time::Duration;
-use teloxide_core::requests::{JsonRequest, Payload, Request};
-use teloxide_core::{ApiError, Bot, RequestError};
+use teloxide_core::requests::Payload;
+use teloxide_core::Bot;
 
 /// How a Bot API call failed, classified for the caller's decision.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub enum TelegramError {
 pub struct BotApi {
     bot: Bot,
     token: Secret,
+    /// Longest exchange of one call ([`BotApi::with_call_timeout`]); a long
+    /// poll gets its own on top.
+    call_timeout: Duration,
     /// False once the Bot API answered 401 (a wrong or revoked token), true
     /// again after any successful call; true until the first answer.
     token_accepted: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -342,19 +345,44 @@ impl BotApi {
             .build()
             .map_err(|e| TelegramError::Transport(e.without_url().to_string()))?;
         let bot = Bot::with_client(token.expose(), client).set_api_url(url);
-        Ok(Self { bot, token, token_accepted: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)) })
+        Ok(Self {
+            bot,
+            token,
+            call_timeout: request_timeout,
+            token_accepted: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        })
     }
 
-    /// Sends any payload and classifies the error.
+    /// This client with `timeout` as the longest exchange of one method call
+    /// (file downloads keep the `request_timeout` of [`BotApi::new`]).
+    #[must_use]
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Sends any payload (`POST {api_url}/bot<token>/<method>`, JSON body)
+    /// and classifies the answer by its `error_code` and `parameters` (Bot
+    /// API, "Making requests" and "ResponseParameters"). The HTTP exchange
+    /// is ours, not teloxide-core's: teloxide sleeps 10 s inside the call
+    /// after any 5xx answer, which held a job's lease for nothing; retries
+    /// and their backoff belong to the caller (the worker's pacer).
     ///
     /// # Errors
-    /// A classified [`TelegramError`].
+    /// A classified [`TelegramError`]: 5xx answers, timeouts, connection
+    /// failures and undecodable answers are [`TelegramError::Transport`]
+    /// (worth retrying); 429 [`TelegramError::RetryAfter`]; 403
+    /// [`TelegramError::Forbidden`]; a `migrate_to_chat_id`
+    /// [`TelegramError::Migrated`]; every other answer
+    /// [`TelegramError::Api`] with Telegram's description (a 401 starts
+    /// "Unauthorized").
     pub async fn call<P>(&self, payload: P) -> Result<P::Output, TelegramError>
     where
         P: Payload + Serialize + Send + 'static,
         P::Output: serde::de::DeserializeOwned + Send,
     {
-        let result = JsonRequest::new(self.bot.clone(), payload).send().await.map_err(|e| self.classify(e));
+        let timeout = payload.timeout_hint().map_or(self.call_timeout, |hint| hint + self.call_timeout);
+        let result = self.exchange::<P>(&payload, timeout).await;
         match &result {
             Ok(_) => self.token_accepted.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(TelegramError::Api(d)) if is_token_refusal(d) => {
@@ -377,36 +405,46 @@ impl BotApi {
         result
     }
 
-    fn classify(&self, e: RequestError) -> TelegramError {
-        match e {
-            RequestError::RetryAfter(s) => TelegramError::RetryAfter(Duration::from_secs(u64::from(s.seconds()))),
-            RequestError::Api(ApiError::MessageNotModified) => TelegramError::NotModified,
-            RequestError::Api(ApiError::CantParseEntities(d)) => TelegramError::BadEntities(scrub(&d, &self.token)),
-            RequestError::Api(
-                ApiError::BotBlocked
-                | ApiError::UserDeactivated
-                | ApiError::BotKicked
-                | ApiError::BotKickedFromSupergroup
-                | ApiError::CantInitiateConversation,
-            ) => TelegramError::Forbidden(e.to_string()),
-            RequestError::Api(api) => {
-                let text = scrub(&api.to_string(), &self.token);
-                if is_server_error(&text) {
-                    // 5xx (Bot API: "error_code … 5xx"): Telegram's side
-                    // failed; worth retrying like a network error.
-                    TelegramError::Transport(text)
-                } else if text.contains("Forbidden") {
-                    TelegramError::Forbidden(text)
-                } else if text.contains("can't parse entities") {
-                    TelegramError::BadEntities(text)
-                } else {
-                    TelegramError::Api(text)
-                }
+    /// One HTTP exchange of [`BotApi::call`], bounded by `timeout`.
+    async fn exchange<P>(&self, payload: &P, timeout: Duration) -> Result<P::Output, TelegramError>
+    where
+        P: Payload + Serialize,
+        P::Output: serde::de::DeserializeOwned,
+    {
+        let url = method_url(self.bot.api_url(), self.token.expose(), P::NAME)
+            .ok_or_else(|| TelegramError::Transport("TELEGRAM_API_URL cannot be a base URL".into()))?;
+        let transport = |e: reqwest::Error| {
+            let what = if e.is_timeout() { "timed out" } else { "failed" };
+            TelegramError::Transport(format!(
+                "{} {what}: {}",
+                P::NAME,
+                scrub(&e.without_url().to_string(), &self.token)
+            ))
+        };
+        let response = self.bot.client().post(url).json(payload).timeout(timeout).send().await.map_err(transport)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(transport)?;
+        let envelope: Envelope<P::Output> = match serde_json::from_slice(&body) {
+            Ok(e) => e,
+            // An HTML error page of a proxy in front of the Bot API (502, 504).
+            Err(_) if status.is_server_error() => {
+                return Err(TelegramError::Transport(format!("{} answered HTTP {status}", P::NAME)));
             }
-            RequestError::MigrateToChatId(id) => TelegramError::Migrated(id.0),
-            RequestError::Network(err) => TelegramError::Transport(scrub(&err.to_string(), &self.token)),
-            other => TelegramError::Transport(scrub(&other.to_string(), &self.token)),
+            Err(e) => {
+                return Err(TelegramError::Transport(format!(
+                    "{} answered HTTP {status} with a body that is not a Bot API answer: {e}",
+                    P::NAME
+                )));
+            }
+        };
+        if envelope.ok {
+            return envelope
+                .result
+                .ok_or_else(|| TelegramError::Transport(format!("{} answered ok without a result", P::NAME)));
         }
+        let description = scrub(envelope.description.as_deref().unwrap_or("(no description)"), &self.token);
+        let code = envelope.error_code.unwrap_or(status.as_u16());
+        Err(classify(code, description, envelope.parameters.unwrap_or_default()))
     }
 
     /// The flag [`BotApi::call`] keeps: false once the Bot API refused the
@@ -632,6 +670,78 @@ impl BotApi {
     }
 }
 
+/// The answer of every Bot API method (Bot API, "Making requests"). A
+/// `result` that does not have the expected shape fails the whole answer
+/// (a decoding error, [`TelegramError::Transport`]).
+#[derive(Debug, Deserialize)]
+struct Envelope<T> {
+    ok: bool,
+    #[serde(default = "none")]
+    result: Option<T>,
+    #[serde(default)]
+    error_code: Option<u16>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<ResponseParameters>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+/// `ResponseParameters` (Bot API): why a failed call may be retried.
+#[derive(Debug, Default, Deserialize)]
+struct ResponseParameters {
+    /// The group became a supergroup with this id.
+    #[serde(default)]
+    migrate_to_chat_id: Option<i64>,
+    /// Seconds to wait (flood control).
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+/// The class of a failed answer: `code` is its `error_code` (or the HTTP
+/// status), `description` Telegram's text with the token scrubbed.
+fn classify(code: u16, description: String, parameters: ResponseParameters) -> TelegramError {
+    if let Some(s) = parameters.retry_after {
+        return TelegramError::RetryAfter(Duration::from_secs(s));
+    }
+    if code == 429 {
+        // Flood control without a `retry_after`: a short pause.
+        return TelegramError::RetryAfter(Duration::from_secs(1));
+    }
+    if let Some(id) = parameters.migrate_to_chat_id {
+        return TelegramError::Migrated(id);
+    }
+    if code >= 500 {
+        // Telegram's side failed: worth retrying like a network error.
+        return TelegramError::Transport(format!("server error {code}: {description}"));
+    }
+    if description.contains("message is not modified") {
+        return TelegramError::NotModified;
+    }
+    if description.contains("can't parse entities") {
+        return TelegramError::BadEntities(description);
+    }
+    if code == 403 || description.starts_with("Forbidden") {
+        return TelegramError::Forbidden(description);
+    }
+    if code == 401 && !is_token_refusal(&description) {
+        return TelegramError::Api(format!("Unauthorized: {description}"));
+    }
+    TelegramError::Api(description)
+}
+
+/// `{api_url}/bot<token>/<method>` (the path of the base URL kept).
+fn method_url(mut base: reqwest::Url, token: &str, method: &str) -> Option<reqwest::Url> {
+    {
+        let mut segments = base.path_segments_mut().ok()?;
+        segments.pop_if_empty().push(&format!("bot{token}")).push(method);
+    }
+    Some(base)
+}
+
 /// `{api_url}/file/bot<token>/<file_path>`, each `/`-separated piece of
 /// `file_path` a path segment of its own (teloxide-core's helper escapes the
 /// `/` of `documents/file_1`).
@@ -650,28 +760,55 @@ pub fn is_token_refusal(description: &str) -> bool {
     description.contains("Invalid bot token") || description.starts_with("Unauthorized")
 }
 
-/// The description of a Bot API answer with a 5xx `error_code` (teloxide
-/// keeps the description only): the reason phrases of RFC 9110 §15.6.
-fn is_server_error(description: &str) -> bool {
-    let d = description.to_ascii_lowercase();
-    ["internal server error", "bad gateway", "service unavailable", "gateway timeout", "gateway time-out"]
-        .iter()
-        .any(|p| d.contains(p))
-}
-
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn five_hundreds_are_told_apart_by_their_reason_phrase() {
-        assert!(is_server_error("Bad Gateway"));
-        assert!(is_server_error("Internal Server Error: restart"));
-        assert!(is_server_error("Gateway Time-out"));
-        assert!(!is_server_error("Bad Request: chat not found"));
-        assert!(!is_server_error("Forbidden: bot was blocked by the user"));
+    use super::*;
+
+    fn classified(code: u16, description: &str, parameters: &str) -> TelegramError {
+        classify(code, description.to_owned(), serde_json::from_str(parameters).unwrap())
     }
 
-    use super::*;
+    #[test]
+    fn failed_answers_are_classified_by_code_and_parameters() {
+        assert_eq!(
+            classified(429, "Too Many Requests: retry after 7", r#"{"retry_after": 7}"#),
+            TelegramError::RetryAfter(Duration::from_secs(7))
+        );
+        assert_eq!(
+            classified(
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+                r#"{"migrate_to_chat_id": -1001}"#
+            ),
+            TelegramError::Migrated(-1001)
+        );
+        assert!(matches!(classified(502, "Bad Gateway", "{}"), TelegramError::Transport(_)));
+        assert!(matches!(classified(500, "Internal Server Error: restart", "{}"), TelegramError::Transport(_)));
+        assert_eq!(
+            classified(400, "Bad Request: message is not modified: specified new message content", "{}"),
+            TelegramError::NotModified
+        );
+        assert!(matches!(
+            classified(400, "Bad Request: can't parse entities: Unsupported start tag", "{}"),
+            TelegramError::BadEntities(_)
+        ));
+        assert!(matches!(classified(403, "Forbidden: bot was blocked by the user", "{}"), TelegramError::Forbidden(_)));
+        let refused = classified(401, "Unauthorized", "{}");
+        assert!(matches!(&refused, TelegramError::Api(d) if is_token_refusal(d)), "{refused:?}");
+        assert!(matches!(classified(400, "Bad Request: chat not found", "{}"), TelegramError::Api(_)));
+    }
+
+    #[test]
+    fn method_urls_keep_the_path_of_the_base() {
+        let base = reqwest::Url::parse("https://example.com/tg/").unwrap();
+        assert_eq!(
+            method_url(base, "1:x", "sendMessage").unwrap().as_str(),
+            "https://example.com/tg/bot1:x/sendMessage"
+        );
+        let base = reqwest::Url::parse("http://127.0.0.1:8081").unwrap();
+        assert_eq!(method_url(base, "1:x", "getMe").unwrap().as_str(), "http://127.0.0.1:8081/bot1:x/getMe");
+    }
 
     #[test]
     fn file_urls_keep_the_path_of_the_base_and_the_slashes_of_the_file_path() {

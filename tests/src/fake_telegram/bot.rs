@@ -166,7 +166,8 @@ impl BotState {
 
     /// Counts a call to `method` against every matching fault and returns the
     /// answer of the first fault whose window it falls in.
-    pub(super) fn take_fault(&mut self, method: &str) -> Option<ApiError> {
+    /// The `bool` is [`Fault::stall`].
+    pub(super) fn take_fault(&mut self, method: &str) -> Option<(ApiError, bool)> {
         let mut hit = None;
         for active in &mut self.faults {
             if !active.fault.matches(method) {
@@ -176,7 +177,7 @@ impl BotState {
             let first = active.fault.nth.max(1);
             let last = first + active.fault.times.max(1) - 1;
             if hit.is_none() && (first..=last).contains(&active.matched) {
-                hit = Some(active.fault.to_error());
+                hit = Some((active.fault.to_error(), active.fault.stall));
             }
         }
         hit

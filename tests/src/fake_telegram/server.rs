@@ -99,10 +99,14 @@ pub(super) async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers:
         params: Params::parse(uri.query(), content_type, &body),
     };
     let is_long_poll = request.method == "getUpdates";
+    let mut stall = false;
     let answered = {
         let mut bot = shared.lock();
         let outcome = match bot.take_fault(&request.method) {
-            Some(fault) => Some(Err(fault)),
+            Some((fault, stalled)) => {
+                stall = stalled;
+                Some(Err(fault))
+            }
             None if !valid_token(&request.token) => Some(Err(ApiError::new(401, "Unauthorized"))),
             None => match &request.params {
                 Err(error) => Some(Err(error.clone())),
@@ -116,6 +120,12 @@ pub(super) async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, headers:
         outcome.map(|outcome| record(&mut bot, &request, outcome))
     };
     match answered {
+        Some(_) if stall => {
+            // Recorded (with the fault's status) and never answered: hyper
+            // drops this future when the client closes the connection.
+            shared.notify();
+            std::future::pending().await
+        }
         Some((status, response)) => {
             shared.notify();
             respond(status, response)

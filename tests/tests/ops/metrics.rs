@@ -146,6 +146,7 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         retry_after: Some(1),
         description: None,
         times: 1,
+        stall: false,
     });
     let http = fleet_tests::harness::http_client()?;
     assert_eq!(post_webhook(&http, port, Some("wrong-secret"), b"{}".to_vec()).await?, 401);

@@ -43,6 +43,7 @@ async fn an_answer_whose_entities_are_rejected_arrives_as_plain_text_exactly_onc
         retry_after: None,
         description: Some("Bad Request: can't parse entities: Unsupported start tag at byte offset 3".into()),
         times: 1,
+        stall: false,
     });
     let update = fixture_bytes("telegram/ben_markdown.json")?;
     let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
@@ -72,6 +73,7 @@ async fn a_bot_blocked_error_stops_the_claude_stream_within_a_second() -> anyhow
         retry_after: None,
         description: Some("Forbidden: bot was blocked by the user".into()),
         times: 1000,
+        stall: false,
     });
     let update = fixture_bytes("telegram/chi_essay.json")?;
     let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
@@ -149,6 +151,7 @@ async fn when_drafts_are_refused_progress_edits_one_message_that_becomes_the_ans
         retry_after: None,
         description: Some("Bad Request: TEXTDRAFT_PEER_INVALID".into()),
         times: 1000,
+        stall: false,
     });
     let update = fixture_bytes("telegram/ada_capital.json")?;
     let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);

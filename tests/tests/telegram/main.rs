@@ -2,6 +2,7 @@
 //! across workers, the plain-text fallback for rejected entities, 403
 //! stopping the stream, migrated groups, and Stars payments.
 
+mod bot_api_errors;
 mod delivery;
 mod pacing;
 mod payments;

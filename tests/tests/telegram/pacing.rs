@@ -69,6 +69,7 @@ async fn a_429_seen_by_one_worker_keeps_the_other_silent_towards_that_chat() -> 
         retry_after: Some(3),
         description: None,
         times: 1,
+        stall: false,
     });
     let (a, b) = (pacer(&db, 10), pacer(&db, 10));
     // Worker A meets the 429 (and retries after it).

@@ -24,13 +24,14 @@ async fn an_answer_refused_with_5xx_on_every_retry_is_not_charged_and_its_cost_i
         retry_after: None,
         description: None,
         times: 1_000,
+        stall: false,
     });
     let update = fixture_bytes("telegram/ben_markdown.json")?;
     let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
     assert_eq!(app.post_update(&update).await?, 200);
     let pool = app.db.pool.clone();
-    // teloxide waits 10 s after every 5xx answer (teloxide-core
-    // `DELAY_ON_SERVER_ERROR`) and the pacer tries 6 times: about a minute.
+    // The pacer retries 5xx answers with backoff until its delivery
+    // deadline (`TELEGRAM_DELIVERY_DEADLINE_S`, 30 s by default).
     wait_until("the job to finish", Duration::from_secs(120), || {
         let pool = pool.clone();
         async move {

@@ -5,6 +5,7 @@
 //! pauses the chat fleet-wide; the next slot comes after the pause, so waits
 //! accumulate across retries (P9).
 
+use shared::retry::Policy;
 use shared::telegram::TelegramError;
 use sqlx::PgPool;
 use std::future::Future;
@@ -20,15 +21,29 @@ pub struct Pacer {
     pub group_interval: Duration,
     /// Interval between any two calls of the bot.
     pub bot_interval: Duration,
+    /// How long one call keeps being retried through 5xx answers, timeouts
+    /// and connection failures (with [`Policy::BotApiSend`]'s backoff)
+    /// before its error is returned.
+    pub delivery_deadline: Duration,
 }
 
-/// Tries of one call through 429s and transport errors.
-const MAX_TRIES: usize = 6;
+/// Tries of one call through 429s (each waits out its `retry_after`).
+const MAX_FLOOD_TRIES: usize = 6;
+
+/// The default of [`Pacer::delivery_deadline`].
+pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Pacer {
     /// A pacer on `db`.
     pub fn new(db: PgPool, private_interval: Duration, group_interval: Duration, bot_interval: Duration) -> Self {
-        Self { db, private_interval, group_interval, bot_interval }
+        Self { db, private_interval, group_interval, bot_interval, delivery_deadline: DELIVERY_DEADLINE }
+    }
+
+    /// This pacer with another [`Pacer::delivery_deadline`].
+    #[must_use]
+    pub fn with_delivery_deadline(mut self, deadline: Duration) -> Self {
+        self.delivery_deadline = deadline;
+        self
     }
 
     fn interval(&self, chat_id: i64) -> Duration {
@@ -90,9 +105,11 @@ impl Pacer {
     }
 
     /// Runs one Bot API call for `chat_id` under the pacer: waits for a slot,
-    /// and on 429 pauses the chat fleet-wide and tries again in a new slot;
-    /// transport errors are retried a few times; every other error returns
-    /// at once (403 stops, bad entities fall back, …).
+    /// and on 429 pauses the chat fleet-wide and tries again in a new slot
+    /// (up to 6 tries); 5xx answers, timeouts and connection failures
+    /// ([`TelegramError::Transport`]) are retried with backoff and jitter
+    /// until [`Pacer::delivery_deadline`]; every other error returns at once
+    /// (403 stops, bad entities fall back, …).
     ///
     /// # Errors
     /// The last [`TelegramError`].
@@ -122,29 +139,39 @@ impl Pacer {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, TelegramError>>,
     {
-        let mut last = TelegramError::Transport("no attempt".into());
-        for attempt in 0..MAX_TRIES {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Policy::BotApiSend.backoff();
+        let mut flood_tries = 0;
+        loop {
             self.wait(chat_id, message).await;
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(TelegramError::RetryAfter(d)) => {
                     metrics::counter!("fleet_telegram_flood_waits_total").increment(1);
+                    flood_tries += 1;
+                    if flood_tries >= MAX_FLOOD_TRIES {
+                        return Err(TelegramError::RetryAfter(d));
+                    }
                     tracing::warn!(
                         chat_id,
                         retry_after_s = d.as_secs(),
-                        attempt,
+                        attempt = flood_tries,
                         "telegram flood control; chat paused fleet-wide"
                     );
                     self.pause(chat_id, d).await;
-                    last = TelegramError::RetryAfter(d);
                 }
                 Err(TelegramError::Transport(e)) => {
-                    tracing::warn!(chat_id, error.message = %e, attempt, "telegram transport error; retrying");
-                    last = TelegramError::Transport(e);
+                    let wait = backoff.next_or_last();
+                    if started.elapsed() + wait > self.delivery_deadline {
+                        tracing::warn!(chat_id, error.message = %e, deadline_s = self.delivery_deadline.as_secs(), "telegram call still failing at its delivery deadline; giving up");
+                        return Err(TelegramError::Transport(e));
+                    }
+                    metrics::counter!("fleet_telegram_retries_total").increment(1);
+                    tracing::warn!(chat_id, error.message = %e, wait_ms = wait.as_millis() as u64, "telegram call failed (5xx, timeout or network); retrying");
+                    tokio::time::sleep(wait).await;
                 }
                 Err(other) => return Err(other),
             }
         }
-        Err(last)
     }
 }
