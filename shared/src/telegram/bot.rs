@@ -492,10 +492,13 @@ impl BotApi {
         text: &str,
         entities: Option<Vec<Value>>,
     ) -> Result<SentMessage, TelegramError> {
-        self.send_message_in(chat_id, None, text, entities).await
+        self.send_message_in(chat_id, None, None, text, entities).await
     }
 
-    /// `sendMessage` into forum topic `thread` (`None`: the chat itself).
+    /// `sendMessage` into forum topic `thread` (`None`: the chat itself),
+    /// as a reply to message `reply_to` of the chat when given (Bot API
+    /// "ReplyParameters", with `allow_sending_without_reply`: the message
+    /// is sent even when the original is gone).
     ///
     /// # Errors
     /// A classified [`TelegramError`].
@@ -503,6 +506,7 @@ impl BotApi {
         &self,
         chat_id: i64,
         thread: Option<i64>,
+        reply_to: Option<i64>,
         text: &str,
         entities: Option<Vec<Value>>,
     ) -> Result<SentMessage, TelegramError> {
@@ -511,7 +515,8 @@ impl BotApi {
             message_thread_id: thread,
             text: text.to_owned(),
             entities,
-            reply_parameters: None,
+            reply_parameters: reply_to
+                .map(|message_id| serde_json::json!({ "message_id": message_id, "allow_sending_without_reply": true })),
             reply_markup: None,
         })
         .await

@@ -165,3 +165,30 @@ async fn a_5xx_and_a_timeout_on_group_edits_leave_one_answer_charged_once() -> a
     assert_eq!(usage_charges(&app, job_id).await?, 1, "charged once");
     app.cleanup().await
 }
+
+/// In a group the answer replies to the question it answers (issue 16 part
+/// 1), allowing the original to be gone; in a private chat it does not.
+#[tokio::test]
+async fn a_group_answer_replies_to_its_question_and_a_private_one_does_not() -> anyhow::Result<()> {
+    let app = TestApp::builder().spawn().await?;
+    app.grant(BEN, "5").await?;
+    app.grant(ADA, "5").await?;
+    app.anthropic.push([ScriptedResponse::from_file(fixture("anthropic/text_group_answer.sse"))?]);
+    let (_, outcome) = post_and_finish(&app, "telegram/group_with_mention.json").await?;
+    assert_eq!(outcome, "answered");
+    app.anthropic.push([ScriptedResponse::from_file(fixture("anthropic/text_group_answer.sse"))?]);
+    let (_, outcome) = post_and_finish(&app, "telegram/ada_capital.json").await?;
+    assert_eq!(outcome, "answered");
+    let calls = app.telegram.calls();
+    let group_sends = of(&calls, "sendMessage", GROUP);
+    assert!(!group_sends.is_empty());
+    let reply = &group_sends[0].params["reply_parameters"];
+    assert_eq!(reply["message_id"].as_i64(), Some(402), "the question's message id: {reply}");
+    assert_eq!(reply["allow_sending_without_reply"].as_bool(), Some(true));
+    assert!(
+        group_sends[1..].iter().all(|c| c.params.get("reply_parameters").is_none()),
+        "only the first message replies"
+    );
+    assert!(of(&calls, "sendMessage", ADA).iter().all(|c| c.params.get("reply_parameters").is_none()));
+    app.cleanup().await
+}

@@ -165,8 +165,15 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
         deliver(ctx, &job, lease, &notices::needs_credit(needed, available), &[]).await?;
         return Ok(Outcome::NoBalance);
     }
-    let progress =
-        Progress::start(ctx, job.chat_id, job.message_thread_id, job.is_private(), job.draft_id(), cancel.clone());
+    let progress = Progress::start(
+        ctx,
+        job.chat_id,
+        job.message_thread_id,
+        job.reply_to(),
+        job.is_private(),
+        job.draft_id(),
+        cancel.clone(),
+    );
     let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
     let progress_message = progress.finish().await;
     let answer = generated?;
@@ -434,8 +441,16 @@ async fn deliver(
     text: &str,
     reuse: &[i64],
 ) -> Result<(), JobError> {
-    match crate::telegram::delivery::send_fenced_in(ctx, job.chat_id, job.message_thread_id, text, reuse, Some(lease))
-        .await
+    match crate::telegram::delivery::send_fenced_in(
+        ctx,
+        job.chat_id,
+        job.message_thread_id,
+        job.reply_to(),
+        text,
+        reuse,
+        Some(lease),
+    )
+    .await
     {
         Ok(ids) => {
             // The user has the answer now: recording that must not fail on a

@@ -678,6 +678,8 @@ pub struct JobRow {
     pub conversation_epoch: i32,
     /// The forum topic to answer in (`jobs.message_thread_id`).
     pub message_thread_id: Option<i64>,
+    /// The message the job answers (`jobs.telegram_message_id`).
+    pub telegram_message_id: i64,
     /// Telegram messages already sent for this job (by an earlier attempt).
     pub reply_message_ids: Vec<i64>,
     /// True once an attempt's `finalize` committed the answer.
@@ -690,6 +692,12 @@ impl JobRow {
     /// True in private chats (drafts allowed).
     pub fn is_private(&self) -> bool {
         self.chat_kind == "private"
+    }
+
+    /// The message an answer replies to: in groups the question (so that
+    /// the answer is found among other members' messages); none in private chats.
+    pub fn reply_to(&self) -> Option<i64> {
+        (!self.is_private() && self.telegram_message_id > 0).then_some(self.telegram_message_id)
     }
 
     /// A non-zero draft id, stable for the job (Bot API 9.3 `sendMessageDraft`).
@@ -706,7 +714,7 @@ impl JobRow {
 pub async fn load<'e>(db: impl PgExecutor<'e>, job_id: Uuid) -> Result<JobRow, sqlx::Error> {
     sqlx::query_as(
         "SELECT j.job_id, j.chat_id, j.user_id, j.update_id, j.kind, j.user_content, c.kind AS chat_kind, c.conversation_epoch, j.message_thread_id,
-                j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
+                j.telegram_message_id, j.reply_message_ids, j.answer_stored_at IS NOT NULL AS answer_stored, j.stored_reply
            FROM jobs j JOIN chats c USING (chat_id) WHERE j.job_id = $1",
     )
     .bind(job_id)

@@ -68,10 +68,12 @@ pub async fn send_fenced(
     reuse: &[i64],
     lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
-    send_fenced_in(ctx, chat_id, None, markdown, reuse, lease).await
+    send_fenced_in(ctx, chat_id, None, None, markdown, reuse, lease).await
 }
 
-/// As [`send_fenced`], into forum topic `thread` (`None`: the chat itself).
+/// As [`send_fenced`], into forum topic `thread` (`None`: the chat itself);
+/// the first new message replies to message `reply_to` (groups: the
+/// message the answer is for; it is sent even if that one is gone).
 ///
 /// # Errors
 /// [`DeliveryError`], `LeaseLost` included.
@@ -79,11 +81,12 @@ pub async fn send_fenced_in(
     ctx: &WorkerContext,
     chat_id: i64,
     thread: Option<i64>,
+    reply_to: Option<i64>,
     markdown: &str,
     reuse: &[i64],
     lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
-    let out = Outgoing { ctx, lease, thread };
+    let out = Outgoing { ctx, lease, thread, reply_to: std::sync::Mutex::new(reply_to) };
     let mut ids = Vec::new();
     let parts = render(markdown);
     for (i, part) in parts.iter().enumerate() {
@@ -113,6 +116,8 @@ struct Outgoing<'a> {
     lease: Option<&'a crate::store::jobs::ClaimedJob>,
     /// Forum topic of new messages (edits keep their message's topic).
     thread: Option<i64>,
+    /// The message the first new message replies to; taken by the first send.
+    reply_to: std::sync::Mutex<Option<i64>>,
 }
 
 impl Outgoing<'_> {
@@ -134,14 +139,21 @@ impl Outgoing<'_> {
         text: &str,
         entities: Option<Vec<serde_json::Value>>,
     ) -> Result<i64, TelegramError> {
-        self.ctx
+        // Poisoned only by a panic while holding it, which nothing here can do.
+        let reply_to = self.reply_to.lock().ok().and_then(|r| *r);
+        let sent = self
+            .ctx
             .pacer
             .call(chat_id, || async {
                 self.fence().await?;
-                self.ctx.telegram.send_message_in(chat_id, self.thread, text, entities.clone()).await
+                self.ctx.telegram.send_message_in(chat_id, self.thread, reply_to, text, entities.clone()).await
             })
             .await
-            .map(|m| m.message_id)
+            .map(|m| m.message_id)?;
+        if let Ok(mut r) = self.reply_to.lock() {
+            *r = None;
+        }
+        Ok(sent)
     }
 
     /// Sends one part; entities rejected → once more as plain text.
@@ -199,5 +211,7 @@ impl Outgoing<'_> {
 /// # Errors
 /// The classified error ("not modified" is success).
 pub async fn edit(ctx: &WorkerContext, chat_id: i64, message_id: i64, part: &Formatted) -> Result<(), TelegramError> {
-    Outgoing { ctx, lease: None, thread: None }.edit(chat_id, message_id, part).await
+    Outgoing { ctx, lease: None, thread: None, reply_to: std::sync::Mutex::new(None) }
+        .edit(chat_id, message_id, part)
+        .await
 }

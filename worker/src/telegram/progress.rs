@@ -22,11 +22,14 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts showing progress in `chat_id`.
+    /// Starts showing progress in `chat_id` (forum topic `thread`); in a
+    /// group the progress message replies to message `reply_to`.
+    #[expect(clippy::too_many_arguments, reason = "where the progress shows, each a plain value")]
     pub fn start(
         ctx: &WorkerContext,
         chat_id: i64,
         thread: Option<i64>,
+        reply_to: Option<i64>,
         private: bool,
         draft_id: i64,
         job: JobCancel,
@@ -38,6 +41,7 @@ impl Progress {
             ctx.clone(),
             chat_id,
             thread,
+            reply_to,
             private,
             draft_id,
             rx,
@@ -64,6 +68,7 @@ async fn show(
     ctx: WorkerContext,
     chat_id: i64,
     thread: Option<i64>,
+    reply_to: Option<i64>,
     private: bool,
     draft_id: i64,
     mut rx: watch::Receiver<String>,
@@ -102,12 +107,12 @@ async fn show(
         let mut sent = if drafts {
             ctx.telegram.send_message_draft(chat_id, draft_id, &current.text, current.entities_json()).await
         } else {
-            update_group(&ctx, chat_id, thread, &mut messages, &parts).await
+            update_group(&ctx, chat_id, thread, reply_to, &mut messages, &parts).await
         };
         if drafts && matches!(sent, Err(TelegramError::Api(_))) {
             tracing::info!("drafts refused; editing one message in place instead");
             drafts = false;
-            sent = update_group(&ctx, chat_id, thread, &mut messages, &parts).await;
+            sent = update_group(&ctx, chat_id, thread, reply_to, &mut messages, &parts).await;
         }
         match sent {
             Ok(()) | Err(TelegramError::NotModified) => last_sent = current.text.clone(),
@@ -129,6 +134,7 @@ async fn update_group(
     ctx: &WorkerContext,
     chat_id: i64,
     thread: Option<i64>,
+    reply_to: Option<i64>,
     messages: &mut Vec<i64>,
     parts: &[shared::telegram::Formatted],
 ) -> Result<(), TelegramError> {
@@ -140,7 +146,9 @@ async fn update_group(
             }
         }
         let part = &parts[index];
-        let m = ctx.telegram.send_message_in(chat_id, thread, &part.text, part.entities_json()).await?;
+        // Only the first message replies to the question.
+        let reply = if index == 0 { reply_to } else { None };
+        let m = ctx.telegram.send_message_in(chat_id, thread, reply, &part.text, part.entities_json()).await?;
         messages.push(m.message_id);
         if index + 1 < parts.len() {
             continue;
