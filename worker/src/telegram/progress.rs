@@ -24,7 +24,6 @@ pub struct Progress {
 impl Progress {
     /// Starts showing progress in `chat_id` (forum topic `thread`); in a
     /// group the progress message replies to message `reply_to`.
-    #[expect(clippy::too_many_arguments, reason = "where the progress shows, each a plain value")]
     pub fn start(
         ctx: &WorkerContext,
         chat_id: i64,
