@@ -31,6 +31,15 @@ pub enum IntakeError {
     TimedOut(std::time::Duration),
 }
 
+/// Where a "queued" notice goes: a reply to the message it announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// The message that waits.
+    pub message_id: i64,
+    /// Its forum topic, if any.
+    pub thread: Option<i64>,
+}
+
 /// The job a delivery stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobRef {
@@ -54,8 +63,15 @@ pub enum IntakeOutcome {
     /// A job to claim (new, or left queued by an earlier delivery).
     Job(JobRef),
     /// A new job created while another job of its chat runs or waits: it
-    /// is answered after them, and the user is told it is queued.
-    Queued(JobRef),
+    /// is answered after them. The user is told it is queued once per busy
+    /// period: only the first message waiting behind the current answer is
+    /// announced (`announce`), with a reply to that message.
+    Queued {
+        /// The job.
+        job: JobRef,
+        /// Send the "queued" notice, as a reply to this message.
+        announce: Option<Announce>,
+    },
     /// `/stop` (or the Stop button): cancel the chat's generation wherever it runs.
     Stop {
         /// The chat.
@@ -343,9 +359,17 @@ async fn create_job(
         message_thread_id: msg.topic(),
     };
     let job_id = crate::store::jobs::create(tx, &new).await?;
-    let behind = crate::store::jobs::waits_behind(tx, msg.chat.id, job_id).await?;
+    let ahead = crate::store::jobs::jobs_ahead(tx, msg.chat.id, job_id).await?;
     let job = JobRef { job_id, chat_id: msg.chat.id, user_id, update_id };
-    Ok(if behind { IntakeOutcome::Queued(job) } else { IntakeOutcome::Job(job) })
+    Ok(match ahead {
+        0 => IntakeOutcome::Job(job),
+        // The first message waiting behind the current answer is announced;
+        // later ones in the same busy period are not.
+        1 => {
+            IntakeOutcome::Queued { job, announce: Some(Announce { message_id: msg.message_id, thread: msg.topic() }) }
+        }
+        _ => IntakeOutcome::Queued { job, announce: None },
+    })
 }
 
 /// Who may stop what: in a private chat, the chat's answer; in a group, the

@@ -115,3 +115,42 @@ async fn in_update_order(t: &Lifecycle) -> Result<()> {
     ensure!(wrong.is_empty(), "answered out of update order:\n{}", wrong.join("\n"));
     Ok(())
 }
+
+/// One "queued" notice per busy period (issue 16 part 14): three messages
+/// posted while an answer streams get one notice, a reply to the first
+/// message that waits, not one per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_behind_an_answer_get_one_queued_notice_replying_to_the_first() -> Result<()> {
+    let t = Lifecycle::start("queuednotice", 2, &[]).await?;
+    let result = one_notice(&t).await;
+    t.finish(result).await
+}
+
+async fn one_notice(t: &Lifecycle) -> Result<()> {
+    const CHAT: i64 = 200_000_011;
+    t.grant(CHAT, "5.00").await?;
+    t.anthropic.push([sse(ESSAY, 40)?, sse(MOONS, 0)?, sse(MOONS, 0)?]);
+    let base = 800_200_000;
+    for (n, text) in [(1, "Tell me about tea."), (2, "And moons?"), (3, "And again?")] {
+        let update = in_private_chat(derived_update(FIRST, base + n, 500 + n, text)?, CHAT);
+        t.post(&update).await?;
+    }
+    for n in 1..=3 {
+        let job = t.wait_finished(base + n, WAIT * 2).await?;
+        ensure!(job.status == "done", "job {n}: {job:?}");
+    }
+    let notices: Vec<_> = t
+        .telegram
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            c.method == "sendMessage"
+                && c.params["chat_id"].as_i64() == Some(CHAT)
+                && c.params["text"].as_str() == Some(worker::notices::QUEUED)
+        })
+        .collect();
+    ensure!(notices.len() == 1, "expected one queued notice, got {}: {notices:#?}", notices.len());
+    let reply = &notices[0].params["reply_parameters"];
+    ensure!(reply["message_id"].as_i64() == Some(502), "the notice replies to the first waiting message: {reply}");
+    Ok(())
+}

@@ -143,12 +143,22 @@ async fn take_in(
         let _ = done.send(!matches!(outcome, Taken::Shutdown));
         let decision = match outcome {
             Taken::Outcome(IntakeOutcome::Job(job)) => hand_off(ctx, &job).await,
-            Taken::Outcome(IntakeOutcome::Queued(job)) => {
+            Taken::Outcome(IntakeOutcome::Queued { job, announce }) => {
                 let decision = hand_off(ctx, &job).await;
-                if let Err(e) =
-                    crate::telegram::delivery::send_text(ctx, job.chat_id, crate::notices::QUEUED, &[]).await
-                {
-                    tracing::warn!(error.message = %e, "queued notice not sent");
+                if let Some(a) = announce {
+                    let sent = crate::telegram::delivery::send_fenced_in(
+                        ctx,
+                        job.chat_id,
+                        a.thread,
+                        Some(a.message_id),
+                        crate::notices::QUEUED,
+                        &[],
+                        None,
+                    )
+                    .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(error.message = %e, "queued notice not sent");
+                    }
                 }
                 decision
             }
@@ -190,7 +200,7 @@ async fn intake_with_retries(ctx: &WorkerContext, delivery: &Delivery, shutdown:
         };
         match attempted {
             Ok(outcome) => {
-                if let IntakeOutcome::Job(j) | IntakeOutcome::Queued(j) = &outcome {
+                if let IntakeOutcome::Job(j) | IntakeOutcome::Queued { job: j, .. } = &outcome {
                     let span = tracing::Span::current();
                     span.record("update_id", j.update_id);
                     span.record("chat_id", j.chat_id);

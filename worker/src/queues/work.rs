@@ -137,7 +137,7 @@ enum Decision {
 
 async fn decide(ctx: &WorkerContext, delivery: &Delivery) -> Decision {
     let job = match intake(ctx, &delivery.data).await {
-        Ok(IntakeOutcome::Job(job) | IntakeOutcome::Queued(job)) => job,
+        Ok(IntakeOutcome::Job(job) | IntakeOutcome::Queued { job, .. }) => job,
         Ok(other) => return Decision::Settle(without_job(ctx, other).await),
         Err(IntakeError::Poison(e)) => {
             tracing::error!(error.message = %e, "poison update");
@@ -200,7 +200,7 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
             tracing::info!(reason = %why, "update ignored");
             Settle::Ack
         }
-        IntakeOutcome::Job(_) | IntakeOutcome::Queued(_) => Settle::Ack,
+        IntakeOutcome::Job(_) | IntakeOutcome::Queued { .. } => Settle::Ack,
         IntakeOutcome::Stop { chat_id, job_id, update_id, running, callback_id } => {
             tracing::Span::current().record("chat_id", chat_id);
             // Never waits behind the lease: the holder is told over `control`.

@@ -599,14 +599,14 @@ pub async fn create(tx: &mut PgConnection, job: &NewJob<'_>) -> Result<Uuid, sql
     Ok(job_id)
 }
 
-/// True when another job of the chat is queued or running: `job_id` waits
-/// behind it.
+/// How many other jobs of the chat are queued or running: `job_id` waits
+/// behind them (0: it runs next).
 ///
 /// # Errors
 /// Database errors.
-pub async fn waits_behind(tx: &mut PgConnection, chat_id: i64, job_id: Uuid) -> Result<bool, sqlx::Error> {
+pub async fn jobs_ahead(tx: &mut PgConnection, chat_id: i64, job_id: Uuid) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE chat_id = $1 AND job_id <> $2 AND status IN ('queued', 'running'))",
+        "SELECT count(*) FROM jobs WHERE chat_id = $1 AND job_id <> $2 AND status IN ('queued', 'running')",
     )
     .bind(chat_id)
     .bind(job_id)
