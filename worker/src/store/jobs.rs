@@ -496,6 +496,28 @@ impl ClaimedJob {
                 .await?;
         Ok(held.is_some())
     }
+
+    /// Stores a completed tool round of the job inside the caller's
+    /// transaction (the one that records the round's calls), fenced: the
+    /// job row is locked `FOR SHARE` until the commit, so the round commits
+    /// only under the live lease and a newer claim sees it. The round's
+    /// `lease_epoch` is this claim's. `Ok(None)`: the lease is lost, nothing
+    /// was written (roll back); `Ok(Some(false))`: stored already by this
+    /// claim (a retried commit).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn store_round(
+        &self,
+        tx: &mut PgConnection,
+        round: &crate::store::rounds::Round,
+    ) -> Result<Option<bool>, sqlx::Error> {
+        if !self.fence(tx).await? {
+            return Ok(None);
+        }
+        let round = crate::store::rounds::Round { lease_epoch: self.epoch, ..round.clone() };
+        Ok(Some(crate::store::rounds::insert(tx, self.job_id, &round).await?))
+    }
 }
 
 /// Jobs the reaper republishes now: leases expired, or queued for two
