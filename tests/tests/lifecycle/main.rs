@@ -24,6 +24,7 @@
 //! - [`order`]: messages of one chat are generated one at a time, in update order.
 //! - [`repair`]: a corrupt stored conversation row is left out; `/new` starts afresh.
 //! - [`resume`]: an answer stored by a crashed attempt is delivered, not generated again.
+//! - [`rounds`]: a job handed back after a paid tool round resumes from the stored round.
 
 mod books;
 mod failover;
@@ -31,6 +32,7 @@ mod order;
 mod poison;
 mod repair;
 mod resume;
+mod rounds;
 mod stop;
 
 /// The slow, long answer (96 events, 1,430 characters of plain text).

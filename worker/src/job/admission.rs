@@ -54,7 +54,10 @@ pub enum Admit {
 /// complete call at its reported usage, priced and marked up as `finalize`
 /// prices it; a call cut short at its worst case (it is billed on a count
 /// within its `max_tokens`); a failed call at nothing (charged to nobody);
-/// and the tool charges.
+/// and the tool charges. The calls of stored tool rounds are not in
+/// `calls`: the caller adds what they charge (`rounds::Stored::calls_charge`;
+/// their events wait in the outbox until the job ends, so the ledger
+/// balance does not show them yet).
 ///
 /// # Errors
 /// `Pricing` when a call's model has no price row.

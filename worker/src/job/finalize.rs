@@ -1,6 +1,10 @@
 //! `finalize`: one transaction that stores the user turn and the answer,
 //! one `api_calls` row per call, and the billing events in the outbox —
 //! fenced on the lease epoch, so a stale worker writes nothing (P3, P7).
+//! The calls of stored tool rounds were recorded with their round
+//! (`job::rounds`, through [`write_call`]): finalize records only the calls
+//! after the last stored round, stores the rounds' turns with the answer's
+//! (each once) and deletes the rounds (the conversation has them).
 //! `record_abandoned` records the calls of an attempt that will not
 //! finalize, and `book_orphaned_calls` those of an attempt that died with
 //! them `open`: every call the provider served is on the books.
@@ -27,6 +31,40 @@ struct Billing {
     tokens: TokenCounts,
     estimated: bool,
     charged: bool,
+}
+
+/// A call priced for its record: what [`write_call`] writes.
+pub(super) struct PricedCall<'a> {
+    call: &'a CallRecord,
+    model: String,
+    billing: Option<Billing>,
+    price: Option<shared::pricing::Priced>,
+}
+
+impl PricedCall<'_> {
+    /// What the call charges the user, USD, when recorded by the attempt
+    /// that answers (zero for a call charged to nobody).
+    pub(super) fn user_charge(&self) -> rust_decimal::Decimal {
+        match (&self.billing, &self.price) {
+            (Some(b), Some(p)) if b.charged => p.user_charge.0,
+            _ => rust_decimal::Decimal::ZERO,
+        }
+    }
+}
+
+/// Prices `call` as it is recorded (token counting of a call cut short is a
+/// network call: done before any transaction opens).
+///
+/// # Errors
+/// `Pricing` when neither the call's model nor the configured one is priced.
+pub(super) async fn price<'a>(ctx: &WorkerContext, call: &'a CallRecord) -> Result<PricedCall<'a>, JobError> {
+    let billing = billable_tokens(ctx, call).await;
+    let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+    let price = match &billing {
+        Some(b) => Some(price_call(ctx, &model, Utc::now().date_naive(), &b.tokens)?),
+        None => None,
+    };
+    Ok(PricedCall { call, model, billing, price })
 }
 
 /// What one call is billed at, or `None` when it never started (an HTTP
@@ -100,13 +138,7 @@ pub async fn finalize(
     // Token counting is a network call: done before the transaction opens.
     let mut priced = Vec::with_capacity(calls.len());
     for call in calls {
-        let billing = billable_tokens(ctx, call).await;
-        let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
-        let price = match &billing {
-            Some(b) => Some(price_call(ctx, &model, Utc::now().date_naive(), &b.tokens)?),
-            None => None,
-        };
-        priced.push((call, model, billing, price));
+        priced.push(price(ctx, call).await?);
     }
     let mut tx = shared::db::begin(&ctx.db).await?;
     if !lease.store_answer(&mut tx, reply).await? {
@@ -133,9 +165,11 @@ pub async fn finalize(
         conversation::append_turn(&mut tx, of, role, &Value::Array(blocks.clone()), partial && i + 1 == turns.len())
             .await?;
     }
-    for (call, model, billing, price) in priced {
-        write_call(&mut tx, job, lease, call, model, billing, price, false).await?;
+    for call in priced {
+        write_call(&mut tx, job, lease, call, false).await?;
     }
+    // The stored rounds are in the conversation now (`turns` has them).
+    crate::store::rounds::delete(&mut tx, job.job_id).await?;
     // After the charges, in the same transaction: settles the job's hold.
     // Tool charges were written when their tools committed; usage charges above.
     let charge_event_ids = crate::store::outbox::charge_event_ids(&mut tx, job.job_id).await?;
@@ -153,17 +187,14 @@ pub async fn finalize(
 
 /// Writes one call: its `api_calls` row and its usage event (the user's
 /// charge, or for an `abandoned` attempt the provider cost alone).
-#[expect(clippy::too_many_arguments, reason = "one call's record: each part is needed")]
-async fn write_call(
+pub(super) async fn write_call(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     job: &JobRow,
     lease: &ClaimedJob,
-    call: &CallRecord,
-    model: String,
-    billing: Option<Billing>,
-    price: Option<shared::pricing::Priced>,
+    priced: PricedCall<'_>,
     abandoned: bool,
 ) -> Result<(), JobError> {
+    let PricedCall { call, model, billing, price } = priced;
     let charged = billing.as_ref().is_some_and(|b| b.charged);
     let estimated = billing.as_ref().is_some_and(|b| b.estimated);
     let tokens = billing.map(|b| b.tokens).unwrap_or_default();
@@ -269,20 +300,14 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
     let result = async {
         let mut priced = Vec::new();
         for call in calls.iter().filter(|c| c.state.started) {
-            let billing = billable_tokens(ctx, call).await;
-            let model = call.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
-            let price = match &billing {
-                Some(b) => Some(price_call(ctx, &model, Utc::now().date_naive(), &b.tokens)?),
-                None => None,
-            };
-            priced.push((call, model, billing, price));
+            priced.push(price(ctx, call).await?);
         }
         if priced.is_empty() {
             return Ok(());
         }
         let mut tx = shared::db::begin(&ctx.db).await?;
-        for (call, model, billing, price) in priced {
-            write_call(&mut tx, job, lease, call, model, billing, price, true).await?;
+        for call in priced {
+            write_call(&mut tx, job, lease, call, true).await?;
         }
         tx.commit().await?;
         ctx.outbox_notify.notify_one();

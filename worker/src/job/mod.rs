@@ -11,6 +11,7 @@ mod finalize;
 mod privacy;
 mod repair;
 mod request;
+mod rounds;
 mod stream;
 
 pub use admission::{before_call, before_tools, floor_max_tokens, spent, Admit};
@@ -160,10 +161,17 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
         return Ok(Outcome::Answered);
     }
     let mut request = build_request(ctx, &job).await?;
-    // Admission of the first call (the later ones: in `generate`).
-    if let Admit::Refused { needed, available } = before_call(ctx, &job, &mut request, Decimal::ZERO).await? {
-        deliver(ctx, &job, lease, &notices::needs_credit(needed, available), &[]).await?;
-        return Ok(Outcome::NoBalance);
+    // The rounds an earlier attempt stored: continued from, not redone.
+    let answer = rounds::resume(ctx, &job, &mut request).await?;
+    // Admission of the first call of a fresh job (the later ones, and the
+    // first of a resumed job, whose stored rounds are charged already and
+    // end with a notice if the balance stops it: in `generate`).
+    let admitted = answer.stored.rounds == 0;
+    if admitted {
+        if let Admit::Refused { needed, available } = before_call(ctx, &job, &mut request, Decimal::ZERO).await? {
+            deliver(ctx, &job, lease, &notices::needs_credit(needed, available), &[]).await?;
+            return Ok(Outcome::NoBalance);
+        }
     }
     let progress = Progress::start(
         ctx,
@@ -174,7 +182,7 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
         job.draft_id(),
         cancel.clone(),
     );
-    let generated = generate(ctx, &job, lease, &mut request, cancel, &progress).await;
+    let generated = generate(ctx, &job, lease, &mut request, cancel, &progress, answer, admitted).await;
     let progress_message = progress.finish().await;
     let answer = generated?;
     match cancel.reason() {
@@ -233,10 +241,13 @@ async fn run_steps(ctx: &WorkerContext, lease: &ClaimedJob, cancel: &JobCancel) 
 }
 
 /// The result of the generation step.
+#[derive(Default)]
 struct Answer {
-    /// Every Messages API call (failed attempts included).
+    /// Every Messages API call since the last stored round (failed attempts
+    /// included): the calls `finalize` (or `record_abandoned`) records.
     calls: Vec<CallRecord>,
-    /// Closed turns after the user's: assistant (with tool_use), user (tool_result), …
+    /// Closed turns after the user's: assistant (with tool_use), user
+    /// (tool_result), … (the stored rounds' included).
     closed: Vec<(&'static str, Vec<serde_json::Value>)>,
     /// Blocks of the assistant turn being written.
     content: Vec<serde_json::Value>,
@@ -244,8 +255,10 @@ struct Answer {
     text: String,
     /// Notices appended to the reply (cut short, stopped, limits).
     notices: Vec<String>,
-    /// Tools that cost something: (name, USD).
+    /// Tools that cost something: (name, USD), the stored rounds' included.
     tool_charges: Vec<(String, rust_decimal::Decimal)>,
+    /// What the stored rounds (of this attempt or an earlier one) cover.
+    stored: rounds::Stored,
 }
 
 impl Answer {
@@ -291,6 +304,12 @@ impl Answer {
 /// every later call and every round of paid tools is admitted here
 /// ([`admission`]), and a step the balance does not cover ends the answer
 /// with what it has and a notice.
+///
+/// `answer` is what stored rounds made so far ([`rounds::resume`]; empty
+/// for a fresh job), and `request` ends with them; each round completed
+/// here is stored as it completes ([`rounds::store_round`]). `admitted`:
+/// the caller admitted the first call.
+#[expect(clippy::too_many_arguments, reason = "the job's whole generation state; each is a different borrow")]
 async fn generate(
     ctx: &WorkerContext,
     job: &JobRow,
@@ -298,29 +317,32 @@ async fn generate(
     request: &mut serde_json::Value,
     cancel: &JobCancel,
     progress: &Progress,
+    mut answer: Answer,
+    mut admitted: bool,
 ) -> Result<Answer, JobError> {
-    let mut answer = Answer {
-        calls: Vec::new(),
-        closed: Vec::new(),
-        content: Vec::new(),
-        text: String::new(),
-        notices: Vec::new(),
-        tool_charges: Vec::new(),
-    };
     let mut continuations = 0;
-    let mut tool_rounds = 0;
-    // The first call was admitted by the caller.
-    let mut admitted = true;
+    // Stored rounds count towards the limit.
+    let mut tool_rounds = answer.stored.rounds;
     loop {
         if !admitted {
-            let spent = spent(ctx, &answer.calls, &answer.tool_charges)?;
+            let spent = spent(ctx, &answer.calls, &answer.tool_charges)? + answer.stored.calls_charge;
             if let Admit::Refused { needed, available } = before_call(ctx, job, request, spent).await? {
                 answer.notices.push(notices::balance_stops_answer(needed, available));
                 return Ok(answer);
             }
         }
         admitted = false;
-        let call = stream_reply(ctx, lease, request, &mut answer.calls, cancel.token(), progress, &answer.text).await;
+        let call = stream_reply(
+            ctx,
+            lease,
+            request,
+            answer.stored.last_seq,
+            &mut answer.calls,
+            cancel.token(),
+            progress,
+            &answer.text,
+        )
+        .await;
         answer.text.push_str(&call.state.text());
         let blocks = call.state.content_blocks();
         answer.content.extend(blocks.iter().cloned());
@@ -340,7 +362,7 @@ async fn generate(
                 let extra = uses.split_off(uses.len().min(usize::try_from(limit).unwrap_or(usize::MAX)));
                 let price: Decimal = uses.iter().map(|(_, name, _)| ctx.prices.tool_price(name).0).sum();
                 if price > Decimal::ZERO {
-                    let spent = spent(ctx, &answer.calls, &answer.tool_charges)?;
+                    let spent = spent(ctx, &answer.calls, &answer.tool_charges)? + answer.stored.calls_charge;
                     if let Admit::Refused { needed, available } = before_tools(ctx, job, spent, price).await? {
                         answer.notices.push(notices::balance_stops_answer(needed, available));
                         return Ok(answer);
@@ -374,13 +396,17 @@ async fn generate(
                     .tool_charges
                     .extend(outcomes.iter().filter(|o| !o.charged.is_zero()).map(|o| (o.name.clone(), o.charged)));
                 let results: Vec<serde_json::Value> = outcomes.iter().map(crate::tools::ToolOutcome::block).collect();
-                answer.closed.push(("assistant", std::mem::take(&mut answer.content)));
+                let assistant = std::mem::take(&mut answer.content);
+                answer.closed.push(("assistant", assistant.clone()));
                 answer.closed.push(("user", results.clone()));
                 request::append_turns(request, blocks, None);
-                request::append_blocks(request, "user", results);
+                request::append_blocks(request, "user", results.clone());
                 if !answer.text.is_empty() && !answer.text.ends_with('\n') {
                     answer.text.push_str("\n\n");
                 }
+                // The round is complete: stored before the next call, so a
+                // later attempt continues from here.
+                rounds::store_round(ctx, job, lease, &mut answer, &assistant, &results).await?;
             }
             (CallEnd::Complete, Some(StopReason::MaxTokens)) => {
                 if continuations >= ctx.settings.max_continuations {

@@ -61,11 +61,15 @@ fn restartable(kind: &str) -> bool {
 /// not charged); the last one is returned. `shown_before` is the text of
 /// earlier calls of the job (continuations), so progress shows the whole answer.
 /// Each call that starts is recorded `open` under `lease` at its
-/// `message_start` (see [`open_row`]).
+/// `message_start` (see [`open_row`]). Calls are numbered after
+/// `seq_after` (the last call of the job's stored rounds, 0 without) and
+/// those in `calls`.
+#[expect(clippy::too_many_arguments, reason = "one call's whole context; each is a different borrow")]
 pub async fn stream_reply(
     ctx: &WorkerContext,
     lease: &ClaimedJob,
     request: &Value,
+    seq_after: i32,
     calls: &mut Vec<CallRecord>,
     cancel: &CancellationToken,
     progress: &Progress,
@@ -73,7 +77,7 @@ pub async fn stream_reply(
 ) -> CallRecord {
     let mut backoff = Policy::AnthropicRestart.backoff();
     loop {
-        let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
+        let seq = seq_after.saturating_add(i32::try_from(calls.len() + 1).unwrap_or(i32::MAX));
         let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before).await;
         let end = match &record.end {
             CallEnd::Complete => "complete",

@@ -137,7 +137,8 @@ pub enum Beat {
 /// Claims job `job_id` for `owner` if it is queued (or its lease expired),
 /// no other job of the chat runs and no older job of the chat waits. The
 /// lease lasts `visibility`; a job that has had `max_attempts` attempts is
-/// marked failed instead.
+/// marked failed instead (one attempt more when its answer is stored or
+/// sent, to deliver it), its charges waived when nothing was sent.
 ///
 /// # Errors
 /// Database errors (a unique violation of the one-running-job index is `ChatBusy`).
@@ -148,21 +149,36 @@ pub async fn claim(
     visibility: Duration,
     max_attempts: i32,
 ) -> Result<Claim, sqlx::Error> {
-    let exhausted = sqlx::query(
+    // A job whose answer is stored (or sent) gets one attempt more, to
+    // deliver it (or finish without sending it again): its user is not
+    // told it failed when the answer exists. An exhausted job that sent
+    // nothing has its charges waived in the same transaction (stored
+    // rounds and tools of earlier attempts included, P14).
+    let mut tx = shared::db::begin(db).await?;
+    let exhausted: Option<bool> = sqlx::query_scalar(
         "UPDATE jobs SET status = $3, outcome = $4, lease_owner = NULL,
                 lease_expires_at = NULL, finished_at = now()
-          WHERE job_id = $1 AND attempts >= $2
-            AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))",
+          WHERE job_id = $1
+            AND attempts >= $2 + CASE WHEN answer_stored_at IS NOT NULL OR cardinality(reply_message_ids) > 0
+                                      THEN 1 ELSE 0 END
+            AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+          RETURNING cardinality(reply_message_ids) = 0",
     )
     .bind(job_id)
     .bind(max_attempts)
     .bind(Outcome::AttemptsExhausted.status())
     .bind(Outcome::AttemptsExhausted)
-    .execute(db)
+    .fetch_optional(&mut *tx)
     .await?;
-    if exhausted.rows_affected() == 1 {
+    if let Some(unanswered) = exhausted {
+        let waived = if unanswered { crate::store::outbox::waive_charges(&mut tx, job_id).await? } else { 0 };
+        tx.commit().await?;
+        if waived > 0 {
+            tracing::warn!(waived, %job_id, "attempts used up without an answer: the job's charges are waived");
+        }
         return Ok(Claim::AttemptsExhausted);
     }
+    tx.rollback().await?;
     let claimed: Result<Option<(i64, i32)>, sqlx::Error> = sqlx::query_as(
         "UPDATE jobs SET status = 'running', lease_owner = $2, lease_epoch = lease_epoch + 1,
                 lease_expires_at = now() + make_interval(secs => $3), attempts = attempts + 1,
@@ -495,6 +511,28 @@ impl ClaimedJob {
                 .fetch_optional(tx)
                 .await?;
         Ok(held.is_some())
+    }
+
+    /// Stores a completed tool round of the job inside the caller's
+    /// transaction (the one that records the round's calls), fenced: the
+    /// job row is locked `FOR SHARE` until the commit, so the round commits
+    /// only under the live lease and a newer claim sees it. The round's
+    /// `lease_epoch` is this claim's. `Ok(None)`: the lease is lost, nothing
+    /// was written (roll back); `Ok(Some(false))`: stored already by this
+    /// claim (a retried commit).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn store_round(
+        &self,
+        tx: &mut PgConnection,
+        round: &crate::store::rounds::Round,
+    ) -> Result<Option<bool>, sqlx::Error> {
+        if !self.fence(tx).await? {
+            return Ok(None);
+        }
+        let round = crate::store::rounds::Round { lease_epoch: self.epoch, ..round.clone() };
+        Ok(Some(crate::store::rounds::insert(tx, self.job_id, &round).await?))
     }
 }
 

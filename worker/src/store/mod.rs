@@ -7,6 +7,7 @@
 //! - [`updates`]: `processed_updates` (dedup of Telegram updates).
 //! - [`conversation`]: `messages`, the stored conversation of each chat.
 //! - [`calls`]: `api_calls` and `tool_calls`.
+//! - [`rounds`]: `job_rounds`, a running job's completed tool rounds.
 //! - [`outbox`]: `billing_outbox`, written with what it charges for, and relayed.
 //! - [`pacing`]: `telegram_pacing`, the Bot API slots shared by every host.
 //! - [`documents`]: `documents`, the files users sent, and their quota.
@@ -108,6 +109,7 @@ pub mod notes;
 pub mod outbox;
 pub mod pacing;
 pub mod payments;
+pub mod rounds;
 pub mod updates;
 
 /// The values of the last `CHECK (<column> IN (…))` of the bot
