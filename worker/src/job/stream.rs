@@ -44,6 +44,11 @@ pub struct CallRecord {
     pub end: CallEnd,
     /// The request that was sent (for counting tokens of a cut-short answer).
     pub request: Value,
+    /// The call failed on the provider's side after its stream opened, in a
+    /// way another try may not repeat: a restartable `error` event, a
+    /// transport error, or a stream that ended without `message_stop`
+    /// (connection closed or clean EOF). [`stream_reply`] retries it.
+    pub retryable: bool,
 }
 
 /// Longest wait for a call's `open` row: the stream is not held up longer
@@ -55,11 +60,16 @@ fn restartable(kind: &str) -> bool {
     matches!(kind, "overloaded_error" | "api_error" | "rate_limit_error")
 }
 
-/// Streams one logical call: an `error` event mid-stream (e.g.
-/// `overloaded_error`) discards the partial text and restarts the call with
-/// backoff. Every attempt is appended to `calls` (failed ones are recorded,
-/// not charged); the last one is returned. `shown_before` is the text of
-/// earlier calls of the job (continuations), so progress shows the whole answer.
+/// Streams one logical call. A call that fails on the provider's side once
+/// its stream has opened ([`CallRecord::retryable`]: a restartable `error`
+/// event such as `overloaded_error`, a transport error, a stream that ends
+/// without `message_stop`) is retried with backoff, its partial text
+/// dropped from the progress display, as long as the retry can start before
+/// the call's stream deadline (one deadline for every try of the call, P5)
+/// and the job is not cancelled. Every try is appended to `calls` (failed
+/// ones are recorded, not charged: DESIGN §6); the last one is returned.
+/// `shown_before` is the text of earlier calls of the job (continuations),
+/// so progress shows the whole answer.
 /// Each call that starts is recorded `open` under `lease` at its
 /// `message_start` (see [`open_row`]).
 pub async fn stream_reply(
@@ -72,9 +82,10 @@ pub async fn stream_reply(
     shown_before: &str,
 ) -> CallRecord {
     let mut backoff = Policy::AnthropicRestart.backoff();
+    let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     loop {
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
-        let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before).await;
+        let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before, deadline).await;
         let end = match &record.end {
             CallEnd::Complete => "complete",
             CallEnd::Cancelled => "cancelled",
@@ -90,16 +101,32 @@ pub async fn stream_reply(
                 "other".to_owned()
             };
             metrics::counter!("fleet_claude_errors_total", "type" => kind).increment(1);
+        } else if record.retryable {
+            metrics::counter!("fleet_claude_errors_total", "type" => "stream_broken").increment(1);
         }
         calls.push(record.clone());
-        let retry = record.state.error.as_ref().is_some_and(|e| restartable(&e.kind));
-        if !retry {
+        if !record.retryable {
             return record;
         }
         let Some(wait) = backoff.next() else {
             return record;
         };
-        tracing::warn!(error.kind = ?record.state.error.as_ref().map(|e| e.kind.clone()), wait_ms = wait.as_millis() as u64, "error event mid-stream; restarting the call");
+        let reason = match &record.end {
+            CallEnd::Failed(reason) => reason.as_str(),
+            _ => "",
+        };
+        if Instant::now() + wait >= deadline {
+            tracing::warn!(
+                reason,
+                "the call failed on the provider's side and a retry would pass the stream deadline; giving up"
+            );
+            return record;
+        }
+        tracing::warn!(
+            reason,
+            wait_ms = wait.as_millis() as u64,
+            "the call failed on the provider's side; retrying it without its partial output"
+        );
         progress.update(shown_before.to_owned());
         tokio::select! {
             _ = cancel.cancelled() => return record,
@@ -146,6 +173,9 @@ fn max_web_searches(request: &Value) -> Option<u64> {
     (!searches.is_empty()).then(|| searches.iter().sum())
 }
 
+/// One try of a call, ended at the latest at `deadline` (the call's
+/// stream deadline, shared by its tries).
+#[expect(clippy::too_many_arguments, reason = "one try of a call: each part is needed")]
 async fn stream_once(
     ctx: &WorkerContext,
     lease: &ClaimedJob,
@@ -154,9 +184,9 @@ async fn stream_once(
     cancel: &CancellationToken,
     progress: &Progress,
     shown_before: &str,
+    deadline: Instant,
 ) -> CallRecord {
     let call_started = std::time::Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     let idle = Duration::from_secs(ctx.settings.idle_timeout_s);
     let mut record = CallRecord {
         seq,
@@ -164,6 +194,7 @@ async fn stream_once(
         request_id: None,
         end: CallEnd::Complete,
         request: request.clone(),
+        retryable: false,
     };
     let mut backoff = Policy::AnthropicOpen.backoff();
     let mut stream = loop {
@@ -230,10 +261,14 @@ async fn stream_once(
             Ok(None) => {
                 if !record.state.stopped {
                     record.end = CallEnd::Failed("stream ended before message_stop".into());
+                    record.retryable = true;
                 }
                 break;
             }
             Ok(Some(Err(e))) => {
+                // A broken connection is worth another try; a body that
+                // does not parse is not (it would be the same again).
+                record.retryable = e.is_retryable();
                 record.end = CallEnd::Failed(e.to_string());
                 break;
             }
@@ -266,6 +301,7 @@ async fn stream_once(
         }
         if let Some(err) = &record.state.error {
             record.end = CallEnd::Failed(format!("{}: {}", err.kind, err.message));
+            record.retryable = restartable(&err.kind);
             break;
         }
         if record.state.stopped {
