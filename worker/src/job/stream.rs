@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use shared::anthropic::state::Applied;
 use shared::anthropic::{ApiError, MessageState};
+use shared::pricing::TokenCounts;
 use shared::retry::Policy;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -70,8 +71,9 @@ fn restartable(kind: &str) -> bool {
 /// ones are recorded, not charged: DESIGN §6); the last one is returned.
 /// `shown_before` is the text of earlier calls of the job (continuations),
 /// so progress shows the whole answer.
-/// Each call that starts is recorded `open` under `lease` at its
-/// `message_start` (see [`open_row`]).
+/// Each try is recorded `open` under `lease` before its request leaves and
+/// again at its `message_start` (see [`open_row`]); a try that got no
+/// stream is closed as not served ([`close_unserved`]).
 pub async fn stream_reply(
     ctx: &WorkerContext,
     lease: &ClaimedJob,
@@ -86,6 +88,9 @@ pub async fn stream_reply(
     loop {
         let seq = i32::try_from(calls.len() + 1).unwrap_or(i32::MAX);
         let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before, deadline).await;
+        if !record.state.started {
+            close_unserved(ctx, lease, seq).await;
+        }
         let end = match &record.end {
             CallEnd::Complete => "complete",
             CallEnd::Cancelled => "cancelled",
@@ -135,21 +140,37 @@ pub async fn stream_reply(
     }
 }
 
-/// Records the call `open` as its stream starts (request id, model, the
-/// input usage of `message_start`, the request's limits), fenced by the
-/// lease, so that a worker dying before `finalize` commits leaves it on the
-/// books: a later attempt or the reaper books it (`finalize::book_orphaned_calls`).
+/// Records the call `open`, fenced by the lease, so that a worker dying
+/// before `finalize` commits leaves it on the books: a later attempt or the
+/// reaper books it (`finalize::book_orphaned_calls`). Written twice:
+/// before the HTTP request leaves (`started` false: the model asked, the
+/// input as its upper bound from the request's size,
+/// [`crate::holds::input_token_bound`], and the request's limits), so that
+/// a worker killed after the request reached the provider but before it
+/// read `message_start` still leaves a row; then at `message_start` with
+/// the request id, message id, model and reported input usage.
 /// Best effort, bounded by [`OPEN_ROW_TIMEOUT`]: a failure is logged and
 /// counted, and the call is still recorded by its own attempt at its end.
 async fn open_row(ctx: &WorkerContext, lease: &ClaimedJob, request: &Value, record: &CallRecord) {
-    let tokens = record.state.usage.token_counts();
-    let model = record.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+    let started = record.state.started;
+    let tokens = if started {
+        record.state.usage.token_counts()
+    } else {
+        TokenCounts { input: crate::holds::input_token_bound(request), ..TokenCounts::default() }
+    };
+    let model = record
+        .state
+        .model
+        .clone()
+        .or_else(|| request.get("model").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| ctx.settings.model.clone());
     let call = OpenedCall {
         seq: record.seq,
         request_id: record.request_id.as_deref(),
         anthropic_message_id: record.state.message_id.as_deref(),
         model: &model,
         tokens: &tokens,
+        started,
         max_tokens: request.get("max_tokens").and_then(Value::as_u64),
         max_web_searches: max_web_searches(request),
     };
@@ -159,7 +180,24 @@ async fn open_row(ctx: &WorkerContext, lease: &ClaimedJob, request: &Value, reco
         Err(_) => format!("no answer within {OPEN_ROW_TIMEOUT:?}"),
     };
     metrics::counter!("fleet_open_call_failures_total").increment(1);
-    tracing::warn!(error.message = %outcome, seq = record.seq, "could not record the call as open; it is recorded at its end only");
+    tracing::warn!(error.message = %outcome, seq = record.seq, started, "could not record the call as open; it is recorded at its end only");
+}
+
+/// Closes the `open` row of a call whose request got no stream
+/// (`message_start` never read: an HTTP error after retries, a transport
+/// error, the deadline or a cancel before the response) as not served:
+/// [`crate::store::calls::close_unserved`]. Bounded by
+/// [`OPEN_ROW_TIMEOUT`]; a failure leaves the row open, and it is then
+/// booked as an orphan at its estimate (over-recorded, never lost).
+async fn close_unserved(ctx: &WorkerContext, lease: &ClaimedJob, seq: i32) {
+    let closed = crate::store::calls::close_unserved(&ctx.db, lease.job_id(), lease.epoch(), seq);
+    let outcome = match tokio::time::timeout(OPEN_ROW_TIMEOUT, closed).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {OPEN_ROW_TIMEOUT:?}"),
+    };
+    metrics::counter!("fleet_open_call_failures_total").increment(1);
+    tracing::warn!(error.message = %outcome, seq, "could not close an unserved call's open row; it will be booked as an estimate");
 }
 
 /// The sum of the `max_uses` of the request's web search tools, if it has any.
@@ -196,6 +234,12 @@ async fn stream_once(
         request: request.clone(),
         retryable: false,
     };
+    // On the books before the request leaves (`/stop` is not kept waiting).
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
+        () = open_row(ctx, lease, request, &record) => {}
+    }
     let mut backoff = Policy::AnthropicOpen.backoff();
     let mut stream = loop {
         let opened = tokio::select! {
@@ -244,7 +288,7 @@ async fn stream_once(
     }
     let mut warned_unknown = false;
     let mut first_token_seen = false;
-    // Whether the call's `open` row was attempted (at `message_start`).
+    // Whether the call's `open` row was updated at `message_start`.
     let mut opened = false;
     loop {
         let next = tokio::select! {
