@@ -149,3 +149,35 @@ async fn usage_marks_the_charge_of_an_answer_cut_short_as_estimated() -> Result<
     ensure!(marked.len() == 1 && std::ptr::eq(*marked[0], lines[1]), "only the cut call is marked: {usage}");
     fleet.cleanup().await
 }
+
+/// A request answered with an HTTP error (400: not retried) got no stream:
+/// its `open` row, written before the request left, is closed as not
+/// served — recorded, no tokens, no cost — and never left open for the
+/// reaper to book as an estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_with_an_http_error_is_closed_as_not_served() -> Result<()> {
+    let fleet = spawn_fleet(|_| {}).await?;
+    fleet.grant(ADA, "5.00").await?;
+    fleet.anthropic.push([ScriptedResponse::http_error(400, None)]);
+    fleet.anthropic.set_default(None);
+
+    fleet.post(&message(900_016_031, "Hello?")).await?;
+    fleet.wait_for_message(ADA, "unavailable").await?;
+    jobs_done(&fleet, 1).await?;
+    ensure!(fleet.anthropic.call_count() == 1, "the 400 was retried");
+    let rows: Vec<(String, bool, i64, i64, Decimal, Decimal)> =
+        sqlx::query_as("SELECT state, started, input_tokens, output_tokens, provider_cost, user_charge FROM api_calls")
+            .fetch_all(&fleet.db.pool)
+            .await?;
+    ensure!(
+        rows.len() == 1
+            && rows[0].0 == "recorded"
+            && !rows[0].1
+            && (rows[0].2, rows[0].3) == (0, 0)
+            && rows[0].4.is_zero()
+            && rows[0].5.is_zero(),
+        "the refused request is not closed as not served: {rows:?}"
+    );
+    ensure!(usage_charges(&fleet).await? == 0, "an event was written for a call never served");
+    fleet.cleanup().await
+}
