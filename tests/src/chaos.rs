@@ -131,7 +131,9 @@ pub struct ChaosReport {
     pub completed_calls: usize,
     /// Of those, calls whose worker died before recording them: booked by a
     /// later attempt or the reaper (`api_calls.state = 'orphaned'`), in the
-    /// ledger as estimated provider cost charged to nobody.
+    /// ledger as estimated provider cost charged to nobody; matched by
+    /// request id, or by count for a worker killed before it read the
+    /// response (its row, written before the request, has no request id).
     pub orphaned_calls: usize,
     /// Ledger usage charges minus what the completed calls cost, USD.
     pub ledger_variance_usd: Decimal,
@@ -497,6 +499,23 @@ async fn check(
             Some(_) => twice += 1,
         }
     }
+    // A worker killed after its request left but before it read the
+    // response has an `open` row with no request id (written before the
+    // request): booked as an orphan, its provider cost is in the ledger
+    // under no request id. Such a call cannot be matched by id; it is
+    // matched by count: every completed call missing by id must have an
+    // unidentified orphan booking of its own. (Unidentified bookings beyond
+    // that are requests the provider never completed, or never received:
+    // over-recorded cost, estimated, not a loss.)
+    let unidentified: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM api_calls WHERE state = 'orphaned' AND request_id IS NULL AND NOT started",
+    )
+    .fetch_one(&dbs.bot)
+    .await?;
+    let unidentified_in_ledger = by_request.get("-").map_or(0, Vec::len);
+    let matched_by_count = missing.min(usize::try_from(unidentified)?).min(unidentified_in_ledger);
+    missing -= matched_by_count;
+    report.orphaned_calls += matched_by_count;
     if missing + twice + mispriced > 0 {
         report.violations.push(format!(
             "completed calls: {missing} not in the ledger, {twice} in it more than once, {mispriced} at a wrong provider cost"
@@ -509,7 +528,7 @@ async fn check(
         sqlx::query_scalar("SELECT request_id FROM api_calls WHERE state = 'orphaned' AND request_id IS NOT NULL")
             .fetch_all(&dbs.bot)
             .await?;
-    report.orphaned_calls = completed.iter().filter(|c| orphaned.contains(&c.request_id)).count();
+    report.orphaned_calls += completed.iter().filter(|c| orphaned.contains(&c.request_id)).count();
     let open: i64 =
         sqlx::query_scalar("SELECT count(*) FROM api_calls WHERE state = 'open'").fetch_one(&dbs.bot).await?;
     if open > 0 {

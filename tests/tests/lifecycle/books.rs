@@ -1,7 +1,7 @@
 //! Every call the provider served is on the books, even when its worker dies
 //! (issue 15, part 6): a worker SIGKILLed after its stream ended but before
-//! `finalize` committed leaves the call's `open` row (written at
-//! `message_start`); the next attempt, or the reaper when there is none,
+//! `finalize` committed leaves the call's `open` row (written before the
+//! request left, completed at `message_start`); the next attempt, or the reaper when there is none,
 //! books it as estimated provider cost charged to nobody, and the user is
 //! charged once, for the answer delivered.
 //!
@@ -10,6 +10,10 @@
 //! foreign key to `chats`) waits inside its transaction once the stream has
 //! ended; the test sees the wait in `pg_stat_activity`, kills the worker,
 //! then lets go.
+//!
+//! The row is written before the request leaves: a worker killed while the
+//! fake holds its request before `message_start` leaves the call on the
+//! books too, estimated at the input bound of the request's size.
 
 use crate::{CHI_ESSAY, ESSAY};
 use anyhow::{ensure, Context as _, Result};
@@ -231,5 +235,103 @@ async fn booked_by_the_reaper(t: &mut Lifecycle) -> Result<()> {
     );
     booked_as_orphan(t, job.job_id, &first).await?;
     ensure!(t.usage_charges(job.job_id).await?.is_empty(), "the user was charged for a job that did not answer");
+    Ok(())
+}
+
+/// `api_calls` of a job with what the pre-request row adds: (epoch, seq,
+/// state, started, request id, input, output, cache writes and reads,
+/// provider cost, user charge, estimated, abandoned).
+type FullRow = (i64, i32, String, bool, Option<String>, i64, i64, i64, Decimal, Decimal, bool, bool);
+
+async fn full_rows(t: &Lifecycle, job_id: Uuid) -> Result<Vec<FullRow>> {
+    Ok(sqlx::query_as(
+        "SELECT lease_epoch, seq, state, started, request_id, input_tokens, output_tokens,
+                cache_write_5m + cache_write_1h + cache_read, provider_cost, user_charge, estimated, abandoned
+           FROM api_calls WHERE job_id = $1 ORDER BY lease_epoch, seq",
+    )
+    .bind(job_id)
+    .fetch_all(&t.dbs.bot)
+    .await?)
+}
+
+/// Issue 15 part 6 tail: the `open` row is written before the request
+/// leaves. The fake holds the first request (its response headers sent, no
+/// event: `stall_after_events = 0`); once the fake has the request, the row
+/// is there — open, not started, no request id, its input the bound from
+/// the request's size. The worker is SIGKILLed before it reads
+/// `message_start`; the next attempt books the call as estimated provider
+/// cost charged to nobody (input at the bound, output at `max_tokens`) and
+/// answers, charging the user once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_before_message_start_leaves_the_call_on_the_books_at_its_input_bound() -> Result<()> {
+    let mut t = Lifecycle::start("orphanbefore", 2, &[]).await?;
+    let result = booked_before_message_start(&mut t).await;
+    t.finish(result).await
+}
+
+async fn booked_before_message_start(t: &mut Lifecycle) -> Result<()> {
+    t.grant(CHI, "5.00").await?;
+    let held = fleet_tests::fake_anthropic::ScriptedResponse { stall_after_events: Some(0), ..sse(ESSAY, 0)? };
+    t.anthropic.push([held, sse(ESSAY, 0)?]);
+    let update_id = update_id_of(CHI_ESSAY)?;
+    t.post_fixture(CHI_ESSAY).await?;
+    // The request has reached the provider: its row must be on the books.
+    t.wait_for_calls(1, WAIT).await?;
+    let victim = t.lease_holder(update_id).await?;
+    let job = t.job(update_id).await?;
+    let first = t.anthropic.calls()[0].clone();
+    let body_bytes = i64::try_from(serde_json::to_vec(&first.body)?.len())?;
+    let rows = full_rows(t, job.job_id).await?;
+    ensure!(
+        rows.len() == 1 && rows[0].2 == "open" && !rows[0].3 && rows[0].4.is_none() && rows[0].9.is_zero(),
+        "the call is not open, unstarted and unidentified when its request reaches the provider: {rows:?}"
+    );
+    ensure!(rows[0].5 >= body_bytes, "the input bound {} is below the request's {body_bytes} bytes", rows[0].5);
+    ensure!(first.events_sent == 0 && first.usage.is_none(), "the fake sent events: {first:?}");
+
+    t.fleet.signal(&victim, fleet_tests::harness::lifecycle::Signal::Kill).await?;
+    t.fleet.wait_exit(&victim, WAIT).await?;
+
+    let job = t.wait_finished(update_id, WAIT).await?;
+    ensure!(job.status == "done" && job.outcome.as_deref() == Some("answered") && job.lease_epoch == 2, "{job:?}");
+    let messages = t.messages_to(CHI);
+    ensure!(messages.len() == 1 && messages[0].text == answer_of(ESSAY)?, "answers: {messages:#?}");
+
+    let rows = full_rows(t, job.job_id).await?;
+    let max_tokens = first.body["max_tokens"].as_i64().context("the request had no max_tokens")?;
+    let orphan = rows.iter().find(|r| r.0 == 1 && r.1 == 1).context("no row of the first call")?;
+    ensure!(
+        orphan.2 == "orphaned" && !orphan.3 && orphan.10 && orphan.11 && orphan.9.is_zero(),
+        "the killed call is not booked as an estimated orphan charged to nobody: {orphan:?}"
+    );
+    ensure!(
+        orphan.5 >= body_bytes && orphan.6 == max_tokens && orphan.7 == 0 && orphan.8 > Decimal::ZERO,
+        "the orphan is not estimated at its input bound and max_tokens ({max_tokens}): {orphan:?}"
+    );
+    let second = rows.iter().find(|r| r.0 == 2).context("no row of the answering call")?;
+    let calls = t.anthropic.calls();
+    ensure!(
+        rows.len() == 2
+            && second.2 == "recorded"
+            && second.3
+            && second.4.as_deref() == Some(calls[1].request_id.as_str())
+            && !second.10
+            && second.9 > Decimal::ZERO,
+        "the answering call is not recorded and charged: {rows:?}"
+    );
+
+    t.wait_ledger_settled().await?;
+    // The orphan has no request id: its provider cost is in the ledger once,
+    // estimated, under the job.
+    let unidentified: Vec<(Decimal, bool)> = sqlx::query_as(
+        "SELECT amount, estimated FROM ledger_entries
+          WHERE kind = 'provider_cost' AND provider_request_id IS NULL AND job_id = $1",
+    )
+    .bind(job.job_id)
+    .fetch_all(&t.dbs.billing)
+    .await?;
+    ensure!(unidentified == vec![(orphan.8, true)], "the orphan's provider cost in the ledger: {unidentified:?}");
+    let charges = t.usage_charges(job.job_id).await?;
+    ensure!(charges == vec![(usage_event_id(job.job_id, 1), second.9)], "usage charges {charges:?}");
     Ok(())
 }

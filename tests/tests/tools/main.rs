@@ -20,6 +20,8 @@
 //!   documents and pre-checkouts never stall an intake shard.
 //! - [`groups`]: files and notes scoped to (user, chat); who may `/stop` and `/new` in a group.
 //! - [`count_tokens`]: a token count that never answers ends within its timeout.
+//! - [`failed_calls`]: a stream that just stops is retried; its partial text
+//!   is neither shown, nor kept, nor charged.
 //! - [`admission`]: holds bound spend: small grants, two chats at once, a lower
 //!   `max_tokens`, the per-round tool-call limit (issue 15).
 //! - [`attacks`]: a hostile user's and a careless operator's attacks beyond
@@ -37,6 +39,7 @@ mod commands;
 mod count_tokens;
 mod dedup;
 mod documents;
+mod failed_calls;
 mod groups;
 mod hostile_documents;
 mod isolation;

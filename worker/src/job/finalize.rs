@@ -217,6 +217,7 @@ pub(super) async fn write_call(
         user_charge: charge.0,
         estimated,
         abandoned,
+        started: call.state.started,
     };
     if !calls::record_api_call(tx, &row).await? {
         // Recorded already under this epoch (a finalize whose commit
@@ -320,7 +321,8 @@ pub async fn record_abandoned(ctx: &WorkerContext, job: &JobRow, lease: &Claimed
 }
 
 /// Books the `open` calls whose attempt is over (its worker died between
-/// the stream's start and the commit that records it): each as provider
+/// the moment the call's request was about to leave and the commit that
+/// records it — before or after `message_start`): each as provider
 /// cost charged to nobody, at the estimate of
 /// [`OpenCall::estimate`](crate::store::calls::OpenCall::estimate), priced
 /// on the day its stream started, marked `estimated` and `abandoned` — in

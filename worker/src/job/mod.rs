@@ -343,8 +343,14 @@ async fn generate(
             &answer.text,
         )
         .await;
-        answer.text.push_str(&call.state.text());
-        let blocks = call.state.content_blocks();
+        // A call that failed on the provider's side (its retries too) is
+        // neither shown nor kept in the history: its partial output is
+        // dropped (DESIGN §6); it ends the answer below.
+        let failed = matches!(call.end, CallEnd::Failed(_));
+        let blocks = if failed { Vec::new() } else { call.state.content_blocks() };
+        if !failed {
+            answer.text.push_str(&call.state.text());
+        }
         answer.content.extend(blocks.iter().cloned());
         match (&call.end, call.state.stop_reason.clone()) {
             (CallEnd::Complete, Some(StopReason::ToolUse)) => {

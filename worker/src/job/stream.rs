@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use shared::anthropic::state::Applied;
 use shared::anthropic::{ApiError, MessageState};
+use shared::pricing::TokenCounts;
 use shared::retry::Policy;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -44,6 +45,11 @@ pub struct CallRecord {
     pub end: CallEnd,
     /// The request that was sent (for counting tokens of a cut-short answer).
     pub request: Value,
+    /// The call failed on the provider's side after its stream opened, in a
+    /// way another try may not repeat: a restartable `error` event, a
+    /// transport error, or a stream that ended without `message_stop`
+    /// (connection closed or clean EOF). [`stream_reply`] retries it.
+    pub retryable: bool,
 }
 
 /// Longest wait for a call's `open` row: the stream is not held up longer
@@ -55,15 +61,21 @@ fn restartable(kind: &str) -> bool {
     matches!(kind, "overloaded_error" | "api_error" | "rate_limit_error")
 }
 
-/// Streams one logical call: an `error` event mid-stream (e.g.
-/// `overloaded_error`) discards the partial text and restarts the call with
-/// backoff. Every attempt is appended to `calls` (failed ones are recorded,
-/// not charged); the last one is returned. `shown_before` is the text of
-/// earlier calls of the job (continuations), so progress shows the whole answer.
-/// Each call that starts is recorded `open` under `lease` at its
-/// `message_start` (see [`open_row`]). Calls are numbered after
-/// `seq_after` (the last call of the job's stored rounds, 0 without) and
-/// those in `calls`.
+/// Streams one logical call. A call that fails on the provider's side once
+/// its stream has opened ([`CallRecord::retryable`]: a restartable `error`
+/// event such as `overloaded_error`, a transport error, a stream that ends
+/// without `message_stop`) is retried with backoff, its partial text
+/// dropped from the progress display, as long as the retry can start before
+/// the call's stream deadline (one deadline for every try of the call, P5)
+/// and the job is not cancelled. Every try is appended to `calls` (failed
+/// ones are recorded, not charged: DESIGN §6); the last one is returned.
+/// `shown_before` is the text of earlier calls of the job (continuations),
+/// so progress shows the whole answer.
+/// Each try is recorded `open` under `lease` before its request leaves and
+/// again at its `message_start` (see [`open_row`]); a try that got no
+/// stream is closed as not served ([`close_unserved`]).
+/// Calls are numbered after `seq_after` (the last call of the job's stored
+/// rounds, 0 without) and those in `calls`.
 #[expect(clippy::too_many_arguments, reason = "one call's whole context; each is a different borrow")]
 pub async fn stream_reply(
     ctx: &WorkerContext,
@@ -76,9 +88,13 @@ pub async fn stream_reply(
     shown_before: &str,
 ) -> CallRecord {
     let mut backoff = Policy::AnthropicRestart.backoff();
+    let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     loop {
         let seq = seq_after.saturating_add(i32::try_from(calls.len() + 1).unwrap_or(i32::MAX));
-        let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before).await;
+        let record = stream_once(ctx, lease, request, seq, cancel, progress, shown_before, deadline).await;
+        if !record.state.started {
+            close_unserved(ctx, lease, seq).await;
+        }
         let end = match &record.end {
             CallEnd::Complete => "complete",
             CallEnd::Cancelled => "cancelled",
@@ -94,16 +110,32 @@ pub async fn stream_reply(
                 "other".to_owned()
             };
             metrics::counter!("fleet_claude_errors_total", "type" => kind).increment(1);
+        } else if record.retryable {
+            metrics::counter!("fleet_claude_errors_total", "type" => "stream_broken").increment(1);
         }
         calls.push(record.clone());
-        let retry = record.state.error.as_ref().is_some_and(|e| restartable(&e.kind));
-        if !retry {
+        if !record.retryable {
             return record;
         }
         let Some(wait) = backoff.next() else {
             return record;
         };
-        tracing::warn!(error.kind = ?record.state.error.as_ref().map(|e| e.kind.clone()), wait_ms = wait.as_millis() as u64, "error event mid-stream; restarting the call");
+        let reason = match &record.end {
+            CallEnd::Failed(reason) => reason.as_str(),
+            _ => "",
+        };
+        if Instant::now() + wait >= deadline {
+            tracing::warn!(
+                reason,
+                "the call failed on the provider's side and a retry would pass the stream deadline; giving up"
+            );
+            return record;
+        }
+        tracing::warn!(
+            reason,
+            wait_ms = wait.as_millis() as u64,
+            "the call failed on the provider's side; retrying it without its partial output"
+        );
         progress.update(shown_before.to_owned());
         tokio::select! {
             _ = cancel.cancelled() => return record,
@@ -112,21 +144,37 @@ pub async fn stream_reply(
     }
 }
 
-/// Records the call `open` as its stream starts (request id, model, the
-/// input usage of `message_start`, the request's limits), fenced by the
-/// lease, so that a worker dying before `finalize` commits leaves it on the
-/// books: a later attempt or the reaper books it (`finalize::book_orphaned_calls`).
+/// Records the call `open`, fenced by the lease, so that a worker dying
+/// before `finalize` commits leaves it on the books: a later attempt or the
+/// reaper books it (`finalize::book_orphaned_calls`). Written twice:
+/// before the HTTP request leaves (`started` false: the model asked, the
+/// input as its upper bound from the request's size,
+/// [`crate::holds::input_token_bound`], and the request's limits), so that
+/// a worker killed after the request reached the provider but before it
+/// read `message_start` still leaves a row; then at `message_start` with
+/// the request id, message id, model and reported input usage.
 /// Best effort, bounded by [`OPEN_ROW_TIMEOUT`]: a failure is logged and
 /// counted, and the call is still recorded by its own attempt at its end.
 async fn open_row(ctx: &WorkerContext, lease: &ClaimedJob, request: &Value, record: &CallRecord) {
-    let tokens = record.state.usage.token_counts();
-    let model = record.state.model.clone().unwrap_or_else(|| ctx.settings.model.clone());
+    let started = record.state.started;
+    let tokens = if started {
+        record.state.usage.token_counts()
+    } else {
+        TokenCounts { input: crate::holds::input_token_bound(request), ..TokenCounts::default() }
+    };
+    let model = record
+        .state
+        .model
+        .clone()
+        .or_else(|| request.get("model").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| ctx.settings.model.clone());
     let call = OpenedCall {
         seq: record.seq,
         request_id: record.request_id.as_deref(),
         anthropic_message_id: record.state.message_id.as_deref(),
         model: &model,
         tokens: &tokens,
+        started,
         max_tokens: request.get("max_tokens").and_then(Value::as_u64),
         max_web_searches: max_web_searches(request),
     };
@@ -136,7 +184,24 @@ async fn open_row(ctx: &WorkerContext, lease: &ClaimedJob, request: &Value, reco
         Err(_) => format!("no answer within {OPEN_ROW_TIMEOUT:?}"),
     };
     metrics::counter!("fleet_open_call_failures_total").increment(1);
-    tracing::warn!(error.message = %outcome, seq = record.seq, "could not record the call as open; it is recorded at its end only");
+    tracing::warn!(error.message = %outcome, seq = record.seq, started, "could not record the call as open; it is recorded at its end only");
+}
+
+/// Closes the `open` row of a call whose request got no stream
+/// (`message_start` never read: an HTTP error after retries, a transport
+/// error, the deadline or a cancel before the response) as not served:
+/// [`crate::store::calls::close_unserved`]. Bounded by
+/// [`OPEN_ROW_TIMEOUT`]; a failure leaves the row open, and it is then
+/// booked as an orphan at its estimate (over-recorded, never lost).
+async fn close_unserved(ctx: &WorkerContext, lease: &ClaimedJob, seq: i32) {
+    let closed = crate::store::calls::close_unserved(&ctx.db, lease.job_id(), lease.epoch(), seq);
+    let outcome = match tokio::time::timeout(OPEN_ROW_TIMEOUT, closed).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {OPEN_ROW_TIMEOUT:?}"),
+    };
+    metrics::counter!("fleet_open_call_failures_total").increment(1);
+    tracing::warn!(error.message = %outcome, seq, "could not close an unserved call's open row; it will be booked as an estimate");
 }
 
 /// The sum of the `max_uses` of the request's web search tools, if it has any.
@@ -150,6 +215,9 @@ fn max_web_searches(request: &Value) -> Option<u64> {
     (!searches.is_empty()).then(|| searches.iter().sum())
 }
 
+/// One try of a call, ended at the latest at `deadline` (the call's
+/// stream deadline, shared by its tries).
+#[expect(clippy::too_many_arguments, reason = "one try of a call: each part is needed")]
 async fn stream_once(
     ctx: &WorkerContext,
     lease: &ClaimedJob,
@@ -158,9 +226,9 @@ async fn stream_once(
     cancel: &CancellationToken,
     progress: &Progress,
     shown_before: &str,
+    deadline: Instant,
 ) -> CallRecord {
     let call_started = std::time::Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(ctx.settings.stream_deadline_s);
     let idle = Duration::from_secs(ctx.settings.idle_timeout_s);
     let mut record = CallRecord {
         seq,
@@ -168,7 +236,14 @@ async fn stream_once(
         request_id: None,
         end: CallEnd::Complete,
         request: request.clone(),
+        retryable: false,
     };
+    // On the books before the request leaves (`/stop` is not kept waiting).
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => { record.end = CallEnd::Cancelled; return record; }
+        () = open_row(ctx, lease, request, &record) => {}
+    }
     let mut backoff = Policy::AnthropicOpen.backoff();
     let mut stream = loop {
         let opened = tokio::select! {
@@ -217,7 +292,7 @@ async fn stream_once(
     }
     let mut warned_unknown = false;
     let mut first_token_seen = false;
-    // Whether the call's `open` row was attempted (at `message_start`).
+    // Whether the call's `open` row was updated at `message_start`.
     let mut opened = false;
     loop {
         let next = tokio::select! {
@@ -234,10 +309,14 @@ async fn stream_once(
             Ok(None) => {
                 if !record.state.stopped {
                     record.end = CallEnd::Failed("stream ended before message_stop".into());
+                    record.retryable = true;
                 }
                 break;
             }
             Ok(Some(Err(e))) => {
+                // A broken connection is worth another try; a body that
+                // does not parse is not (it would be the same again).
+                record.retryable = e.is_retryable();
                 record.end = CallEnd::Failed(e.to_string());
                 break;
             }
@@ -270,6 +349,7 @@ async fn stream_once(
         }
         if let Some(err) = &record.state.error {
             record.end = CallEnd::Failed(format!("{}: {}", err.kind, err.message));
+            record.retryable = restartable(&err.kind);
             break;
         }
         if record.state.stopped {

@@ -2,11 +2,13 @@
 //! used and what it cost) and `tool_calls` (one row per `tool_use` id of a
 //! job: it runs once, its result is recorded).
 //!
-//! A call's row goes through [`CallState`]: written `open` when its stream
-//! starts (fenced: `ClaimedJob::open_call`), completed `recorded` by its
-//! attempt ([`record_api_call`]), or, when that attempt died first,
-//! `orphaned`: booked by a later attempt or the reaper with the estimate of
-//! [`OpenCall::estimate`] ([`book_orphan`]).
+//! A call's row goes through [`CallState`]: written `open` before its HTTP
+//! request leaves and updated at its `message_start` (fenced:
+//! `ClaimedJob::open_call`), completed `recorded` by its attempt
+//! ([`record_api_call`]; [`close_unserved`] for a request that got no
+//! stream), or, when that attempt died first, `orphaned`: booked by a later
+//! attempt or the reaper with the estimate of [`OpenCall::estimate`]
+//! ([`book_orphan`]).
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -18,9 +20,10 @@ use uuid::Uuid;
 text_enum! {
     /// `api_calls.state` (the schema's CHECK list): how far a call's row got.
     pub enum CallState in "api_calls.state" {
-        /// The stream started (`message_start`): request id, model and input
-        /// usage are recorded; the final usage is not, and nothing is in the
-        /// outbox yet.
+        /// The request is on its way (`started` false: the input is an upper
+        /// bound from the request's size) or its stream started
+        /// (`message_start`: request id, model and input usage are
+        /// recorded); the final usage is not, and nothing is in the outbox yet.
         Open = "open",
         /// Recorded by the attempt that made the call (its `finalize`, or its
         /// abandoned record) with the usage the stream reported, or counted
@@ -60,6 +63,8 @@ pub struct ApiCall<'a> {
     pub estimated: bool,
     /// True for the call of an attempt that will not finalize.
     pub abandoned: bool,
+    /// True when the stream started (`message_start` was read).
+    pub started: bool,
 }
 
 pub(crate) fn count(n: u64) -> i64 {
@@ -78,8 +83,8 @@ pub async fn record_api_call(tx: &mut PgConnection, call: &ApiCall<'_>) -> Resul
     let written = sqlx::query(
         "INSERT INTO api_calls (job_id, seq, lease_epoch, request_id, anthropic_message_id, model, stop_reason,
              input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
-             provider_cost, user_charge, estimated, abandoned, state)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,'recorded')
+             provider_cost, user_charge, estimated, abandoned, state, started)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,'recorded',$18)
          ON CONFLICT (job_id, lease_epoch, seq) DO UPDATE SET
              request_id = COALESCE(EXCLUDED.request_id, api_calls.request_id),
              anthropic_message_id = COALESCE(EXCLUDED.anthropic_message_id, api_calls.anthropic_message_id),
@@ -88,7 +93,8 @@ pub async fn record_api_call(tx: &mut PgConnection, call: &ApiCall<'_>) -> Resul
              cache_write_5m = EXCLUDED.cache_write_5m, cache_write_1h = EXCLUDED.cache_write_1h,
              cache_read = EXCLUDED.cache_read, web_search_requests = EXCLUDED.web_search_requests,
              provider_cost = EXCLUDED.provider_cost, user_charge = EXCLUDED.user_charge,
-             estimated = EXCLUDED.estimated, abandoned = EXCLUDED.abandoned, state = 'recorded'
+             estimated = EXCLUDED.estimated, abandoned = EXCLUDED.abandoned, state = 'recorded',
+             started = EXCLUDED.started
            WHERE api_calls.state = 'open'",
     )
     .bind(call.job_id)
@@ -108,25 +114,61 @@ pub async fn record_api_call(tx: &mut PgConnection, call: &ApiCall<'_>) -> Resul
     .bind(call.user_charge)
     .bind(call.estimated)
     .bind(call.abandoned)
+    .bind(call.started)
     .execute(tx)
     .await?;
     Ok(written.rows_affected() == 1)
 }
 
-/// A call as its stream starts, for its `open` row (see
-/// `ClaimedJob::open_call`, which writes it under the lease fence).
+/// Closes call `seq` of claim `lease_epoch` of job `job_id` as not served:
+/// its HTTP request got no stream (an HTTP error after retries, a transport
+/// error, the deadline or a cancel before the response), so the provider
+/// generated nothing and bills nothing for it (DESIGN §6: an HTTP error is
+/// charged to nobody). Its `open` row becomes `recorded` with no tokens and
+/// no cost, as `finalize` records such a call, so that neither the reaper
+/// nor a later attempt books it as an orphan. A row no longer `open` is
+/// left as it is. Not fenced: it only settles this claim's own row.
+///
+/// # Errors
+/// Database errors.
+pub async fn close_unserved<'e>(
+    db: impl PgExecutor<'e>,
+    job_id: Uuid,
+    lease_epoch: i64,
+    seq: i32,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE api_calls SET state = 'recorded', input_tokens = 0, output_tokens = 0, cache_write_5m = 0,
+                cache_write_1h = 0, cache_read = 0, web_search_requests = 0, provider_cost = 0, user_charge = 0,
+                estimated = false, started = false
+          WHERE job_id = $1 AND lease_epoch = $2 AND seq = $3 AND state = 'open'",
+    )
+    .bind(job_id)
+    .bind(lease_epoch)
+    .bind(seq)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A call before its request leaves or as its stream starts, for its
+/// `open` row (see `ClaimedJob::open_call`, which writes it under the
+/// lease fence).
 #[derive(Debug)]
 pub struct OpenedCall<'a> {
     /// The call's number within the attempt.
     pub seq: i32,
-    /// Anthropic's `request-id` header.
+    /// Anthropic's `request-id` header (`None` before the request).
     pub request_id: Option<&'a str>,
-    /// The `message_start` id.
+    /// The `message_start` id (`None` before the request).
     pub anthropic_message_id: Option<&'a str>,
-    /// The model of `message_start`.
+    /// The model of `message_start`, or the request's before it.
     pub model: &'a str,
-    /// The usage `message_start` reported (the input classes are final).
+    /// The usage `message_start` reported (the input classes are final);
+    /// before the request, the input's upper bound as uncached input.
     pub tokens: &'a TokenCounts,
+    /// False before the request: `tokens` is the bound, not a report.
+    pub started: bool,
     /// The request's `max_tokens`, if it had one.
     pub max_tokens: Option<u64>,
     /// The `max_uses` of the request's web search tool, if it had one.
@@ -163,7 +205,11 @@ pub struct OpenCall {
     pub max_tokens: Option<i64>,
     /// The `max_uses` of the request's web search tool (NULL: none).
     pub max_web_searches: Option<i64>,
-    /// When the stream started (its price is the one in effect that day).
+    /// False when the worker died before it read `message_start`: the
+    /// input columns hold the upper bound written before the request.
+    pub started: bool,
+    /// When the row was first written (just before the request left): its
+    /// price is the one in effect that day.
     pub created_at: DateTime<Utc>,
     /// The job's user (named in the event; never charged for it).
     pub user_id: i64,
@@ -179,7 +225,13 @@ impl OpenCall {
     /// call whose final usage was lost with its worker.
     ///
     /// - Input, cache writes and cache reads: as `message_start` reported
-    ///   them (the API reports the whole input of a call there).
+    ///   them (the API reports the whole input of a call there); for a call
+    ///   whose `message_start` was never read, the bound written before
+    ///   the request, as uncached input: the request's size in bytes plus
+    ///   an allowance (`holds::input_token_bound`: a token is at least one
+    ///   byte), at the uncached input rate — the rate all of our input is
+    ///   billed at, since no request of ours sets `cache_control` (no cache
+    ///   write or read can happen).
     /// - Output: the request's `max_tokens` (the most the call can have
     ///   generated), or what `message_start` reported if that is larger or
     ///   `max_tokens` is unknown.
@@ -371,6 +423,7 @@ mod tests {
             web_search_requests: searches,
             max_tokens,
             max_web_searches: max_searches,
+            started: true,
             created_at: Utc::now(),
             user_id: 1,
             chat_id: 1,
@@ -411,6 +464,16 @@ mod tests {
         assert_eq!(open(1, Some(10), 0, Some(5)).estimate().web_search_requests, 5);
         assert_eq!(open(1, Some(10), 2, None).estimate().web_search_requests, 2);
         assert_eq!(open(1, Some(10), 7, Some(5)).estimate().web_search_requests, 7);
+    }
+
+    #[test]
+    fn a_call_never_started_is_estimated_at_its_input_bound_and_max_tokens() {
+        let mut call = open(0, Some(4_096), 0, Some(3));
+        call.started = false;
+        (call.input_tokens, call.cache_write_5m, call.cache_write_1h, call.cache_read) = (9_000, 0, 0, 0);
+        let t = call.estimate();
+        assert_eq!((t.input, t.output, t.web_search_requests), (9_000, 4_096, 3));
+        assert_eq!((t.cache_write_5m, t.cache_write_1h, t.cache_read), (0, 0, 0));
     }
 
     #[test]

@@ -453,11 +453,15 @@ impl ClaimedJob {
         Ok(live.then_some(pid))
     }
 
-    /// Records call `call` of this claim as `open` (its stream started),
-    /// fenced: written only while the lease holds, so that a call made
-    /// under a lost lease never looks like the live attempt's. A row that
-    /// exists already is left as it is. `Ok(false)`: nothing was written
-    /// (the lease was lost, or the row exists).
+    /// Records call `call` of this claim as `open`, fenced: written only
+    /// while the lease holds, so that a call made under a lost lease never
+    /// looks like the live attempt's. Written twice per call: before its
+    /// HTTP request leaves (`started: false`, the input an upper bound) and
+    /// at its `message_start` (`started: true`: request id, message id,
+    /// model and reported input replace the first write's). A row no
+    /// longer `open` (recorded, or booked as orphaned) is left as it is.
+    /// `Ok(false)`: nothing was written (the lease was lost, or the row is
+    /// no longer open).
     ///
     /// # Errors
     /// Database errors.
@@ -470,12 +474,20 @@ impl ClaimedJob {
         let r = sqlx::query(concat!(
             "INSERT INTO api_calls (job_id, lease_epoch, seq, request_id, anthropic_message_id, model,
                     input_tokens, output_tokens, cache_write_5m, cache_write_1h, cache_read, web_search_requests,
-                    max_tokens, max_web_searches, provider_cost, user_charge, estimated, abandoned, state)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 0, false, false, 'open'
+                    max_tokens, max_web_searches, provider_cost, user_charge, estimated, abandoned, state, started)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 0, false, false, 'open', $15
               WHERE EXISTS (SELECT 1 FROM jobs WHERE ",
             fence!(),
             ")
-             ON CONFLICT (job_id, lease_epoch, seq) DO NOTHING"
+             ON CONFLICT (job_id, lease_epoch, seq) DO UPDATE SET
+                 request_id = COALESCE(EXCLUDED.request_id, api_calls.request_id),
+                 anthropic_message_id = COALESCE(EXCLUDED.anthropic_message_id, api_calls.anthropic_message_id),
+                 model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
+                 output_tokens = EXCLUDED.output_tokens, cache_write_5m = EXCLUDED.cache_write_5m,
+                 cache_write_1h = EXCLUDED.cache_write_1h, cache_read = EXCLUDED.cache_read,
+                 web_search_requests = EXCLUDED.web_search_requests, max_tokens = EXCLUDED.max_tokens,
+                 max_web_searches = EXCLUDED.max_web_searches, started = EXCLUDED.started
+               WHERE api_calls.state = 'open'"
         ))
         .bind(self.job_id)
         .bind(self.epoch)
@@ -491,6 +503,7 @@ impl ClaimedJob {
         .bind(count(call.tokens.web_search_requests))
         .bind(call.max_tokens.map(count))
         .bind(call.max_web_searches.map(count))
+        .bind(call.started)
         .execute(db)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -573,7 +586,7 @@ pub async fn orphaned_calls(
     sqlx::query_as(
         "SELECT c.job_id, c.seq, c.lease_epoch, c.request_id, c.model, c.input_tokens, c.output_tokens,
                 c.cache_write_5m, c.cache_write_1h, c.cache_read, c.web_search_requests, c.max_tokens,
-                c.max_web_searches, c.created_at, j.user_id, j.chat_id, j.update_id
+                c.max_web_searches, c.started, c.created_at, j.user_id, j.chat_id, j.update_id
            FROM api_calls c JOIN jobs j USING (job_id)
           WHERE c.state = 'open' AND ($1::uuid IS NULL OR c.job_id = $1)
             AND NOT (j.status = 'running' AND j.lease_epoch = c.lease_epoch)
