@@ -208,6 +208,7 @@ mod tests {
             chat_kind: "private".into(),
             conversation_epoch: 1,
             message_thread_id: None,
+            telegram_message_id: 1,
             reply_message_ids: Vec::new(),
             answer_stored: false,
             stored_reply: None,
