@@ -694,3 +694,33 @@ pub fn print(report: &ChaosReport) {
     }
     println!("chaos: {}", if report.violations.is_empty() { "PASS" } else { "FAIL" });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_users_get_small_grants_spread_up_to_the_largest_and_the_rest_the_full_grant() {
+        let cfg = ChaosConfig {
+            bin_dir: PathBuf::new(),
+            fixtures: PathBuf::new(),
+            services: Services { postgres_url: String::new(), amqp_url: String::new() },
+            log_dir: PathBuf::new(),
+            seed: 1,
+            updates: 1,
+            users: 4,
+            faults: 0,
+            load_s: 1,
+            quiet_s: 1,
+            small_grants: 3,
+            small_grant_usd: "0.05".parse().unwrap(),
+        };
+        let grants = small_grants(&cfg, &[1, 2, 3, 4]);
+        let amounts: Vec<String> = grants.iter().map(|(_, a)| a.normalize().to_string()).collect();
+        assert_eq!(amounts, ["0.016666", "0.033333", "0.05", "100"]);
+        assert_eq!(grants.iter().map(|(u, _)| *u).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        // More small grants than users: every user is on one.
+        let all = small_grants(&ChaosConfig { small_grants: 9, ..cfg }, &[1, 2]);
+        assert!(all.iter().all(|(_, a)| *a <= "0.05".parse().unwrap()), "{all:?}");
+    }
+}
