@@ -3,11 +3,20 @@
 //! [`decide`]: transient → the next `billing.retry.<n>` delay queue
 //! (exponential backoff); permanent, or transient after the last delay →
 //! `billing.dead` plus a `billing_failures` row. Never only a log line.
+//!
+//! A hold release waits for its job's charges without that counting as a
+//! retry: the relay publishes them before it, so when they reached this
+//! consumer first they are in this batch or an earlier one, which it waits
+//! for ([`handle_batch`]); charges that are elsewhere (another
+//! billing-worker, a retry queue) make it [`Decision::Defer`]red: put back
+//! on the first delay queue with its `x-deferrals` header counted up, its
+//! `x-attempt` unchanged, logged at DEBUG and counted in
+//! `fleet_billing_deferred_total`, not as `retried`.
 
 use crate::ledger::{self, Applied, LedgerError};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use shared::amqp::{self, attempt_of, ConfirmPublisher, Outgoing, Topology};
+use shared::amqp::{self, attempt_of, deferrals_of, ConfirmPublisher, Outgoing, Topology, DEFERRALS_HEADER};
 use shared::contracts::BillingEvent;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -46,6 +55,9 @@ pub enum Decision {
     Ack,
     /// Transient failure: to delay queue `n`, then ack.
     Retry(usize),
+    /// Not a failure: the event waits for others (a hold release for its
+    /// job's charges). To the first delay queue, attempt unchanged, then ack.
+    Defer,
     /// Permanent failure or out of attempts: to `billing.dead`, record, ack.
     DeadLetter(String),
 }
@@ -66,6 +78,24 @@ pub fn decide(result: &Result<Applied, LedgerError>, attempt: i64, retry_queues:
     }
 }
 
+/// As [`decide`], for a delivery deferred `deferrals` times before: a hold
+/// release waiting for its job's charges is not failing, so it is
+/// [`Decision::Defer`]red (the first, short, step, without walking the
+/// backoff or counting an attempt) up to [`MAX_DEFERRALS`] times, about ten
+/// minutes, landing right after charges that were themselves delayed (a
+/// database restart, another billing-worker); after that it is a failure.
+pub fn decide_delivery(
+    result: &Result<Applied, LedgerError>,
+    attempt: i64,
+    deferrals: i64,
+    retry_queues: usize,
+) -> Decision {
+    match result {
+        Err(LedgerError::ChargesPending(_)) if deferrals < MAX_DEFERRALS => Decision::Defer,
+        _ => decide(result, attempt, retry_queues),
+    }
+}
+
 /// Consumes until `shutdown`, reconnecting with backoff.
 pub async fn run(ctx: BillingContext, shutdown: CancellationToken) {
     amqp::reconnecting("billing", &shutdown, || consume(&ctx, &shutdown)).await;
@@ -81,8 +111,12 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     // A few batches in flight at once: while they commit, deliveries pile
     // up in the prefetch window and the next batch takes them all.
     let lanes = Arc::new(tokio::sync::Semaphore::new(BATCH_LANES));
+    // One token per batch in flight, cancelled when it is done: a batch's
+    // hold releases wait for the batches taken before it.
+    let mut in_flight: Vec<CancellationToken> = Vec::new();
     let result = loop {
         while tasks.try_join_next().is_some() {}
+        in_flight.retain(|t| !t.is_cancelled());
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             p = lanes.clone().acquire_owned() => match p {
@@ -109,8 +143,13 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
             }
         }
         let task_ctx = ctx.clone();
+        let before = in_flight.clone();
+        let done = CancellationToken::new();
+        in_flight.push(done.clone());
         tasks.spawn(async move {
-            handle_batch(&task_ctx, batch).await;
+            // Cancelled however the batch ends, a panic included.
+            let _done = done.drop_guard();
+            handle_batch(&task_ctx, batch, &before).await;
             drop(permit);
         });
         if let Some(e) = lost {
@@ -125,8 +164,10 @@ async fn consume(ctx: &BillingContext, shutdown: &CancellationToken) -> Result<(
     result
 }
 
-/// Short retries of a hold release whose charges are not all applied yet.
-const PENDING_RETRIES: i64 = 600;
+/// Deferrals of a hold release whose charges are not all applied yet
+/// (each one step of the first delay queue: about ten minutes at the
+/// default 1 s); after them it is retried as a failure, then dead-lettered.
+pub const MAX_DEFERRALS: i64 = 600;
 
 /// Batches applied concurrently by one consumer.
 const BATCH_LANES: usize = 2;
@@ -144,8 +185,11 @@ impl Drop for ResetOnDrop {
 /// the batch fails (one bad or not-yet-applicable event, a deadlock, the
 /// database gone) each delivery is handled on its own with [`handle`], so
 /// one bad event never holds back the others. Malformed bodies and hold
-/// releases are always handled on their own, after the charges.
-pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>) {
+/// releases are always handled on their own, after the charges, and hold
+/// releases only once the batches taken `before` this one are done (the
+/// job's charges, published before its release, are in one of them when
+/// this consumer received them).
+pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>, before: &[CancellationToken]) {
     metrics::histogram!("fleet_billing_batch_size").record(deliveries.len() as f64);
     // Each body is decoded once, here; `handle_decoded` takes the result.
     let mut charges = Vec::new();
@@ -182,6 +226,11 @@ pub async fn handle_batch(ctx: &BillingContext, deliveries: Vec<Delivery>) {
             }
         }
     }
+    if alone.iter().any(|(_, p)| matches!(p, Ok(BillingEvent::HoldRelease(_)))) {
+        for batch in before {
+            batch.cancelled().await;
+        }
+    }
     for (d, parsed) in alone {
         handle_decoded(ctx, d, parsed).await;
     }
@@ -201,44 +250,49 @@ pub async fn handle(ctx: &BillingContext, d: Delivery) {
 /// As [`handle`], for a body already decoded (`parsed`).
 async fn handle_decoded(ctx: &BillingContext, d: Delivery, parsed: Result<BillingEvent, String>) {
     let attempt = attempt_of(&d.properties);
+    let deferrals = deferrals_of(&d.properties);
     let (event_id, result) = match &parsed {
         Ok(event) => (Some(event.event_id()), ledger::apply_event(&ctx.db, event).await),
         Err(e) => (None, Err(LedgerError::Invalid(format!("malformed billing event: {e}")))),
     };
-    match &result {
-        Ok(Applied::Applied) => tracing::info!(event_id = ?event_id, "billing event applied"),
-        Ok(Applied::Duplicate) => {
+    let decision = decide_delivery(&result, attempt, deferrals, ctx.retry_delays_ms.len());
+    match (&result, &decision) {
+        (Ok(Applied::Applied), _) => tracing::info!(event_id = ?event_id, "billing event applied"),
+        (Ok(Applied::Duplicate), _) => {
             tracing::info!(event_id = ?event_id, "duplicate billing event ignored")
         }
-        Err(e) => {
+        (Err(e), Decision::Defer) => {
+            tracing::debug!(event_id = ?event_id, deferrals, reason = %e, "billing event deferred")
+        }
+        (Err(e), _) => {
             tracing::warn!(event_id = ?event_id, attempt, error.message = %e, "billing event failed")
         }
     }
-    let decision = match &result {
-        // A hold release waiting for its job's charges is not failing: it
-        // is retried on the first (short) step, without walking the
-        // backoff, for up to about ten minutes, so it lands right after
-        // charges that were themselves delayed (a database restart).
-        Err(LedgerError::ChargesPending(_)) if attempt < PENDING_RETRIES => Decision::Retry(0),
-        _ => decide(&result, attempt, ctx.retry_delays_ms.len()),
-    };
     let label = match (&result, &decision) {
-        (Ok(Applied::Applied), _) => "applied",
-        (Ok(Applied::Duplicate), _) => "duplicate",
-        (_, Decision::Retry(_)) => "retried",
-        _ => "dead_lettered",
+        (Ok(Applied::Applied), _) => Some("applied"),
+        (Ok(Applied::Duplicate), _) => Some("duplicate"),
+        (_, Decision::Defer) => None,
+        (_, Decision::Retry(_)) => Some("retried"),
+        _ => Some("dead_lettered"),
     };
-    metrics::counter!("fleet_billing_events_total", "result" => label).increment(1);
+    match label {
+        Some(label) => metrics::counter!("fleet_billing_events_total", "result" => label).increment(1),
+        None => metrics::counter!("fleet_billing_deferred_total").increment(1),
+    }
     let settled = match decision {
         Decision::Ack => Ok(()),
         Decision::Retry(n) => {
-            // Jitter (±20 %) spreads a burst of failures over time.
-            let base = ctx.retry_delays_ms.get(n).copied().unwrap_or(1_000);
-            let jitter = base / 5;
-            let spread =
-                if jitter == 0 { 0 } else { u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 2 * jitter / 255 };
-            let delay = base - jitter + spread;
-            republish_after(ctx, &d, &ctx.topology.billing_retry_queue(n), attempt + 1, Some(delay)).await
+            let delay = jittered(ctx.retry_delays_ms.get(n).copied().unwrap_or(1_000));
+            let queue = ctx.topology.billing_retry_queue(n);
+            // A release past its deferrals keeps the count, so it stays a failure.
+            let kept = [(DEFERRALS_HEADER, deferrals)];
+            let headers = if deferrals > 0 { &kept[..] } else { &[] };
+            republish_after(ctx, &d, &queue, attempt + 1, Some(delay), headers).await
+        }
+        Decision::Defer => {
+            let delay = jittered(ctx.retry_delays_ms.first().copied().unwrap_or(1_000));
+            let queue = ctx.topology.billing_retry_queue(0);
+            republish_after(ctx, &d, &queue, attempt, Some(delay), &[(DEFERRALS_HEADER, deferrals + 1)]).await
         }
         Decision::DeadLetter(reason) => dead_letter(ctx, &d, event_id, attempt + 1, &reason).await,
     };
@@ -254,8 +308,15 @@ async fn handle_decoded(ctx: &BillingContext, d: Delivery, parsed: Result<Billin
     }
 }
 
+/// `base_ms` ± 20 % (jitter spreads a burst of failures over time).
+fn jittered(base_ms: u64) -> u64 {
+    let jitter = base_ms / 5;
+    let spread = if jitter == 0 { 0 } else { u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 2 * jitter / 255 };
+    base_ms - jitter + spread
+}
+
 async fn republish(ctx: &BillingContext, d: &Delivery, queue: &str, attempt: i64) -> Result<(), amqp::BrokerError> {
-    republish_after(ctx, d, queue, attempt, None).await
+    republish_after(ctx, d, queue, attempt, None, &[]).await
 }
 
 async fn republish_after(
@@ -264,10 +325,11 @@ async fn republish_after(
     queue: &str,
     attempt: i64,
     delay_ms: Option<u64>,
+    headers: &[(&str, i64)],
 ) -> Result<(), amqp::BrokerError> {
     let id = d.properties.message_id().as_ref().map(|m| m.to_string());
     ctx.publisher
-        .publish_expiring(
+        .publish_with_headers(
             Outgoing {
                 exchange: "",
                 routing_key: queue,
@@ -277,6 +339,7 @@ async fn republish_after(
                 attempt: Some(attempt),
             },
             delay_ms,
+            headers,
         )
         .await
 }
@@ -354,5 +417,19 @@ mod tests {
         let permanent: Result<Applied, LedgerError> = Err(LedgerError::Invalid("bad".into()));
         assert!(matches!(decide(&permanent, 0, 5), Decision::DeadLetter(_)));
         assert_eq!(decide(&Ok(Applied::Duplicate), 0, 5), Decision::Ack);
+    }
+
+    #[test]
+    fn a_release_waiting_for_its_charges_is_deferred_without_an_attempt_then_fails() {
+        let pending: Result<Applied, LedgerError> = Err(LedgerError::ChargesPending(1));
+        // However many real attempts it had, waiting is no failure.
+        assert_eq!(decide_delivery(&pending, 0, 0, 5), Decision::Defer);
+        assert_eq!(decide_delivery(&pending, 5, MAX_DEFERRALS - 1, 5), Decision::Defer);
+        // Charges missing for the whole window: retried, then dead-lettered.
+        assert_eq!(decide_delivery(&pending, 0, MAX_DEFERRALS, 5), Decision::Retry(0));
+        assert!(matches!(decide_delivery(&pending, 5, MAX_DEFERRALS, 5), Decision::DeadLetter(_)));
+        // Other failures are as before.
+        let transient: Result<Applied, LedgerError> = Err(LedgerError::Db(sqlx::Error::PoolTimedOut));
+        assert_eq!(decide_delivery(&transient, 1, 3, 5), Decision::Retry(1));
     }
 }

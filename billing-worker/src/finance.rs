@@ -101,8 +101,29 @@ pub struct Reconciliation {
     pub missing_in_outbox: Vec<String>,
     /// Broken invariants.
     pub invariant_failures: Vec<String>,
+    /// User accounts whose balance is below zero at the time of the run
+    /// (an invariant: a user never owes us; holds refuse answers that the
+    /// balance does not cover), by account id.
+    pub negative_balances: Vec<NegativeBalance>,
     /// Our token counts against the provider's usage report.
     pub provider: ProviderComparison,
+}
+
+/// A user account below zero.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NegativeBalance {
+    /// The user.
+    pub user_id: i64,
+    /// The account id (`user:<id>`).
+    pub account: String,
+    /// Its balance, USD (< 0).
+    pub balance: Decimal,
+}
+
+impl std::fmt::Display for NegativeBalance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (user {}): balance {}", self.account, self.user_id, format_usd(self.balance))
+    }
 }
 
 /// Why the provider comparison was skipped when no admin key is set.
@@ -172,6 +193,7 @@ impl Reconciliation {
         self.missing_in_ledger.is_empty()
             && self.missing_in_outbox.is_empty()
             && self.invariant_failures.is_empty()
+            && self.negative_balances.is_empty()
             && self.totals.values().all(|(a, b)| a == b)
             && self.provider_variances().is_empty()
     }
@@ -223,6 +245,7 @@ impl Reconciliation {
         lines.extend(self.missing_in_outbox.iter().map(|m| format!("missing in outbox: {m}")));
         lines.extend(self.discarded.iter().map(|m| format!("discarded dead letter: {m}")));
         lines.extend(self.invariant_failures.iter().map(|m| format!("invariant: {m}")));
+        lines.extend(self.negative_balances.iter().map(|n| format!("negative balance: {n}")));
         lines.extend(self.provider_variances().into_iter().map(|m| format!("provider variance: {m}")));
         lines
     }
@@ -244,6 +267,9 @@ impl Reconciliation {
         if !self.invariant_failures.is_empty() {
             parts.push(format!("{} broken invariant(s)", self.invariant_failures.len()));
         }
+        if !self.negative_balances.is_empty() {
+            parts.push(format!("{} user balance(s) below zero", self.negative_balances.len()));
+        }
         let tokens = self.provider_variances();
         if !tokens.is_empty() {
             parts.push(format!("provider token variance: {}", tokens.join("; ")));
@@ -254,7 +280,8 @@ impl Reconciliation {
 
 /// Compares the outbox with the ledger for `[from, to]` and checks the
 /// ledger's invariants (all balances sum to zero; each balance equals its
-/// entries; no negative amount).
+/// entries; no negative amount; no user balance below zero, now, whatever
+/// the period).
 ///
 /// # Errors
 /// Database errors.
@@ -334,7 +361,24 @@ pub async fn reconcile(
     if negative > 0 {
         r.invariant_failures.push(format!("{negative} ledger entries with a negative amount"));
     }
+    r.negative_balances = negative_balances(billing).await?;
     Ok(r)
+}
+
+/// User accounts below zero, by account id.
+///
+/// # Errors
+/// Database errors.
+pub async fn negative_balances(billing: &PgPool) -> Result<Vec<NegativeBalance>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Decimal)> = sqlx::query_as(
+        "SELECT account_id, user_id, balance FROM accounts WHERE kind = 'user' AND balance < 0 ORDER BY account_id",
+    )
+    .fetch_all(billing)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, user_id, balance)| NegativeBalance { user_id: user_id.unwrap_or_default(), account, balance })
+        .collect())
 }
 
 /// [`reconcile`], then, when `provider` is given, the comparison of our
@@ -514,13 +558,14 @@ fn render_csv(r: &Reconciliation) -> anyhow::Result<String> {
 /// ```json
 /// { "from": "2026-11-01", "to": "2026-11-30", "clean": true,
 ///   "variance": { "usd": "0.00", "tokens": 0, "missing_in_ledger": 0,
-///                 "missing_in_outbox": 0, "invariant_failures": 0 },
+///                 "missing_in_outbox": 0, "invariant_failures": 0, "negative_balances": 0 },
 ///   "totals": [ { "class": "user_charge", "outbox_usd": "0.045",
 ///                 "ledger_usd": "0.045", "variance_usd": "0.00" } ],
 ///   "rows": [ { "day": "2026-11-30", "model": "…", "class": "user_charge",
 ///               "outbox_usd": "0.045", "ledger_usd": "0.045", "variance_usd": "0.00" } ],
 ///   "missing_in_ledger": ["event … type=… update_id=… job=…"], "missing_in_outbox": [],
 ///   "discarded": ["event … (discarded: <reason>)"], "invariant_failures": [],
+///   "negative_balances": [ { "user_id": 7, "account": "user:7", "balance_usd": "-0.01" } ],
 ///   "provider": { "status": "skipped", "reason": "…" } }
 /// ```
 ///
@@ -559,6 +604,7 @@ pub fn to_json(r: &Reconciliation) -> Value {
             "missing_in_ledger": r.missing_in_ledger.len(),
             "missing_in_outbox": r.missing_in_outbox.len(),
             "invariant_failures": r.invariant_failures.len(),
+            "negative_balances": r.negative_balances.len(),
         },
         "totals": totals,
         "rows": rows,
@@ -566,6 +612,9 @@ pub fn to_json(r: &Reconciliation) -> Value {
         "missing_in_outbox": r.missing_in_outbox,
         "discarded": r.discarded,
         "invariant_failures": r.invariant_failures,
+        "negative_balances": r.negative_balances.iter().map(|n| json!({
+            "user_id": n.user_id, "account": n.account, "balance_usd": usd(n.balance),
+        })).collect::<Vec<Value>>(),
         "provider": serde_json::to_value(&r.provider).unwrap_or(Value::Null),
     })
 }
@@ -591,6 +640,9 @@ fn render_table(r: &Reconciliation) -> String {
     }
     for m in &r.invariant_failures {
         let _ = writeln!(out, "invariant: {m}");
+    }
+    for n in &r.negative_balances {
+        let _ = writeln!(out, "negative balance: {n}");
     }
     match &r.provider {
         ProviderComparison::Skipped { reason } => {

@@ -563,7 +563,21 @@ impl ConfirmPublisher {
     /// # Errors
     /// As [`ConfirmPublisher::publish`].
     pub async fn publish_expiring(&self, msg: Outgoing<'_>, expiration_ms: Option<u64>) -> Result<(), BrokerError> {
-        let result = self.publish_once(&msg, expiration_ms).await;
+        self.publish_with_headers(msg, expiration_ms, &[]).await
+    }
+
+    /// As [`ConfirmPublisher::publish_expiring`], with more integer headers
+    /// beside `x-attempt` (e.g. [`DEFERRALS_HEADER`]).
+    ///
+    /// # Errors
+    /// As [`ConfirmPublisher::publish`].
+    pub async fn publish_with_headers(
+        &self,
+        msg: Outgoing<'_>,
+        expiration_ms: Option<u64>,
+        headers: &[(&str, i64)],
+    ) -> Result<(), BrokerError> {
+        let result = self.publish_once(&msg, expiration_ms, headers).await;
         if result.is_err() {
             // Drop the channel: the next publish reconnects.
             *self.state.lock().await = None;
@@ -571,7 +585,12 @@ impl ConfirmPublisher {
         result
     }
 
-    async fn publish_once(&self, msg: &Outgoing<'_>, expiration_ms: Option<u64>) -> Result<(), BrokerError> {
+    async fn publish_once(
+        &self,
+        msg: &Outgoing<'_>,
+        expiration_ms: Option<u64>,
+        headers: &[(&str, i64)],
+    ) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
         let mut props = BasicProperties::default().with_delivery_mode(2).with_content_type(msg.content_type.into());
         if let Some(ms) = expiration_ms {
@@ -580,9 +599,14 @@ impl ConfirmPublisher {
         if let Some(id) = msg.message_id {
             props = props.with_message_id(id.into());
         }
-        if let Some(attempt) = msg.attempt {
+        if msg.attempt.is_some() || !headers.is_empty() {
             let mut h = FieldTable::default();
-            h.insert("x-attempt".into(), AMQPValue::LongLongInt(attempt));
+            if let Some(attempt) = msg.attempt {
+                h.insert("x-attempt".into(), AMQPValue::LongLongInt(attempt));
+            }
+            for (name, value) in headers {
+                h.insert((*name).into(), AMQPValue::LongLongInt(*value));
+            }
             props = props.with_headers(h);
         }
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -602,6 +626,16 @@ impl ConfirmPublisher {
 /// Reads the `x-attempt` header of a delivery (0 when absent).
 pub fn attempt_of(props: &BasicProperties) -> i64 {
     int_header(props, "x-attempt")
+}
+
+/// Header counting how often a billing event was deferred (put back to
+/// wait for other events, not failed): kept apart from `x-attempt`, so a
+/// deferral never counts as a retry.
+pub const DEFERRALS_HEADER: &str = "x-deferrals";
+
+/// Reads the [`DEFERRALS_HEADER`] of a delivery (0 when absent).
+pub fn deferrals_of(props: &BasicProperties) -> i64 {
+    int_header(props, DEFERRALS_HEADER)
 }
 
 /// Earlier deliveries of a message from a quorum queue: its

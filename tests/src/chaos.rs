@@ -14,6 +14,15 @@
 //! at the amount the fixture scenario gives for that stream (computed
 //! independently of the product); `billing-worker reconcile` passes; no
 //! process left dead.
+//!
+//! With `small_grants` some users start with a few cents instead of $100
+//! (`small_grant_usd` × k / n for the k-th of n): their answers exhaust the
+//! grant mid-run (a call's hold needs a few cents beyond its price), after
+//! which their updates are answered with the needs-credit notice. Then it
+//! also checks: a refusal counts as an answered update (not lost), only
+//! users on small grants are refused, each user is charged the scenario's
+//! price once per answer, nobody spends beyond their grant, and no balance
+//! ends below zero (`negative_balances`).
 
 use crate::fake_anthropic::{FakeAnthropic, ScriptedResponse};
 use crate::fake_telegram::FakeTelegram;
@@ -43,7 +52,12 @@ const VISIBILITY_S: u64 = 5;
 const WORKERS: usize = 3;
 const BILLING_WORKERS: usize = 2;
 /// Texts of the notices that tell a user their message failed.
-const FAILURE_NOTICES: [&str; 3] = ["Sorry,", "(Claude is unavailable", "Your balance is too low"];
+const FAILURE_NOTICES: [&str; 2] = ["Sorry,", "(Claude is unavailable"];
+/// Start of the notice refusing an answer the balance cannot pay for
+/// (`worker::notices::needs_credit`).
+const NEEDS_CREDIT: &str = "Your balance is too low";
+/// The grant of a user not on a small grant, USD.
+const FULL_GRANT_USD: i64 = 100;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -68,6 +82,32 @@ pub struct ChaosConfig {
     pub load_s: u64,
     /// Longest wait, seconds, for the fleet to settle after the load.
     pub quiet_s: u64,
+    /// Users (the first ones, at most `users`) granted a small amount
+    /// instead of $100 ([`small_grants`]).
+    pub small_grants: usize,
+    /// The largest small grant, USD: the k-th of n users gets
+    /// `small_grant_usd × k / n`.
+    pub small_grant_usd: Decimal,
+}
+
+/// The grant of each user: the first `cfg.small_grants` get
+/// `small_grant_usd × k / n` (k = 1…n, rounded down to a millionth of a
+/// dollar), the others [`FULL_GRANT_USD`].
+pub fn small_grants(cfg: &ChaosConfig, users: &[i64]) -> Vec<(i64, Decimal)> {
+    let n = cfg.small_grants.min(users.len());
+    users
+        .iter()
+        .enumerate()
+        .map(|(i, &u)| {
+            let amount = if i < n {
+                (cfg.small_grant_usd * Decimal::from(i + 1) / Decimal::from(n))
+                    .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero)
+            } else {
+                Decimal::from(FULL_GRANT_USD)
+            };
+            (u, amount)
+        })
+        .collect()
 }
 
 /// One injected fault.
@@ -123,6 +163,16 @@ pub struct ChaosReport {
     pub answered: usize,
     /// Updates that failed with a notice to the user.
     pub failed_with_notice: usize,
+    /// Users on a small grant.
+    pub small_grant_users: usize,
+    /// Updates answered with the needs-credit notice (the balance could not
+    /// pay for an answer): answered, not lost.
+    pub refused_for_credit: usize,
+    /// Users on a small grant who were refused at least once (their grant
+    /// ran out).
+    pub small_grant_users_refused: usize,
+    /// What the users on a small grant spent, USD (never beyond their grants).
+    pub small_grant_spent_usd: Decimal,
     /// Answers or notices beyond one per accepted update.
     pub duplicates: usize,
     /// Accepted updates with neither an answer nor a notice.
@@ -194,9 +244,11 @@ pub async fn run(cfg: &ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mut report = ChaosReport::default();
     let result = async {
         let users: Vec<i64> = (0..cfg.users.max(1)).map(|i| 300_000_001 + i64::try_from(i).unwrap_or(0)).collect();
-        for &u in &users {
-            billing_worker::ledger::grant(&dbs.billing, u, Decimal::new(100, 0), uuid::Uuid::now_v7()).await?;
+        let grants = small_grants(cfg, &users);
+        for &(u, amount) in &grants {
+            billing_worker::ledger::grant(&dbs.billing, u, amount, uuid::Uuid::now_v7()).await?;
         }
+        let grants: BTreeMap<i64, Decimal> = grants.into_iter().collect();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let plan = fault_plan(&mut rng, cfg);
         let posting = tokio::spawn(post_updates(cfg.clone(), webhook, users.clone(), rng.random()));
@@ -205,7 +257,8 @@ pub async fn run(cfg: &ChaosConfig) -> anyhow::Result<ChaosReport> {
         let accepted = posting.await.context("the poster panicked")??;
         report.updates = accepted.values().map(Vec::len).sum();
         settle(cfg, &dbs, &accepted).await;
-        check(cfg, &dbs, &anthropic, &telegram, &accepted, (user_charge, provider_cost), &mut report).await?;
+        let prices = (user_charge, provider_cost);
+        check(cfg, &dbs, &anthropic, &telegram, &accepted, &grants, prices, &mut report).await?;
         let mut fleet = fleet.lock().await;
         let dead = fleet.exited();
         if !dead.is_empty() {
@@ -412,27 +465,44 @@ async fn billing_caught_up(dbs: &Databases) -> anyhow::Result<bool> {
     Ok(applied == i64::try_from(ids.len())?)
 }
 
+#[expect(clippy::too_many_arguments, reason = "the run's parts, each checked")]
 async fn check(
     cfg: &ChaosConfig,
     dbs: &Databases,
     anthropic: &FakeAnthropic,
     telegram: &FakeTelegram,
     accepted: &BTreeMap<i64, Vec<i64>>,
+    grants: &BTreeMap<i64, Decimal>,
     (user_charge, provider_cost): (Decimal, Decimal),
     report: &mut ChaosReport,
 ) -> anyhow::Result<()> {
     // The streamed Markdown as the user sees it (bold markers become an entity).
     let answer = crate::demo::sse_text(&std::fs::read(cfg.fixtures.join(STREAM))?).replace("**", "");
     let messages = telegram.messages();
-    // 1. Every accepted update answered once or failed with a notice.
+    let full = Decimal::from(FULL_GRANT_USD);
+    report.small_grant_users = grants.values().filter(|g| **g < full).count();
+    // Answers delivered per chat: what each user must have been charged for.
+    let mut answers_by_chat: BTreeMap<i64, usize> = BTreeMap::new();
+    // 1. Every accepted update answered once (a needs-credit notice
+    //    answers it too) or failed with a notice.
     for (chat, updates) in accepted {
         let sent: Vec<&str> = messages.iter().filter(|m| m.chat_id == *chat).map(|m| m.text.as_str()).collect();
         let answers = sent.iter().filter(|t| t.trim() == answer.trim()).count();
+        let refusals = sent.iter().filter(|t| t.starts_with(NEEDS_CREDIT)).count();
         let notices = sent.iter().filter(|t| FAILURE_NOTICES.iter().any(|n| t.starts_with(n))).count();
         let want = updates.len();
+        answers_by_chat.insert(*chat, answers.min(want));
         report.answered += answers.min(want);
-        report.failed_with_notice += notices.min(want.saturating_sub(answers));
-        let got = answers + notices;
+        report.refused_for_credit += refusals.min(want.saturating_sub(answers));
+        report.failed_with_notice += notices.min(want.saturating_sub(answers + refusals));
+        if refusals > 0 {
+            if grants.get(chat).is_some_and(|g| *g < full) {
+                report.small_grant_users_refused += 1;
+            } else {
+                report.violations.push(format!("chat {chat}: {refusals} needs-credit notice(s) on a full grant"));
+            }
+        }
+        let got = answers + refusals + notices;
         if got > want {
             report.duplicates += got - want;
             report.violations.push(format!("chat {chat}: {got} answers/notices for {want} updates"));
@@ -556,6 +626,27 @@ async fn check(
     if !negative.is_empty() {
         report.violations.push(format!("user balances below zero: {negative:?}"));
     }
+    // Each user pays the scenario's price once per answer delivered to them
+    // (refused updates cost nothing), and nobody spends beyond the grant.
+    let per_user: Vec<(i64, Decimal)> = sqlx::query_as(
+        "SELECT user_id, sum(amount) FROM ledger_entries WHERE kind = 'usage_charge' GROUP BY user_id ORDER BY user_id",
+    )
+    .fetch_all(&dbs.billing)
+    .await?;
+    let per_user: BTreeMap<i64, Decimal> = per_user.into_iter().collect();
+    for (&user, &grant) in grants {
+        let spent = per_user.get(&user).copied().unwrap_or_default();
+        let answers = answers_by_chat.get(&user).copied().unwrap_or_default();
+        if spent != Decimal::from(answers) * user_charge {
+            report.violations.push(format!("user {user}: charged {spent} USD for {answers} answers"));
+        }
+        if spent > grant {
+            report.violations.push(format!("user {user}: spent {spent} USD of a {grant} USD grant"));
+        }
+        if grant < full {
+            report.small_grant_spent_usd += spent;
+        }
+    }
     let requests: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT provider_request_id, count(*) FROM ledger_entries WHERE kind = 'usage_charge' GROUP BY 1 HAVING count(*) > 1",
     )
@@ -602,6 +693,10 @@ pub fn print(report: &ChaosReport) {
         ("updates accepted", report.updates.to_string()),
         ("answered", report.answered.to_string()),
         ("failed with notice", report.failed_with_notice.to_string()),
+        ("refused for credit", report.refused_for_credit.to_string()),
+        ("small-grant users", report.small_grant_users.to_string()),
+        ("  refused at least once", report.small_grant_users_refused.to_string()),
+        ("  spent (USD)", report.small_grant_spent_usd.to_string()),
         ("duplicates", report.duplicates.to_string()),
         ("lost", report.lost.to_string()),
         ("completed Claude calls", report.completed_calls.to_string()),
@@ -617,4 +712,34 @@ pub fn print(report: &ChaosReport) {
         println!("VIOLATION: {v}");
     }
     println!("chaos: {}", if report.violations.is_empty() { "PASS" } else { "FAIL" });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_users_get_small_grants_spread_up_to_the_largest_and_the_rest_the_full_grant() {
+        let cfg = ChaosConfig {
+            bin_dir: PathBuf::new(),
+            fixtures: PathBuf::new(),
+            services: Services { postgres_url: String::new(), amqp_url: String::new() },
+            log_dir: PathBuf::new(),
+            seed: 1,
+            updates: 1,
+            users: 4,
+            faults: 0,
+            load_s: 1,
+            quiet_s: 1,
+            small_grants: 3,
+            small_grant_usd: "0.05".parse().unwrap(),
+        };
+        let grants = small_grants(&cfg, &[1, 2, 3, 4]);
+        let amounts: Vec<String> = grants.iter().map(|(_, a)| a.normalize().to_string()).collect();
+        assert_eq!(amounts, ["0.016666", "0.033333", "0.05", "100"]);
+        assert_eq!(grants.iter().map(|(u, _)| *u).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        // More small grants than users: every user is on one.
+        let all = small_grants(&ChaosConfig { small_grants: 9, ..cfg }, &[1, 2]);
+        assert!(all.iter().all(|(_, a)| *a <= "0.05".parse().unwrap()), "{all:?}");
+    }
 }

@@ -28,6 +28,17 @@ struct Args {
     /// Longest wait for the fleet to settle after the load, seconds.
     #[arg(long, default_value_t = 180)]
     quiet_s: u64,
+    /// Users (the first ones) granted a few cents instead of $100, so that
+    /// their answers exhaust the grant mid-run and later updates get the
+    /// needs-credit notice.
+    #[arg(long, default_value_t = 0)]
+    small_grants: usize,
+    /// The largest small grant, USD: the k-th of n small-grant users gets
+    /// `small-grant-usd × k / n` (the default spreads them from below the
+    /// least the first call of an answer must hold, about $0.034, to a
+    /// grant that pays for a few answers).
+    #[arg(long, default_value = "0.05")]
+    small_grant_usd: rust_decimal::Decimal,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -67,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
         faults: args.faults,
         load_s: args.load_s.unwrap_or_else(|| (args.updates as u64 / 10).max(10)),
         quiet_s: args.quiet_s,
+        small_grants: args.small_grants,
+        small_grant_usd: args.small_grant_usd,
     };
     let report = run(&cfg).await?;
     print(&report);

@@ -146,6 +146,16 @@ async fn a_hold_release_delivered_before_its_charge_settles_after_it_through_the
     worker.stop().await?;
     let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM billing_failures").fetch_one(&db.pool).await?;
     assert_eq!(failures, 0, "nothing was dead-lettered");
+    // Waiting for a charge is no failure: deferred, never counted as retried.
+    let text = shared::admin::metrics_handle().map(|h| h.render()).unwrap_or_default();
+    let count = |line: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(line))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(count("fleet_billing_deferred_total") >= 1.0, "{text}");
+    assert_eq!(count("fleet_billing_events_total{result=\"retried\"}"), 0.0, "{text}");
     broker.cleanup().await?;
     db.cleanup().await
 }

@@ -4,7 +4,8 @@
 //! else); JSON is checked against a schema; `grant` refuses an idempotency
 //! key reused for another amount or user; `statement` gives every entry
 //! between opening and closing balances; dead letters are listed by the
-//! event id `reconcile` reports and discarded with a recorded reason.
+//! event id `reconcile` reports and discarded with a recorded reason;
+//! `reconcile` lists user balances below zero and exits 1 for them.
 //!
 //! Self-contained: the binary runner is here (build the bins first:
 //! `cargo build --workspace --bins --locked`).
@@ -161,17 +162,19 @@ fn reconcile_schema() -> Value {
     json!({
         "type": "object",
         "required": ["from", "to", "clean", "variance", "totals", "rows", "missing_in_ledger", "missing_in_outbox",
-                     "discarded", "invariant_failures", "provider"],
+                     "discarded", "invariant_failures", "negative_balances", "provider"],
         "properties": {
             "from": { "type": "string" }, "to": { "type": "string" },
             "clean": { "type": "boolean" },
             "variance": {
                 "type": "object",
-                "required": ["usd", "tokens", "missing_in_ledger", "missing_in_outbox", "invariant_failures"],
+                "required": ["usd", "tokens", "missing_in_ledger", "missing_in_outbox", "invariant_failures",
+                             "negative_balances"],
                 "properties": {
                     "usd": money, "tokens": { "type": "integer", "minimum": 0 },
                     "missing_in_ledger": { "type": "integer" }, "missing_in_outbox": { "type": "integer" },
                     "invariant_failures": { "type": "integer" },
+                    "negative_balances": { "type": "integer", "minimum": 0 },
                 },
             },
             "totals": {
@@ -187,6 +190,16 @@ fn reconcile_schema() -> Value {
             "missing_in_outbox": { "type": "array", "items": { "type": "string" } },
             "discarded": { "type": "array", "items": { "type": "string" } },
             "invariant_failures": { "type": "array", "items": { "type": "string" } },
+            "negative_balances": {
+                "type": "array",
+                "items": {
+                    "type": "object", "required": ["user_id", "account", "balance_usd"],
+                    "properties": {
+                        "user_id": { "type": "integer" }, "account": { "type": "string", "pattern": "^user:" },
+                        "balance_usd": { "type": "string", "pattern": r"^-[0-9]+\.[0-9]{2,}$" },
+                    },
+                },
+            },
             "provider": { "type": "object", "required": ["status"] },
         },
     })
@@ -229,6 +242,7 @@ async fn reconcile_writes_real_csv_and_json_with_totals_variance_and_clean() -> 
     assert_eq!(schema_errors(&reconcile_schema(), &doc)?, Vec::<String>::new(), "{doc:#}");
     assert_eq!(doc["clean"], true);
     assert_eq!(doc["variance"]["usd"], "0.00");
+    assert_eq!(doc["negative_balances"], json!([]));
     let total = doc["totals"].as_array().and_then(|t| t.iter().find(|t| t["class"] == "provider_cost")).cloned();
     assert_eq!(total.map(|t| t["outbox_usd"].clone()), Some(json!("0.004815")), "{doc:#}");
 
@@ -506,5 +520,45 @@ async fn a_dead_letter_is_listed_by_the_event_id_reconcile_reports_and_discarded
     assert_ne!(run.code, Some(0), "a discarded event is not redriven: {run:?}");
     assert!(run.stderr.contains("discarded"), "{}", run.stderr);
     broker.cleanup().await?;
+    db.cleanup().await
+}
+
+#[tokio::test]
+async fn reconcile_lists_a_user_balance_below_zero_in_every_format_and_exits_1() -> Result<()> {
+    let db = TestDb::new().await?;
+    billing_worker::ledger::grant(&db.pool, 7, "5".parse()?, Uuid::now_v7()).await?;
+    billing_worker::ledger::grant(&db.pool, 8, "0.01".parse()?, Uuid::now_v7()).await?;
+    let today = chrono::Utc::now().date_naive().to_string();
+    let period = ["--from", today.as_str(), "--to", today.as_str()];
+    charged(&db, &usage(Uuid::now_v7(), 1, 7, "0.01")).await?;
+    charged(&db, &usage(Uuid::now_v7(), 1, 8, "0.004")).await?;
+    let run = cli(&db, None, &[&["reconcile", "--format", "json"][..], &period].concat()).await?;
+    run.ok()?;
+    assert_eq!(run.json()?["negative_balances"], json!([]), "0.01 − 0.006 is not below zero");
+
+    // A charge the balance did not cover (user 8 had 0.004 left).
+    charged(&db, &usage(Uuid::now_v7(), 1, 8, "0.006")).await?;
+    let run = cli(&db, None, &[&["reconcile", "--format", "json"][..], &period].concat()).await?;
+    assert_eq!(run.code, Some(1), "a negative balance exits 1: {}", run.stderr);
+    assert!(run.stderr.contains("1 user balance(s) below zero"), "{}", run.stderr);
+    let doc = run.json()?;
+    assert_eq!(schema_errors(&reconcile_schema(), &doc)?, Vec::<String>::new(), "{doc:#}");
+    assert_eq!(doc["clean"], false);
+    assert_eq!(doc["variance"]["usd"], "0.00", "outbox and ledger agree: the balance alone is wrong");
+    assert_eq!(doc["variance"]["negative_balances"], 1);
+    assert_eq!(
+        doc["negative_balances"],
+        json!([{ "user_id": 8, "account": "user:8", "balance_usd": "-0.005" }]),
+        "0.01 − 1.5 × (0.004 + 0.006)"
+    );
+
+    let run = cli(&db, None, &[&["reconcile"][..], &period].concat()).await?;
+    assert_eq!(run.code, Some(1));
+    assert!(run.stdout.contains("negative balance: user:8 (user 8): balance -$0.005"), "{}", run.stdout);
+    assert!(run.stdout.contains("reconcile: VARIANCE"), "{}", run.stdout);
+    let run = cli(&db, None, &[&["reconcile", "--format", "csv"][..], &period].concat()).await?;
+    assert_eq!(run.code, Some(1));
+    read_csv(&run.stdout)?;
+    assert!(run.stderr.contains("negative balance: user:8"), "the finding beside the CSV: {}", run.stderr);
     db.cleanup().await
 }

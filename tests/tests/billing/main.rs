@@ -9,6 +9,7 @@ mod finance_cli;
 mod holds;
 mod outage;
 mod reconcile;
+mod releases;
 mod roles;
 mod roles_attacks;
 mod volume;

@@ -19,7 +19,8 @@ fn value(text: &str, name: &str, label: Option<&str>) -> f64 {
 
 /// The faults a healthy run never meets, provoked so their metrics move:
 /// a lease taken over while its job streams, a job left behind by a crashed
-/// worker for the reaper, a billing event retried and one dead-lettered.
+/// worker for the reaper, a hold release deferred, a billing event retried
+/// and one dead-lettered.
 async fn faults(
     pool: &sqlx::PgPool,
     broker: &Broker,
@@ -76,29 +77,38 @@ async fn faults(
     })
     .await?;
 
-    // 3. A hold release whose charge never arrived is retried; a malformed event is dead-lettered.
+    // 3. A hold release whose charge has not arrived is deferred; one whose
+    // charge stayed missing for the whole deferral window is retried; a
+    // malformed event is dead-lettered.
     let publisher = shared::amqp::ConfirmPublisher::new(&broker.url, "metrics-test", std::time::Duration::from_secs(5));
-    let release = serde_json::json!({
-        "type": "hold_release.v1", "event_id": uuid::Uuid::now_v7(), "job_id": job_id,
-        "user_id": 100_000_003, "charge_event_ids": [uuid::Uuid::now_v7()]
-    });
-    for body in [serde_json::to_vec(&release)?, b"not an event".to_vec()] {
-        publisher
-            .publish(shared::amqp::Outgoing {
-                exchange: &broker.topology.billing_exchange(),
-                routing_key: shared::amqp::BILLING_ROUTING_KEY,
-                body: &body,
-                message_id: None,
-                content_type: "application/json",
-                attempt: None,
-            })
-            .await?;
+    let release = || {
+        serde_json::json!({
+            "type": "hold_release.v1", "event_id": uuid::Uuid::now_v7(), "job_id": job_id,
+            "user_id": 100_000_003, "charge_event_ids": [uuid::Uuid::now_v7()]
+        })
+    };
+    let waited_out = [(shared::amqp::DEFERRALS_HEADER, billing_worker::consumer::MAX_DEFERRALS)];
+    for (body, headers) in [
+        (serde_json::to_vec(&release())?, &[][..]),
+        (serde_json::to_vec(&release())?, &waited_out[..]),
+        (b"not an event".to_vec(), &[][..]),
+    ] {
+        let msg = shared::amqp::Outgoing {
+            exchange: &broker.topology.billing_exchange(),
+            routing_key: shared::amqp::BILLING_ROUTING_KEY,
+            body: &body,
+            message_id: None,
+            content_type: "application/json",
+            attempt: None,
+        };
+        publisher.publish_with_headers(msg, None, headers).await?;
     }
     let text =
         || async { anyhow::Ok(http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await?.text().await?) };
-    wait_until("a billing retry and a dead letter", WAIT, || async {
+    wait_until("a billing deferral, a retry and a dead letter", WAIT, || async {
         let t = text().await?;
-        Ok(value(&t, "fleet_billing_events_total", Some("retried")) > 0.0
+        Ok(value(&t, "fleet_billing_deferred_total", None) > 0.0
+            && value(&t, "fleet_billing_events_total", Some("retried")) > 0.0
             && value(&t, "fleet_billing_events_total", Some("dead_lettered")) > 0.0)
     })
     .await?;
@@ -195,6 +205,7 @@ async fn a_run_leaves_every_metric_with_a_plausible_value() -> anyhow::Result<()
         ("fleet_billing_events_total", Some("applied")),
         ("fleet_billing_events_total", Some("retried")),
         ("fleet_billing_events_total", Some("dead_lettered")),
+        ("fleet_billing_deferred_total", None),
         ("fleet_lease_losses_total", None),
         ("fleet_jobs_total", Some("lease_lost")),
         ("fleet_reaper_rescues_total", None),
