@@ -198,3 +198,156 @@ async fn wait_balance(t: &Lifecycle) -> Result<Decimal> {
     .await?;
     Ok(billing_worker::ledger::balance(&t.dbs.billing, CHI).await?)
 }
+
+/// Attack (hold voided while stored charges wait): a job handed back at
+/// shutdown after a paid tool round keeps that round's charges (its call's
+/// usage event and the tool charge, in the outbox until the job ends) —
+/// but `outcome::plan` voids the job's hold on every hand-back. Until the
+/// job is claimed again (no worker here; a deploy, a delayed republish),
+/// nothing reserves those charges: another chat of the same user can spend
+/// the whole balance, and when this job finishes its stored charges land on
+/// top (a negative balance; the resumed attempt's admission cannot undo
+/// them). The available balance must stay below the grant less the pending
+/// charges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a hand-back voids the hold while the stored rounds' charges are pending"]
+async fn a_job_handed_back_after_a_paid_round_keeps_its_stored_charges_reserved() -> Result<()> {
+    let mut t = Lifecycle::start("holdvoid", 1, &[]).await?;
+    let result = handed_back_after_a_paid_round(&mut t).await;
+    t.finish(result).await
+}
+
+async fn handed_back_after_a_paid_round(t: &mut Lifecycle) -> Result<()> {
+    t.grant(CHI, "5.00").await?;
+    let stalled = ScriptedResponse { stall_after_events: Some(1), ..ScriptedResponse::from_sse(sse::text_turn("x")) };
+    t.anthropic.push([ScriptedResponse::from_sse(paid_round()), stalled]);
+    let update_id = update_id_of(CHI_ESSAY)?;
+    t.post_fixture(CHI_ESSAY).await?;
+    let job_id = t.wait_job(update_id, "claimed", WAIT, |j| j.lease_epoch >= 1).await?.job_id;
+    t.wait_streaming(1, 1).await?;
+    let stored: Decimal = sqlx::query_scalar("SELECT COALESCE(sum(calls_charge), 0) FROM job_rounds WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_one(&t.dbs.bot)
+        .await?;
+    ensure!(stored > Decimal::ZERO, "the paid round is not stored with its charge");
+    let leaving = t.lease_holder(update_id).await?;
+    t.fleet.signal(&leaving, Signal::Term).await?;
+    let status = t.fleet.wait_exit(&leaving, worker::queues::work::SHUTDOWN_GRACE + WAIT).await?;
+    ensure!(status.success(), "{leaving} exited with {status}");
+    ensure!(t.fleet.log(&leaving).contains("job handed back at shutdown"), "{leaving} did not hand the job back");
+    let job = t.job(update_id).await?;
+    ensure!(job.status == "queued", "the job is not waiting to be resumed: {job:?}");
+
+    let tool_price: Decimal = "0.001".parse()?;
+    let pending = stored + tool_price;
+    let available: Decimal =
+        sqlx::query_scalar("SELECT fleet_available_balance($1)").bind(CHI).fetch_one(&t.dbs.billing).await?;
+    let hold: Option<String> = sqlx::query_scalar("SELECT status FROM holds WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_optional(&t.dbs.billing)
+        .await?;
+    ensure!(
+        available <= Decimal::from(5) - pending,
+        "available {available} although {pending} of the handed-back job's stored charges are pending \
+         (hold {hold:?}): another chat could spend it"
+    );
+    Ok(())
+}
+
+/// A round of `remember` (paid, id `remember_id`) and, with `list_files`,
+/// also `list_files` (free), stopping for `tool_use`.
+fn round_with(remember_id: &str, list_files: bool) -> String {
+    let start = json!({"type": "message_start", "message": {"id": format!("msg_{remember_id}"), "type": "message",
+        "role": "assistant", "model": "claude-sonnet-4-5-20250929", "content": [], "stop_reason": null,
+        "stop_sequence": null, "usage": {"input_tokens": 600, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0, "output_tokens": 1}}});
+    let mut events = vec![
+        start,
+        json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": remember_id, "name": "remember", "input": {}}}),
+        json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": json!({ "note": NOTE }).to_string()}}),
+        json!({"type": "content_block_stop", "index": 0}),
+    ];
+    if list_files {
+        events.extend([
+            json!({"type": "content_block_start", "index": 1,
+                "content_block": {"type": "tool_use", "id": "toolu_list", "name": "list_files", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+        ]);
+    }
+    events.extend([
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+            "usage": {"output_tokens": 60}}),
+        json!({"type": "message_stop"}),
+    ]);
+    events.iter().map(sse::event).collect()
+}
+
+/// Attack (a paid tool charged twice): a round's paid tool commits (its
+/// charge is in the outbox) while another tool of the round is still
+/// running; the worker is shut down (SIGTERM) before the round is stored,
+/// so `generate` returns on the cancellation without `store_round`, and the
+/// job is handed back. The next attempt cannot resume from the round and
+/// asks Claude again, which asks for the tool again under a new id: the
+/// tool runs again and the user is charged for it twice, since the first
+/// run's charge is neither waived nor abandoned (it stays in the job's
+/// `charge_event_ids` and is applied with the hold release). Nor does
+/// admission count it (`spent` knows only this attempt's tools).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: a paid tool that committed before a shutdown cancel is charged again when the round is redone"]
+async fn a_paid_tool_that_ran_before_a_shutdown_is_not_charged_again_when_the_round_is_redone() -> Result<()> {
+    let mut t = Lifecycle::start("toolagain", 2, &[("TOOL_TIMEOUT_S", "120")]).await?;
+    let result = tool_charged_again(&mut t).await;
+    t.finish(result).await
+}
+
+async fn tool_charged_again(t: &mut Lifecycle) -> Result<()> {
+    t.grant(CHI, "5.00").await?;
+    t.anthropic.push([
+        ScriptedResponse::from_sse(round_with("toolu_first", true)),
+        // The redone round: Claude names its tool_use anew.
+        ScriptedResponse::from_sse(round_with("toolu_again", false)),
+        ScriptedResponse::from_sse(sse::text_turn(ANSWER)),
+    ]);
+    // `list_files` waits for this lock: the round cannot complete.
+    let mut lock = t.dbs.bot.begin().await?;
+    sqlx::query("LOCK TABLE documents IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await?;
+    let update_id = update_id_of(CHI_ESSAY)?;
+    t.post_fixture(CHI_ESSAY).await?;
+    let job_id = t.wait_job(update_id, "claimed", WAIT, |j| j.lease_epoch >= 1).await?.job_id;
+    wait_until("remember to commit", WAIT, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tool_calls WHERE job_id = $1 AND tool_use_id = 'toolu_first' AND output IS NOT NULL",
+        )
+        .bind(job_id)
+        .fetch_one(&t.dbs.bot)
+        .await?;
+        Ok(n == 1)
+    })
+    .await?;
+    let leaving = t.lease_holder(update_id).await?;
+    t.fleet.signal(&leaving, Signal::Term).await?;
+    let status = t.fleet.wait_exit(&leaving, worker::queues::work::SHUTDOWN_GRACE + WAIT).await?;
+    ensure!(status.success(), "{leaving} exited with {status}");
+    lock.rollback().await?;
+    let job = t.wait_finished(update_id, WAIT).await?;
+    ensure!(job.status == "done", "the job did not end answered: {job:?}");
+    t.wait_ledger_settled().await?;
+    let tools: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM ledger_entries WHERE kind = 'tool_charge' AND job_id = $1 ORDER BY entry_id",
+    )
+    .bind(job_id)
+    .fetch_all(&t.dbs.billing)
+    .await?;
+    let notes: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_notes WHERE note = $1").bind(NOTE).fetch_one(&t.dbs.bot).await?;
+    ensure!(
+        tools.len() == 1,
+        "one request for `remember` charged {} times ({notes} notes stored): {tools:?}",
+        tools.len()
+    );
+    Ok(())
+}

@@ -77,3 +77,60 @@ async fn an_answer_refused_with_5xx_on_every_retry_is_not_charged_and_its_cost_i
     assert_ne!(hold.as_deref(), Some("active"), "the hold was left active");
     app.cleanup().await
 }
+
+/// Attack (a partly delivered answer is waived): an answer of two messages
+/// whose first part reached the user and whose second the Bot API refuses
+/// with 5xx until the delivery deadline. `send_fenced_in` returns
+/// `DeliveryError::Failed` without the id of the part it sent, so the job
+/// ends `undelivered` and `waive_charges` makes the whole answer free, while
+/// the user has read its first 4,096 characters — and the job records no
+/// reply, as if nothing had been sent. What reached the user must not be
+/// recorded as nothing.
+#[tokio::test]
+#[ignore = "product bug: a partly delivered answer ends undelivered, its charges waived and its sent part unrecorded"]
+async fn an_answer_whose_first_part_was_delivered_is_not_recorded_as_undelivered() -> anyhow::Result<()> {
+    use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
+    let app = spawn_fleet(|s| s.telegram_delivery_deadline_s = 2).await?;
+    app.grant(ADA, "5.00").await?;
+    // Two parts: 6,000 characters of plain words.
+    let long = "All work and no play makes a dull answer. ".repeat(143);
+    app.anthropic.push([ScriptedResponse::from_sse(sse::text_turn(&long))]);
+    app.anthropic.set_default(None);
+    app.telegram.add_fault(Fault {
+        methods: vec!["sendMessage".into()],
+        nth: 2,
+        status: 502,
+        retry_after: None,
+        description: None,
+        times: 1_000,
+        stall: false,
+    });
+    let update_id = 900_777_001;
+    app.post(&message(update_id, "Write me something long.")).await?;
+    let pool = app.db.pool.clone();
+    wait_until("the job to finish", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
+                .bind(update_id)
+                .fetch_optional(&pool)
+                .await?;
+            Ok(outcome.flatten().is_some())
+        }
+    })
+    .await?;
+    let (outcome, replies): (String, Vec<i64>) =
+        sqlx::query_as("SELECT outcome, reply_message_ids FROM jobs WHERE update_id = $1")
+            .bind(update_id)
+            .fetch_one(&pool)
+            .await?;
+    let delivered: Vec<i64> =
+        app.telegram.messages().iter().filter(|m| m.chat_id == ADA).map(|m| m.message_id).collect();
+    anyhow::ensure!(!delivered.is_empty(), "the first part should have reached Ada");
+    anyhow::ensure!(
+        outcome != "undelivered" && replies == delivered,
+        "part {delivered:?} reached Ada, but the job ended {outcome:?} with reply ids {replies:?} \
+         (its charges waived)"
+    );
+    app.cleanup().await
+}
