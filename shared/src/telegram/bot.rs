@@ -369,9 +369,11 @@ impl BotApi {
     /// and their backoff belong to the caller (the worker's pacer).
     ///
     /// # Errors
-    /// A classified [`TelegramError`]: 5xx answers, timeouts, connection
-    /// failures and undecodable answers are [`TelegramError::Transport`]
-    /// (worth retrying); 429 [`TelegramError::RetryAfter`]; 403
+    /// A classified [`TelegramError`]: 5xx answers (an HTML page too),
+    /// timeouts and connection failures are [`TelegramError::Transport`]
+    /// (worth retrying); a 2xx–4xx answer that is not a Bot API answer, or
+    /// `ok` without a `result`, is [`TelegramError::Api`] (not retried: the
+    /// call may have taken effect); 429 [`TelegramError::RetryAfter`]; 403
     /// [`TelegramError::Forbidden`]; a `migrate_to_chat_id`
     /// [`TelegramError::Migrated`]; every other answer
     /// [`TelegramError::Api`] with Telegram's description (a 401 starts
@@ -430,17 +432,21 @@ impl BotApi {
             Err(_) if status.is_server_error() => {
                 return Err(TelegramError::Transport(format!("{} answered HTTP {status}", P::NAME)));
             }
+            // Not retried: the call may have taken effect (a proxy's page
+            // in front of a working Bot API, a wrong base URL path), and a
+            // `sendMessage` sent again would show twice.
             Err(e) => {
-                return Err(TelegramError::Transport(format!(
+                return Err(TelegramError::Api(format!(
                     "{} answered HTTP {status} with a body that is not a Bot API answer: {e}",
                     P::NAME
                 )));
             }
         };
         if envelope.ok {
+            // Not retried: the call took effect.
             return envelope
                 .result
-                .ok_or_else(|| TelegramError::Transport(format!("{} answered ok without a result", P::NAME)));
+                .ok_or_else(|| TelegramError::Api(format!("{} answered ok without a result", P::NAME)));
         }
         let description = scrub(envelope.description.as_deref().unwrap_or("(no description)"), &self.token);
         let code = envelope.error_code.unwrap_or(status.as_u16());

@@ -210,7 +210,6 @@ async fn wait_balance(t: &Lifecycle) -> Result<Decimal> {
 /// them). The available balance must stay below the grant less the pending
 /// charges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a hand-back voids the hold while the stored rounds' charges are pending"]
 async fn a_job_handed_back_after_a_paid_round_keeps_its_stored_charges_reserved() -> Result<()> {
     let mut t = Lifecycle::start("holdvoid", 1, &[]).await?;
     let result = handed_back_after_a_paid_round(&mut t).await;
@@ -297,7 +296,6 @@ fn round_with(remember_id: &str, list_files: bool) -> String {
 /// `charge_event_ids` and is applied with the hold release). Nor does
 /// admission count it (`spent` knows only this attempt's tools).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: a paid tool that committed before a shutdown cancel is charged again when the round is redone"]
 async fn a_paid_tool_that_ran_before_a_shutdown_is_not_charged_again_when_the_round_is_redone() -> Result<()> {
     let mut t = Lifecycle::start("toolagain", 2, &[("TOOL_TIMEOUT_S", "120")]).await?;
     let result = tool_charged_again(&mut t).await;

@@ -47,7 +47,7 @@ async fn run_fleet(
         anthropic.base_url(),
     )
     .secrets(TOKEN, SECRET)
-    .worker_env([("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1")]);
+    .worker_env([("PACE_PRIVATE_MS", "10"), ("PACE_BOT_MS", "1"), ("TELEGRAM_DELIVERY_DEADLINE_S", "2")]);
     let fleet = Fleet::start(&cfg).await?;
     let http = reqwest::Client::new();
     for u in updates {

@@ -87,7 +87,6 @@ async fn an_answer_refused_with_5xx_on_every_retry_is_not_charged_and_its_cost_i
 /// reply, as if nothing had been sent. What reached the user must not be
 /// recorded as nothing.
 #[tokio::test]
-#[ignore = "product bug: a partly delivered answer ends undelivered, its charges waived and its sent part unrecorded"]
 async fn an_answer_whose_first_part_was_delivered_is_not_recorded_as_undelivered() -> anyhow::Result<()> {
     use fleet_tests::harness::tools::{message, spawn_fleet, sse, ADA};
     let app = spawn_fleet(|s| s.telegram_delivery_deadline_s = 2).await?;

@@ -484,33 +484,39 @@ async fn deliver(
     )
     .await
     {
-        Ok(ids) => {
-            // The user has the answer now: recording that must not fail on a
-            // database blip (a later attempt would send it again), so it is
-            // retried for as long as the lease can still be ours.
-            let mut backoff = Policy::DbWrite.backoff();
-            let started = tokio::time::Instant::now();
-            let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
-            loop {
-                let recorded = lease.record_reply(&ctx.db, &ids).await.map_err(JobError::from);
-                match recorded {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.is_transient() && started.elapsed() < visibility => {
-                        tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
-                        tokio::time::sleep(backoff.next_or_last()).await;
-                    }
-                    // Not transient, or the lease must have expired: the
-                    // job fails rather than being handed back to send again.
-                    Err(e) => return Err(JobError::SentNotRecorded(e.to_string())),
-                }
-            }
+        Ok(ids) => record_sent(ctx, lease, &ids).await,
+        Err(DeliveryError::PartlyDelivered { sent, error }) => {
+            // The user has the beginning of the answer: it is recorded as
+            // sent (never sent again) and charged like a delivered answer.
+            tracing::error!(error.message = %error, parts_sent = sent.len(), "the rest of the answer could not be delivered");
+            metrics::counter!("fleet_answers_partly_delivered_total").increment(1);
+            record_sent(ctx, lease, &sent).await
         }
         Err(DeliveryError::Blocked) => mark_blocked(ctx, job.user_id).await,
         Err(DeliveryError::LeaseLost) => Err(JobError::LeaseLost),
-        // The answer is stored and billed; a delivery failure after retries
-        // is logged with the job id and the job still finishes.
         // Every retry failed (5xx, network, within the delivery's
         // deadline): the user has nothing, so they pay nothing.
         Err(DeliveryError::Failed(e)) => Err(JobError::Undelivered(e)),
+    }
+}
+
+/// Records the ids of the messages sent for the job. The user has them
+/// now: recording that must not fail on a database blip (a later attempt
+/// would send them again), so it is retried for as long as the lease can
+/// still be ours; after that the job fails rather than being handed back
+/// to send again ([`JobError::SentNotRecorded`]).
+async fn record_sent(ctx: &WorkerContext, lease: &ClaimedJob, ids: &[i64]) -> Result<(), JobError> {
+    let mut backoff = Policy::DbWrite.backoff();
+    let started = tokio::time::Instant::now();
+    let visibility = std::time::Duration::from_secs(ctx.settings.visibility_timeout_s);
+    loop {
+        match lease.record_reply(&ctx.db, ids).await.map_err(JobError::from) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() && started.elapsed() < visibility => {
+                tracing::warn!(error.message = %e, "recording the sent answer failed; retrying");
+                tokio::time::sleep(backoff.next_or_last()).await;
+            }
+            Err(e) => return Err(JobError::SentNotRecorded(e.to_string())),
+        }
     }
 }

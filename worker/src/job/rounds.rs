@@ -56,6 +56,24 @@ pub(super) struct Stored {
 pub(super) async fn resume(ctx: &WorkerContext, job: &JobRow, request: &mut Value) -> Result<Answer, JobError> {
     let rounds = crate::store::rounds::load(&ctx.db, job.job_id).await?;
     let answer = answer_of(job, &rounds)?;
+    // Tools an earlier attempt ran in a round it never stored are run again
+    // (under new ids) when that round is redone: their first charges go.
+    let kept: Vec<String> = rounds
+        .iter()
+        .filter_map(|r| r.tool_results.as_array())
+        .flatten()
+        .filter_map(|b| b.get("tool_use_id").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    let mut tx = shared::db::begin(&ctx.db).await?;
+    let waived = crate::store::outbox::waive_tool_charges_except(&mut tx, job.job_id, &kept).await?;
+    tx.commit().await?;
+    if waived > 0 {
+        tracing::info!(
+            waived,
+            "tool charges of a round an earlier attempt never stored are waived; the round is redone"
+        );
+        metrics::counter!("fleet_tool_charges_waived_total").increment(waived);
+    }
     for (role, blocks) in &answer.closed {
         request::append_blocks(request, role, blocks.clone());
     }

@@ -301,9 +301,23 @@ async fn apply(ctx: &WorkerContext, job: &JobRef, claimed: ClaimedJob, end: JobE
         ctx.outbox_notify.notify_one();
     }
     if plan.void_hold && written.is_ok() {
-        // Nothing was charged: the reservation goes. Only after the fenced
-        // transition, so a newer holder's hold is safe.
-        crate::holds::void(ctx, claimed.job_id()).await;
+        // A job handed back with charges waiting in the outbox (its stored
+        // rounds, its paid tools) keeps its hold: they are applied when the
+        // job ends, and meanwhile another chat of the user must not spend
+        // what they will take. The next attempt's admission re-sizes it.
+        let keep = matches!(plan.transition, Transition::HandBack { .. })
+            && match crate::store::outbox::has_pending_charges(&ctx.db, claimed.job_id()).await {
+                Ok(pending) => pending,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "could not look for pending charges; keeping the hold");
+                    true
+                }
+            };
+        if !keep {
+            // Nothing was charged: the reservation goes. Only after the
+            // fenced transition, so a newer holder's hold is safe.
+            crate::holds::void(ctx, claimed.job_id()).await;
+        }
     }
     if let Some(notice) = plan.notice {
         let _ = crate::telegram::delivery::send_text(ctx, job.chat_id, notice, &[]).await;

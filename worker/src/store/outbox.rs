@@ -46,6 +46,26 @@ pub async fn charge_event_ids(tx: &mut PgConnection, job_id: Uuid) -> Result<Vec
     .await
 }
 
+/// True when the job has charges in the outbox that will be applied to the
+/// user (usage not abandoned, tools not waived) and are not relayed yet:
+/// what a handed-back job's hold must keep covering.
+///
+/// # Errors
+/// Database errors.
+pub async fn has_pending_charges<'e>(db: impl PgExecutor<'e>, job_id: Uuid) -> Result<bool, sqlx::Error> {
+    let kinds = [shared::contracts::BillingEvent::USAGE_CHARGE, shared::contracts::BillingEvent::TOOL_CHARGE];
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM billing_outbox
+          WHERE job_id = $1 AND published_at IS NULL AND payload->>'type' = ANY($2)
+            AND (payload->>'abandoned') IS DISTINCT FROM 'true'
+            AND (payload->>'waived') IS DISTINCT FROM 'true')",
+    )
+    .bind(job_id)
+    .bind(&kinds[..])
+    .fetch_one(db)
+    .await
+}
+
 /// Waives the job's unpublished charges (the answer never reached the
 /// user): each usage charge becomes provider cost charged to nobody
 /// (`abandoned`, `user_charge` 0), each tool charge is marked `waived`
@@ -56,6 +76,32 @@ pub async fn charge_event_ids(tx: &mut PgConnection, job_id: Uuid) -> Result<Vec
 /// # Errors
 /// Database errors; a stored event that does not parse (`Protocol`).
 pub async fn waive_charges(tx: &mut PgConnection, job_id: Uuid) -> Result<u64, sqlx::Error> {
+    waive_where(tx, job_id, |_| true).await
+}
+
+/// Waives the job's unpublished tool charges whose `tool_use` id is not in
+/// `kept`: tools an earlier attempt ran in a round it never stored (it was
+/// shut down, or lost its lease, before the round was stored). That round
+/// is redone, Claude asks for its tools again under new ids and they are
+/// charged then; the first runs are not charged (nobody pays twice).
+/// Returns how many were waived.
+///
+/// # Errors
+/// As [`waive_charges`].
+pub async fn waive_tool_charges_except(
+    tx: &mut PgConnection,
+    job_id: Uuid,
+    kept: &[String],
+) -> Result<u64, sqlx::Error> {
+    waive_where(tx, job_id, |e| matches!(e, BillingEvent::ToolCharge(c) if !kept.contains(&c.tool_use_id))).await
+}
+
+/// [`waive_charges`] for the events `which` selects.
+async fn waive_where(
+    tx: &mut PgConnection,
+    job_id: Uuid,
+    which: impl Fn(&BillingEvent) -> bool,
+) -> Result<u64, sqlx::Error> {
     let rows: Vec<(Uuid, Value, bool)> = sqlx::query_as(
         "SELECT event_id, payload, published_at IS NOT NULL FROM billing_outbox WHERE job_id = $1 FOR UPDATE",
     )
@@ -66,6 +112,9 @@ pub async fn waive_charges(tx: &mut PgConnection, job_id: Uuid) -> Result<u64, s
     for (event_id, payload, published) in rows {
         let mut event: BillingEvent = serde_json::from_value(payload)
             .map_err(|e| sqlx::Error::Protocol(format!("outbox event {event_id} does not parse: {e}")))?;
+        if !which(&event) {
+            continue;
+        }
         let changed = match &mut event {
             BillingEvent::UsageCharge(c) if !c.abandoned => {
                 c.abandoned = true;

@@ -17,6 +17,16 @@ pub enum DeliveryError {
     /// Every retry failed, or Telegram refused the message.
     #[error("delivery failed: {0}")]
     Failed(String),
+    /// The first parts reached the chat (`sent`: their message ids, in
+    /// order) and a later one failed after every retry: the user has the
+    /// beginning of the text.
+    #[error("delivery failed after {} part(s) were sent: {error}", sent.len())]
+    PartlyDelivered {
+        /// Ids of the parts that were sent.
+        sent: Vec<i64>,
+        /// Why the next part failed.
+        error: String,
+    },
     /// The job's lease was lost before a part was sent: another worker
     /// delivers now; nothing more is sent from here.
     #[error("lease lost before delivery")]
@@ -92,17 +102,24 @@ pub async fn send_fenced_in(
     for (i, part) in parts.iter().enumerate() {
         let id = match reuse.get(i) {
             Some(&message_id) => match out.edit(chat_id, message_id, part).await {
-                Ok(()) => message_id,
+                Ok(()) => Ok(message_id),
                 Err(TelegramError::Api(d))
                     if d.contains("message to edit not found") || d.contains("can't be edited") =>
                 {
-                    out.send(chat_id, part).await?
+                    out.send(chat_id, part).await
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => Err(e.into()),
             },
-            None => out.send(chat_id, part).await?,
+            None => out.send(chat_id, part).await,
         };
-        ids.push(id);
+        match id {
+            Ok(id) => ids.push(id),
+            // What reached the chat is not nothing: the caller records it.
+            Err(DeliveryError::Failed(error)) if !ids.is_empty() => {
+                return Err(DeliveryError::PartlyDelivered { sent: ids, error });
+            }
+            Err(e) => return Err(e),
+        }
     }
     for &extra in reuse.iter().skip(parts.len()) {
         let _ = ctx.pacer.call(chat_id, || ctx.telegram.delete_message(chat_id, extra)).await;
