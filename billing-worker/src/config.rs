@@ -106,9 +106,9 @@ pub enum Command {
     /// List the Stars payments that credited nothing (`payment_anomalies` of
     /// the bot database), oldest open first.
     PaymentAnomalies {
-        /// PostgreSQL URL of the bot database.
+        /// PostgreSQL URL of the bot database (or DATABASE_URL_FILE); required.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        bot_database_url: String,
+        bot_database_url: Option<String>,
     },
     /// Dead-lettered billing events: list them, or re-publish them after the cause is fixed.
     DeadLetters {
@@ -123,9 +123,10 @@ pub enum Command {
     /// (Usage and Cost API), per day, model and token class. Exit 1 on any
     /// variance, or when the report cannot be fetched.
     Reconcile {
-        /// PostgreSQL URL of the bot database (the outbox and `api_calls`).
+        /// PostgreSQL URL of the bot database (the outbox and `api_calls`),
+        /// or DATABASE_URL_FILE; required.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        bot_database_url: String,
+        bot_database_url: Option<String>,
         /// First day (UTC), inclusive (default: 30 days ago).
         #[arg(long)]
         from: Option<chrono::NaiveDate>,
@@ -239,10 +240,20 @@ impl Settings {
         let mut s = <Self as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         source::url(env, &matches, "amqp_url", "AMQP_URL", &mut s.broker.amqp_url)?;
         source::url(env, &matches, "billing_database_url", "BILLING_DATABASE_URL", &mut s.billing_database_url)?;
-        if let (Some(Command::Reconcile { bot_database_url, .. }), Some(("reconcile", sub))) =
-            (s.command.as_mut(), matches.subcommand())
+        // Every subcommand that reads the bot database: DATABASE_URL_FILE
+        // accepted, a password in the flag refused.
+        if let (
+            Some(
+                Command::Reconcile { bot_database_url, .. }
+                | Command::PaymentAnomalies { bot_database_url }
+                | Command::RefundStars { bot_database_url, .. },
+            ),
+            Some((_, sub)),
+        ) = (s.command.as_mut(), matches.subcommand())
         {
-            source::url(env, sub, "bot_database_url", "DATABASE_URL", bot_database_url)?;
+            let mut url = bot_database_url.take().unwrap_or_default();
+            source::url(env, sub, "bot_database_url", "DATABASE_URL", &mut url)?;
+            *bot_database_url = (!url.is_empty()).then_some(url);
         }
         s.bot_token = source::secret(env, "TELEGRAM_BOT_TOKEN")?.unwrap_or_default();
         s.anthropic_admin_key = source::secret(env, "ANTHROPIC_ADMIN_API_KEY")?.filter(|k| !k.is_empty());

@@ -54,7 +54,8 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             report(&line);
         }
         Command::PaymentAnomalies { bot_database_url } => {
-            let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
+            let bot = shared::db::pool(&required_bot_url(bot_database_url)?, 2, Duration::from_secs(5))
+                .context("DATABASE_URL")?;
             report(&crate::anomalies::list(&bot).await?);
         }
         Command::DeadLetters { action } => match action {
@@ -78,7 +79,8 @@ pub async fn main_with(settings: Settings, shutdown: CancellationToken) -> anyho
             }
         },
         Command::Reconcile { bot_database_url, from, to, format, anthropic_base_url } => {
-            let bot = shared::db::pool(&bot_database_url, 2, Duration::from_secs(5)).context("DATABASE_URL")?;
+            let bot = shared::db::pool(&required_bot_url(bot_database_url)?, 2, Duration::from_secs(5))
+                .context("DATABASE_URL")?;
             let today = chrono::Utc::now().date_naive();
             let (from, to) = (from.unwrap_or(today - chrono::Days::new(30)), to.unwrap_or(today));
             let provider = match settings.anthropic_admin_key.clone() {
@@ -269,4 +271,11 @@ fn report_raw(text: &str) {
 /// A line for the operator beside the output (stderr).
 fn report_err(line: &str) {
     eprintln!("{line}");
+}
+
+/// The bot database URL a subcommand needs, or an error naming its sources.
+fn required_bot_url(url: Option<String>) -> anyhow::Result<String> {
+    url.filter(|u| !u.is_empty()).ok_or_else(|| {
+        anyhow::anyhow!("the bot database is needed: set DATABASE_URL or DATABASE_URL_FILE (or --bot-database-url)")
+    })
 }

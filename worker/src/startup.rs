@@ -46,9 +46,15 @@ impl App {
             Duration::from_secs(10),
         )
         .map_err(|e| anyhow::anyhow!("ANTHROPIC_BASE_URL: {e}"))?;
-        let telegram = BotApi::new(&settings.telegram_api_url, settings.bot_token.clone(), Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?
-            .with_call_timeout(Duration::from_secs(settings.telegram_timeout_s));
+        // The client's own timeout bounds file downloads (their setting);
+        // every method call gets TELEGRAM_TIMEOUT_S.
+        let telegram = BotApi::new(
+            &settings.telegram_api_url,
+            settings.bot_token.clone(),
+            Duration::from_secs(settings.document_download_timeout_s),
+        )
+        .map_err(|e| anyhow::anyhow!("TELEGRAM_API_URL: {e}"))?
+        .with_call_timeout(Duration::from_secs(settings.telegram_timeout_s));
         let publisher = ConfirmPublisher::new(&settings.broker.amqp_url, "worker-publisher", Duration::from_secs(5));
         let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         let tools = crate::tools::Registry::new(&settings.tools).map_err(|e| anyhow::anyhow!("TOOLS: {e}"))?;

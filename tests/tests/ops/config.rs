@@ -120,6 +120,27 @@ fn every_binary_reads_its_secrets_and_database_urls_from_files() -> anyhow::Resu
     assert_eq!(billing.anthropic_admin_key.as_ref().map(Secret::expose), Some("sk-ant-admin-from-file"));
     assert_eq!(billing.billing_database_url, "postgres://fleet_worker:pw@db:5432/fleet");
 
+    // Every finance subcommand that reads the bot database takes its URL
+    // from DATABASE_URL_FILE too, and refuses a password in the flag.
+    let env = env_of(&[("DATABASE_URL_FILE", url.path())]);
+    for sub in [&["reconcile"][..], &["payment-anomalies"], &["refund-stars", "--charge", "ch_1"]] {
+        let args: Vec<&str> = ["billing-worker"].iter().chain(sub).copied().collect();
+        let s = billing_worker::Settings::load_from(os_args(&args), &env)?;
+        let url = match s.command {
+            Some(
+                billing_worker::config::Command::Reconcile { bot_database_url, .. }
+                | billing_worker::config::Command::PaymentAnomalies { bot_database_url }
+                | billing_worker::config::Command::RefundStars { bot_database_url, .. },
+            ) => bot_database_url,
+            other => anyhow::bail!("{sub:?} parsed as {other:?}"),
+        };
+        assert_eq!(url.as_deref(), Some("postgres://fleet_worker:pw@db:5432/fleet"), "{sub:?}");
+        let mut flagged = args.clone();
+        flagged.extend(["--bot-database-url", "postgres://u:pw@db/fleet"]);
+        let refused = billing_worker::Settings::load_from(os_args(&flagged), &env_of(&[])).map(|_| ());
+        assert!(refused.is_err(), "{sub:?}: a password in --bot-database-url was accepted");
+    }
+
     // Both the variable and its file: ambiguous, refused by name.
     let env = env_of(&[("TELEGRAM_BOT_TOKEN", "7000000001:ENV"), ("TELEGRAM_BOT_TOKEN_FILE", token.path())]);
     let both = worker::Settings::load_from(os_args(&["worker"]), &env).map(|_| ()).map_err(|e| e.to_string());
