@@ -112,6 +112,20 @@ pub const STOPPED: &str = "(Stopped.)";
 pub const LIMIT: &str = "(The answer reached its length limit and was cut off here.)";
 /// Appended when a stream timed out (P5).
 pub const TIMEOUT: &str = "(The answer took too long and was cut short: timed out.)";
+/// Claude asked to wait `seconds` (a 429 or 529 `retry-after` past the
+/// answer's deadline): the wait, rounded to seconds, minutes or hours.
+pub fn busy_for(seconds: u64) -> String {
+    let wait = match seconds {
+        0..=89 => format!("{seconds} seconds"),
+        90..=3_569 => format!("{} minutes", (seconds + 30) / 60),
+        _ => match (seconds + 1_800) / 3_600 {
+            1 => "an hour".to_owned(),
+            h => format!("{h} hours"),
+        },
+    };
+    format!("(Claude is busy and asked to wait about {wait}; please try again later.)")
+}
+
 /// Appended when the Messages API failed after every retry.
 pub const UNAVAILABLE: &str = "(Claude is unavailable right now; please try again in a moment.)";
 /// Appended when the model's context window is full.
@@ -194,4 +208,17 @@ pub fn document_unreadable(name: &str, why: &str) -> String {
 /// A file of a kind the bot does not read.
 pub fn document_unsupported(name: &str) -> String {
     format!("I can read text files and PDFs only, so I could not use {name}.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_told_rounded_to_seconds_minutes_or_hours() {
+        assert!(busy_for(30).contains("about 30 seconds"));
+        assert!(busy_for(100).contains("about 2 minutes"));
+        assert!(busy_for(3_600).contains("about an hour"));
+        assert!(busy_for(7_000).contains("about 2 hours"));
+    }
 }

@@ -44,6 +44,7 @@ mod groups;
 mod hostile_documents;
 mod isolation;
 mod limits;
+mod retry_after;
 mod thinking;
 mod token;
 mod truncated;

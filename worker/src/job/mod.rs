@@ -455,7 +455,13 @@ async fn generate(
                 return Ok(answer);
             }
             (CallEnd::Failed(_), _) => {
-                answer.notices.push(notices::UNAVAILABLE.to_owned());
+                // A `retry-after` (429, 529) past the deadline: the user
+                // hears the wait now, rounded, instead of waiting for it.
+                let notice = match call.retry_after_s {
+                    Some(s) => notices::busy_for(s),
+                    None => notices::UNAVAILABLE.to_owned(),
+                };
+                answer.notices.push(notice);
                 return Ok(answer);
             }
         }

@@ -50,6 +50,10 @@ pub struct CallRecord {
     /// transport error, or a stream that ended without `message_stop`
     /// (connection closed or clean EOF). [`stream_reply`] retries it.
     pub retryable: bool,
+    /// Seconds the Messages API asked to wait (`retry-after` of a 429 or
+    /// 529) when that wait would have passed the stream deadline and the
+    /// call gave up instead: the user is told the wait.
+    pub retry_after_s: Option<u64>,
 }
 
 /// Longest wait for a call's `open` row: the stream is not held up longer
@@ -237,6 +241,7 @@ async fn stream_once(
         end: CallEnd::Complete,
         request: request.clone(),
         retryable: false,
+        retry_after_s: None,
     };
     // On the books before the request leaves (`/stop` is not kept waiting).
     tokio::select! {
@@ -266,6 +271,7 @@ async fn stream_once(
                     // 3600`): the user is told now, not in an hour.
                     tracing::warn!(error.message = %e, wait_s = wait.as_secs_f64(), "Messages API retry would pass the stream deadline; giving up");
                     record.end = CallEnd::Failed(format!("{e} (retry after {} s, past the deadline)", wait.as_secs()));
+                    record.retry_after_s = Some(wait.as_secs());
                     return record;
                 }
                 let status = match &e {
