@@ -192,3 +192,24 @@ async fn a_group_answer_replies_to_its_question_and_a_private_one_does_not() -> 
     assert!(of(&calls, "sendMessage", ADA).iter().all(|c| c.params.get("reply_parameters").is_none()));
     app.cleanup().await
 }
+
+/// No-op edits are coalesced away (issue 16 part 14): when the group's
+/// progress message already shows the answer, delivery does not edit it
+/// again (Telegram would answer "message is not modified").
+#[tokio::test]
+async fn a_group_answer_makes_no_edit_that_changes_nothing() -> anyhow::Result<()> {
+    let app = TestApp::builder().spawn().await?;
+    app.grant(BEN, "5").await?;
+    let mut slow = ScriptedResponse::from_file(fixture("anthropic/text_group_answer.sse"))?;
+    slow.event_delay_ms = 100;
+    app.anthropic.push([slow]);
+    let (_, outcome) = post_and_finish(&app, "telegram/group_with_mention.json").await?;
+    assert_eq!(outcome, "answered");
+    let edits = of(&app.telegram.calls(), "editMessageText", GROUP);
+    let no_ops: Vec<_> = edits.iter().filter(|c| c.status != 200).collect();
+    assert!(no_ops.is_empty(), "edits that changed nothing: {no_ops:#?}");
+    let received: Vec<_> = app.telegram.messages().into_iter().filter(|m| m.chat_id == GROUP).collect();
+    assert_eq!(received.len(), 1, "{received:#?}");
+    assert!(received[0].text.contains("full jitter."), "{}", received[0].text);
+    app.cleanup().await
+}

@@ -477,7 +477,7 @@ async fn deliver(
     job: &JobRow,
     lease: &ClaimedJob,
     text: &str,
-    reuse: &[i64],
+    reuse: &[crate::telegram::delivery::Shown],
 ) -> Result<(), JobError> {
     match crate::telegram::delivery::send_fenced_in(
         ctx,

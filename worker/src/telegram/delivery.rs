@@ -43,6 +43,17 @@ impl From<TelegramError> for DeliveryError {
     }
 }
 
+/// A message the job already shows (a group's progress message), reused
+/// for a part of the answer: edited into it, or left alone when it shows
+/// that part already (no edit that would change nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    /// The message.
+    pub message_id: i64,
+    /// What it shows, when known for sure (its last edit succeeded).
+    pub part: Option<Formatted>,
+}
+
 /// The parts of `markdown` as Telegram messages.
 pub fn render(markdown: &str) -> Vec<Formatted> {
     split_formatted(&to_entities(markdown), MAX_MESSAGE_UTF16)
@@ -59,7 +70,7 @@ pub async fn send_text(
     ctx: &WorkerContext,
     chat_id: i64,
     markdown: &str,
-    reuse: &[i64],
+    reuse: &[Shown],
 ) -> Result<Vec<i64>, DeliveryError> {
     send_fenced(ctx, chat_id, markdown, reuse, None).await
 }
@@ -75,7 +86,7 @@ pub async fn send_fenced(
     ctx: &WorkerContext,
     chat_id: i64,
     markdown: &str,
-    reuse: &[i64],
+    reuse: &[Shown],
     lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
     send_fenced_in(ctx, chat_id, None, None, markdown, reuse, lease).await
@@ -93,7 +104,7 @@ pub async fn send_fenced_in(
     thread: Option<i64>,
     reply_to: Option<i64>,
     markdown: &str,
-    reuse: &[i64],
+    reuse: &[Shown],
     lease: Option<&crate::store::jobs::ClaimedJob>,
 ) -> Result<Vec<i64>, DeliveryError> {
     let out = Outgoing { ctx, lease, thread, reply_to: std::sync::Mutex::new(reply_to) };
@@ -101,7 +112,11 @@ pub async fn send_fenced_in(
     let parts = render(markdown);
     for (i, part) in parts.iter().enumerate() {
         let id = match reuse.get(i) {
-            Some(&message_id) => match out.edit(chat_id, message_id, part).await {
+            Some(shown) if shown.part.as_ref() == Some(part) => {
+                metrics::counter!("fleet_telegram_edits_skipped_total").increment(1);
+                Ok(shown.message_id)
+            }
+            Some(&Shown { message_id, .. }) => match out.edit(chat_id, message_id, part).await {
                 Ok(()) => Ok(message_id),
                 Err(TelegramError::Api(d))
                     if d.contains("message to edit not found") || d.contains("can't be edited") =>
@@ -121,7 +136,7 @@ pub async fn send_fenced_in(
             Err(e) => return Err(e),
         }
     }
-    for &extra in reuse.iter().skip(parts.len()) {
+    for extra in reuse.iter().skip(parts.len()).map(|s| s.message_id) {
         let _ = ctx.pacer.call(chat_id, || ctx.telegram.delete_message(chat_id, extra)).await;
     }
     Ok(ids)

@@ -7,7 +7,7 @@
 
 use crate::cancel::{CancelReason, JobCancel};
 use crate::context::WorkerContext;
-use crate::telegram::delivery::render;
+use crate::telegram::delivery::{render, Shown};
 use shared::telegram::TelegramError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ pub struct Progress {
     text: watch::Sender<String>,
     stop: CancellationToken,
     /// The display task: aborted if the job is dropped before [`Progress::finish`].
-    task: AbortOnDropHandle<Vec<i64>>,
+    task: AbortOnDropHandle<Vec<Shown>>,
 }
 
 impl Progress {
@@ -55,8 +55,9 @@ impl Progress {
         self.text.send_replace(text);
     }
 
-    /// Stops and returns the ids of the group progress messages, in order.
-    pub async fn finish(self) -> Vec<i64> {
+    /// Stops and returns the group progress messages, in order, with what
+    /// each is known to show.
+    pub async fn finish(self) -> Vec<Shown> {
         self.stop.cancel();
         self.task.await.unwrap_or_default()
     }
@@ -73,8 +74,8 @@ async fn show(
     mut rx: watch::Receiver<String>,
     stop: CancellationToken,
     job: JobCancel,
-) -> Vec<i64> {
-    let mut messages: Vec<i64> = Vec::new();
+) -> Vec<Shown> {
+    let mut messages: Vec<Shown> = Vec::new();
     let mut last_sent = String::new();
     // Drafts until Telegram refuses them (older clients, chats without
     // drafts); then one message edited in place, as in groups.
@@ -134,28 +135,42 @@ async fn update_group(
     chat_id: i64,
     thread: Option<i64>,
     reply_to: Option<i64>,
-    messages: &mut Vec<i64>,
+    messages: &mut Vec<Shown>,
     parts: &[shared::telegram::Formatted],
 ) -> Result<(), TelegramError> {
     while messages.len() < parts.len() {
         let index = messages.len();
-        if let Some(&prev) = messages.last() {
-            if let Some(p) = parts.get(index - 1) {
-                let _ = ctx.telegram.edit_message_text(chat_id, prev, &p.text, p.entities_json()).await;
-            }
+        if let (Some(prev), Some(p)) = (messages.last_mut(), index.checked_sub(1).and_then(|i| parts.get(i))) {
+            edit(ctx, chat_id, prev, p).await.ok();
         }
         let part = &parts[index];
         // Only the first message replies to the question.
         let reply = if index == 0 { reply_to } else { None };
         let m = ctx.telegram.send_message_in(chat_id, thread, reply, &part.text, part.entities_json()).await?;
-        messages.push(m.message_id);
+        messages.push(Shown { message_id: m.message_id, part: Some(part.clone()) });
         if index + 1 < parts.len() {
             continue;
         }
         return Ok(());
     }
-    match (messages.last(), parts.last()) {
-        (Some(&id), Some(p)) => ctx.telegram.edit_message_text(chat_id, id, &p.text, p.entities_json()).await,
+    match (messages.last_mut(), parts.last()) {
+        (Some(shown), Some(p)) => edit(ctx, chat_id, shown, p).await,
         _ => Ok(()),
     }
+}
+
+/// Edits `shown` to `part` and records what it shows: `part` on success
+/// (or "not modified"), unknown on any other error.
+async fn edit(
+    ctx: &WorkerContext,
+    chat_id: i64,
+    shown: &mut Shown,
+    part: &shared::telegram::Formatted,
+) -> Result<(), TelegramError> {
+    let r = ctx.telegram.edit_message_text(chat_id, shown.message_id, &part.text, part.entities_json()).await;
+    shown.part = match &r {
+        Ok(()) | Err(TelegramError::NotModified) => Some(part.clone()),
+        Err(_) => None,
+    };
+    r
 }
