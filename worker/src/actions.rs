@@ -65,6 +65,15 @@ pub async fn perform(ctx: &WorkerContext, action: Action) -> Settle {
             }
             Settle::Ack
         }
+        Action::Unsupported { chat_id, message_id, kind } => {
+            let text = crate::notices::unsupported_media(kind);
+            let sent =
+                crate::telegram::delivery::send_fenced_in(ctx, chat_id, None, Some(message_id), &text, &[], None).await;
+            if let Err(e) = sent {
+                tracing::warn!(error.message = %e, "the unsupported-media notice was not sent");
+            }
+            Settle::Ack
+        }
         Action::PaymentAnomaly { chat_id } => {
             let _ = crate::telegram::delivery::send_text(ctx, chat_id, crate::notices::PAYMENT_NOT_CREDITED, &[]).await;
             Settle::Ack

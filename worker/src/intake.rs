@@ -138,6 +138,16 @@ pub enum Action {
         /// The Stop button's query to answer, if it was the button.
         callback_id: Option<String>,
     },
+    /// A private message the bot cannot read (a photo, a voice message, …):
+    /// the user is told what it reads, in a reply.
+    Unsupported {
+        /// The private chat.
+        chat_id: i64,
+        /// The message, replied to.
+        message_id: i64,
+        /// What it carries (`"photo"`, `"voice message"`, …).
+        kind: &'static str,
+    },
     /// The group became a supergroup.
     Migrate {
         /// Old chat id.
@@ -217,7 +227,15 @@ async fn plan(ctx: &WorkerContext, incoming: Incoming) -> Result<Plan, IntakeErr
         return Ok(Plan::Ignore("automatic forward from a channel".into()));
     }
     if msg.text.is_none() && msg.document.is_none() {
-        return Ok(Plan::Ignore("message without text".into()));
+        return Ok(match msg.media_kind() {
+            // In a private chat the user is told what the bot reads; in a
+            // group nobody addressed the bot (a caption is not read).
+            Some(kind) if msg.is_private() => {
+                Plan::Act(Action::Unsupported { chat_id: msg.chat.id, message_id: msg.message_id, kind })
+            }
+            Some(kind) => Plan::Ignore(format!("{kind} in a group")),
+            None => Plan::Ignore("message without text".into()),
+        });
     }
     if !msg.is_private() {
         let me = ctx.bot_username().await?;
@@ -301,7 +319,10 @@ pub async fn intake(ctx: &WorkerContext, body: &[u8]) -> Result<IntakeOutcome, I
         });
     }
     let outcome = match plan {
-        Plan::Ignore(why) => IntakeOutcome::Ignored(why),
+        Plan::Ignore(why) => {
+            tracing::info!(update_id, chat_id = ?info.chat_id, reason = %why, "update ignored");
+            IntakeOutcome::Ignored(why)
+        }
         Plan::Stop { chat_id, callback_id, job_id } => {
             let running = crate::store::jobs::request_stop(&mut tx, chat_id, job_id).await?;
             IntakeOutcome::Stop { chat_id, job_id, update_id, running, callback_id }

@@ -126,6 +126,12 @@ pub fn busy_for(seconds: u64) -> String {
     format!("(Claude is busy and asked to wait about {wait}; please try again later.)")
 }
 
+/// The answer to a private message of a kind the bot does not read
+/// (`kind`: `"photo"`, `"voice message"`, …). Nothing is charged.
+pub fn unsupported_media(kind: &str) -> String {
+    format!("I can't read a {kind} yet. Send me text, or a document (PDF or a text file), and Claude will answer.")
+}
+
 /// Appended when the Messages API failed after every retry.
 pub const UNAVAILABLE: &str = "(Claude is unavailable right now; please try again in a moment.)";
 /// Appended when the model's context window is full.

@@ -129,6 +129,31 @@ pub struct Message {
     /// Caption of a document, photo, … (0–1,024 characters).
     #[serde(default)]
     pub caption: Option<String>,
+    /// Media the bot does not read (Bot API "Message": `photo`, `voice`,
+    /// `video`, `video_note`, `audio`, `sticker`, `animation`): only their
+    /// presence is kept, as the kind ([`Message::media_kind`]).
+    #[serde(default, flatten)]
+    pub media: Media,
+}
+
+/// Which unsupported media a message carries; each field is present or not
+/// (its content is not parsed).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct Media {
+    #[serde(default)]
+    photo: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    voice: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    video: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    video_note: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    audio: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    sticker: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    animation: Option<serde::de::IgnoredAny>,
 }
 
 /// `Document`: a general file (Bot API, "Document"); download it with
@@ -323,6 +348,23 @@ impl Message {
     /// True in private chats.
     pub fn is_private(&self) -> bool {
         self.chat.kind == "private"
+    }
+
+    /// The kind of media the message carries that the bot does not read
+    /// (`"photo"`, `"voice message"`, …), if any.
+    pub fn media_kind(&self) -> Option<&'static str> {
+        let m = &self.media;
+        [
+            (m.photo.is_some(), "photo"),
+            (m.voice.is_some(), "voice message"),
+            (m.video.is_some(), "video"),
+            (m.video_note.is_some(), "video message"),
+            (m.audio.is_some(), "audio file"),
+            (m.sticker.is_some(), "sticker"),
+            (m.animation.is_some(), "animation"),
+        ]
+        .into_iter()
+        .find_map(|(present, kind)| present.then_some(kind))
     }
 }
 

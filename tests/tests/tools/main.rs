@@ -44,6 +44,7 @@ mod groups;
 mod hostile_documents;
 mod isolation;
 mod limits;
+mod media;
 mod retry_after;
 mod thinking;
 mod token;

@@ -196,10 +196,8 @@ pub async fn without_job(ctx: &WorkerContext, outcome: IntakeOutcome) -> Settle 
             tracing::info!("duplicate update dropped");
             Settle::Ack
         }
-        IntakeOutcome::Ignored(why) => {
-            tracing::info!(reason = %why, "update ignored");
-            Settle::Ack
-        }
+        // Logged by intake, with the update's ids.
+        IntakeOutcome::Ignored(_) => Settle::Ack,
         IntakeOutcome::Job(_) | IntakeOutcome::Queued { .. } => Settle::Ack,
         IntakeOutcome::Stop { chat_id, job_id, update_id, running, callback_id } => {
             tracing::Span::current().record("chat_id", chat_id);
