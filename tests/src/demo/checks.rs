@@ -108,6 +108,18 @@ pub fn step_checks(
                 let want = value.as_integer().unwrap_or(i64::MAX);
                 push(out, n, k, replies.len() as i64 >= want, format!("{} parts", replies.len()));
             }
+            "reply_text_equals" => {
+                // The exact visible text, written by hand in the scenario
+                // (never computed by the product's own converter).
+                let want = value.as_str().unwrap_or_default();
+                push(
+                    out,
+                    n,
+                    k,
+                    !replies.is_empty() && concat_equals(&replies, want),
+                    if concat_equals(&replies, want) { "exact text".to_owned() } else { format!("got {reply:?}") },
+                );
+            }
             "reply_concat_equals_answer" => {
                 // The product sends Claude's Markdown as text + entities, so
                 // the user sees the answer rendered: the parts are compared
