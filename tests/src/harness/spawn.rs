@@ -339,6 +339,46 @@ impl TestApp {
         Ok(())
     }
 
+    /// Waits up to `within` for the job of `update_id` to end; its id and
+    /// outcome (`answered`, `undelivered`, …).
+    ///
+    /// # Errors
+    /// No ended job in time, or the database failing.
+    pub async fn job_outcome(&self, update_id: i64, within: Duration) -> Result<(uuid::Uuid, String)> {
+        let pool = self.db.pool.clone();
+        super::wait_until("the job to finish", within, || {
+            let pool = pool.clone();
+            async move {
+                let outcome: Option<Option<String>> =
+                    sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
+                        .bind(update_id)
+                        .fetch_optional(&pool)
+                        .await?;
+                Ok(outcome.flatten().is_some())
+            }
+        })
+        .await?;
+        Ok(sqlx::query_as("SELECT job_id, outcome FROM jobs WHERE update_id = $1")
+            .bind(update_id)
+            .fetch_one(&self.db.pool)
+            .await?)
+    }
+
+    /// Posts the fixture update `rel` (e.g. `telegram/ada_capital.json`)
+    /// and waits up to [`WAIT`] for its job to end: [`TestApp::job_outcome`].
+    ///
+    /// # Errors
+    /// A missing fixture, a refused post, or no ended job in time.
+    pub async fn post_fixture_and_finish(&self, rel: &str) -> Result<(uuid::Uuid, String)> {
+        let update = super::fixture_bytes(rel)?;
+        let update_id = serde_json::from_slice::<serde_json::Value>(&update)?["update_id"]
+            .as_i64()
+            .with_context(|| format!("{rel} has no update_id"))?;
+        let status = self.post_update(&update).await?;
+        anyhow::ensure!(status == StatusCode::OK, "the webhook answered {status}");
+        self.job_outcome(update_id, WAIT).await
+    }
+
     /// Grants `usd` (a decimal string) of credit to `user`, directly on the ledger.
     ///
     /// # Errors

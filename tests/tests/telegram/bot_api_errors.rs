@@ -6,7 +6,7 @@
 
 use fleet_tests::fake_anthropic::ScriptedResponse;
 use fleet_tests::fake_telegram::{Fault, TgCall};
-use fleet_tests::harness::{fixture, fixture_bytes, wait_until, TestApp, TestDb, BOT_TOKEN, BOT_USERNAME, WAIT};
+use fleet_tests::harness::{fixture, wait_until, TestApp, TestDb, BOT_TOKEN, BOT_USERNAME, WAIT};
 use serde_json::Value;
 use shared::secret::Secret;
 use shared::telegram::BotApi;
@@ -23,25 +23,7 @@ fn fault(method: &str, nth: usize, status: u16, times: usize, stall: bool) -> Fa
 }
 
 async fn post_and_finish(app: &TestApp, update: &str) -> anyhow::Result<(Uuid, String)> {
-    let update = fixture_bytes(update)?;
-    let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
-    assert_eq!(app.post_update(&update).await?, 200);
-    let pool = app.db.pool.clone();
-    wait_until("the job to finish", WAIT, || {
-        let pool = pool.clone();
-        async move {
-            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
-                .bind(update_id)
-                .fetch_optional(&pool)
-                .await?;
-            Ok(outcome.flatten().is_some())
-        }
-    })
-    .await?;
-    Ok(sqlx::query_as("SELECT job_id, outcome FROM jobs WHERE update_id = $1")
-        .bind(update_id)
-        .fetch_one(&app.db.pool)
-        .await?)
+    app.post_fixture_and_finish(update).await
 }
 
 /// The job's user charges once the billing-worker applied them.

@@ -29,24 +29,10 @@ async fn an_answer_refused_with_5xx_on_every_retry_is_not_charged_and_its_cost_i
     let update = fixture_bytes("telegram/ben_markdown.json")?;
     let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
     assert_eq!(app.post_update(&update).await?, 200);
-    let pool = app.db.pool.clone();
     // The pacer retries 5xx answers with backoff until its delivery
     // deadline (`TELEGRAM_DELIVERY_DEADLINE_S`, 30 s by default).
-    wait_until("the job to finish", Duration::from_secs(120), || {
-        let pool = pool.clone();
-        async move {
-            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
-                .bind(update_id)
-                .fetch_optional(&pool)
-                .await?;
-            Ok(outcome.flatten().is_some())
-        }
-    })
-    .await?;
-    let (job_id, outcome): (Uuid, String) = sqlx::query_as("SELECT job_id, outcome FROM jobs WHERE update_id = $1")
-        .bind(update_id)
-        .fetch_one(&pool)
-        .await?;
+    let (job_id, outcome) = app.job_outcome(update_id, Duration::from_secs(120)).await?;
+    let pool = app.db.pool.clone();
     assert_eq!(outcome, "undelivered");
     assert!(app.telegram.messages().iter().all(|m| m.chat_id != BEN), "nothing reached Ben");
     // The provider's cost reaches the ledger, charged to nobody.
@@ -106,18 +92,8 @@ async fn an_answer_whose_first_part_was_delivered_is_not_recorded_as_undelivered
     });
     let update_id = 900_777_001;
     app.post(&message(update_id, "Write me something long.")).await?;
+    app.job_outcome(update_id, Duration::from_secs(60)).await?;
     let pool = app.db.pool.clone();
-    wait_until("the job to finish", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move {
-            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
-                .bind(update_id)
-                .fetch_optional(&pool)
-                .await?;
-            Ok(outcome.flatten().is_some())
-        }
-    })
-    .await?;
     let (outcome, replies): (String, Vec<i64>) =
         sqlx::query_as("SELECT outcome, reply_message_ids FROM jobs WHERE update_id = $1")
             .bind(update_id)

@@ -4,32 +4,13 @@
 //! charged; the chat's next message runs.
 
 use fleet_tests::fake_anthropic::ScriptedResponse;
-use fleet_tests::harness::{fixture, fixture_bytes, wait_until, TestApp, WAIT};
-use serde_json::Value;
+use fleet_tests::harness::{fixture, TestApp};
 use uuid::Uuid;
 
 const ADA: i64 = 100_000_201;
 
 async fn finished(app: &TestApp, update: &str) -> anyhow::Result<(Uuid, String)> {
-    let update = fixture_bytes(update)?;
-    let update_id = serde_json::from_slice::<Value>(&update)?["update_id"].as_i64().unwrap_or(0);
-    assert_eq!(app.post_update(&update).await?, 200);
-    let pool = app.db.pool.clone();
-    wait_until("the job to finish", WAIT, || {
-        let pool = pool.clone();
-        async move {
-            let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM jobs WHERE update_id = $1")
-                .bind(update_id)
-                .fetch_optional(&pool)
-                .await?;
-            Ok(outcome.flatten().is_some())
-        }
-    })
-    .await?;
-    Ok(sqlx::query_as("SELECT job_id, outcome FROM jobs WHERE update_id = $1")
-        .bind(update_id)
-        .fetch_one(&app.db.pool)
-        .await?)
+    app.post_fixture_and_finish(update).await
 }
 
 async fn a_long_retry_after_is_told_not_slept(status: u16) -> anyhow::Result<()> {
